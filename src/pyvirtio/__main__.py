@@ -1,0 +1,5 @@
+import sys
+
+from pyvirtio.cli.main import main
+
+sys.exit(main())

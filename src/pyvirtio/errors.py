@@ -1,0 +1,108 @@
+"""Exceptions, grouped by whose fault they are.
+
+Every error pyvirtio raises on purpose derives from :class:`PyvirtioError`,
+and falls into one of three families (ARCHITECTURE.md, "errors say whose
+fault they are"):
+
+* the caller's: :class:`InvalidArgument` (also a :class:`ValueError`),
+  :class:`QueueFull`, :class:`RequestTooLarge`, :class:`OwnershipError`,
+  :class:`QueueStateError`;
+* the device's: :class:`DeviceProtocolError` (a malformed reply or ring
+  entry), :class:`QueueBroken`, :class:`NegotiationError`,
+  :class:`BlockIOError`;
+* the transport's: :class:`TransportError`, :class:`ConnectionLost`,
+  :class:`TransportTimeout`.
+
+:class:`DriverProtocolError` is the mirror of DeviceProtocolError for the
+embedded back ends: the *frontend* (driver) broke the rules.
+"""
+
+from __future__ import annotations
+
+
+class PyvirtioError(Exception):
+    """Base class of every error pyvirtio raises deliberately."""
+
+
+# -- the caller's fault -------------------------------------------------------
+
+
+class InvalidArgument(PyvirtioError, ValueError):
+    """A bad argument from the caller; nothing was sent to the device."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """The request needs more descriptors than the queue can ever hold."""
+
+
+class QueueFull(PyvirtioError):
+    """Not enough free descriptors now; retry after reaping completions."""
+
+
+class OwnershipError(PyvirtioError):
+    """A queue was used or released by a thread that does not own it."""
+
+
+class QueueStateError(PyvirtioError):
+    """An operation that the queue's current state does not allow."""
+
+
+# -- the device's fault -------------------------------------------------------
+
+
+class DeviceError(PyvirtioError):
+    """The device refused or failed something."""
+
+
+class DeviceProtocolError(DeviceError):
+    """The device broke the virtio or vhost-user rules.
+
+    ``completed`` holds the (token, length) pairs that were valid and were
+    reaped before the violation was found, so nothing acknowledged is lost.
+    """
+
+    def __init__(self, message: str, completed: list[tuple[object, int]] | None = None) -> None:
+        super().__init__(message)
+        self.completed: list[tuple[object, int]] = completed or []
+
+
+class QueueBroken(DeviceProtocolError):
+    """The queue was marked broken by an earlier violation; reset the device."""
+
+
+class NegotiationError(DeviceError):
+    """Feature negotiation or a device status step failed."""
+
+
+class BlockIOError(DeviceError, OSError):
+    """A block request completed with an error status."""
+
+    def __init__(self, op: str, offset: int, length: int, status: int, status_name: str) -> None:
+        super().__init__(f"{op} at offset {offset} length {length} failed: {status_name} (status {status})")
+        self.op = op
+        self.offset = offset
+        self.length = length
+        self.status = status
+        self.status_name = status_name
+
+
+# -- the transport's fault ----------------------------------------------------
+
+
+class TransportError(PyvirtioError):
+    """The channel to the device failed."""
+
+
+class ConnectionLost(TransportError, ConnectionError):
+    """The peer went away; pending and later requests fail with this."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """The peer did not answer in time."""
+
+
+# -- the frontend's fault (seen by the embedded back ends) --------------------
+
+
+class DriverProtocolError(PyvirtioError):
+    """The frontend (driver) broke the virtio or vhost-user rules."""

@@ -1,0 +1,349 @@
+"""Shared memory for virtio: memfd regions, a buffer allocator, translation.
+
+Theory of operation. A virtio device reads and writes the driver's memory
+directly: rings, request headers, data buffers. For a vhost-user back end in
+another process that memory must be a shared file mapping whose fd can be
+passed over the socket, so every byte pyvirtio gives a device lives in a
+:class:`Region`: an anonymous ``memfd`` (no hugepages, no root), mapped
+``MAP_SHARED``. Pages are allocated lazily by the kernel, so a large region
+costs nothing until it is touched.
+
+The *device address* of a byte is what goes into a descriptor. pyvirtio uses
+the process virtual address (as SPDK's virtio-user does), so one number
+means the same byte to both sides once the back end has mapped the region.
+
+:class:`MemoryPool` hands out aligned :class:`Buffer` objects from its
+regions (first fit, freed blocks coalesce). A buffer's ``view`` is a
+writable memoryview straight into shared memory: fill it in place and the
+device sees it (zero copy).
+
+:class:`MemoryTable` is the reverse direction, for back ends and tests:
+regions received from a frontend, with bounds-checked translation of guest
+physical addresses and frontend virtual addresses to memoryviews. Nothing
+outside the regions can ever be reached through it.
+
+Only this module creates mmaps (ARCHITECTURE.md, rules of the house).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pyvirtio.errors import DriverProtocolError, InvalidArgument, PyvirtioError
+
+PAGE_SIZE = mmap.PAGESIZE
+DEFAULT_REGION_SIZE = 256 << 20
+
+
+def _mapping_address(mm: mmap.mmap) -> int:
+    """Process virtual address of an mmap's first byte (no export kept)."""
+    anchor = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+class Region:
+    """One shared mapping of a file descriptor (normally a memfd).
+
+    ``guest_addr`` is the address a device uses for the region's first byte;
+    ``user_addr`` the process address of the mapping; ``fd_offset`` the
+    offset of the mapping within ``fd``.
+    """
+
+    __slots__ = ("fd", "size", "fd_offset", "mmap", "view", "user_addr", "guest_addr", "name", "_owns_fd")
+
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        *,
+        fd_offset: int = 0,
+        guest_addr: int | None = None,
+        name: str = "",
+        owns_fd: bool = True,
+    ) -> None:
+        if size <= 0:
+            raise InvalidArgument(f"region size must be positive, got {size}")
+        self.fd = fd
+        self.size = size
+        self.fd_offset = fd_offset
+        self.name = name
+        self._owns_fd = owns_fd
+        self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=fd_offset)
+        self.view = memoryview(self.mmap)
+        self.user_addr = _mapping_address(self.mmap)
+        self.guest_addr = self.user_addr if guest_addr is None else guest_addr
+
+    @classmethod
+    def create(cls, size: int, name: str = "pyvirtio") -> Region:
+        """A new memfd of ``size`` bytes (rounded up to a page), mapped shared."""
+        if size <= 0:
+            raise InvalidArgument(f"region size must be positive, got {size}")
+        size = (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return cls(fd, size, name=name)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        """Unmap and close the fd. Views handed out must be released first."""
+        if self.fd < 0:
+            return
+        self.view.release()
+        try:
+            self.mmap.close()
+        except BufferError:
+            # A caller still holds a view (a Buffer not freed): the mapping
+            # stays until the last view is gone; the fd can go now.
+            pass
+        if self._owns_fd:
+            os.close(self.fd)
+        self.fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def contains(self, addr: int, length: int) -> bool:
+        off = addr - self.guest_addr
+        return 0 <= off and length >= 0 and off + length <= self.size
+
+    def __repr__(self) -> str:
+        return f"Region({self.name!r}, guest=0x{self.guest_addr:x}, size={self.size})"
+
+
+class Buffer:
+    """A block of shared memory handed out by :class:`MemoryPool`.
+
+    ``addr`` is the device address; ``view`` a writable memoryview of
+    exactly ``size`` bytes.
+    """
+
+    __slots__ = ("region", "offset", "size", "addr", "view")
+
+    def __init__(self, region: Region, offset: int, size: int) -> None:
+        self.region = region
+        self.offset = offset
+        self.size = size
+        self.addr = region.guest_addr + offset
+        self.view = region.view[offset : offset + size]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Buffer(addr=0x{self.addr:x}, size={self.size})"
+
+
+class _Arena:
+    """First-fit allocator over one region: a sorted list of free (offset, size)."""
+
+    __slots__ = ("region", "_starts", "_sizes", "free_bytes")
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self._starts: list[int] = [0]
+        self._sizes: list[int] = [region.size]
+        self.free_bytes = region.size
+
+    def take(self, size: int, align: int) -> int | None:
+        for i, (start, avail) in enumerate(zip(self._starts, self._sizes, strict=True)):
+            aligned = (start + align - 1) & ~(align - 1)
+            pad = aligned - start
+            if avail - pad < size:
+                continue
+            tail = avail - pad - size
+            # Replace block i with the padding before and the tail after.
+            parts = [(s, n) for s, n in ((start, pad), (aligned + size, tail)) if n]
+            self._starts[i : i + 1] = [s for s, _ in parts]
+            self._sizes[i : i + 1] = [n for _, n in parts]
+            self.free_bytes -= size
+            return aligned
+        return None
+
+    def give(self, offset: int, size: int) -> None:
+        i = bisect.bisect_left(self._starts, offset)
+        if i < len(self._starts) and self._starts[i] < offset + size:
+            raise InvalidArgument(f"double free of offset {offset}")
+        if i and self._starts[i - 1] + self._sizes[i - 1] > offset:
+            raise InvalidArgument(f"double free of offset {offset}")
+        self._starts.insert(i, offset)
+        self._sizes.insert(i, size)
+        self.free_bytes += size
+        # Coalesce with the next block, then with the previous one.
+        if i + 1 < len(self._starts) and offset + size == self._starts[i + 1]:
+            self._sizes[i] += self._sizes.pop(i + 1)
+            self._starts.pop(i + 1)
+        if i and self._starts[i - 1] + self._sizes[i - 1] == offset:
+            self._sizes[i - 1] += self._sizes.pop(i)
+            self._starts.pop(i)
+
+
+class MemoryPool:
+    """Driver-side shared memory: regions plus an aligned allocator.
+
+    The pool starts with one region of ``region_size`` bytes and adds more
+    (at least ``region_size`` each, at most ``max_regions`` in all) when an
+    allocation does not fit. A vhost-user back end without
+    CONFIGURE_MEM_SLOTS accepts at most 8 regions, and regions added after the
+    device started are only usable if the transport can register them, so
+    size the first region for the whole workload when you can: its pages
+    are only allocated when touched.
+    """
+
+    def __init__(self, region_size: int = DEFAULT_REGION_SIZE, *, max_regions: int = 8, name: str = "pyvirtio"):
+        if region_size <= 0:
+            raise InvalidArgument(f"region size must be positive, got {region_size}")
+        self.region_size = region_size
+        self.max_regions = max_regions
+        self.name = name
+        self._arenas: list[_Arena] = []
+        self._add_region(region_size)
+
+    def _add_region(self, size: int) -> _Arena:
+        if len(self._arenas) >= self.max_regions:
+            raise InvalidArgument(f"memory pool {self.name!r} is full ({self.max_regions} regions)")
+        arena = _Arena(Region.create(max(size, self.region_size), f"{self.name}-{len(self._arenas)}"))
+        self._arenas.append(arena)
+        return arena
+
+    @property
+    def regions(self) -> list[Region]:
+        return [a.region for a in self._arenas]
+
+    def allocate(self, size: int, align: int = 8) -> Buffer:
+        """An aligned block of ``size`` bytes (zeroed only the first time a page is used)."""
+        if size <= 0:
+            raise InvalidArgument(f"allocation size must be positive, got {size}")
+        if align <= 0 or align & (align - 1):
+            raise InvalidArgument(f"alignment must be a power of two, got {align}")
+        for arena in self._arenas:
+            if arena.free_bytes >= size:
+                off = arena.take(size, align)
+                if off is not None:
+                    return Buffer(arena.region, off, size)
+        arena = self._add_region(size + align)
+        off = arena.take(size, align)
+        assert off is not None
+        return Buffer(arena.region, off, size)
+
+    def free(self, buf: Buffer) -> None:
+        """Return a buffer. Its ``view`` is released and must not be used again."""
+        for arena in self._arenas:
+            if arena.region is buf.region:
+                buf.view.release()
+                arena.give(buf.offset, buf.size)
+                return
+        raise InvalidArgument(f"{buf!r} does not belong to pool {self.name!r}")
+
+    def translate(self, addr: int, length: int) -> memoryview:
+        """The memoryview of ``length`` bytes at device address ``addr``."""
+        for arena in self._arenas:
+            region = arena.region
+            if region.contains(addr, length):
+                off = addr - region.guest_addr
+                return region.view[off : off + length]
+        raise InvalidArgument(f"address 0x{addr:x}+{length} is outside pool {self.name!r}")
+
+    def close(self) -> None:
+        for arena in self._arenas:
+            arena.region.close()
+        self._arenas.clear()
+
+    def __enter__(self) -> MemoryPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One region as a back end sees it: guest physical and frontend virtual ranges."""
+
+    region: Region
+    guest_phys_addr: int
+    user_addr: int
+    size: int
+    owned: bool = True
+
+
+class MemoryTable:
+    """Back-end side translation of frontend addresses, bounds-checked.
+
+    ``gpa()`` translates guest physical addresses (descriptor contents);
+    ``uva()`` frontend virtual addresses (vhost-user SET_VRING_ADDR). Both
+    raise ``error`` (default :class:`DriverProtocolError`) for any range not
+    wholly inside one region: a back end never touches memory it was not
+    given.
+    """
+
+    def __init__(self, error: type[PyvirtioError] = DriverProtocolError) -> None:
+        self._maps: list[Mapping] = []
+        self.error = error
+
+    def add(self, region: Region, guest_phys_addr: int, user_addr: int) -> Mapping:
+        m = Mapping(region, guest_phys_addr, user_addr, region.size)
+        for other in self._maps:
+            if guest_phys_addr < other.guest_phys_addr + other.size and other.guest_phys_addr < guest_phys_addr + m.size:
+                raise self.error(f"memory region at gpa 0x{guest_phys_addr:x} overlaps an existing one")
+        self._maps.append(m)
+        return m
+
+    @classmethod
+    def from_pool(cls, pool: MemoryPool, error: type[PyvirtioError] = DriverProtocolError) -> MemoryTable:
+        """A table over a driver pool's regions (same process: for loopback devices)."""
+        table = cls(error)
+        for region in pool.regions:
+            table._maps.append(Mapping(region, region.guest_addr, region.user_addr, region.size, owned=False))
+        return table
+
+    def remove(self, guest_phys_addr: int, size: int) -> Mapping:
+        for i, m in enumerate(self._maps):
+            if m.guest_phys_addr == guest_phys_addr and m.size == size:
+                return self._maps.pop(i)
+        raise self.error(f"no memory region at gpa 0x{guest_phys_addr:x} size {size}")
+
+    def __iter__(self) -> Iterator[Mapping]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def gpa(self, addr: int, length: int) -> memoryview:
+        for m in self._maps:
+            off = addr - m.guest_phys_addr
+            if 0 <= off and 0 <= length and off + length <= m.size:
+                return m.region.view[off : off + length]
+        raise self.error(f"guest address 0x{addr:x}+{length} is outside the memory table")
+
+    def uva(self, addr: int, length: int) -> memoryview:
+        for m in self._maps:
+            off = addr - m.user_addr
+            if 0 <= off and 0 <= length and off + length <= m.size:
+                return m.region.view[off : off + length]
+        raise self.error(f"frontend address 0x{addr:x}+{length} is outside the memory table")
+
+    def uva_to_gpa(self, addr: int) -> int:
+        for m in self._maps:
+            off = addr - m.user_addr
+            if 0 <= off < m.size:
+                return m.guest_phys_addr + off
+        raise self.error(f"frontend address 0x{addr:x} is outside the memory table")
+
+    def close(self) -> None:
+        """Unmap every region this table owns (back ends: the fds they received)."""
+        for m in self._maps:
+            if m.owned:
+                m.region.close()
+        self._maps.clear()

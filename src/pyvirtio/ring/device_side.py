@@ -1,0 +1,297 @@
+"""The device's view of a split virtqueue, for back ends and tests.
+
+Theory of operation. A device pops *available* chains (the driver published
+their head in the avail ring), does the work, and pushes *used* entries
+(head id, bytes written). Nothing the driver wrote is trusted: each field
+of shared memory is read once into a local, every descriptor index is
+range-checked, every buffer address is translated through the
+:class:`~pyvirtio.memory.MemoryTable` (so a device never touches memory it
+was not given), a chain walk stops after ``size`` descriptors (a loop is an
+error, not a hang), and indirect tables are followed one level only.
+
+Violations raise :class:`ChainError` (a
+:class:`~pyvirtio.errors.DriverProtocolError`). The avail entry is consumed
+before the chain is walked, so a back end can complete the bad request with
+an error (``head`` is set when it is a valid index) and carry on, or treat
+the queue as broken: its choice.
+
+Notification decisions are returned, never performed: :meth:`DeviceQueue.flush_used`
+says whether to signal the call eventfd (virtio 1.2 §2.7.7.2).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pyvirtio.errors import DriverProtocolError, InvalidArgument
+from pyvirtio.memory import MemoryTable
+from pyvirtio.ring import ordering
+from pyvirtio.spec.ring import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    USED_F_NO_NOTIFY,
+    avail_size,
+    desc_table_size,
+    is_power_of_two,
+    used_size,
+    vring_need_event,
+)
+
+
+class ChainError(DriverProtocolError):
+    """A malformed descriptor chain. ``head`` is the chain's head if it was a valid index."""
+
+    def __init__(self, message: str, head: int | None) -> None:
+        super().__init__(message)
+        self.head = head
+
+
+class Chain:
+    """One available descriptor chain: device-readable then device-writable buffers."""
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(b) for b in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(b) for b in self.writable)
+
+    def read_all(self) -> bytes:
+        return b"".join(self.readable)
+
+    def write(self, data: bytes | memoryview, offset: int = 0) -> int:
+        """Scatter ``data`` into the writable buffers from byte ``offset``; returns bytes written."""
+        done = 0
+        pos = 0
+        for buf in self.writable:
+            n = len(buf)
+            if offset >= pos + n:
+                pos += n
+                continue
+            start = max(0, offset - pos)
+            take = min(n - start, len(data) - done)
+            if take <= 0:
+                break
+            buf[start : start + take] = data[done : done + take]
+            done += take
+            pos += n
+        return done
+
+
+class DeviceQueue:
+    """Device side of a split ring whose three parts are given as memoryviews."""
+
+    def __init__(
+        self,
+        size: int,
+        memory: MemoryTable,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        *,
+        index: int = 0,
+        event_idx: bool = False,
+        indirect: bool = True,
+        last_avail: int = 0,
+    ) -> None:
+        if not is_power_of_two(size) or size > MAX_QUEUE_SIZE:
+            raise InvalidArgument(f"queue size must be a power of two up to {MAX_QUEUE_SIZE}, got {size}")
+        if len(desc) < desc_table_size(size) or len(avail) < avail_size(size) or len(used) < used_size(size):
+            raise InvalidArgument("ring memory is smaller than the queue size needs")
+        self.index = index
+        self.size = size
+        self.memory = memory
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._desc = desc[: desc_table_size(size)]
+        self._avail16 = avail[: avail_size(size)].cast("H")
+        self._used_bytes = used[: used_size(size)]
+        self._used16 = self._used_bytes[: 4 + 8 * size + 2].cast("H")
+        self._used32 = self._used_bytes[: 4 + 8 * size].cast("I")
+        self._used_event_i = 2 + size
+        self._avail_event_i = 2 + 4 * size
+        self.last_avail = last_avail & 0xFFFF
+        self.used_idx = self._used16[1]
+        self._signalled_from = self.used_idx
+
+    @classmethod
+    def from_addresses(
+        cls,
+        memory: MemoryTable,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        user_addresses: bool = True,
+        **kw: object,
+    ) -> DeviceQueue:
+        """Map the ring from frontend virtual addresses (vhost-user) or guest physical ones."""
+        tr = memory.uva if user_addresses else memory.gpa
+        return cls(
+            size,
+            memory,
+            tr(desc_addr, desc_table_size(size)),
+            tr(avail_addr, avail_size(size)),
+            tr(used_addr, used_size(size)),
+            **kw,  # type: ignore[arg-type]
+        )
+
+    # -- available side -------------------------------------------------------
+
+    def avail_pending(self) -> int:
+        """Chains the driver has published and the device not yet popped."""
+        return (self._avail16[1] - self.last_avail) & 0xFFFF
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None. Raises :class:`ChainError` for a bad one."""
+        avail_idx = self._avail16[1]
+        last = self.last_avail
+        if avail_idx == last:
+            return None
+        if (avail_idx - last) & 0xFFFF > self.size:
+            # virtio 1.2 §2.7.6: at most size entries can be outstanding.
+            raise ChainError(f"queue {self.index}: avail index moved {(avail_idx - last) & 0xFFFF} > size", None)
+        ordering.read_barrier()
+        head = self._avail16[2 + (last & (self.size - 1))]
+        self.last_avail = (last + 1) & 0xFFFF
+        if head >= self.size:
+            raise ChainError(f"queue {self.index}: avail head {head} out of range", None)
+        return self._walk(head)
+
+    def _walk(self, head: int) -> Chain:
+        size = self.size
+        gpa = self.memory.gpa
+        desc = self._desc
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        i = head
+        count = 0
+        unpack = DESC.unpack_from
+        while True:
+            count += 1
+            if count > size:
+                raise ChainError(f"queue {self.index}: descriptor chain from {head} loops or exceeds the ring", head)
+            addr, length, flags, nxt = unpack(desc, DESC_SIZE * i)
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise ChainError(f"queue {self.index}: indirect descriptor without RING_INDIRECT_DESC", head)
+                # virtio 1.2 §2.7.5.3.1: INDIRECT and NEXT together are forbidden,
+                # and an indirect table is the only descriptor of its chain.
+                if flags & DESC_F_NEXT or count != 1:
+                    raise ChainError(f"queue {self.index}: indirect descriptor {i} inside a chain", head)
+                if length == 0 or length % DESC_SIZE:
+                    raise ChainError(f"queue {self.index}: indirect table length {length} is invalid", head)
+                try:
+                    table = gpa(addr, length)
+                except DriverProtocolError as exc:
+                    raise ChainError(f"queue {self.index}: {exc}", head) from None
+                self._walk_indirect(head, table, length // DESC_SIZE, readable, writable)
+                break
+            try:
+                buf = gpa(addr, length)
+            except DriverProtocolError as exc:
+                raise ChainError(f"queue {self.index}: descriptor {i}: {exc}", head) from None
+            if flags & DESC_F_WRITE:
+                writable.append(buf)
+            elif writable:
+                # virtio 1.2 §2.7.4.2: readable descriptors come before writable ones.
+                raise ChainError(f"queue {self.index}: readable descriptor {i} after a writable one", head)
+            else:
+                readable.append(buf)
+            if not flags & DESC_F_NEXT:
+                break
+            if nxt >= size:
+                raise ChainError(f"queue {self.index}: next index {nxt} out of range", head)
+            i = nxt
+        return Chain(head, readable, writable)
+
+    def _walk_indirect(
+        self, head: int, table: memoryview, n: int, readable: list[memoryview], writable: list[memoryview]
+    ) -> None:
+        gpa = self.memory.gpa
+        unpack = DESC.unpack_from
+        i = 0
+        for _ in range(n):
+            addr, length, flags, nxt = unpack(table, DESC_SIZE * i)
+            if flags & DESC_F_INDIRECT:
+                raise ChainError(f"queue {self.index}: nested indirect descriptor", head)
+            try:
+                buf = gpa(addr, length)
+            except DriverProtocolError as exc:
+                raise ChainError(f"queue {self.index}: indirect entry {i}: {exc}", head) from None
+            if flags & DESC_F_WRITE:
+                writable.append(buf)
+            elif writable:
+                raise ChainError(f"queue {self.index}: readable indirect entry {i} after a writable one", head)
+            else:
+                readable.append(buf)
+            if not flags & DESC_F_NEXT:
+                return
+            if nxt >= n:
+                raise ChainError(f"queue {self.index}: indirect next {nxt} out of range", head)
+            i = nxt
+        raise ChainError(f"queue {self.index}: indirect chain from {head} loops or exceeds its table", head)
+
+    # -- used side ------------------------------------------------------------
+
+    def add_used(self, head: int, length: int) -> None:
+        """Write one used entry (not yet visible: call :meth:`flush_used`)."""
+        slot = 1 + 2 * (self.used_idx & (self.size - 1))
+        self._used32[slot] = head
+        self._used32[slot + 1] = length
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def flush_used(self) -> bool:
+        """Publish the used entries added so far; True if the driver must be signalled."""
+        new = self.used_idx
+        old = self._signalled_from
+        ordering.write_barrier()
+        self._used16[1] = new
+        if new == old:
+            return False
+        self._signalled_from = new
+        ordering.full_barrier()
+        if self.event_idx:
+            return vring_need_event(self._avail16[self._used_event_i], new, old)
+        return not self._avail16[0] & AVAIL_F_NO_INTERRUPT
+
+    def push_used(self, head: int, length: int) -> bool:
+        """add_used + flush_used."""
+        self.add_used(head, length)
+        return self.flush_used()
+
+    # -- kick suppression -----------------------------------------------------
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to kick on new work; True if work is already pending (don't sleep)."""
+        if self.event_idx:
+            self._used16[self._avail_event_i] = self.last_avail
+        else:
+            self._used16[0] = 0
+        ordering.full_barrier()
+        return self.avail_pending() != 0
+
+    def disable_notifications(self) -> None:
+        """Tell the driver kicks are not needed (the device is polling)."""
+        if not self.event_idx:
+            self._used16[0] = USED_F_NO_NOTIFY
+        # With EVENT_IDX, avail_event is simply left behind last_avail.
+
+    def release(self) -> None:
+        """Drop the views into ring memory (before the memory is unmapped)."""
+        for v in (self._avail16, self._used16, self._used32, self._used_bytes, self._desc):
+            v.release()

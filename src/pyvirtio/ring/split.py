@@ -1,0 +1,460 @@
+"""The driver side of a split virtqueue (virtio 1.2 §2.7).
+
+Theory of operation. The ring lives in shared memory: a descriptor table,
+the avail ring (driver → device) and the used ring (device → driver). The
+driver keeps everything it needs in private *shadow* state and never reads
+back what it wrote: the free list is linked through ``_next`` (a Python
+list), each in-flight chain head remembers its caller token, its number of
+ring descriptors, its last descriptor and how many device-writable bytes it
+offered. The device can scribble over the descriptor table and the avail
+ring without confusing the driver.
+
+Building a request follows SPDK's virtqueue API: :meth:`SplitQueue.start`
+(token, number of buffers), :meth:`~SplitQueue.add` per buffer, then
+:meth:`~SplitQueue.flush` which publishes and returns the *kick decision*
+(the queue does no I/O; the transport notifies). Starting a request while
+another is open publishes the open one (SPDK v18.04 dropped it). Requests
+with many buffers, or more buffers than there are free descriptors, go into
+an indirect table when VIRTIO_F_RING_INDIRECT_DESC was negotiated.
+
+Completions are reaped with :meth:`~SplitQueue.reap`. Every used entry is
+validated before it is believed (virtio 1.2 §2.7.8: the device writes the
+head id and the number of bytes written): an index that moves by more than
+is in flight, an id out of range or not the head of an in-flight chain, a
+length above what the chain offered. A violation marks the queue broken and
+raises :class:`~pyvirtio.errors.DeviceProtocolError`; the free list is
+untouched by the bad entry, and completions validated before it travel on
+the exception so none is lost. A broken queue refuses all work until
+:meth:`~SplitQueue.reset`.
+
+Memory ordering: see :mod:`pyvirtio.ring.ordering`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from pyvirtio.errors import (
+    DeviceProtocolError,
+    InvalidArgument,
+    QueueBroken,
+    QueueFull,
+    QueueStateError,
+    RequestTooLarge,
+)
+from pyvirtio.memory import Buffer, MemoryPool
+from pyvirtio.ring import ordering
+from pyvirtio.spec.ring import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    USED_F_NO_NOTIFY,
+    is_power_of_two,
+    split_layout,
+    vring_need_event,
+)
+
+END: Final = MAX_QUEUE_SIZE  # never a valid descriptor index (as in the seed)
+_IDLE: Final = object()  # token slot of a descriptor that is not an in-flight head
+_U32: Final = 0xFFFFFFFF
+_U64: Final = 0xFFFFFFFFFFFFFFFF
+
+Completion = tuple[object, int]
+
+
+class SplitQueue:
+    """Driver-side split virtqueue over memory from a :class:`MemoryPool`.
+
+    ``event_idx`` and ``indirect`` say whether VIRTIO_F_RING_EVENT_IDX and
+    VIRTIO_F_RING_INDIRECT_DESC were negotiated. ``indirect_threshold`` is
+    the number of buffers from which a request always goes indirect;
+    ``indirect_max`` bounds the size of one indirect table.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        pool: MemoryPool,
+        *,
+        index: int = 0,
+        event_idx: bool = False,
+        indirect: bool = False,
+        indirect_threshold: int = 8,
+        indirect_max: int = 1024,
+    ) -> None:
+        if not is_power_of_two(size) or size > MAX_QUEUE_SIZE:
+            raise InvalidArgument(f"queue size must be a power of two up to {MAX_QUEUE_SIZE}, got {size}")
+        self.index = index
+        self.size = size
+        self.pool = pool
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.indirect_threshold = max(2, indirect_threshold)
+        self.indirect_max = indirect_max
+        avail_off, used_off, total = split_layout(size)
+        self._ring: Buffer = pool.allocate(total, align=4096)
+        view = self._ring.view
+        self.desc_addr = self._ring.addr
+        self.avail_addr = self._ring.addr + avail_off
+        self.used_addr = self._ring.addr + used_off
+        self._avail_off = avail_off
+        self._used_off = used_off
+        self._desc64 = view[: DESC_SIZE * size].cast("Q")
+        self._desc32 = view[: DESC_SIZE * size].cast("I")
+        self._desc16 = view[: DESC_SIZE * size].cast("H")
+        self._avail16 = view[avail_off : avail_off + 2 * (3 + size)].cast("H")
+        self._used16 = view[used_off : used_off + 6 + 8 * size].cast("H")
+        self._used32 = view[used_off : used_off + 4 + 8 * size].cast("I")
+        # Index of used_event in _avail16 and of avail_event in _used16.
+        self._used_event_i = 2 + size
+        self._avail_event_i = 2 + 4 * size
+        self._indirect_tables: dict[int, Buffer] = {}
+        self._init_state()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _init_state(self) -> None:
+        size = self.size
+        self._ring.view[:] = bytes(len(self._ring.view))
+        for buf in self._indirect_tables.values():
+            self.pool.free(buf)
+        self._indirect_tables.clear()
+        self._next: list[int] = list(range(1, size)) + [END]
+        for i in range(size):
+            self._desc16[8 * i + 7] = self._next[i] & 0xFFFF if i < size - 1 else 0
+        self._tokens: list[object] = [_IDLE] * size
+        self._ndescs: list[int] = [0] * size
+        self._last: list[int] = [0] * size
+        self._wlen: list[int] = [0] * size
+        self.free_head = 0
+        self.free_tail = size - 1
+        self.num_free = size
+        self.avail_idx = 0  # next avail index the driver will publish (shadow of avail.idx)
+        self.last_used = 0  # next used index the driver will consume
+        self.outstanding = 0  # chains published and not yet completed
+        self._kick_from = 0  # avail_idx at the last kick decision
+        self.broken: str | None = None
+        self._interrupts = False
+        # The request being built (seed: req_start .. req_end).
+        self._req_token: object = _IDLE
+        self._req_head = END
+        self._req_last = END
+        self._req_left = 0
+        self._req_ndescs = 0
+        self._req_wlen = 0
+        self._req_table: Buffer | None = None
+        self._req_table_n = 0
+        self.disable_interrupts()
+
+    def reset(self) -> list[object]:
+        """Re-initialise the ring (device reset or restart); returns the tokens that were in flight."""
+        lost = self.in_flight_tokens()
+        self._init_state()
+        return lost
+
+    def close(self) -> None:
+        """Release the ring memory. The queue cannot be used afterwards."""
+        for buf in self._indirect_tables.values():
+            self.pool.free(buf)
+        self._indirect_tables.clear()
+        for v in (self._desc64, self._desc32, self._desc16, self._avail16, self._used16, self._used32):
+            v.release()
+        self.pool.free(self._ring)
+        self.broken = "closed"
+
+    def in_flight_tokens(self) -> list[object]:
+        """Tokens of published chains that have not completed, in no particular order."""
+        return [t for t in self._tokens if t is not _IDLE]
+
+    # -- request building (seed: virtqueue_req_start / add_iovs / flush / abort)
+
+    def start(self, token: object, n: int) -> None:
+        """Begin a request of ``n`` buffers identified by ``token``.
+
+        Raises :class:`RequestTooLarge` if it can never fit, :class:`QueueFull`
+        if it does not fit now. A request that is still open is published first.
+        """
+        if self.broken is not None:
+            raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
+        if self._req_head != END:
+            self._finish()
+        if n < 1:
+            raise InvalidArgument(f"a request needs at least one buffer, got {n}")
+        use_indirect = self.indirect and n > 1 and (n >= self.indirect_threshold or n > self.num_free)
+        if use_indirect:
+            if n > self.indirect_max:
+                raise RequestTooLarge(f"{n} buffers exceed the indirect table limit {self.indirect_max}")
+            if self.num_free < 1:
+                raise QueueFull(f"queue {self.index}: no free descriptor")
+            head = self.free_head
+            table = self._indirect_tables.pop(head, None)
+            if table is None or table.size < DESC_SIZE * n:
+                if table is not None:
+                    self.pool.free(table)
+                table = self.pool.allocate(DESC_SIZE * max(n, self.indirect_threshold), align=DESC_SIZE)
+            self._req_table = table
+            self._req_table_n = 0
+        else:
+            if n > self.size:
+                raise RequestTooLarge(
+                    f"{n} buffers can never fit queue {self.index} of {self.size} descriptors"
+                    + ("" if self.indirect else " (no indirect descriptors negotiated)")
+                )
+            if n > self.num_free:
+                raise QueueFull(f"queue {self.index}: {n} descriptors needed, {self.num_free} free")
+        self._req_token = token
+        self._req_head = self.free_head
+        self._req_last = END
+        self._req_left = n
+        self._req_ndescs = 0
+        self._req_wlen = 0
+
+    def add(self, addr: int, length: int, writable: bool = False) -> None:
+        """Add one buffer (device-readable, or device-writable if ``writable``)."""
+        if self._req_left <= 0:
+            if self._req_head == END:
+                raise QueueStateError("add() without start()")
+            raise InvalidArgument("more buffers added than announced in start()")
+        if not (0 <= length <= _U32 and 0 <= addr <= _U64):
+            raise InvalidArgument(f"bad buffer addr=0x{addr:x} length={length}")
+        flags = DESC_F_WRITE | DESC_F_NEXT if writable else DESC_F_NEXT
+        if writable:
+            self._req_wlen += length
+        self._req_left -= 1
+        table = self._req_table
+        if table is not None:
+            i = self._req_table_n
+            self._req_table_n = i + 1
+            # Indirect entries are chained 0, 1, 2 ... (virtio 1.2 §2.7.5.3.1).
+            table.view[16 * i : 16 * i + 16] = (
+                addr.to_bytes(8, "little")
+                + length.to_bytes(4, "little")
+                + flags.to_bytes(2, "little")
+                + (i + 1).to_bytes(2, "little")
+            )
+            return
+        i = self.free_head
+        self.free_head = self._next[i]
+        self.num_free -= 1
+        d16 = self._desc16
+        self._desc64[2 * i] = addr
+        self._desc32[4 * i + 2] = length
+        d16[8 * i + 6] = flags
+        d16[8 * i + 7] = self.free_head & 0xFFFF
+        self._req_last = i
+        self._req_ndescs += 1
+
+    def add_buffers(self, buffers: Iterable[tuple[int, int, bool]]) -> None:
+        """Add several (addr, length, writable) buffers."""
+        for addr, length, writable in buffers:
+            self.add(addr, length, writable)
+
+    def _finish(self) -> None:
+        """Close the open request and publish it in the avail ring."""
+        if self._req_left:
+            self._abort_open()
+            raise InvalidArgument(f"request published with {self._req_left} announced buffers missing")
+        head = self._req_head
+        table = self._req_table
+        if table is not None:
+            n = self._req_table_n
+            tv = table.view
+            off = 16 * (n - 1) + 12  # flags of the last entry: clear NEXT
+            tv[off] = tv[off] & ~DESC_F_NEXT
+            i = self.free_head
+            self.free_head = self._next[i]
+            self.num_free -= 1
+            self._desc64[2 * i] = table.addr
+            self._desc32[4 * i + 2] = DESC_SIZE * n
+            self._desc16[8 * i + 6] = DESC_F_INDIRECT
+            self._indirect_tables[i] = table
+            self._req_table = None
+            self._ndescs[head] = 1
+            self._last[head] = head
+        else:
+            last = self._req_last
+            self._desc16[8 * last + 6] &= ~DESC_F_NEXT
+            self._ndescs[head] = self._req_ndescs
+            self._last[head] = last
+        self._tokens[head] = self._req_token
+        self._wlen[head] = self._req_wlen
+        self._req_head = END
+        self._req_token = _IDLE
+        idx = self.avail_idx
+        self._avail16[2 + (idx & (self.size - 1))] = head
+        idx = (idx + 1) & 0xFFFF
+        self.avail_idx = idx
+        self.outstanding += 1
+        ordering.write_barrier()
+        self._avail16[1] = idx
+
+    def _abort_open(self) -> None:
+        head = self._req_head
+        if self._req_table is not None:
+            self._indirect_tables[head] = self._req_table  # keep it for reuse
+            self._req_table = None
+        elif self._req_ndescs:
+            self._release_chain(head, self._req_last, self._req_ndescs)
+        self._req_head = END
+        self._req_token = _IDLE
+        self._req_left = 0
+
+    def abort(self) -> None:
+        """Drop the open (unpublished) request, returning its descriptors."""
+        if self._req_head == END:
+            raise QueueStateError("abort() with no open request")
+        self._abort_open()
+
+    def flush(self) -> bool:
+        """Publish the open request; return True if the device must be notified.
+
+        The decision follows virtio 1.2 §2.7.10: with EVENT_IDX, notify if
+        avail_event lies in the window published since the last decision;
+        otherwise notify unless the device set VRING_USED_F_NO_NOTIFY.
+        """
+        if self.broken is not None:
+            raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
+        if self._req_head != END:
+            self._finish()
+        return self.kick_prepare()
+
+    def kick_prepare(self) -> bool:
+        """The kick decision for everything published since the last one."""
+        new = self.avail_idx
+        old = self._kick_from
+        if new == old:
+            return False
+        self._kick_from = new
+        if self.event_idx and not self._interrupts:
+            # Keep the device from ever reaching used_event (seed v18.07+).
+            self._avail16[self._used_event_i] = (self.last_used - self.size - 1) & 0xFFFF
+        ordering.full_barrier()
+        if self.event_idx:
+            return vring_need_event(self._used16[self._avail_event_i], new, old)
+        return not self._used16[0] & USED_F_NO_NOTIFY
+
+    # -- completions (seed: virtio_recv_pkts) ---------------------------------
+
+    def pending(self) -> int:
+        """Used entries the device has published and the driver not yet reaped."""
+        return (self._used16[1] - self.last_used) & 0xFFFF
+
+    def reap(self, max_n: int = 1 << 16) -> list[Completion]:
+        """Reap up to ``max_n`` used entries as (token, bytes written) pairs."""
+        if self.broken is not None:
+            raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
+        last = self.last_used
+        n = (self._used16[1] - last) & 0xFFFF
+        if not n:
+            return []
+        if n > self.outstanding:
+            self._break(f"used index moved by {n} with only {self.outstanding} requests in flight", [])
+        ordering.read_barrier()
+        if n > max_n:
+            n = max_n
+        out: list[Completion] = []
+        used32 = self._used32
+        tokens = self._tokens
+        wlen = self._wlen
+        mask = self.size - 1
+        size = self.size
+        for _ in range(n):
+            slot = 1 + 2 * (last & mask)
+            head = used32[slot]
+            length = used32[slot + 1]
+            if head >= size:
+                self._break(f"used id {head} is out of range (queue size {size})", out)
+            token = tokens[head]
+            if token is _IDLE:
+                self._break(f"used id {head} is not the head of an in-flight request", out)
+            if length > wlen[head]:
+                self._break(
+                    f"used length {length} for id {head} exceeds the {wlen[head]} device-writable bytes offered",
+                    out,
+                )
+            tokens[head] = _IDLE
+            self._free_chain(head)
+            last = (last + 1) & 0xFFFF
+            self.last_used = last
+            out.append((token, length))
+        self.outstanding -= len(out)
+        if self._interrupts and self.event_idx:
+            self._avail16[self._used_event_i] = last
+        return out
+
+    def _break(self, reason: str, completed: list[Completion]) -> None:
+        self.outstanding -= len(completed)
+        self.broken = reason
+        raise DeviceProtocolError(f"queue {self.index}: {reason}", completed)
+
+    def _free_chain(self, head: int) -> None:
+        self._release_chain(head, self._last[head], self._ndescs[head])
+        self._ndescs[head] = 0
+
+    def _release_chain(self, head: int, last: int, ndescs: int) -> None:
+        """Append the chain head..last (ndescs descriptors) at the free list's tail (FIFO, as the seed)."""
+        self.num_free += ndescs
+        if self.free_head == END:
+            self.free_head = head
+        else:
+            self._next[self.free_tail] = head
+            self._desc16[8 * self.free_tail + 7] = head
+        self.free_tail = last
+        self._next[last] = END
+
+    # -- interrupt suppression ------------------------------------------------
+
+    def disable_interrupts(self) -> None:
+        """Ask the device not to interrupt (polling mode, the default)."""
+        self._interrupts = False
+        if self.event_idx:
+            self._avail16[self._used_event_i] = (self.last_used - self.size - 1) & 0xFFFF
+        else:
+            self._avail16[0] = AVAIL_F_NO_INTERRUPT
+
+    def enable_interrupts(self) -> bool:
+        """Ask for an interrupt at the next used entry; True if entries are already pending.
+
+        A caller that gets True must reap instead of waiting: the device may
+        have completed work before it could see the request for interrupts.
+        """
+        self._interrupts = True
+        if self.event_idx:
+            self._avail16[self._used_event_i] = self.last_used
+        else:
+            self._avail16[0] = 0
+        ordering.full_barrier()
+        return self.pending() != 0
+
+    @property
+    def interrupts_enabled(self) -> bool:
+        return self._interrupts
+
+    # -- introspection --------------------------------------------------------
+
+    def check_free_list(self) -> int:
+        """Walk the shadow free list; return its length (tests and debugging)."""
+        count = 0
+        i = self.free_head
+        seen = set()
+        while i != END:
+            if i in seen or count > self.size:
+                raise AssertionError(f"free list loops at {i}")
+            seen.add(i)
+            count += 1
+            if i == self.free_tail:
+                if self._next[i] != END:
+                    raise AssertionError("free tail is not the end of the list")
+                break
+            i = self._next[i]
+        return count
+
+    def __repr__(self) -> str:
+        return (
+            f"SplitQueue(index={self.index}, size={self.size}, free={self.num_free}, "
+            f"in_flight={self.outstanding}, broken={self.broken!r})"
+        )
