@@ -81,6 +81,10 @@ class Transport(Protocol):
         """A file descriptor that becomes readable when queue ``index`` is signalled, if any."""
         ...
 
+    def check_alive(self) -> None:
+        """Raise :class:`~pyvirtio.errors.ConnectionLost` if the device is known to be gone."""
+        ...
+
     def close(self) -> None: ...
 
     def info(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-from pyvirtio.errors import InvalidArgument, QueueStateError
+from pyvirtio.errors import ConnectionLost, InvalidArgument, QueueStateError
 from pyvirtio.memory import MemoryPool, MemoryTable
 from pyvirtio.ring.device_side import Chain, DeviceQueue
 from pyvirtio.spec.common import (
@@ -162,6 +162,10 @@ class LoopbackTransport:
 
     def queue_fd(self, index: int) -> int | None:
         return self._calls.get(index)
+
+    def check_alive(self) -> None:
+        if self.closed:
+            raise ConnectionLost("loopback device is closed")
 
     def close(self) -> None:
         for index in list(self._calls):

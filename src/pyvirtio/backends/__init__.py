@@ -1,0 +1,1 @@
+"""Embedded device back ends: device models and the vhost-user server."""

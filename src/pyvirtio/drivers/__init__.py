@@ -1,0 +1,1 @@
+"""Device drivers built on VirtioDevice: virtio-blk (and later scsi, net)."""
