@@ -44,12 +44,15 @@ F_RING_RESET: Final = 40
 TRANSPORT_F_START: Final = 28
 TRANSPORT_F_END: Final = 41
 
+# vhost (kernel and user) uses bit 26 for dirty-page logging (VHOST_F_LOG_ALL).
+VHOST_F_LOG_ALL: Final = 26
 # vhost-user reuses bit 30 of the device features (VHOST_USER_F_PROTOCOL_FEATURES).
 VHOST_USER_F_PROTOCOL_FEATURES: Final = 30
 
 COMMON_FEATURE_NAMES: Final[dict[int, str]] = {
     F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY",
     F_ANY_LAYOUT: "ANY_LAYOUT",
+    VHOST_F_LOG_ALL: "LOG_ALL",
     F_RING_INDIRECT_DESC: "RING_INDIRECT_DESC",
     F_RING_EVENT_IDX: "RING_EVENT_IDX",
     VHOST_USER_F_PROTOCOL_FEATURES: "PROTOCOL_FEATURES",

@@ -1,0 +1,26 @@
+"""Public test helpers: connected ring pairs, hostile peers, resource counters.
+
+* :class:`RingPair`: a driver :class:`~pyvirtio.ring.split.SplitQueue` and a
+  device :class:`~pyvirtio.ring.device_side.DeviceQueue` over one memory pool.
+* :class:`HostileDevice`: writes arbitrary used entries into a driver's ring.
+* :class:`RawDriver`: writes arbitrary descriptors and avail entries for a
+  device ring.
+* :func:`open_fd_count`: this process's open file descriptors (leak checks).
+* :mod:`pyvirtio.testing.strategies`: Hypothesis strategies (imported on its
+  own, since it needs Hypothesis).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyvirtio.testing.hostile import HostileDevice, RawDriver
+from pyvirtio.testing.pair import RingPair
+
+
+def open_fd_count() -> int:
+    """The number of file descriptors this process has open (Linux: /proc/self/fd)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+__all__ = ["HostileDevice", "RawDriver", "RingPair", "open_fd_count"]
