@@ -8,12 +8,25 @@ examples, still without deadlines (timing on shared CI runners is noisy).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from pyvirtio.memory import MemoryPool
+
+# When a Hypothesis test fails, its pytest plugin imports hypothesis.extra._patching,
+# which imports libcst, which (with the mypy_extensions installed here) warns
+# DeprecationWarning at import; under filterwarnings=error that turns the failure
+# report into an INTERNALERROR that hides the real failure. Import it once now,
+# with that warning silenced, so the later import is a cache hit.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except ImportError:  # libcst not installed: nothing to pre-import
+        pass
 
 settings.register_profile(
     "default",
@@ -29,10 +42,8 @@ settings.register_profile(
     derandomize=False,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile(
-    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI", "").lower() == "true" else "default")
-)
-
+_IN_CI = os.environ.get("CI", "").lower() == "true"
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _IN_CI else "default"))
 
 
 @pytest.fixture

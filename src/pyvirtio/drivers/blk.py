@@ -192,7 +192,8 @@ class VirtioBlk:
         """Open ``vhost-user:PATH`` (or a plain socket path)."""
         from pyvirtio.targets import open_device
 
-        device = open_device(target)
+        transport_kw = {"queue_size": kw["queue_size"]} if kw.get("queue_size") else {}
+        device = open_device(target, **transport_kw)
         try:
             return cls(device, **kw)
         except BaseException:

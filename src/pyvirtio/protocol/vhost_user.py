@@ -1326,9 +1326,13 @@ class MessageReader:
 
     ``feed(data, fds)`` once per recvmsg; then ``next_message()`` until it
     returns ``None``. Each fd group is attached to the message that contains
-    the first byte of the chunk it arrived with (the kernel delivers
-    ancillary data with the first byte of the sendmsg that carried it). The
-    header is checked as soon as it is complete: version bits must be 1 and
+    the *last* byte of the chunk it arrived with: Linux hands out SCM_RIGHTS
+    fds with a read that includes the first byte of the sendmsg that carried
+    them and ends that read inside the same sendmsg, but the read may begin
+    with leftover bytes of the previous message (seen with small reads on a
+    socketpair). With one message per sendmsg, the last byte of the chunk is
+    therefore always in the message the fds were sent with. The header is
+    checked as soon as it is complete: version bits must be 1 and
     size at most ``max_payload``; a message may carry at most
     :data:`MAX_FDS` fds. A violation raises ``error`` (the class given at
     construction: :class:`DeviceProtocolError` on the front end,
@@ -1360,7 +1364,10 @@ class MessageReader:
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Add bytes received from the peer, with the fds received alongside them."""
         if fds:
-            self._fd_groups.append((self._end, tuple(fds)))
+            # Stream offset of the chunk's last byte (of the next byte if the
+            # chunk is empty): the fds belong to the message containing it.
+            owner = self._end + len(data) - 1 if data else self._end
+            self._fd_groups.append((owner, tuple(fds)))
         if self._failure is not None:
             return  # keep the fds so close_pending_fds() can close them
         self._buf += data

@@ -153,11 +153,15 @@ class SplitQueue:
     def reset(self) -> list[object]:
         """Re-initialise the ring (device reset or restart); returns the tokens that were in flight."""
         lost = self.in_flight_tokens()
+        if self._req_head != END:
+            self._abort_open()  # an open indirect request holds a table: give it back to the cache
         self._init_state()
         return lost
 
     def close(self) -> None:
         """Release the ring memory. The queue cannot be used afterwards."""
+        if self._req_head != END:
+            self._abort_open()
         for buf in self._indirect_tables.values():
             self.pool.free(buf)
         self._indirect_tables.clear()
@@ -185,9 +189,14 @@ class SplitQueue:
         if n < 1:
             raise InvalidArgument(f"a request needs at least one buffer, got {n}")
         use_indirect = self.indirect and n > 1 and (n >= self.indirect_threshold or n > self.num_free)
+        if use_indirect and n > self.indirect_max:
+            if n > self.size:
+                raise RequestTooLarge(
+                    f"{n} buffers exceed both the indirect table limit {self.indirect_max} "
+                    f"and queue {self.index} of {self.size} descriptors"
+                )
+            use_indirect = False  # too many for one table, but the ring itself can hold them
         if use_indirect:
-            if n > self.indirect_max:
-                raise RequestTooLarge(f"{n} buffers exceed the indirect table limit {self.indirect_max}")
             if self.num_free < 1:
                 raise QueueFull(f"queue {self.index}: no free descriptor")
             head = self.free_head
@@ -428,7 +437,8 @@ class SplitQueue:
                 self._break(f"used id {head} is not the head of an in-flight request", out)
             if length > wlen[head]:
                 self._break(
-                    f"used length {length} for id {head} exceeds the {wlen[head]} device-writable bytes offered",
+                    f"used length {length} for id {head} exceeds the {wlen[head]} "
+                    "device-writable bytes offered",
                     out,
                 )
             tokens[head] = _IDLE

@@ -11,8 +11,10 @@ that the two rings return.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from pyvirtio.memory import Buffer, MemoryPool, MemoryTable
-from pyvirtio.ring.device_side import DeviceQueue
+from pyvirtio.ring.device_side import Chain, DeviceQueue
 from pyvirtio.ring.split import SplitQueue
 
 
@@ -83,6 +85,28 @@ class RingPair:
             buf.view[: len(fill)] = fill
         return buf
 
+    def submit(self, token: object, buffers: Sequence[tuple[int, int, bool]]) -> None:
+        """Driver: start a request and add every (addr, length, writable) buffer (not flushed)."""
+        self.driver.start(token, len(buffers))
+        self.driver.add_buffers(buffers)
+
+    def serve(
+        self, handler: Callable[[Chain], int] | None = None, limit: int | None = None
+    ) -> tuple[int, bool]:
+        """Device: pop and complete available chains (default handler: echo readable into writable).
+
+        Returns (chains completed, whether the driver must be interrupted).
+        """
+        handle = handler if handler is not None else _echo
+        done = 0
+        while limit is None or done < limit:
+            chain = self.device.pop()
+            if chain is None:
+                break
+            self.device.add_used(chain.head, handle(chain))
+            done += 1
+        return done, self.device.flush_used()
+
     def reset_device(self) -> None:
         """Forget the device's state and map the ring again (after ``driver.reset()``)."""
         self.device.release()
@@ -105,3 +129,7 @@ class RingPair:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _echo(chain: Chain) -> int:
+    return chain.write(chain.read_all())

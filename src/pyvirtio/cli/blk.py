@@ -1,0 +1,313 @@
+"""``pyvirtio blk ...``: one-off block requests against a virtio-blk device.
+
+Subcommands: ``read``, ``write``, ``flush``, ``discard``, ``write-zeroes``,
+``get-id``. Offsets and lengths take size suffixes (``4k``, ``1M``, ...) and
+must be multiples of the device's block size. Large reads and writes are
+split into requests of at most ``--chunk`` bytes (default 1 MiB, never more
+than the device's largest transfer); discard and write-zeroes ranges are
+split by the device's per-request limits. The whole range is checked before
+the first request is sent, so a bad range never half-completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from typing import IO, Any
+
+from pyvirtio.cli.common import (
+    DEFAULT_CHUNK,
+    add_target_arguments,
+    align_down,
+    byte_arg,
+    chunks,
+    hexdump,
+    open_blk,
+    size_arg,
+    stdout_is_tty,
+)
+from pyvirtio.errors import InvalidArgument
+
+SECTOR = 512
+
+READ_HELP = """\
+Read LENGTH bytes at OFFSET.
+
+Where the data goes:
+  -o FILE     raw bytes into FILE (created or truncated)
+  -o -        raw bytes to stdout
+  (no -o)     a hexdump (like `hexdump -C`) when stdout is a terminal,
+              raw bytes when stdout is a pipe or a file
+  --hex       force the hexdump
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "blk", help="block requests: read, write, flush, discard, write-zeroes, get-id", description=__doc__
+    )
+    sub = p.add_subparsers(dest="blk_command", metavar="OP", required=True)
+
+    r = sub.add_parser(
+        "read", help="read bytes", description=READ_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_target_arguments(r)
+    _range_arguments(r)
+    r.add_argument("-o", "--output", metavar="FILE", help="write the raw bytes to FILE ('-' for stdout)")
+    r.add_argument("--hex", action="store_true", help="print a hexdump even when stdout is not a terminal")
+    _chunk_argument(r)
+    r.set_defaults(func=cmd_read)
+
+    w = sub.add_parser(
+        "write",
+        help="write bytes from a file or a repeated byte",
+        description="Write the bytes of --input (all of it, or --length bytes) or --length copies of "
+        "--pattern at OFFSET. The length must be a multiple of the block size.",
+    )
+    add_target_arguments(w)
+    w.add_argument("--offset", type=size_arg, required=True, help="byte offset (suffixes k, M, G, T)")
+    src = w.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", "-i", metavar="FILE", help="the data to write ('-' for stdin)")
+    src.add_argument("--pattern", type=byte_arg, metavar="BYTE", help="write this byte value (0..255, 0x.. ok)")
+    w.add_argument("--length", type=size_arg, help="bytes to write (required with --pattern)")
+    _chunk_argument(w)
+    w.set_defaults(func=cmd_write)
+
+    f = sub.add_parser("flush", help="flush the device's write cache")
+    add_target_arguments(f)
+    f.set_defaults(func=cmd_flush)
+
+    d = sub.add_parser("discard", help="discard (trim) a range")
+    add_target_arguments(d)
+    _range_arguments(d)
+    d.set_defaults(func=cmd_discard)
+
+    z = sub.add_parser("write-zeroes", help="zero a range without sending data")
+    add_target_arguments(z)
+    _range_arguments(z)
+    z.add_argument("--unmap", action="store_true", help="allow the device to deallocate the range")
+    z.set_defaults(func=cmd_write_zeroes)
+
+    g = sub.add_parser("get-id", help="print the device's serial number (GET_ID)")
+    add_target_arguments(g)
+    g.set_defaults(func=cmd_get_id)
+
+
+def _range_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offset", type=size_arg, required=True, help="byte offset (suffixes k, M, G, T)")
+    p.add_argument("--length", type=size_arg, required=True, help="byte count (suffixes k, M, G, T)")
+
+
+def _chunk_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chunk",
+        type=size_arg,
+        default=DEFAULT_CHUNK,
+        metavar="SIZE",
+        help="largest single request (default 1M; capped by the device's limits)",
+    )
+
+
+# -- checks ---------------------------------------------------------------------
+
+
+def check_range(blk: Any, op: str, offset: int, length: int) -> None:
+    """The whole range's checks, done before the first request is sent."""
+    if length <= 0:
+        raise InvalidArgument(f"{op}: length must be positive")
+    bs = blk.block_size
+    if offset % bs or length % bs:
+        raise InvalidArgument(f"{op}: offset {offset} and length {length} must be multiples of the block size {bs}")
+    if offset + length > blk.capacity:
+        raise InvalidArgument(f"{op}: {offset}+{length} is beyond the device capacity {blk.capacity}")
+
+
+def transfer_step(blk: Any, chunk: int) -> int:
+    """The bytes per read / write request: --chunk, capped by the device, block aligned."""
+    step = align_down(min(chunk, blk.max_transfer), blk.block_size)
+    if step <= 0:
+        raise InvalidArgument(f"--chunk {chunk} is smaller than the block size {blk.block_size}")
+    return step
+
+
+def range_step(blk: Any, op: str) -> int:
+    """The bytes per discard / write-zeroes request under the device's limits."""
+    if op == "discard":
+        per_seg, nseg = blk.max_discard_sectors, blk.max_discard_seg
+        align = blk.discard_alignment * SECTOR
+    else:
+        per_seg, nseg = blk.max_write_zeroes_sectors, blk.max_write_zeroes_seg
+        align = SECTOR
+    unit = _lcm(blk.block_size, align)
+    step = align_down(per_seg * nseg * SECTOR, unit)
+    if step <= 0:
+        raise InvalidArgument(f"{op}: the device's limits allow no aligned request")
+    return step
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    blk = open_blk(args, num_queues=1)
+    try:
+        check_range(blk, "read", args.offset, args.length)
+        step = transfer_step(blk, args.chunk)
+        pieces = _read_pieces(blk, args.offset, args.length, step)
+        if args.output not in (None, "-"):
+            with open(args.output, "wb") as out:
+                _copy(pieces, out)
+            print(f"read {args.length} bytes at offset {args.offset} into {args.output}")
+        elif args.hex or (args.output is None and stdout_is_tty()):
+            for line in hexdump(pieces, args.offset):
+                print(line)
+        else:
+            sys.stdout.flush()
+            _copy(pieces, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+    finally:
+        blk.close()
+    return 0
+
+
+def _read_pieces(blk: Any, offset: int, length: int, step: int) -> Iterator[bytes]:
+    for off, n in chunks(offset, length, step):
+        yield blk.read(off, n)
+
+
+def _copy(pieces: Iterator[bytes], out: IO[bytes]) -> None:
+    for piece in pieces:
+        out.write(piece)
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    if args.pattern is not None and args.length is None:
+        raise InvalidArgument("write: --pattern needs --length")
+    blk = open_blk(args, num_queues=1)
+    try:
+        step = transfer_step(blk, args.chunk)
+        if args.pattern is not None:
+            check_range(blk, "write", args.offset, args.length)
+            _check_writable(blk)
+            block = bytes([args.pattern]) * step
+            for off, n in chunks(args.offset, args.length, step):
+                blk.write(off, block[:n])
+            total = args.length
+        else:
+            total = _write_file(blk, args, step)
+        print(f"wrote {total} bytes at offset {args.offset}")
+    finally:
+        blk.close()
+    return 0
+
+
+def _check_writable(blk: Any) -> None:
+    if blk.readonly:
+        raise InvalidArgument("write: the device is read-only (VIRTIO_BLK_F_RO)")
+
+
+def _write_file(blk: Any, args: argparse.Namespace, step: int) -> int:
+    _check_writable(blk)
+    if args.input == "-":
+        src: IO[bytes] = sys.stdin.buffer
+        close = False
+    else:
+        src = open(args.input, "rb")  # closed in the finally below
+        close = True
+    try:
+        length = args.length
+        if length is None and not (args.input == "-") and os.path.isfile(args.input):
+            length = os.fstat(src.fileno()).st_size
+        if length is not None:
+            check_range(blk, "write", args.offset, length)
+        offset = args.offset
+        total = 0
+        while length is None or total < length:
+            want = step if length is None else min(step, length - total)
+            data = _read_exact(src, want)
+            if not data:
+                break
+            if len(data) % blk.block_size:
+                raise InvalidArgument(
+                    f"write: the input ends {total + len(data)} bytes in, not a multiple of the block size "
+                    f"{blk.block_size}"
+                )
+            blk.write(offset + total, data)
+            total += len(data)
+            if len(data) < want:
+                break
+        if length is not None and total < length:
+            raise InvalidArgument(f"write: the input ended after {total} of {length} bytes")
+        if total == 0:
+            raise InvalidArgument("write: the input is empty")
+        return total
+    finally:
+        if close:
+            src.close()
+
+
+def _read_exact(src: IO[bytes], n: int) -> bytes:
+    parts = []
+    got = 0
+    while got < n:
+        data = src.read(n - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    blk = open_blk(args, num_queues=1)
+    try:
+        blk.flush()
+    finally:
+        blk.close()
+    print("flushed")
+    return 0
+
+
+def _range_op(args: argparse.Namespace, op: str) -> int:
+    blk = open_blk(args, num_queues=1)
+    try:
+        check_range(blk, op, args.offset, args.length)
+        if blk.readonly:
+            raise InvalidArgument(f"{op}: the device is read-only (VIRTIO_BLK_F_RO)")
+        step = range_step(blk, op)
+        for off, n in chunks(args.offset, args.length, step):
+            if op == "discard":
+                blk.discard(off, n)
+            else:
+                blk.write_zeroes(off, n, unmap=args.unmap)
+    finally:
+        blk.close()
+    done = "discarded" if op == "discard" else "zeroed"
+    print(f"{done} {args.length} bytes at offset {args.offset}")
+    return 0
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    return _range_op(args, "discard")
+
+
+def cmd_write_zeroes(args: argparse.Namespace) -> int:
+    return _range_op(args, "write-zeroes")
+
+
+def cmd_get_id(args: argparse.Namespace) -> int:
+    blk = open_blk(args, num_queues=1)
+    try:
+        ident = blk.get_id()
+    finally:
+        blk.close()
+    print(ident)
+    return 0

@@ -1,0 +1,104 @@
+"""``pyvirtio info TARGET [--json]``: what a device offers and what was negotiated.
+
+The JSON form is :meth:`pyvirtio.drivers.blk.VirtioBlk.info` as is: SPDK's
+``virtio_dev_dump_json_info`` keys (``"virtio": {"vq_count", "vq_size",
+"type", "socket"}``) plus device type, status, offered / negotiated feature
+names, protocol features and the decoded config space under ``"blk"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pyvirtio.cli.common import add_target_arguments, format_size, open_blk, print_json, print_table
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="show a device's features, queues and config",
+        description="Connect to a virtio-blk device, negotiate features, start its queues and "
+        "print what it offers and what was negotiated.",
+    )
+    add_target_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the info dict as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    blk = open_blk(args)
+    try:
+        info = blk.info()
+    finally:
+        blk.close()
+    if args.json:
+        print_json(info)
+    else:
+        render(info)
+    return 0
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if names else "-"
+
+
+def render(info: dict[str, Any]) -> None:
+    """The human form of an info dict (see the module docstring)."""
+    virtio = info.get("virtio", {})
+    rows = [
+        ("name", str(info.get("name", "-"))),
+        ("device type", str(info.get("device_type", "-"))),
+        ("transport", str(virtio.get("type", "-"))),
+    ]
+    if "socket" in virtio:
+        rows.append(("socket", str(virtio["socket"])))
+    rows.append(("status", _names(info.get("status", []))))
+    print_table("Device", rows)
+    print()
+    print_table(
+        "Features",
+        [
+            ("offered", _names(info.get("offered_features", []))),
+            ("negotiated", _names(info.get("negotiated_features", []))),
+        ],
+    )
+    if "protocol_features" in virtio:
+        print()
+        print_table(
+            "vhost-user protocol features",
+            [
+                ("offered", _names(virtio.get("offered_protocol_features", []))),
+                ("negotiated", _names(virtio.get("protocol_features", []))),
+            ],
+        )
+    print()
+    qrows = [("queues started", str(virtio.get("vq_count", "-"))), ("queue size", str(virtio.get("vq_size", "-")))]
+    if "backend_queues" in virtio:
+        qrows.append(("back end queues", str(virtio["backend_queues"])))
+    print_table("Queues", qrows)
+    blk = info.get("blk")
+    if blk:
+        print()
+        print_table(
+            "Block device",
+            [
+                ("capacity", f"{blk['capacity']} bytes ({format_size(blk['capacity'])})"),
+                ("block size", str(blk["block_size"])),
+                ("read-only", _yes(blk["readonly"])),
+                ("flush", _yes(blk["flush"])),
+                ("discard", _yes(blk["discard"])),
+                ("write zeroes", _yes(blk["write_zeroes"])),
+                ("queues", f"{blk['num_queues']} of {blk['max_queues']}"),
+                ("size_max", str(blk["size_max"] or "-")),
+                ("seg_max", str(blk["seg_max"] or "-")),
+            ],
+        )
+        config = blk.get("config") or {}
+        if config:
+            print()
+            print_table("Config space", [(k, str(v)) for k, v in config.items()])
+
+
+def _yes(flag: object) -> str:
+    return "yes" if flag else "no"

@@ -1,0 +1,615 @@
+"""The block benchmark engine: fio-like load on one VirtioBlk queue.
+
+Theory of operation. A benchmark issues requests of one shape (header,
+``bs`` bytes of data, status byte) as fast as the device completes them,
+keeping ``iodepth`` in flight. :class:`BlkEngine` gives each of the
+``iodepth`` slots a fixed pre-linked chain (:class:`~pyvirtio.ring.fixed.FixedChains`)
+and loops: post every free slot at once (one avail index store, one kick
+decision), then reap every used entry at once, validated. Only the sector
+(and, for mixed workloads, the direction) of a slot changes per request.
+
+Two loops share that ring: plain Python, fastest at low depth, and NumPy,
+whose cost per pass does not grow with the number of requests, fastest at
+high depth. ``mode="auto"`` picks NumPy when it is installed and the depth
+is at least :data:`NUMPY_MIN_DEPTH` (measured: docs/benchmarks.md).
+
+Latencies are measured per request from the pass that posted it to the pass
+that reaped it, into a log-linear histogram (16 sub-buckets per power of
+two: under 6 % error) from which mean and percentiles are read.
+
+``verify=True`` writes a per-block pattern (block number, seed) and checks
+every block read back: a read-only workload first fills the region; a
+write workload reads back every block it wrote at the end.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
+from pyvirtio.errors import ConnectionLost, InvalidArgument
+from pyvirtio.ring.fixed import FixedChains
+from pyvirtio.spec import blk as B
+from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
+
+NUMPY_MIN_DEPTH = 8
+RW_MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")
+_SUB = 16  # histogram sub-buckets per power of two
+_NBUCKETS = 64 * _SUB
+
+
+def _bucket(ns: int) -> int:
+    if ns < _SUB:
+        return max(ns, 0)
+    e = ns.bit_length() - 5
+    return (e + 1) * _SUB + ((ns >> e) & (_SUB - 1))
+
+
+def _bucket_value(b: int) -> float:
+    if b < _SUB:
+        return float(b)
+    e = b // _SUB - 1
+    return float(((_SUB + b % _SUB) << e) + (1 << e) / 2)
+
+
+@dataclass
+class Stats:
+    """Counters and the latency histogram of one run (mergeable across queues)."""
+
+    ios: int = 0
+    reads: int = 0
+    writes: int = 0
+    bytes: int = 0
+    errors: int = 0
+    verify_errors: int = 0
+    lat_sum_ns: int = 0
+    lat_max_ns: int = 0
+    hist: list[int] = field(default_factory=lambda: [0] * _NBUCKETS)
+    seconds: float = 0.0
+    kicks: int = 0
+    passes: int = 0
+    error: str | None = None
+
+    def merge(self, other: Stats) -> None:
+        self.ios += other.ios
+        self.reads += other.reads
+        self.writes += other.writes
+        self.bytes += other.bytes
+        self.errors += other.errors
+        self.verify_errors += other.verify_errors
+        self.lat_sum_ns += other.lat_sum_ns
+        self.lat_max_ns = max(self.lat_max_ns, other.lat_max_ns)
+        self.hist = [a + b for a, b in zip(self.hist, other.hist, strict=True)]
+        self.seconds = max(self.seconds, other.seconds)
+        self.kicks += other.kicks
+        self.passes += other.passes
+        self.error = self.error or other.error
+
+    def percentile(self, p: float) -> float:
+        total = sum(self.hist)
+        if not total:
+            return 0.0
+        want = total * p / 100.0
+        seen = 0
+        for b, c in enumerate(self.hist):
+            seen += c
+            if seen >= want and c:
+                return min(_bucket_value(b), float(self.lat_max_ns))
+        return float(self.lat_max_ns)
+
+    def summary(self) -> dict[str, Any]:
+        secs = self.seconds or 1e-9
+        n = max(self.ios, 1)
+        return {
+            "ios": self.ios,
+            "reads": self.reads,
+            "writes": self.writes,
+            "seconds": round(self.seconds, 3),
+            "iops": round(self.ios / secs),
+            "bandwidth_bytes_per_s": round(self.bytes / secs),
+            "mb_per_s": round(self.bytes / secs / 1e6, 2),
+            "latency_us": {
+                "mean": round(self.lat_sum_ns / n / 1e3, 2),
+                "p50": round(self.percentile(50) / 1e3, 2),
+                "p99": round(self.percentile(99) / 1e3, 2),
+                "p99.9": round(self.percentile(99.9) / 1e3, 2),
+                "max": round(self.lat_max_ns / 1e3, 2),
+            },
+            "errors": self.errors,
+            "verify_errors": self.verify_errors,
+            "kicks": self.kicks,
+        }
+
+
+class _LatencyLog:
+    """Raw latencies, bucketed into a Stats histogram in bulk (NumPy if present)."""
+
+    __slots__ = ("stats", "raw", "arrays", "count")
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.raw: list[int] = []
+        self.arrays: list[Any] = []
+        self.count = 0
+
+    def flush(self) -> None:
+        stats = self.stats
+        if self.raw:
+            if _have_numpy():
+                import numpy as np
+
+                self.arrays.append(np.asarray(self.raw, dtype=np.int64))
+            else:
+                hist = stats.hist
+                for lat in self.raw:
+                    hist[_bucket(lat)] += 1
+                stats.lat_sum_ns += sum(self.raw)
+                stats.lat_max_ns = max(stats.lat_max_ns, max(self.raw))
+            self.raw = []
+        if self.arrays:
+            import numpy as np
+
+            lat = np.concatenate(self.arrays)
+            self.arrays = []
+            stats.lat_sum_ns += int(lat.sum())
+            stats.lat_max_ns = max(stats.lat_max_ns, int(lat.max()))
+            lat = np.maximum(lat, 0)
+            e = np.maximum(np.floor(np.log2(np.maximum(lat, 1))).astype(np.int64) - 4, 0)
+            idx = np.where(lat < _SUB, lat, (e + 1) * _SUB + ((lat >> e) & (_SUB - 1)))
+            counts = np.bincount(np.minimum(idx, _NBUCKETS - 1), minlength=_NBUCKETS)
+            stats.hist = [a + int(b) for a, b in zip(stats.hist, counts, strict=True)]
+        self.count = 0
+
+
+class BlkEngine:
+    """Runs a workload on the calling thread's queue of ``blk``."""
+
+    def __init__(
+        self,
+        blk: VirtioBlk,
+        *,
+        rw: str = "randread",
+        bs: int = 4096,
+        iodepth: int = 32,
+        rwmixread: int = 50,
+        verify: bool = False,
+        seed: int | None = None,
+        offset: int = 0,
+        size: int | None = None,
+        mode: str = "auto",
+    ) -> None:
+        if rw not in RW_MODES:
+            raise InvalidArgument(f"rw must be one of {', '.join(RW_MODES)}, not {rw!r}")
+        if bs <= 0 or bs % blk.block_size:
+            raise InvalidArgument(f"bs {bs} must be a positive multiple of the block size {blk.block_size}")
+        if bs > blk.max_transfer or (blk.size_max and bs > blk.size_max):
+            raise InvalidArgument(f"bs {bs} exceeds the device's largest single-segment transfer")
+        if not 0 <= rwmixread <= 100:
+            raise InvalidArgument("rwmixread must be 0..100")
+        self.reads_only = rw in ("read", "randread") or (rw in ("randrw", "rw") and rwmixread == 100)
+        if not self.reads_only and blk.readonly:
+            raise InvalidArgument(f"{rw}: the device is read-only")
+        size = blk.capacity - offset if size is None else size
+        if offset < 0 or offset % bs or size < bs or offset + size > blk.capacity:
+            raise InvalidArgument(f"region {offset}+{size} does not fit the device ({blk.capacity} bytes) with bs {bs}")
+        ctx = blk._ctx()
+        max_qd = ctx.vq.size // 3
+        if not 1 <= iodepth <= max_qd:
+            raise InvalidArgument(f"iodepth must be 1..{max_qd} for a queue of {ctx.vq.size} descriptors")
+        if mode not in ("auto", "python", "numpy"):
+            raise InvalidArgument("mode must be auto, python or numpy")
+        have_numpy = _have_numpy()
+        if mode == "numpy" and not have_numpy:
+            raise InvalidArgument("mode numpy needs numpy installed (pip install 'pyvirtio[fast]')")
+        if mode == "auto":
+            mode = "numpy" if have_numpy and iodepth >= NUMPY_MIN_DEPTH and not verify else "python"
+        if verify and mode == "numpy":
+            raise InvalidArgument("verify runs in the python mode")
+        self.mode = mode
+        self.blk = blk
+        self.ctx = ctx
+        self.rw = rw
+        self.bs = bs
+        self.qd = iodepth
+        self.rwmixread = 100 if rw in ("read", "randread") else 0 if rw in ("write", "randwrite") else rwmixread
+        self.verify = verify
+        self.seed = random.getrandbits(32) if seed is None else seed
+        self.rng = random.Random(self.seed)
+        self.first_block = offset // bs
+        self.nblocks = size // bs
+        self.sectors_per_block = bs // B.SECTOR_SIZE
+        self.sequential = rw in ("read", "write", "rw")
+        self._next_block = 0
+        pool = blk.pool
+        self.hdrs = pool.allocate(16 * iodepth, align=64)
+        self.status = pool.allocate(iodepth, align=64)
+        self.data = pool.allocate(bs * iodepth, align=4096)
+        initial_write = not self.reads_only and self.rwmixread == 0
+        chains = [
+            [
+                (self.hdrs.addr + 16 * s, 16, False),
+                (self.data.addr + bs * s, bs, not initial_write),
+                (self.status.addr + s, 1, True),
+            ]
+            for s in range(iodepth)
+        ]
+        self.fixed = FixedChains(ctx.vq.ring, chains)
+        self.is_write = bytearray([1 if initial_write else 0] * iodepth)
+        h32 = self.hdrs.view.cast("I")
+        for s in range(iodepth):
+            h32[4 * s] = B.T_OUT if initial_write else B.T_IN
+        self.written: bytearray | None = bytearray(self.nblocks) if verify else None
+        self.block_of = [0] * iodepth
+
+    def close(self) -> None:
+        """Give the chains and buffers back (only with nothing in flight)."""
+        try:
+            self.fixed.detach()
+        finally:
+            pool = self.blk.pool
+            for b in (self.hdrs, self.status, self.data):
+                pool.free(b)
+
+    # -- helpers --------------------------------------------------------------
+
+    def _pick_block(self) -> int:
+        if self.sequential:
+            b = self._next_block
+            self._next_block = (b + 1) % self.nblocks
+            return b
+        return self.rng.randrange(self.nblocks)
+
+    def _set_direction(self, s: int, write: bool) -> None:
+        """Flip slot s between read and write: header type, data flags, writable bytes."""
+        ring = self.fixed.ring
+        d = self.fixed._descs[s][1]
+        ring._desc16[8 * d + 6] = DESC_F_NEXT if write else DESC_F_NEXT | DESC_F_WRITE
+        self.fixed.wlen[s] = 1 if write else self.bs + 1
+        if self.fixed._np is not None:
+            self.fixed._np["wlen"][s] = self.fixed.wlen[s]
+        self.hdrs.view.cast("I")[4 * s] = B.T_OUT if write else B.T_IN
+        self.is_write[s] = 1 if write else 0
+
+    def prefill(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Write the verify pattern over the whole region (used by --verify on read workloads)."""
+        for s in range(self.qd):
+            self._set_direction(s, True)
+        block = 0
+        fixed = self.fixed
+        free = list(range(self.qd))
+        h64 = self.hdrs.view.cast("Q")
+        dv = self.data.view
+        st = self.status.view
+        bs = self.bs
+        while block < self.nblocks or fixed.n_inflight:
+            batch = []
+            while free and block < self.nblocks:
+                s = free.pop()
+                self.block_of[s] = block
+                h64[2 * s + 1] = (self.first_block + block) * self.sectors_per_block
+                dv[bs * s : bs * s + bs] = pack_pattern(self.first_block + block, self.seed, bs)
+                st[s] = 0xFF
+                batch.append(s)
+                block += 1
+            if batch and fixed.post(batch):
+                self.blk.device.transport.notify_queue(self.ctx.vq.index)
+            for s, _ in fixed.reap():
+                if st[s] != 0:
+                    raise ConnectionLost(f"prefill write of block {self.block_of[s]} failed with status {st[s]}")
+                assert self.written is not None
+                self.written[self.block_of[s]] = 1
+                free.append(s)
+            if progress is not None:
+                progress(block, self.nblocks)
+        for s in range(self.qd):
+            self._set_direction(s, False)
+
+    # -- the loops --------------------------------------------------------------
+
+    def run(
+        self,
+        seconds: float,
+        *,
+        stop: threading.Event | None = None,
+        progress: Callable[[Stats], None] | None = None,
+        progress_interval: float = 0.5,
+    ) -> Stats:
+        if self.mode == "numpy":
+            stats = self._run_numpy(seconds, stop, progress, progress_interval)
+        else:
+            stats = self._run_python(seconds, stop, progress, progress_interval)
+        if self.verify and not self.reads_only and stats.error is None:
+            stats.verify_errors += self._read_back()
+        return stats
+
+    def _run_python(
+        self,
+        seconds: float,
+        stop: threading.Event | None,
+        progress: Callable[[Stats], None] | None,
+        interval: float,
+    ) -> Stats:
+        stats = Stats()
+        lats = _LatencyLog(stats)
+        raw = lats.raw
+        fixed = self.fixed
+        transport = self.blk.device.transport
+        qi = self.ctx.vq.index
+        notify = transport.notify_queue
+        h64 = self.hdrs.view.cast("Q")
+        st = self.status.view
+        dv = self.data.view
+        bs = self.bs
+        spb = self.sectors_per_block
+        first = self.first_block
+        nblocks = self.nblocks
+        rand = self.rng.random
+        mixed = 0 < self.rwmixread < 100
+        all_write = self.rwmixread == 0
+        mix = self.rwmixread / 100.0
+        sequential = self.sequential
+        verify = self.verify
+        written = self.written
+        seed = self.seed
+        block_of = self.block_of
+        is_write = self.is_write
+        sub_t = [0] * self.qd
+        perf = time.perf_counter_ns
+        free = list(range(self.qd))
+        ios = nwrites = errors = verrs = kicks = passes = idle = 0
+        t0 = perf()
+        deadline = t0 + int(seconds * 1e9)
+        next_progress = t0 + int(interval * 1e9)
+        nxt = self._next_block
+
+        def snapshot(now: int) -> None:
+            lats.flush()
+            self._snapshot(stats, ios, nwrites, errors, verrs, kicks, passes, now - t0)
+
+        try:
+            while True:
+                if free:
+                    t = perf()
+                    for s in free:
+                        if sequential:
+                            b = nxt
+                            nxt = nxt + 1 if nxt + 1 < nblocks else 0
+                        else:
+                            b = int(rand() * nblocks)
+                        if mixed:
+                            w = rand() >= mix
+                            if w != is_write[s]:
+                                self._set_direction(s, w)
+                        else:
+                            w = all_write
+                        h64[2 * s + 1] = (first + b) * spb
+                        st[s] = 0xFF
+                        sub_t[s] = t
+                        if verify:
+                            block_of[s] = b
+                            if w:
+                                dv[bs * s : bs * s + bs] = pack_pattern(first + b, seed, bs)
+                    if fixed.post(free):
+                        notify(qi)
+                        kicks += 1
+                    free = []
+                done = fixed.reap()
+                passes += 1
+                if done:
+                    idle = 0
+                    t = perf()
+                    for s, _n in done:
+                        raw.append(t - sub_t[s])
+                        if st[s]:
+                            errors += 1
+                        elif verify:
+                            assert written is not None
+                            b = block_of[s]
+                            if is_write[s]:
+                                written[b] = 1
+                            elif written[b] and dv[bs * s : bs * s + bs] != pack_pattern(first + b, seed, bs):
+                                verrs += 1
+                        if is_write[s]:
+                            nwrites += 1
+                        free.append(s)
+                    ios += len(done)
+                    if len(raw) >= 65536:
+                        lats.flush()
+                        raw = lats.raw
+                    if t >= deadline or (stop is not None and stop.is_set()):
+                        break
+                    if progress is not None and t >= next_progress:
+                        next_progress = t + int(interval * 1e9)
+                        snapshot(t)
+                        raw = lats.raw
+                        progress(stats)
+                else:
+                    idle += 1
+                    if not idle & 0x3FF:
+                        transport.check_alive()
+                        t = perf()
+                        if t >= deadline + 5_000_000_000:
+                            raise ConnectionLost("the device stopped completing requests (5 s past the end of the run)")
+                        if progress is not None and t >= next_progress:
+                            next_progress = t + int(interval * 1e9)
+                            snapshot(t)
+                            raw = lats.raw
+                            progress(stats)
+            errors += self._drain_python(st)
+        finally:
+            self._next_block = nxt
+            snapshot(perf())
+        return stats
+
+    def _drain_python(self, st: memoryview) -> int:
+        """Reap what is still in flight so the queue can be reused; returns errors seen."""
+        errors = 0
+        deadline = time.monotonic() + 5.0
+        while self.fixed.n_inflight:
+            for s, _n in self.fixed.reap():
+                errors += st[s] != 0
+            if time.monotonic() > deadline:
+                raise ConnectionLost("the device stopped completing requests while draining")
+            self.blk.device.transport.check_alive()
+        return errors
+
+    def _snapshot(
+        self, stats: Stats, ios: int, nwrites: int, errors: int, verrs: int, kicks: int, passes: int, elapsed_ns: int
+    ) -> None:
+        stats.ios = ios
+        stats.writes = nwrites
+        stats.reads = ios - nwrites
+        stats.bytes = ios * self.bs
+        stats.errors = errors
+        stats.verify_errors = verrs
+        stats.kicks = kicks
+        stats.passes = passes
+        stats.seconds = elapsed_ns / 1e9
+
+    def _run_numpy(
+        self,
+        seconds: float,
+        stop: threading.Event | None,
+        progress: Callable[[Stats], None] | None,
+        interval: float,
+    ) -> Stats:
+        import numpy as np
+
+        stats = Stats()
+        lats = _LatencyLog(stats)
+        arrays = lats.arrays
+        fixed = self.fixed
+        transport = self.blk.device.transport
+        qi = self.ctx.vq.index
+        notify = transport.notify_queue
+        qd = self.qd
+        hdr_sector = np.frombuffer(self.hdrs.view, dtype="<u8").reshape(qd, 2)[:, 1]
+        hdr_type = np.frombuffer(self.hdrs.view, dtype="<u4").reshape(qd, 4)[:, 0]
+        status = np.frombuffer(self.status.view, dtype=np.uint8)
+        a = fixed._arrays()
+        desc16 = np.frombuffer(fixed.ring._desc16, dtype="<u2")
+        data_desc = np.asarray([c[1] for c in fixed._descs], dtype=np.int64)
+        wlen_np = a["wlen"]
+        is_write_np = np.frombuffer(self.is_write, dtype=np.uint8)
+        rng = np.random.default_rng(self.seed)
+        integers = rng.integers
+        spb = self.sectors_per_block
+        first = self.first_block
+        nblocks = self.nblocks
+        mixed = 0 < self.rwmixread < 100
+        mixp = self.rwmixread / 100.0
+        count_writes = not self.reads_only
+        sequential = self.sequential
+        arange = a["arange"]
+        nxt = self._next_block
+        sub_t = np.zeros(qd, dtype=np.int64)
+        free = np.arange(qd, dtype=np.int64)
+        nfree = qd
+        perf = time.perf_counter_ns
+        ios = nwrites = errors = kicks = passes = idle = pending_lat = 0
+        t0 = perf()
+        deadline = t0 + int(seconds * 1e9)
+        next_progress = t0 + int(interval * 1e9)
+        read_flags = DESC_F_NEXT | DESC_F_WRITE
+        post_many = fixed.post_many
+        reap_many = fixed.reap_many
+        count_nonzero = np.count_nonzero
+
+        def snapshot(now: int) -> None:
+            lats.flush()
+            self._snapshot(stats, ios, nwrites, errors, 0, kicks, passes, now - t0)
+
+        try:
+            while True:
+                if nfree:
+                    sl = free[:nfree]
+                    if sequential:
+                        blocks = (nxt + arange[:nfree]) % nblocks
+                        nxt = int((nxt + nfree) % nblocks)
+                    else:
+                        blocks = integers(0, nblocks, nfree)
+                    hdr_sector[sl] = (blocks + first) * spb
+                    if mixed:
+                        w = rng.random(nfree) >= mixp
+                        is_write_np[sl] = w
+                        hdr_type[sl] = np.where(w, B.T_OUT, B.T_IN)
+                        desc16[8 * data_desc[sl] + 6] = np.where(w, DESC_F_NEXT, read_flags)
+                        wlen_np[sl] = np.where(w, 1, self.bs + 1)
+                    status[sl] = 0xFF
+                    sub_t[sl] = perf()
+                    if post_many(sl):
+                        notify(qi)
+                        kicks += 1
+                    nfree = 0
+                got = reap_many()
+                passes += 1
+                if got is not None:
+                    idle = 0
+                    slots = got[0]
+                    n = len(slots)
+                    t = perf()
+                    arrays.append(t - sub_t[slots])
+                    pending_lat += n
+                    errors += int(count_nonzero(status[slots]))
+                    if count_writes:
+                        nwrites += int(count_nonzero(is_write_np[slots]))
+                    free[:n] = slots
+                    nfree = n
+                    ios += n
+                    if pending_lat >= 65536:
+                        lats.flush()
+                        arrays = lats.arrays
+                        pending_lat = 0
+                    if t >= deadline or (stop is not None and stop.is_set()):
+                        break
+                    if progress is not None and t >= next_progress:
+                        next_progress = t + int(interval * 1e9)
+                        snapshot(t)
+                        arrays = lats.arrays
+                        pending_lat = 0
+                        progress(stats)
+                else:
+                    idle += 1
+                    if not idle & 0x3FF:
+                        transport.check_alive()
+                        t = perf()
+                        if t >= deadline + 5_000_000_000:
+                            raise ConnectionLost("the device stopped completing requests (5 s past the end of the run)")
+                        if progress is not None and t >= next_progress:
+                            next_progress = t + int(interval * 1e9)
+                            snapshot(t)
+                            arrays = lats.arrays
+                            pending_lat = 0
+                            progress(stats)
+            errors += self._drain_python(self.status.view)
+        finally:
+            self._next_block = nxt
+            snapshot(perf())
+        return stats
+
+    def _read_back(self) -> int:
+        """Read every block this run wrote and count those whose pattern is wrong."""
+        assert self.written is not None
+        bad = 0
+        for b in range(self.nblocks):
+            if self.written[b]:
+                data = self.blk.read((self.first_block + b) * self.bs, self.bs)
+                if data != pack_pattern(self.first_block + b, self.seed, self.bs):
+                    bad += 1
+        return bad
+
+
+def _have_numpy() -> bool:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["BlkEngine", "NUMPY_MIN_DEPTH", "RW_MODES", "Stats"]
