@@ -148,7 +148,8 @@ def start_qsd(
         node = "r0"
     else:
         raise ValueError(f"unknown qsd kind {kind!r}")
-    export = f"type=vhost-user-blk,id=exp0,node-name={node},addr.type=unix,addr.path={sock},num-queues={num_queues}"
+    export = f"type=vhost-user-blk,id=exp0,node-name={node},addr.type=unix,addr.path={sock}"
+    export += f",num-queues={num_queues}"
     if not readonly:
         export += ",writable=on"
     if logical_block_size is not None:

@@ -561,3 +561,49 @@ def test_layout_of_ring_in_pool(pool: MemoryPool) -> None:
     avail = bytes(pool.translate(q.avail_addr, 4))
     assert struct.unpack("<HH", avail) == (AVAIL_F_NO_INTERRUPT, 0)
     q.close()
+
+
+# -- submit(): start + add + publish in one call ------------------------------
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_submit_matches_the_three_step_api(make_pair: PairFactory, indirect: bool, n: int) -> None:
+    stepwise = make_pair(8, indirect=indirect)
+    oneshot = make_pair(8, indirect=indirect)
+    for p in (stepwise, oneshot):
+        singles(p, ["skew"])  # the free list no longer starts at 0
+        p.serve()
+        p.driver.reap()
+    layout = [(0x1000 * (k + 1), 16 + k, k >= n // 2) for k in range(n)]
+    stepwise.submit("t", layout)
+    kick = stepwise.driver.flush()
+    oneshot.driver.submit("t", layout)
+    assert oneshot.device.avail_pending() == 1  # published at once
+    assert oneshot.driver.flush() is kick is True  # the kick decision is still flush()'s
+    for field in ("num_free", "avail_idx", "outstanding", "free_head"):
+        assert getattr(oneshot.driver, field) == getattr(stepwise.driver, field), field
+    assert oneshot.driver.check_free_list() == stepwise.driver.check_free_list()
+    head = 1  # after the skew request completed
+    a, b = desc_at(stepwise.driver, head), desc_at(oneshot.driver, head)
+    assert a[2] == b[2]
+    if not a[2] & DESC_F_INDIRECT:
+        for k in range(n):
+            assert desc_at(stepwise.driver, head + k)[:3] == desc_at(oneshot.driver, head + k)[:3]
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+@pytest.mark.parametrize("n", [2, 9])
+def test_submit_with_a_bad_buffer_leaves_nothing_behind(make_pair: PairFactory, indirect: bool, n: int) -> None:
+    p = make_pair(8, indirect=indirect)
+    layout = [(0x1000, 8, False)] * (n - 1) + [(0x1000, 1 << 32, True)]
+    with pytest.raises(InvalidArgument):
+        p.driver.submit("bad", layout)
+    assert p.driver.num_free == 8
+    assert p.driver.check_free_list() == 8
+    assert p.device.avail_pending() == 0
+    with pytest.raises(QueueStateError):
+        p.driver.abort()  # no request was left open
+    singles(p, ["good"])
+    p.serve()
+    assert p.driver.reap() == [("good", 0)]

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from pyvirtio.cli.common import (
     DEFAULT_CHUNK,
+    UsageError,
     add_target_arguments,
     align_down,
     byte_arg,
@@ -70,7 +71,7 @@ def register(subparsers: Any) -> None:
     w.add_argument("--offset", type=size_arg, required=True, help="byte offset (suffixes k, M, G, T)")
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", "-i", metavar="FILE", help="the data to write ('-' for stdin)")
-    src.add_argument("--pattern", type=byte_arg, metavar="BYTE", help="write this byte value (0..255, 0x.. ok)")
+    src.add_argument("--pattern", type=byte_arg, metavar="BYTE", help="repeat this byte (0..255 or 0x..)")
     w.add_argument("--length", type=size_arg, help="bytes to write (required with --pattern)")
     _chunk_argument(w)
     w.set_defaults(func=cmd_write)
@@ -119,7 +120,9 @@ def check_range(blk: Any, op: str, offset: int, length: int) -> None:
         raise InvalidArgument(f"{op}: length must be positive")
     bs = blk.block_size
     if offset % bs or length % bs:
-        raise InvalidArgument(f"{op}: offset {offset} and length {length} must be multiples of the block size {bs}")
+        raise InvalidArgument(
+            f"{op}: offset {offset} and length {length} must be multiples of the block size {bs}"
+        )
     if offset + length > blk.capacity:
         raise InvalidArgument(f"{op}: {offset}+{length} is beyond the device capacity {blk.capacity}")
 
@@ -190,7 +193,7 @@ def _copy(pieces: Iterator[bytes], out: IO[bytes]) -> None:
 
 def cmd_write(args: argparse.Namespace) -> int:
     if args.pattern is not None and args.length is None:
-        raise InvalidArgument("write: --pattern needs --length")
+        raise UsageError("blk write: --pattern needs --length")
     blk = open_blk(args, num_queues=1)
     try:
         step = transfer_step(blk, args.chunk)

@@ -5,7 +5,8 @@ parser(s) and sets ``func`` (a callable taking the parsed arguments and
 returning an exit status) with ``set_defaults``. :func:`run` calls it and
 turns the errors a user can cause (a :class:`~pyvirtio.errors.PyvirtioError`
 or an :class:`OSError`) into one line on stderr and exit status 1; argparse
-reports bad arguments itself with exit status 2.
+reports bad arguments itself with exit status 2, and so does :class:`UsageError`
+for combinations argparse cannot check.
 
 Output works with and without a terminal: :func:`print_table` uses ``rich``
 when stdout is a TTY and rich is installed, and plain aligned text otherwise
@@ -66,7 +67,7 @@ def byte_arg(text: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid byte {text!r}: expected 0..255 (e.g. 170 or 0xaa)") from None
+        raise argparse.ArgumentTypeError(f"invalid byte {text!r}: expected 0..255 (170, 0xaa)") from None
     if not 0 <= value <= 255:
         raise argparse.ArgumentTypeError(f"byte {text!r} is out of range 0..255")
     return value
@@ -147,6 +148,10 @@ def align_down(value: int, align: int) -> int:
 # -- errors and running -------------------------------------------------------
 
 
+class UsageError(Exception):
+    """A combination of arguments argparse cannot express was wrong: exit status 2."""
+
+
 def error_line(message: object) -> str:
     """The one line printed for an expected failure (newlines folded)."""
     text = " ".join(str(message).split()) or type(message).__name__
@@ -157,6 +162,9 @@ def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
     """Call a subcommand; expected failures become one line on stderr and status 1."""
     try:
         status = func(args)
+    except UsageError as exc:
+        print(error_line(exc), file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader went away (``pyvirtio blk read ... | head``): stop quietly.
         _silence_stdout()
@@ -265,6 +273,7 @@ def _hexline(pos: int, line: bytes) -> str:
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "UsageError",
     "add_target_arguments",
     "align_down",
     "byte_arg",

@@ -73,7 +73,10 @@ def render(info: dict[str, Any]) -> None:
             ],
         )
     print()
-    qrows = [("queues started", str(virtio.get("vq_count", "-"))), ("queue size", str(virtio.get("vq_size", "-")))]
+    qrows = [
+        ("queues started", str(virtio.get("vq_count", "-"))),
+        ("queue size", str(virtio.get("vq_size", "-"))),
+    ]
     if "backend_queues" in virtio:
         qrows.append(("back end queues", str(virtio["backend_queues"])))
     print_table("Queues", qrows)

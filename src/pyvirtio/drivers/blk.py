@@ -432,6 +432,10 @@ class VirtioBlk:
                 try:
                     self._post(ctx, req)
                 except QueueFull:
+                    if not n:
+                        # A queue full of requests a dead peer will never complete:
+                        # say the connection is lost, not "queue full".
+                        self.device.transport.check_alive()
                     break
                 n += 1
         finally:

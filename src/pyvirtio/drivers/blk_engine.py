@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
-from pyvirtio.errors import ConnectionLost, InvalidArgument
+from pyvirtio.errors import ConnectionLost, InvalidArgument, QueueBroken
+from pyvirtio.ring import ordering
 from pyvirtio.ring.fixed import FixedChains
 from pyvirtio.spec import blk as B
 from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
@@ -270,8 +271,6 @@ class BlkEngine:
         d = self.fixed._descs[s][1]
         ring._desc16[8 * d + 6] = DESC_F_NEXT if write else DESC_F_NEXT | DESC_F_WRITE
         self.fixed.wlen[s] = 1 if write else self.bs + 1
-        if self.fixed._np is not None:
-            self.fixed._np["wlen"][s] = self.fixed.wlen[s]
         self.hdrs.view.cast("I")[4 * s] = B.T_OUT if write else B.T_IN
         self.is_write[s] = 1 if write else 0
 
@@ -298,7 +297,7 @@ class BlkEngine:
                 block += 1
             if batch and fixed.post(batch):
                 self.blk.device.transport.notify_queue(self.ctx.vq.index)
-            for s, _ in fixed.reap():
+            for s in fixed.reap_slots():
                 if st[s] != 0:
                     raise ConnectionLost(f"prefill write of block {self.block_of[s]} failed with status {st[s]}")
                 assert self.written is not None
@@ -321,8 +320,10 @@ class BlkEngine:
     ) -> Stats:
         if self.mode == "numpy":
             stats = self._run_numpy(seconds, stop, progress, progress_interval)
-        else:
+        elif self.verify or 0 < self.rwmixread < 100:
             stats = self._run_python(seconds, stop, progress, progress_interval)
+        else:
+            stats = self._run_fused(seconds, stop, progress, progress_interval)
         if self.verify and not self.reads_only and stats.error is None:
             stats.verify_errors += self._read_back()
         return stats
@@ -398,12 +399,12 @@ class BlkEngine:
                         notify(qi)
                         kicks += 1
                     free = []
-                done = fixed.reap()
+                done = fixed.reap_slots()
                 passes += 1
                 if done:
                     idle = 0
                     t = perf()
-                    for s, _n in done:
+                    for s in done:
                         raw.append(t - sub_t[s])
                         if st[s]:
                             errors += 1
@@ -440,18 +441,183 @@ class BlkEngine:
                             snapshot(t)
                             raw = lats.raw
                             progress(stats)
-            errors += self._drain_python(st)
+            errors += self._drain(st)
         finally:
             self._next_block = nxt
             snapshot(perf())
         return stats
 
-    def _drain_python(self, st: memoryview) -> int:
+    def _run_fused(
+        self,
+        seconds: float,
+        stop: threading.Event | None,
+        progress: Callable[[Stats], None] | None,
+        interval: float,
+    ) -> Stats:
+        """The plain-Python loop with FixedChains' post and reap inlined (pure reads or pure writes).
+
+        At a few completions per pass, function calls per pass cost more than
+        the requests themselves, so this loop keeps the ring state in locals.
+        It applies the same used-entry rules as FixedChains.reap_slots; on any
+        anomaly it writes its state back and lets reap_slots find the entry
+        and raise, so the error and the completions reported are exact.
+        """
+        stats = Stats()
+        lats = _LatencyLog(stats)
+        raw = lats.raw
+        fixed = self.fixed
+        ring = fixed.ring
+        transport = self.blk.device.transport
+        qi = self.ctx.vq.index
+        notify = transport.notify_queue
+        h64 = self.hdrs.view.cast("Q")
+        st = self.status.view
+        spb = self.sectors_per_block
+        first = self.first_block
+        nblocks = self.nblocks
+        rand = self.rng.random
+        sequential = self.sequential
+        all_write = self.rwmixread == 0
+        size = ring.size
+        mask = size - 1
+        a16 = ring._avail16
+        u16 = ring._used16
+        u32 = ring._used32
+        avail_event_i = ring._avail_event_i
+        used_event_i = ring._used_event_i
+        event_idx = ring.event_idx
+        barrier = ordering.full_barrier
+        hw1 = fixed.hw1
+        heads = fixed.heads
+        slot_of = fixed.slot_of
+        wl1 = [w + 1 for w in fixed.wlen]
+        sub_t = [0] * self.qd
+        perf = time.perf_counter_ns
+        free = list(range(self.qd))
+        ios = errors = kicks = passes = idle = 0
+        avail_idx = ring.avail_idx
+        kick_from = ring._kick_from
+        last = ring.last_used
+        outstanding = ring.outstanding
+        nxt = self._next_block
+        t0 = perf()
+        deadline = t0 + int(seconds * 1e9)
+        next_progress = t0 + int(interval * 1e9)
+
+        def sync() -> None:
+            ring.avail_idx = avail_idx
+            ring._kick_from = kick_from
+            ring.last_used = last
+            ring.outstanding = outstanding
+            fixed.n_inflight = outstanding
+
+        def snapshot(now: int) -> None:
+            lats.flush()
+            self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, now - t0)
+
+        if ring.broken is not None:
+            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
+        synced = False
+        try:
+            while True:
+                if free:
+                    t = perf()
+                    for s in free:
+                        if sequential:
+                            b = nxt
+                            nxt = nxt + 1 if nxt + 1 < nblocks else 0
+                        else:
+                            b = int(rand() * nblocks)
+                        h64[2 * s + 1] = (first + b) * spb
+                        st[s] = 0xFF
+                        sub_t[s] = t
+                        h = heads[s]
+                        hw1[h] = wl1[s]
+                        a16[2 + (avail_idx & mask)] = h
+                        avail_idx = (avail_idx + 1) & 0xFFFF
+                    outstanding += len(free)
+                    ordering.write_barrier()
+                    a16[1] = avail_idx
+                    # Kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare.
+                    if event_idx:
+                        a16[used_event_i] = (last - size - 1) & 0xFFFF
+                        barrier()
+                        need = ((avail_idx - u16[avail_event_i] - 1) & 0xFFFF) < ((avail_idx - kick_from) & 0xFFFF)
+                    else:
+                        barrier()
+                        need = not u16[0] & 1
+                    kick_from = avail_idx
+                    if need:
+                        notify(qi)
+                        kicks += 1
+                    free = []
+                n = (u16[1] - last) & 0xFFFF
+                passes += 1
+                if n:
+                    idle = 0
+                    if n > outstanding:
+                        sync()
+                        fixed.reap_slots()  # raises with the exact reason
+                    ordering.read_barrier()
+                    t = perf()
+                    for _ in range(n):
+                        pos = 1 + 2 * (last & mask)
+                        head = u32[pos]
+                        if head >= size or u32[pos + 1] >= hw1[head]:
+                            sync()
+                            fixed.reap_slots()  # raises with the exact reason and the completions before it
+                        hw1[head] = 0
+                        s = slot_of[head]
+                        raw.append(t - sub_t[s])
+                        if st[s]:
+                            errors += 1
+                        free.append(s)
+                        last = (last + 1) & 0xFFFF
+                    outstanding -= n
+                    ios += n
+                    if len(raw) >= 65536:
+                        lats.flush()
+                        raw = lats.raw
+                    if t >= deadline or (stop is not None and stop.is_set()):
+                        break
+                    if progress is not None and t >= next_progress:
+                        next_progress = t + int(interval * 1e9)
+                        snapshot(t)
+                        raw = lats.raw
+                        progress(stats)
+                else:
+                    idle += 1
+                    if not idle & 0x3FF:
+                        transport.check_alive()
+                        t = perf()
+                        if t >= deadline + 5_000_000_000:
+                            raise ConnectionLost("the device stopped completing requests (5 s past the end of the run)")
+                        if progress is not None and t >= next_progress:
+                            next_progress = t + int(interval * 1e9)
+                            snapshot(t)
+                            raw = lats.raw
+                            progress(stats)
+            sync()
+            synced = True
+            errors += self._drain(st)
+        finally:
+            if not synced and ring.broken is None:
+                sync()
+            self._next_block = nxt
+            snapshot(perf())
+        return stats
+
+    def _drain(self, st: memoryview) -> int:
         """Reap what is still in flight so the queue can be reused; returns errors seen."""
         errors = 0
         deadline = time.monotonic() + 5.0
         while self.fixed.n_inflight:
-            for s, _n in self.fixed.reap():
+            if self.mode == "numpy":
+                got = self.fixed.reap_many()
+                slots = [] if got is None else [int(x) for x in got[0]]
+            else:
+                slots = self.fixed.reap_slots()
+            for s in slots:
                 errors += st[s] != 0
             if time.monotonic() > deadline:
                 raise ConnectionLost("the device stopped completing requests while draining")
@@ -501,6 +667,8 @@ class BlkEngine:
         spb = self.sectors_per_block
         first = self.first_block
         nblocks = self.nblocks
+        rpool = integers(0, nblocks, 1 << 16)  # random block numbers, drawn in bulk
+        rpos = 0
         mixed = 0 < self.rwmixread < 100
         mixp = self.rwmixread / 100.0
         count_writes = not self.reads_only
@@ -532,7 +700,11 @@ class BlkEngine:
                         blocks = (nxt + arange[:nfree]) % nblocks
                         nxt = int((nxt + nfree) % nblocks)
                     else:
-                        blocks = integers(0, nblocks, nfree)
+                        if rpos + nfree > len(rpool):
+                            rpool = integers(0, nblocks, 1 << 16)
+                            rpos = 0
+                        blocks = rpool[rpos : rpos + nfree]
+                        rpos += nfree
                     hdr_sector[sl] = (blocks + first) * spb
                     if mixed:
                         w = rng.random(nfree) >= mixp
@@ -586,7 +758,7 @@ class BlkEngine:
                             arrays = lats.arrays
                             pending_lat = 0
                             progress(stats)
-            errors += self._drain_python(self.status.view)
+            errors += self._drain(self.status.view)
         finally:
             self._next_block = nxt
             snapshot(perf())

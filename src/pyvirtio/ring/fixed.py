@@ -30,7 +30,7 @@ While a FixedChains is attached, the queue must not be used through
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken, QueueStateError
 from pyvirtio.ring import ordering
@@ -81,7 +81,10 @@ class FixedChains:
             self.wlen.append(wlen)
             self._descs.append(taken)
             self.slot_of[taken[0]] = slot
-        self.inflight = bytearray(self.nslots)
+        # hw1[h]: 0 unless descriptor h heads an in-flight slot, then its
+        # device-writable bytes + 1. One lookup checks "in flight" and bounds
+        # the used length (length < hw1[h]); an id >= size raises IndexError.
+        self.hw1: list[int] = [0] * ring.size
         self.n_inflight = 0
         self._np: Any = None
 
@@ -92,16 +95,20 @@ class FixedChains:
         ring = self.ring
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
-        inflight = self.inflight
+        if self._np is not None:
+            raise QueueStateError("this FixedChains is driven through the NumPy path")
+        hw1 = self.hw1
+        wlen = self.wlen
         heads = self.heads
         a16 = ring._avail16
         mask = ring.size - 1
         idx = ring.avail_idx
         for s in slots:
-            if inflight[s]:
+            h = heads[s]
+            if hw1[h]:
                 raise QueueStateError(f"slot {s} is already in flight")
-            inflight[s] = 1
-            a16[2 + (idx & mask)] = heads[s]
+            hw1[h] = wlen[s] + 1
+            a16[2 + (idx & mask)] = h
             idx = (idx + 1) & 0xFFFF
         n = len(slots)
         self.n_inflight += n
@@ -113,56 +120,75 @@ class FixedChains:
 
     def reap(self, max_n: int = 1 << 16) -> list[SlotCompletion]:
         """Validated (slot, bytes written) pairs of every used entry (up to ``max_n``)."""
+        lengths: list[int] = []
+        slots = self.reap_slots(max_n, lengths)
+        return list(zip(slots, lengths, strict=True))
+
+    def reap_slots(self, max_n: int = 1 << 16, lengths: list[int] | None = None) -> list[int]:
+        """Validated slots of every used entry (up to ``max_n``); lengths appended to ``lengths`` if given."""
         ring = self.ring
-        if ring.broken is not None:
-            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
         last = ring.last_used
         n = (ring._used16[1] - last) & 0xFFFF
         if not n:
             return []
+        if ring.broken is not None:
+            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
         if n > ring.outstanding:
-            self._break(f"used index moved by {n} with only {ring.outstanding} requests in flight", [])
+            self._break(f"used index moved by {n} with only {ring.outstanding} requests in flight", [], [])
         ordering.read_barrier()
         if n > max_n:
             n = max_n
         used32 = ring._used32
         mask = ring.size - 1
-        size = ring.size
         slot_of = self.slot_of
-        inflight = self.inflight
-        wlen = self.wlen
-        out: list[SlotCompletion] = []
+        hw1 = self.hw1
+        out: list[int] = []
+        lens = [] if lengths is None else lengths
         for _ in range(n):
             pos = 1 + 2 * (last & mask)
             head = used32[pos]
             length = used32[pos + 1]
-            if head >= size:
-                self._break(f"used id {head} is out of range (queue size {size})", out)
-            s = slot_of[head]
-            if s < 0 or not inflight[s]:
-                self._break(f"used id {head} is not the head of an in-flight request", out)
-            if length > wlen[s]:
-                self._break(f"used length {length} for id {head} exceeds the {wlen[s]} device-writable bytes offered", out)
-            inflight[s] = 0
-            out.append((s, length))
+            try:
+                w = hw1[head]
+            except IndexError:
+                self._break(f"used id {head} is out of range (queue size {ring.size})", out, lens)
+            if length >= w:
+                if not w:
+                    self._break(f"used id {head} is not the head of an in-flight request", out, lens)
+                self._break(
+                    f"used length {length} for id {head} exceeds the {w - 1} device-writable bytes offered", out, lens
+                )
+            hw1[head] = 0
+            out.append(slot_of[head])
+            lens.append(length)
             last = (last + 1) & 0xFFFF
         ring.last_used = last
-        self.n_inflight -= len(out)
-        ring.outstanding -= len(out)
+        self.n_inflight -= n
+        ring.outstanding -= n
         return out
 
-    def _break(self, reason: str, completed: list[SlotCompletion]) -> None:
+    def _break(self, reason: str, slots: list[int], lengths: list[int]) -> NoReturn:
         ring = self.ring
-        ring.last_used = (ring.last_used + len(completed)) & 0xFFFF
-        self.n_inflight -= len(completed)
-        ring.outstanding -= len(completed)
+        done = len(slots)
+        ring.last_used = (ring.last_used + done) & 0xFFFF
+        self.n_inflight -= done
+        ring.outstanding -= done
         ring.broken = reason
-        raise DeviceProtocolError(f"queue {ring.index}: {reason}", list(completed))
+        raise DeviceProtocolError(f"queue {ring.index}: {reason}", list(zip(slots, lengths, strict=True)))
 
     # -- NumPy ----------------------------------------------------------------
+    #
+    # The vectorised path keeps its own state in arrays; a FixedChains is used
+    # through one path or the other, never both. ``head_wlen1[h]`` is 0 when
+    # descriptor h is not an in-flight head, else the chain's device-writable
+    # bytes + 1: one gather then checks "in flight" and "length within bounds"
+    # together (``lens < head_wlen1[ids]``). Index ``size`` is a permanent 0 so
+    # that out-of-range ids, clipped to it, fail the same check.
 
     def _arrays(self) -> Any:
         if self._np is None:
+            if self.n_inflight:
+                raise QueueStateError("switch to the NumPy path with nothing in flight")
             import numpy as np
 
             ring = self.ring
@@ -173,16 +199,16 @@ class FixedChains:
                 "avail": np.frombuffer(ring._avail16, dtype="<u2"),
                 "used_id": used[1::2],
                 "used_len": used[2::2],
-                "heads": np.asarray(self.heads, dtype=np.uint16),
-                "slot_of": np.asarray(self.slot_of, dtype=np.int64),
+                "heads": np.asarray(self.heads, dtype=np.int64),
+                "slot_of": np.asarray(self.slot_of + [-1], dtype=np.int64),
                 "wlen": np.asarray(self.wlen, dtype=np.int64),
-                "inflight": np.frombuffer(self.inflight, dtype=np.uint8),
+                "head_wlen1": np.zeros(size + 1, dtype=np.int64),
                 "arange": np.arange(size, dtype=np.int64),
             }
         return self._np
 
     def post_many(self, slots: np.ndarray) -> bool:
-        """:meth:`post` for an integer array of slots, in array operations."""
+        """Publish an integer array of slots in array operations; True if the device must be kicked."""
         ring = self.ring
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
@@ -190,13 +216,13 @@ class FixedChains:
         n = len(slots)
         if not n:
             return False
-        inflight = a["inflight"]
-        if inflight[slots].any():
+        heads = a["heads"][slots]
+        hw = a["head_wlen1"]
+        if hw[heads].any():
             raise QueueStateError("a slot posted is already in flight")
-        inflight[slots] = 1
+        hw[heads] = a["wlen"][slots] + 1
         idx = ring.avail_idx
-        mask = ring.size - 1
-        a["avail"][2 + ((idx + a["arange"][:n]) & mask)] = a["heads"][slots]
+        a["avail"][2 + ((idx + a["arange"][:n]) & (ring.size - 1))] = heads
         idx = (idx + n) & 0xFFFF
         self.n_inflight += n
         ring.outstanding += n
@@ -208,37 +234,62 @@ class FixedChains:
     def reap_many(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Every used entry as (slots, lengths) arrays, validated in array operations; None if none."""
         ring = self.ring
-        if ring.broken is not None:
-            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
         last = ring.last_used
         n = (ring._used16[1] - last) & 0xFFFF
         if not n:
             return None
+        if ring.broken is not None:
+            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
+        a = self._arrays()
+        if n > ring.outstanding:
+            self._break(f"used index moved by {n} with only {ring.outstanding} requests in flight", [], [])
+        ordering.read_barrier()
+        pos = (last + a["arange"][:n]) & (ring.size - 1)
+        ids = a["used_id"][pos]
+        lens = a["used_len"][pos]
+        hw = a["head_wlen1"]
+        np = a["np"]
+        if (lens < hw.take(ids, mode="clip")).all():
+            hw[ids] = 0
+            after = self.n_inflight - n
+            if np.count_nonzero(hw) == after:
+                self.n_inflight = after
+                ring.outstanding -= n
+                ring.last_used = (last + n) & 0xFFFF
+                return a["slot_of"][ids], lens
+            hw[ids] = a["wlen"][a["slot_of"][ids]] + 1  # a duplicate id: undo
+        return self._reap_exact(n)
+
+    def _reap_exact(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Entry-by-entry validation of the NumPy path's batch: finds and reports the bad entry."""
         a = self._arrays()
         np = a["np"]
-        if n <= ring.outstanding:
-            ordering.read_barrier()
-            pos = (last + a["arange"][:n]) & (ring.size - 1)
-            ids = a["used_id"][pos]
-            lens = a["used_len"][pos]
-            if int(ids.max()) < ring.size:
-                slots = a["slot_of"][ids]
-                inflight = a["inflight"]
-                if int(slots.min()) >= 0 and inflight[slots].all() and not (lens > a["wlen"][slots]).any():
-                    inflight[slots] = 0
-                    after = self.n_inflight - n
-                    if int(np.count_nonzero(inflight)) == after:
-                        self.n_inflight = after
-                        ring.outstanding -= n
-                        ring.last_used = (last + n) & 0xFFFF
-                        return slots, lens
-                    inflight[slots] = 1  # a duplicate id: undo, let the exact path report it
-        # Something is wrong: the Python path finds the entry and raises.
-        self.wlen = [int(x) for x in a["wlen"]]
-        done = self.reap(n)
-        if not done:
-            return None
-        return (np.asarray([s for s, _ in done], dtype=np.int64), np.asarray([n for _, n in done], dtype=np.int64))
+        ring = self.ring
+        hw = a["head_wlen1"]
+        last = ring.last_used
+        slots: list[int] = []
+        lens: list[int] = []
+        for k in range(n):
+            pos = (last + k) & (ring.size - 1)
+            head = int(a["used_id"][pos])
+            length = int(a["used_len"][pos])
+            if head >= ring.size:
+                self._break(f"used id {head} is out of range (queue size {ring.size})", slots, lens)
+            if not hw[head]:
+                self._break(f"used id {head} is not the head of an in-flight request", slots, lens)
+            if length >= hw[head]:
+                self._break(
+                    f"used length {length} for id {head} exceeds the {int(hw[head]) - 1} device-writable bytes offered",
+                    slots,
+                    lens,
+                )
+            hw[head] = 0
+            slots.append(int(a["slot_of"][head]))
+            lens.append(length)
+        ring.last_used = (last + n) & 0xFFFF
+        self.n_inflight -= n
+        ring.outstanding -= n
+        return np.asarray(slots, dtype=np.int64), np.asarray(lens, dtype=np.int64)
 
     # -- teardown -------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from typing import Final
 from pyvirtio.errors import (
     DeviceProtocolError,
     InvalidArgument,
+    PyvirtioError,
     QueueBroken,
     QueueFull,
     QueueStateError,
@@ -272,8 +273,12 @@ class SplitQueue:
             or (self.indirect and n >= self.indirect_threshold)
         ):
             self.start(token, n)
-            for addr, length, writable in buffers:
-                self.add(addr, length, writable)
+            try:
+                for addr, length, writable in buffers:
+                    self.add(addr, length, writable)
+            except PyvirtioError:
+                self._abort_open()  # as on the fast path: a refused request leaves nothing open
+                raise
             self._finish()
             return
         d64 = self._desc64

@@ -268,6 +268,9 @@ class VhostUserTransport:
             self._status = 0
             self._features_sent = False
             return
+        if self._lost is not None:
+            # The emulated status byte must not look written on a dead connection.
+            raise self._lose(self._lost)
         if status & STATUS_FEATURES_OK and not self._features_sent:
             self._send_features()
         if self._has(vu.PROTOCOL_F_STATUS):
