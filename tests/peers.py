@@ -16,7 +16,8 @@ tests/ is on ``sys.path`` because it has no ``__init__.py``):
 * ``qsd_ro``: a read-only raw image (the RO feature bit is offered).
 * ``qsd_4k``: null-co with logical-block-size=4096.
 
-If the binary is missing the test is skipped, or fails when CI=true.
+If the binary (``$PYVIRTIO_QSD``, default ``qemu-storage-daemon`` on PATH)
+is missing the test is skipped, or fails when CI=true.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ IMAGE_SIZE = 16 << 20
 
 def qsd_binary() -> str:
     """The daemon's path; skip (or fail under CI=true) when it is not installed."""
-    path = shutil.which(QSD) or (f"/usr/bin/{QSD}" if os.access(f"/usr/bin/{QSD}", os.X_OK) else None)
+    name = os.environ.get("PYVIRTIO_QSD", QSD)
+    path = shutil.which(name)
     if path is None:
-        message = f"{QSD} is not installed (apt-get install qemu-system-common)"
+        message = f"{name} is not installed (apt-get install qemu-system-common)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

@@ -12,6 +12,7 @@ zeroing against a bytearray.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from blk_checks import (  # noqa: E402
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk  # noqa: E402
 from pyvirtio.device import VirtioDevice  # noqa: E402
 from pyvirtio.drivers.blk import BlkRequest, VirtioBlk  # noqa: E402
-from pyvirtio.errors import BlockIOError, InvalidArgument  # noqa: E402
+from pyvirtio.errors import BlockIOError, InvalidArgument, QueueFull  # noqa: E402
 from pyvirtio.ring.device_side import Chain  # noqa: E402
 from pyvirtio.spec import blk as B  # noqa: E402
 from pyvirtio.testing import open_fd_count  # noqa: E402
@@ -229,6 +230,22 @@ def test_device_error_status(loop: Loop, status: int, name: str) -> None:
     assert blk.read(4096, 8192) == pattern(4096, 8192, 1)
 
 
+def test_transfers_limited_to_device_memory() -> None:
+    with Loop(pool_size=4 << 20) as lp:
+        blk = lp.blk
+        assert blk.max_transfer == 2 << 20
+        with pytest.raises(InvalidArgument, match="largest transfer"):
+            blk.read(0, (2 << 20) + 512)
+        blk.write(0, b"\x11" * (2 << 20))
+        hog = blk.pool.allocate(3 << 20)
+        try:
+            with pytest.raises(QueueFull, match="shared memory"):
+                blk.read(0, 2 << 20)
+        finally:
+            blk.pool.free(hog)
+        assert blk.read(0, 2 << 20) == b"\x11" * (2 << 20)
+
+
 def test_backend_rejects_out_of_range_request(loop: Loop) -> None:
     """A request built past the driver's checks: the device model says IOERR."""
     blk = loop.blk
@@ -241,11 +258,13 @@ def test_backend_rejects_out_of_range_request(loop: Loop) -> None:
 def test_no_fd_leak_open_close() -> None:
     with Loop(1 << 20):
         pass
+    gc.collect()
     fds = open_fd_count()
     for _ in range(50):
         with Loop(1 << 20) as lp:
             lp.blk.write(0, bytes(512))
             assert lp.blk.read(0, 512) == bytes(512)
+    gc.collect()
     assert open_fd_count() == fds
 
 

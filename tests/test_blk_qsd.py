@@ -34,7 +34,7 @@ from blk_checks import (  # noqa: E402
 )
 from peers import Qsd, read_file  # noqa: E402
 from pyvirtio.drivers.blk import VirtioBlk  # noqa: E402
-from pyvirtio.errors import ConnectionLost, InvalidArgument  # noqa: E402
+from pyvirtio.errors import ConnectionLost, InvalidArgument, QueueFull  # noqa: E402
 
 pytest_plugins = ["peers"]
 
@@ -249,6 +249,11 @@ def test_daemon_killed_mid_read(qsd_null: Qsd, poll: str) -> None:
         assert isinstance(exc, ConnectionLost), repr(exc)
         assert when - killed_at < 5.0
         assert later and all(isinstance(e, ConnectionLost) for e in later), later
+        # However many calls follow: ConnectionLost, not QueueFull from a
+        # ring filling up with requests the dead peer never completes.
+        for _ in range(300):
+            with pytest.raises(ConnectionLost):
+                blk.read(0, 4096)
         # Another thread (the second queue) sees the same.
         with pytest.raises(ConnectionLost):
             blk.read(0, 4096)
@@ -296,3 +301,28 @@ def test_4k_logical_blocks(qsd_4k: Qsd) -> None:
         blk.discard(4096, 4096)
         blk.write_zeroes(0, 8192, unmap=True)
         check_argument_errors(blk)
+
+
+def test_bounce_buffers_stay_in_device_memory(qsd_null: Qsd) -> None:
+    """A transfer never lands in pool memory the daemon was not given (it would drop us)."""
+    with VirtioBlk.open(qsd_null.target) as blk:
+        shared = sum(r.size for r in blk.pool.regions)
+        assert blk.max_transfer <= shared // 2
+        with pytest.raises(InvalidArgument, match="largest transfer"):
+            blk.read(0, shared)
+        assert len(blk.read(0, 8 << 20)) == 8 << 20
+        # Memory held elsewhere: no room now is QueueFull, and the connection lives on.
+        hog = blk.pool.allocate(shared - (4 << 20))
+        try:
+            with pytest.raises(QueueFull, match="shared memory"):
+                blk.read(0, 8 << 20)
+            stray = blk.pool.allocate(8 << 20)  # from a region added after start
+            try:
+                with pytest.raises(InvalidArgument, match="not in the shared memory"):
+                    blk.readinto(0, stray)
+            finally:
+                blk.pool.free(stray)
+        finally:
+            blk.pool.free(hog)
+        assert blk.read(0, 8 << 20) == bytes(8 << 20)
+        blk.device.transport.check_alive()

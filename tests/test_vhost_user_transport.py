@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import struct
@@ -52,6 +53,7 @@ def _maps_count() -> int:
 def test_no_fd_leak_connect_close(qsd_null: Qsd) -> None:
     # Warm up (imports, lazily created objects), then count.
     VhostUserTransport(qsd_null.sock).close()
+    gc.collect()
     fds = open_fd_count()
     for _ in range(200):
         t = VhostUserTransport(qsd_null.sock, timeout=5.0)
@@ -59,6 +61,7 @@ def test_no_fd_leak_connect_close(qsd_null: Qsd) -> None:
         assert t.num_queues == 2
         t.close()
         assert not t.connected
+    gc.collect()
     assert open_fd_count() == fds
 
 
@@ -67,11 +70,13 @@ def test_no_fd_leak_connect_close(qsd_null: Qsd) -> None:
 def test_no_fd_or_mapping_leak_blk_cycles(qsd_null: Qsd) -> None:
     with VirtioBlk.open(qsd_null.target) as blk:
         blk.read(0, 4096)
+    gc.collect()
     fds, maps = open_fd_count(), _maps_count()
     for i in range(50):
         with VirtioBlk.open(qsd_null.target) as blk:
             blk.write(i * 4096, bytes(4096))
             blk.read(i * 4096, 4096)
+    gc.collect()
     assert open_fd_count() == fds
     assert _maps_count() == maps
 
@@ -125,6 +130,7 @@ def sockdir() -> Iterator[str]:
 @pytest.mark.timeout(10)
 def test_missing_socket(sockdir: str) -> None:
     path = os.path.join(sockdir, "missing.sock")
+    gc.collect()
     fds = open_fd_count()
     start = time.monotonic()
     with pytest.raises(ConnectionLost, match="cannot connect"):
@@ -134,6 +140,7 @@ def test_missing_socket(sockdir: str) -> None:
     with pytest.raises(ConnectionLost, match="No such file"):
         VhostUserTransport(path, connect_timeout=0)
     assert time.monotonic() - start < 0.5
+    gc.collect()
     assert open_fd_count() == fds
 
 
@@ -300,6 +307,7 @@ MALFORMED: dict[str, tuple[Callable[[socket.socket], None], str]] = {
 def test_malformed_reply(sockdir: str, case: str) -> None:
     reply, pattern = MALFORMED[case]
     path = os.path.join(sockdir, "bad.sock")
+    gc.collect()
     fds = open_fd_count()
     with FakeBackend(path, _reply_then_wait(reply)) as fake:
         start = time.monotonic()
@@ -307,6 +315,7 @@ def test_malformed_reply(sockdir: str, case: str) -> None:
             VhostUserTransport(path, timeout=2.0, connect_timeout=1.0)
         assert time.monotonic() - start < 1.5, "a malformed reply must fail at once, not time out"
     assert not fake.errors, fake.errors
+    gc.collect()
     assert open_fd_count() == fds, "the failed attempt left file descriptors open"
 
 
@@ -365,6 +374,7 @@ def test_backend_closes_mid_handshake(sockdir: str, when: str) -> None:
         _answer_features(conn)
         recv_msg(conn)  # GET_PROTOCOL_FEATURES: hang up instead of answering
 
+    gc.collect()
     fds = open_fd_count()
     with FakeBackend(path, script) as fake:
         start = time.monotonic()
@@ -372,4 +382,5 @@ def test_backend_closes_mid_handshake(sockdir: str, when: str) -> None:
             VhostUserTransport(path, timeout=3.0)
         assert time.monotonic() - start < 2.0
     assert not fake.errors, fake.errors
+    gc.collect()
     assert open_fd_count() == fds

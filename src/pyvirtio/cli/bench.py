@@ -24,6 +24,7 @@ from pyvirtio.drivers.blk_engine import RW_MODES, BlkEngine, Stats
 from pyvirtio.errors import InvalidArgument, TransportError
 
 MAX_QUEUE_SIZE = 1024  # QEMU's VIRTQUEUE_MAX_SIZE: the largest ring every back end takes
+DEVICE_SIGNALS_MAX_DEPTH = 8  # device signals on up to this depth (docs/benchmarks.md)
 
 
 def register(sub: Any) -> None:
@@ -47,6 +48,10 @@ def register(sub: Any) -> None:
     p.add_argument("--mode", choices=("auto", "python", "numpy"), default="auto", help="engine loop (default auto)")
     p.add_argument("--size", type=parse_size, default=1 << 30, help="embedded back end: RAM disk size (default 1G)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--event-idx", choices=("on", "off"), default="on",
+                   help="negotiate VIRTIO_F_RING_EVENT_IDX (default on)")
+    p.add_argument("--device-signals", choices=("auto", "on", "off"), default="auto",
+                   help="let the device signal completions although the engine polls (default auto: by depth)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.set_defaults(func=run)
@@ -139,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
     qsize = _queue_size(args)
-    blk = VirtioBlk.open(target, num_queues=args.queues, queue_size=qsize)
+    blk = VirtioBlk.open(target, num_queues=args.queues, queue_size=qsize, event_idx=args.event_idx == "on")
     try:
         if args.queues > blk.num_queues:
             raise InvalidArgument(f"--queues {args.queues}: the device has {blk.num_queues}")
@@ -173,6 +178,7 @@ def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
                     verify=args.verify,
                     seed=None if args.seed is None else args.seed + q,
                     mode=args.mode,
+                    device_signals=_device_signals(args),
                     **_region(blk, args, q),
                 )
                 engines.append(engine)
@@ -214,6 +220,12 @@ def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
     else:
         _print_report(report)
     return 1 if total.errors or total.verify_errors else 0
+
+
+def _device_signals(args: argparse.Namespace) -> bool:
+    if args.device_signals == "auto":
+        return bool(args.iodepth <= DEVICE_SIGNALS_MAX_DEPTH)
+    return bool(args.device_signals == "on")
 
 
 def _region(blk: VirtioBlk, args: argparse.Namespace, q: int) -> dict[str, int]:

@@ -1,8 +1,9 @@
 """Entry point of the ``pyvirtio`` command.
 
 Subcommands live in their own modules under :mod:`pyvirtio.cli`; each has
-``register(subparsers)``, which adds its parser and sets ``func`` (called
-with the parsed arguments, returns the exit status). :func:`main` runs it
+``register(subparsers)`` (or ``add_parser(subparsers)``), which adds its
+parser and sets ``func`` (called with the parsed arguments, returns the exit
+status). :func:`main` runs it
 through :func:`pyvirtio.cli.common.run`: an expected failure
 (:class:`~pyvirtio.errors.PyvirtioError` or :class:`OSError`) prints one line
 ``pyvirtio: error: <message>`` on stderr and exits 1, never a traceback; bad
@@ -20,7 +21,12 @@ from pyvirtio import __version__
 from pyvirtio.cli.common import run
 
 #: Subcommand modules, in help order. A module that is not there (yet) is skipped.
-SUBCOMMAND_MODULES = ("pyvirtio.cli.info", "pyvirtio.cli.blk", "pyvirtio.cli.bench")
+SUBCOMMAND_MODULES = (
+    "pyvirtio.cli.info",
+    "pyvirtio.cli.blk",
+    "pyvirtio.cli.bench",
+    "pyvirtio.cli.serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(name) is None:
             continue
         module = importlib.import_module(name)
-        register = getattr(module, "register", None)
+        register = getattr(module, "register", None) or getattr(module, "add_parser", None)
         if register is not None:
             register(sub)
     return p

@@ -113,10 +113,14 @@ class _QueueCtx:
         self.vq = vq
         self.nslots = vq.size
         self.slots = blk.pool.allocate(_SLOT_SIZE * self.nslots, align=64)
+        if not blk._in_device_memory(self.slots):
+            blk.pool.free(self.slots)
+            raise QueueFull(f"queue {vq.index}: no room for request headers in the device's shared memory")
         self.slot_view = self.slots.view
         self.free_slots = list(range(self.nslots - 1, -1, -1))
         self.inflight = 0
         self.thread = threading.get_ident()
+        self.full_reason = ""
 
     def close(self) -> None:
         self.slot_view = memoryview(b"")
@@ -133,6 +137,7 @@ class VirtioBlk:
         num_queues: int | None = None,
         queue_size: int | None = None,
         extra_features: int = 0,
+        event_idx: bool = True,
         poll: str = "hybrid",
         timeout: float | None = 30.0,
     ) -> None:
@@ -142,7 +147,10 @@ class VirtioBlk:
         self.pool = device.pool
         self.poll = poll
         self.timeout = timeout
-        negotiated = device.reset(DRIVER_FEATURES | extra_features)
+        wanted = DRIVER_FEATURES | extra_features
+        if not event_idx:
+            wanted &= ~(1 << F_RING_EVENT_IDX)
+        negotiated = device.reset(wanted)
         self.features = negotiated
         cfg = B.parse_config(device.read_config(0, self._config_len()))
         self.config = cfg
@@ -179,7 +187,18 @@ class VirtioBlk:
         ring_limit = self.queue_size - 2 if not self.indirect else 1024 - 2
         self.max_segments = min(self.seg_max, ring_limit) if self.seg_max else ring_limit
         seg = self.size_max if self.size_max else 1 << 32
-        self.max_transfer = min(self.max_segments * seg, 0xFFFFFFFF) // self.block_size * self.block_size
+        # Bounce buffers must live in the memory the device was given at start
+        # (a region the pool adds later is unknown to it: qemu-storage-daemon
+        # drops the connection on such an address). So a transfer is also
+        # limited to half of that memory.
+        self._regions = tuple(self.pool.regions)
+        shared = sum(r.size for r in self._regions)
+        limit = min(self.max_segments * seg, 0xFFFFFFFF, shared // 2)
+        self.max_transfer = limit // self.block_size * self.block_size
+
+    def _in_device_memory(self, buf: Buffer) -> bool:
+        """Is ``buf`` in a region the device was told about when it started?"""
+        return buf.region in self._regions
 
     def _config_len(self) -> int:
         """Ask for exactly the config bytes we use (qemu-storage-daemon rejects more than it has)."""
@@ -364,8 +383,20 @@ class VirtioBlk:
         if op in (B.T_IN, B.T_OUT, B.T_GET_ID):
             if req.data:
                 bufs: Sequence[Buffer] = req.data
+                for b in bufs:
+                    if not self._in_device_memory(b):
+                        raise InvalidArgument(
+                            f"{req.name}: {b!r} is not in the shared memory the device knows "
+                            "(the pool grew after the device started)"
+                        )
             else:
                 buf = self.pool.allocate(max(req.length, 1), align=SECTOR if req.length >= SECTOR else 8)
+                if not self._in_device_memory(buf):
+                    self.pool.free(buf)
+                    raise QueueFull(
+                        f"{req.name}: no room for a {req.length}-byte buffer in the device's shared memory "
+                        "now; reap requests in flight or use smaller ones"
+                    )
                 req._bounce = buf
                 if op == B.T_OUT:
                     buf.view[: req.length] = req._user
@@ -373,6 +404,9 @@ class VirtioBlk:
             segs = [s for b in bufs for s in self._segments(b, len(b), op != B.T_OUT)]
         elif op in (B.T_DISCARD, B.T_WRITE_ZEROES):
             buf = self.pool.allocate(len(req.payload), align=8)
+            if not self._in_device_memory(buf):
+                self.pool.free(buf)
+                raise QueueFull(f"{req.name}: no room for its segments in the device's shared memory now")
             req._bounce = buf
             buf.view[:] = req.payload
             segs = [(buf.addr, len(req.payload), False)]
@@ -431,7 +465,8 @@ class VirtioBlk:
             for req in requests:
                 try:
                     self._post(ctx, req)
-                except QueueFull:
+                except QueueFull as exc:
+                    ctx.full_reason = str(exc)
                     if not n:
                         # A queue full of requests a dead peer will never complete:
                         # say the connection is lost, not "queue full".
@@ -506,7 +541,7 @@ class VirtioBlk:
     def run(self, req: BlkRequest) -> BlkRequest:
         """Submit one request and wait for it."""
         if self.submit([req]) != 1:
-            raise QueueFull("no room on the queue")
+            raise QueueFull(self._ctx().full_reason or "no room on the queue")
         self.wait([req])
         return req
 
@@ -529,6 +564,7 @@ class VirtioBlk:
         """Scatter read: one request whose data lands in one buffer per length."""
         if any(n <= 0 for n in lengths):
             raise InvalidArgument("readv: every length must be positive")
+        self._check_data("read", offset, sum(lengths))  # before allocating anything
         bufs = [self.pool.allocate(n, align=SECTOR) for n in lengths]
         try:
             self.readv_into(offset, bufs)
@@ -543,6 +579,8 @@ class VirtioBlk:
 
     def writev(self, offset: int, chunks: Sequence[bytes | memoryview | Buffer]) -> None:
         """Gather write: several buffers, one request."""
+        self._check_writable("write")
+        self._check_data("write", offset, sum(len(c) for c in chunks))  # before allocating anything
         bufs: list[Buffer] = []
         owned: list[Buffer] = []
         try:
@@ -600,7 +638,7 @@ class VirtioBlk:
         fd = ctx.vq.fd
         if self.submit([req]) != 1:
             req._waiter = None
-            raise QueueFull("no room on the queue")
+            raise QueueFull(ctx.full_reason or "no room on the queue")
         if fd is None:
             # No interrupt fd (loopback): the request is done or pollable now.
             while not req.done:

@@ -165,6 +165,8 @@ class FixedChains:
         ring.last_used = last
         self.n_inflight -= n
         ring.outstanding -= n
+        if ring._interrupts and ring.event_idx:
+            ring._avail16[ring._used_event_i] = last  # keep the next completion signalled
         return out
 
     def _break(self, reason: str, slots: list[int], lengths: list[int]) -> NoReturn:
@@ -194,6 +196,7 @@ class FixedChains:
             ring = self.ring
             size = ring.size
             used = np.frombuffer(ring._used32, dtype="<u4", count=1 + 2 * size)
+            idx2 = np.arange(2 * size, dtype=np.int64) & (size - 1)
             self._np = {
                 "np": np,
                 "avail": np.frombuffer(ring._avail16, dtype="<u2"),
@@ -204,11 +207,18 @@ class FixedChains:
                 "wlen": np.asarray(self.wlen, dtype=np.int64),
                 "head_wlen1": np.zeros(size + 1, dtype=np.int64),
                 "arange": np.arange(size, dtype=np.int64),
+                # ring positions of k consecutive indices from i: idx2[i & mask : (i & mask) + k]
+                "idx2": idx2,
+                "avail_pos2": idx2 + 2,
             }
         return self._np
 
-    def post_many(self, slots: np.ndarray) -> bool:
-        """Publish an integer array of slots in array operations; True if the device must be kicked."""
+    def post_many(self, slots: np.ndarray, *, check: bool = True) -> bool:
+        """Publish an integer array of slots in array operations; True if the device must be kicked.
+
+        ``check=False`` skips the "already in flight" test, for callers that
+        only ever post slots they reaped (the benchmark engine).
+        """
         ring = self.ring
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
@@ -218,11 +228,12 @@ class FixedChains:
             return False
         heads = a["heads"][slots]
         hw = a["head_wlen1"]
-        if hw[heads].any():
+        if check and hw[heads].any():
             raise QueueStateError("a slot posted is already in flight")
         hw[heads] = a["wlen"][slots] + 1
         idx = ring.avail_idx
-        a["avail"][2 + ((idx + a["arange"][:n]) & (ring.size - 1))] = heads
+        start = idx & (ring.size - 1)
+        a["avail"][a["avail_pos2"][start : start + n]] = heads
         idx = (idx + n) & 0xFFFF
         self.n_inflight += n
         ring.outstanding += n
@@ -244,7 +255,8 @@ class FixedChains:
         if n > ring.outstanding:
             self._break(f"used index moved by {n} with only {ring.outstanding} requests in flight", [], [])
         ordering.read_barrier()
-        pos = (last + a["arange"][:n]) & (ring.size - 1)
+        start = last & (ring.size - 1)
+        pos = a["idx2"][start : start + n]
         ids = a["used_id"][pos]
         lens = a["used_len"][pos]
         hw = a["head_wlen1"]
@@ -256,6 +268,8 @@ class FixedChains:
                 self.n_inflight = after
                 ring.outstanding -= n
                 ring.last_used = (last + n) & 0xFFFF
+                if ring._interrupts and ring.event_idx:
+                    ring._avail16[ring._used_event_i] = ring.last_used
                 return a["slot_of"][ids], lens
             hw[ids] = a["wlen"][a["slot_of"][ids]] + 1  # a duplicate id: undo
         return self._reap_exact(n)

@@ -141,7 +141,7 @@ class VhostUserTransport:
                 raise ConnectionLost(f"cannot connect to vhost-user socket {path}: {exc.strerror or exc}") from None
 
     def _handshake(self, wanted: int) -> None:
-        self.offered_features = self._call(self._codec.get_features())
+        self.offered_features: int = self._call(self._codec.get_features())
         self.protocol_features = 0
         self.offered_protocol_features = 0
         if self.offered_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
@@ -370,8 +370,9 @@ class VhostUserTransport:
             raise QueueStateError(f"queue {index} is not set up")
         if self._lost is not None:
             raise self._lose(self._lost)
-        ready, _, _ = select.select([q.call, self._sock], [], [], timeout)
-        if self._sock in ready:
+        sock_fd = self._sock.fileno()
+        ready, _, _ = select.select([q.call, sock_fd], [], [], timeout)
+        if sock_fd in ready:
             self.check_alive()
         if q.call in ready:
             try:
