@@ -24,7 +24,6 @@ from pyvirtio.drivers.blk_engine import RW_MODES, BlkEngine, Stats
 from pyvirtio.errors import InvalidArgument, TransportError
 
 MAX_QUEUE_SIZE = 1024  # QEMU's VIRTQUEUE_MAX_SIZE: the largest ring every back end takes
-DEVICE_SIGNALS_MAX_DEPTH = 8  # device signals on up to this depth (docs/benchmarks.md)
 
 
 def register(sub: Any) -> None:
@@ -50,8 +49,8 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--event-idx", choices=("on", "off"), default="on",
                    help="negotiate VIRTIO_F_RING_EVENT_IDX (default on)")
-    p.add_argument("--device-signals", choices=("auto", "on", "off"), default="auto",
-                   help="let the device signal completions although the engine polls (default auto: by depth)")
+    p.add_argument("--device-signals", choices=("on", "off"), default="off",
+                   help="let the device signal completions although the engine polls (default off)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.set_defaults(func=run)
@@ -223,8 +222,6 @@ def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
 
 
 def _device_signals(args: argparse.Namespace) -> bool:
-    if args.device_signals == "auto":
-        return bool(args.iodepth <= DEVICE_SIGNALS_MAX_DEPTH)
     return bool(args.device_signals == "on")
 
 
