@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from pyvirtio.memory import MemoryPool
 
@@ -28,14 +28,20 @@ with warnings.catch_warnings():
     except ImportError:  # libcst not installed: nothing to pre-import
         pass
 
+# No "explain" phase: on a failing state machine it re-runs thousands of
+# variants (minutes) only to annotate the report.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
+
 settings.register_profile(
     "default",
+    phases=_PHASES,
     max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
     "ci",
+    phases=_PHASES,
     max_examples=100,
     deadline=None,
     print_blob=True,

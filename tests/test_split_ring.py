@@ -594,7 +594,9 @@ def test_submit_matches_the_three_step_api(make_pair: PairFactory, indirect: boo
 
 @pytest.mark.parametrize("indirect", [False, True])
 @pytest.mark.parametrize("n", [2, 9])
-def test_submit_with_a_bad_buffer_leaves_nothing_behind(make_pair: PairFactory, indirect: bool, n: int) -> None:
+def test_submit_with_a_bad_buffer_leaves_nothing_behind(
+    make_pair: PairFactory, indirect: bool, n: int
+) -> None:
     p = make_pair(8, indirect=indirect)
     layout = [(0x1000, 8, False)] * (n - 1) + [(0x1000, 1 << 32, True)]
     with pytest.raises(InvalidArgument):

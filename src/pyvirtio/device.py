@@ -204,7 +204,9 @@ class VirtioDevice:
         status = self.status
         if not status & bit:
             self._fail()
-            raise NegotiationError(f"{self.name}: {what}: device did not accept status {status_names(bit)[0]}")
+            raise NegotiationError(
+                f"{self.name}: {what}: device did not accept status {status_names(bit)[0]}"
+            )
 
     def _fail(self) -> None:
         """virtio 1.2 §3.1.1: on an unrecoverable error the driver sets FAILED."""
@@ -224,7 +226,9 @@ class VirtioDevice:
         self.offered_features = offered
         if not offered >> F_VERSION_1 & 1:
             self._fail()
-            raise NegotiationError(f"{self.name}: device does not offer VERSION_1 (legacy devices are not supported)")
+            raise NegotiationError(
+                f"{self.name}: device does not offer VERSION_1 (legacy devices are not supported)"
+            )
         negotiated = requested & offered
         self.transport.set_features(negotiated)
         self.negotiated_features = negotiated
@@ -271,7 +275,8 @@ class VirtioDevice:
                     size = min(size, queue_size)
                 ring = SplitQueue(size, self.pool, index=i, event_idx=event_idx, indirect=indirect)
                 self._queues.append(Virtqueue(ring, self.transport))
-                self.transport.setup_queue(QueueSetup(i, size, ring.desc_addr, ring.avail_addr, ring.used_addr))
+                setup = QueueSetup(i, size, ring.desc_addr, ring.avail_addr, ring.used_addr)
+                self.transport.setup_queue(setup)
             self._require(STATUS_DRIVER_OK, "start")
         except BaseException:
             self._free_queues()

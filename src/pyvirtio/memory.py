@@ -157,8 +157,10 @@ class _Arena:
         self.free_bytes = region.size
 
     def take(self, size: int, align: int) -> int | None:
+        # Align the device address, not the offset: a region is only page aligned.
+        base = self.region.guest_addr
         for i, (start, avail) in enumerate(zip(self._starts, self._sizes, strict=True)):
-            aligned = (start + align - 1) & ~(align - 1)
+            aligned = ((base + start + align - 1) & ~(align - 1)) - base
             pad = aligned - start
             if avail - pad < size:
                 continue
@@ -201,7 +203,9 @@ class MemoryPool:
     are only allocated when touched.
     """
 
-    def __init__(self, region_size: int = DEFAULT_REGION_SIZE, *, max_regions: int = 8, name: str = "pyvirtio"):
+    def __init__(
+        self, region_size: int = DEFAULT_REGION_SIZE, *, max_regions: int = 8, name: str = "pyvirtio"
+    ) -> None:
         if region_size <= 0:
             raise InvalidArgument(f"region size must be positive, got {region_size}")
         self.region_size = region_size
@@ -295,7 +299,8 @@ class MemoryTable:
     def add(self, region: Region, guest_phys_addr: int, user_addr: int) -> Mapping:
         m = Mapping(region, guest_phys_addr, user_addr, region.size)
         for other in self._maps:
-            if guest_phys_addr < other.guest_phys_addr + other.size and other.guest_phys_addr < guest_phys_addr + m.size:
+            end, other_end = guest_phys_addr + m.size, other.guest_phys_addr + other.size
+            if guest_phys_addr < other_end and other.guest_phys_addr < end:
                 raise self.error(f"memory region at gpa 0x{guest_phys_addr:x} overlaps an existing one")
         self._maps.append(m)
         return m

@@ -1,1 +1,19 @@
-"""Embedded device back ends: device models and the vhost-user server."""
+"""Embedded device back ends: device models and the vhost-user server.
+
+A *device model* (:class:`~pyvirtio.backends.blk.BlockBackend`, later scsi
+and net) executes requests taken from descriptor chains;
+:class:`~pyvirtio.backends.server.VhostUserServer` serves any model to
+vhost-user frontends over a Unix socket (``pyvirtio serve``).
+"""
+
+from pyvirtio.backends.blk import BlockBackend, Storage
+from pyvirtio.backends.server import DeviceModel, ProtocolViolation, VhostUserBackend, VhostUserServer
+
+__all__ = [
+    "BlockBackend",
+    "DeviceModel",
+    "ProtocolViolation",
+    "Storage",
+    "VhostUserBackend",
+    "VhostUserServer",
+]

@@ -41,6 +41,7 @@ class Storage:
         self.readonly = readonly
         self.fd = -1
         self.ram: mmap.mmap | None = None
+        self._ram_view: memoryview | None = None
         if path is not None:
             flags = os.O_RDONLY if readonly else os.O_RDWR
             if size is not None and not readonly:
@@ -54,13 +55,15 @@ class Storage:
                 raise ValueError("a RAM disk needs a positive size")
             self.size = size
             self.ram = mmap.mmap(-1, size)
+            self._ram_view = memoryview(self.ram)
         self.size -= self.size % SECTOR
 
     def readinto(self, bufs: list[memoryview], offset: int) -> None:
-        if self.ram is not None:
+        ram = self._ram_view
+        if ram is not None:
             for b in bufs:
                 n = len(b)
-                b[:] = self.ram[offset : offset + n]
+                b[:] = ram[offset : offset + n]  # one copy (slicing the mmap made a second)
                 offset += n
         else:
             want = sum(len(b) for b in bufs)
@@ -106,6 +109,9 @@ class Storage:
             os.fsync(self.fd)
 
     def close(self) -> None:
+        if self._ram_view is not None:
+            self._ram_view.release()
+            self._ram_view = None
         if self.ram is not None:
             self.ram.close()
             self.ram = None
@@ -217,7 +223,12 @@ class BlockBackend:
             if len(hdr) > B.OUTHDR_SIZE:
                 data_out.insert(0, hdr[B.OUTHDR_SIZE :])
         rtype, _ioprio, sector = B.OUTHDR.unpack_from(raw, 0)
-        status, written = self._execute(queue, chain.head, rtype, sector, data_out, data_in)
+        try:
+            status, written = self._execute(queue, chain.head, rtype, sector, data_out, data_in)
+        except OSError as exc:
+            # The storage failed (EIO, ENOSPC...): the request fails, the device goes on.
+            self._bad(queue, chain.head, f"request type {rtype} at sector {sector}: {exc}")
+            status, written = B.S_IOERR, 0
         status_buf[0] = status
         return written + 1
 
@@ -226,7 +237,13 @@ class BlockBackend:
         log.warning("queue %d request %d rejected: %s", queue, head, why)
 
     def _execute(
-        self, queue: int, head: int, rtype: int, sector: int, data_out: list[memoryview], data_in: list[memoryview]
+        self,
+        queue: int,
+        head: int,
+        rtype: int,
+        sector: int,
+        data_out: list[memoryview],
+        data_in: list[memoryview],
     ) -> tuple[int, int]:
         if rtype == B.T_IN:
             length = sum(len(b) for b in data_in)
@@ -264,7 +281,8 @@ class BlockBackend:
             self._bad(queue, head, f"{op} length {length} is not a multiple of 512")
             return False
         if sector + length // SECTOR > self.capacity:
-            self._bad(queue, head, f"{op} of sectors {sector}+{length // SECTOR} beyond capacity {self.capacity}")
+            end = f"{sector}+{length // SECTOR}"
+            self._bad(queue, head, f"{op} of sectors {end} beyond capacity {self.capacity}")
             return False
         return True
 

@@ -1,7 +1,7 @@
 """``pyvirtio serve``: run an embedded vhost-user device back end.
 
 ``pyvirtio serve blk --socket PATH (--size SIZE | --file PATH)`` serves a
-virtio-blk device (a RAM disk of SIZE bytes, or an existing file) to one
+virtio-blk device (a RAM disk of SIZE bytes, or an existing regular file) to one
 vhost-user frontend at a time (QEMU, qemu-storage-daemon's peers, SPDK,
 pyvirtio itself) until SIGINT or SIGTERM, then removes its socket and exits
 with status 0. A stale socket file is replaced; a socket another server
@@ -70,12 +70,15 @@ def add_parser(subparsers: Any) -> None:
     b.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (created)")
     backing = b.add_mutually_exclusive_group(required=True)
     backing.add_argument("--size", type=_size_arg, metavar="SIZE", help="RAM disk size (e.g. 1G, 512M, 4k)")
-    backing.add_argument("--file", metavar="PATH", help="an existing file or block device to serve")
+    backing.add_argument("--file", metavar="PATH", help="an existing regular file to serve")
     b.add_argument("--readonly", action="store_true", help="offer VIRTIO_BLK_F_RO and refuse writes")
     b.add_argument("--queues", type=_queues_arg, default=1, metavar="N", help="request queues (default 1)")
     b.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="default warning")
     b.add_argument(
-        "--poll-us", type=float, default=None, metavar="US",
+        "--poll-us",
+        type=float,
+        default=None,
+        metavar="US",
         help="poll a drained ring this long before sleeping on its kick (default 50)",
     )
     b.add_argument("--inflight", action="store_true", help="inflight tracking (not yet supported)")
@@ -113,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             log.info(
                 "virtio-blk %s: %d bytes%s, %d queue(s) on %s",
-                args.file or "RAM disk", storage.size, " read-only" if args.readonly else "",
-                args.queues, args.socket,
+                args.file or "RAM disk",
+                storage.size,
+                " read-only" if args.readonly else "",
+                args.queues,
+                args.socket,
             )
             server.serve()
         finally:

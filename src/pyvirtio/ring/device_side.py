@@ -21,8 +21,6 @@ says whether to signal the call eventfd (virtio 1.2 §2.7.7.2).
 
 from __future__ import annotations
 
-from typing import Final
-
 from pyvirtio.errors import DriverProtocolError, InvalidArgument
 from pyvirtio.memory import MemoryTable
 from pyvirtio.ring import ordering
@@ -76,18 +74,18 @@ class Chain:
         """Scatter ``data`` into the writable buffers from byte ``offset``; returns bytes written."""
         done = 0
         pos = 0
+        total = len(data)
         for buf in self.writable:
-            n = len(buf)
-            if offset >= pos + n:
-                pos += n
-                continue
-            start = max(0, offset - pos)
-            take = min(n - start, len(data) - done)
-            if take <= 0:
+            if done >= total:
                 break
-            buf[start : start + take] = data[done : done + take]
-            done += take
-            pos += n
+            n = len(buf)
+            end = pos + n
+            if offset < end:  # an empty buffer takes nothing and no longer ends the scatter
+                start = max(0, offset - pos)
+                take = min(n - start, total - done)
+                buf[start : start + take] = data[done : done + take]
+                done += take
+            pos = end
         return done
 
 
@@ -106,6 +104,7 @@ class DeviceQueue:
         event_idx: bool = False,
         indirect: bool = True,
         last_avail: int = 0,
+        max_chain: int | None = None,
     ) -> None:
         if not is_power_of_two(size) or size > MAX_QUEUE_SIZE:
             raise InvalidArgument(f"queue size must be a power of two up to {MAX_QUEUE_SIZE}, got {size}")
@@ -116,6 +115,10 @@ class DeviceQueue:
         self.memory = memory
         self.event_idx = event_idx
         self.indirect = indirect
+        # Longest indirect chain accepted. The spec's limit is the queue size;
+        # the default is QEMU's (VIRTQUEUE_MAX_SIZE, 1024), which Linux-style
+        # drivers rely on for small rings. Either way a walk stays bounded.
+        self.max_chain = max(size, 1024) if max_chain is None else max_chain
         self._desc = desc[: desc_table_size(size)]
         self._avail16 = avail[: avail_size(size)].cast("H")
         self._used_bytes = used[: used_size(size)]
@@ -164,7 +167,8 @@ class DeviceQueue:
             return None
         if (avail_idx - last) & 0xFFFF > self.size:
             # virtio 1.2 §2.7.6: at most size entries can be outstanding.
-            raise ChainError(f"queue {self.index}: avail index moved {(avail_idx - last) & 0xFFFF} > size", None)
+            moved = (avail_idx - last) & 0xFFFF
+            raise ChainError(f"queue {self.index}: avail index moved {moved} > size", None)
         ordering.read_barrier()
         head = self._avail16[2 + (last & (self.size - 1))]
         self.last_avail = (last + 1) & 0xFFFF
@@ -184,11 +188,15 @@ class DeviceQueue:
         while True:
             count += 1
             if count > size:
-                raise ChainError(f"queue {self.index}: descriptor chain from {head} loops or exceeds the ring", head)
+                raise ChainError(
+                    f"queue {self.index}: descriptor chain from {head} loops or exceeds the ring", head
+                )
             addr, length, flags, nxt = unpack(desc, DESC_SIZE * i)
             if flags & DESC_F_INDIRECT:
                 if not self.indirect:
-                    raise ChainError(f"queue {self.index}: indirect descriptor without RING_INDIRECT_DESC", head)
+                    raise ChainError(
+                        f"queue {self.index}: indirect descriptor without RING_INDIRECT_DESC", head
+                    )
                 # virtio 1.2 §2.7.5.3.1: INDIRECT and NEXT together are forbidden,
                 # and an indirect table is the only descriptor of its chain.
                 if flags & DESC_F_NEXT or count != 1:
@@ -225,7 +233,9 @@ class DeviceQueue:
         gpa = self.memory.gpa
         unpack = DESC.unpack_from
         i = 0
-        for _ in range(n):
+        # Bounded by the table and by max_chain (virtio 1.2 §2.7.5.3.1: "A driver
+        # MUST NOT create a descriptor chain longer than the Queue Size").
+        for _ in range(min(n, self.max_chain)):
             addr, length, flags, nxt = unpack(table, DESC_SIZE * i)
             if flags & DESC_F_INDIRECT:
                 raise ChainError(f"queue {self.index}: nested indirect descriptor", head)
@@ -236,7 +246,9 @@ class DeviceQueue:
             if flags & DESC_F_WRITE:
                 writable.append(buf)
             elif writable:
-                raise ChainError(f"queue {self.index}: readable indirect entry {i} after a writable one", head)
+                raise ChainError(
+                    f"queue {self.index}: readable indirect entry {i} after a writable one", head
+                )
             else:
                 readable.append(buf)
             if not flags & DESC_F_NEXT:
@@ -244,7 +256,11 @@ class DeviceQueue:
             if nxt >= n:
                 raise ChainError(f"queue {self.index}: indirect next {nxt} out of range", head)
             i = nxt
-        raise ChainError(f"queue {self.index}: indirect chain from {head} loops or exceeds its table", head)
+        raise ChainError(
+            f"queue {self.index}: indirect chain from {head} loops, or exceeds its table or "
+            f"{self.max_chain} descriptors",
+            head,
+        )
 
     # -- used side ------------------------------------------------------------
 

@@ -77,9 +77,11 @@ def avail_event_offset(num: int) -> int:
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """virtio 1.2 §2.7.7.2 / §2.7.10: notify if event_idx is in (old, new].
+    """virtio 1.2 §2.7.7.2 / §2.7.10: notify if event_idx is in [old, new).
 
-    All three are 16-bit ring indices; arithmetic wraps at 2^16.
+    ``old`` and ``new`` are the index before and after the entries just
+    published: notify if one of them is the entry the other side asked to
+    hear about. All three are 16-bit ring indices; arithmetic wraps at 2^16.
     """
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 

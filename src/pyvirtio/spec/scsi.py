@@ -23,7 +23,8 @@ SENSE_SIZE: Final = 96
 # struct virtio_scsi_cmd_req {u8 lun[8]; le64 tag; u8 task_attr, prio, crn; u8 cdb[32]}
 CMD_REQ_HDR = struct.Struct("<8sQBBB")
 CMD_REQ_SIZE: Final = 19 + CDB_SIZE
-# struct virtio_scsi_cmd_resp {le32 sense_len, resid; le16 status_qualifier; u8 status, response; u8 sense[96]}
+# struct virtio_scsi_cmd_resp {le32 sense_len, resid; le16 status_qualifier; u8 status, response;
+#                              u8 sense[96]}
 CMD_RESP_HDR = struct.Struct("<IIHBB")
 CMD_RESP_SIZE: Final = 12 + SENSE_SIZE
 # struct virtio_scsi_ctrl_tmf_req {le32 type, subtype; u8 lun[8]; le64 tag}

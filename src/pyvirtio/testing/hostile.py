@@ -31,6 +31,7 @@ from pyvirtio.spec.ring import (
     AVAIL_OFF_IDX,
     AVAIL_OFF_RING,
     DESC,
+    DESC_F_NEXT,
     DESC_SIZE,
     USED_ELEM,
     USED_F_NO_NOTIFY,
@@ -168,10 +169,13 @@ class RawDriver:
         DESC.pack_into(self._desc, DESC_SIZE * i, addr, length, flags, next_)
 
     def chain(self, first: int, descs: Iterable[tuple[int, int, int]]) -> None:
-        """Write (addr, len, flags) descriptors at first, first+1, ... each NEXT to the following one."""
+        """Write (addr, len, flags) descriptors at first, first+1, ... each NEXT to the next but the last."""
         items = list(descs)
         for k, (addr, length, flags) in enumerate(items):
-            self.desc(first + k, addr, length, flags, first + k + 1)
+            more = k + 1 < len(items)
+            self.desc(
+                first + k, addr, length, flags | (DESC_F_NEXT if more else 0), first + k + 1 if more else 0
+            )
 
     def table(self, entries: Sequence[RawDesc], length: int | None = None) -> tuple[int, int]:
         """Write an indirect table; returns (addr, byte length) for the descriptor that points at it."""
@@ -216,6 +220,10 @@ class RawDriver:
     @property
     def avail_event(self) -> int:
         return int(_U16.unpack_from(self._used, avail_event_offset(self.size))[0])
+
+    def set_used_idx(self, value: int) -> None:
+        """Write used.idx (as a device that resumes a ring finds it)."""
+        _U16.pack_into(self._used, USED_OFF_IDX, value & 0xFFFF)
 
     def used_entry(self, position: int) -> tuple[int, int]:
         slot = position & (self.size - 1)

@@ -22,8 +22,9 @@ class RingPair:
     """A :class:`SplitQueue` and a :class:`DeviceQueue` over the same memory.
 
     ``pool`` defaults to a private pool of ``region_size`` bytes that
-    :meth:`close` frees. Extra keyword arguments go to :class:`SplitQueue`
-    (``indirect_threshold``, ``indirect_max``, ``index``).
+    :meth:`close` frees. ``event_idx`` and ``indirect`` are the negotiated
+    ring features (both sides get them); ``indirect_threshold`` and
+    ``indirect_max`` go to the :class:`SplitQueue`.
     """
 
     def __init__(

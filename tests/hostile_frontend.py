@@ -1,0 +1,304 @@
+"""A vhost-user frontend that sends exactly what it is told, good or bad.
+
+:class:`HostileFrontend` talks to a back end over a raw Unix socket with
+hand-packed messages (``struct``), so it can send what no real frontend
+would: wrong version bits, truncated payloads, oversized headers, requests
+out of order, unknown codes, fds that are not eventfds. Its memory is a
+:class:`~pyvirtio.memory.MemoryPool` (memfd regions; guest address = its own
+virtual address) and its rings are :class:`~pyvirtio.testing.hostile.RawDriver`
+objects, which write descriptors and avail entries verbatim: loops, bad
+addresses, nested tables. :class:`BlkBuilder` lays out virtio-blk requests
+(header, data, status) in that memory, with any header size or flags.
+
+Nothing here validates anything; the tests assert what the back end does.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Sequence
+
+from pyvirtio.memory import Buffer, MemoryPool
+from pyvirtio.protocol import vhost_user as vu
+from pyvirtio.spec import blk as B
+from pyvirtio.spec.common import F_RING_INDIRECT_DESC, F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
+from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
+from pyvirtio.testing.hostile import RawDriver
+
+HEADER = struct.Struct("=III")
+U64 = struct.Struct("=Q")
+STATE = struct.Struct("=II")
+ADDR = struct.Struct("=IIQQQQ")
+REGION = struct.Struct("=QQQQ")
+
+#: Protocol features a well-behaved test frontend asks for (when offered).
+PROTOCOL = (
+    (1 << vu.PROTOCOL_F_MQ)
+    | (1 << vu.PROTOCOL_F_REPLY_ACK)
+    | (1 << vu.PROTOCOL_F_CONFIG)
+    | (1 << vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS)
+)
+#: Device features it acks (when offered): VERSION_1 and INDIRECT_DESC, no EVENT_IDX.
+FEATURES = (1 << F_VERSION_1) | (1 << F_RING_INDIRECT_DESC)
+
+
+class Closed(Exception):
+    """The back end closed the connection."""
+
+
+class HostileFrontend:
+    """One connection to a vhost-user back end at ``path``."""
+
+    def __init__(self, path: str, *, timeout: float = 5.0, pool_size: int = 4 << 20) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.sock.settimeout(timeout)
+        self.pool = MemoryPool(pool_size, name="hostile")
+        self.rings: dict[int, RawDriver] = {}
+        self.kicks: dict[int, int] = {}
+        self.calls: dict[int, int] = {}
+        self.protocol = 0
+        self.features = 0
+        self._buf = b""
+
+    # -- raw messages ------------------------------------------------------------
+
+    def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.sendall(data)
+
+    def send(
+        self,
+        request: int,
+        payload: bytes = b"",
+        *,
+        fds: Sequence[int] = (),
+        flags: int = vu.VERSION,
+        need_reply: bool = False,
+        size: int | None = None,
+    ) -> None:
+        """One message; ``size`` overrides the header's size field (a lie)."""
+        if need_reply:
+            flags |= vu.NEED_REPLY
+        head = HEADER.pack(request, flags, len(payload) if size is None else size)
+        self.send_raw(head + payload, fds)
+
+    def _read_exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise Closed(f"connection closed by the back end ({len(self._buf)} bytes pending)")
+            self._buf += chunk
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def recv(self) -> tuple[int, int, bytes]:
+        """The next message from the back end: (request, flags, payload)."""
+        request, flags, size = HEADER.unpack(self._read_exact(HEADER.size))
+        return request, flags, self._read_exact(size)
+
+    def call(self, request: int, payload: bytes = b"", **kw: object) -> bytes:
+        """Send and return the reply payload (request code and reply flag checked)."""
+        self.send(request, payload, **kw)  # type: ignore[arg-type]
+        code, flags, reply = self.recv()
+        assert code == request, f"reply to {request} carries code {code}"
+        assert flags & vu.REPLY, f"reply flags 0x{flags:x}"
+        return reply
+
+    def u64(self, request: int, payload: bytes = b"", **kw: object) -> int:
+        reply = self.call(request, payload, **kw)
+        assert len(reply) == 8, reply
+        return int(U64.unpack(reply)[0])
+
+    def ack(self, request: int, payload: bytes = b"", *, fds: Sequence[int] = ()) -> int:
+        """Send with NEED_REPLY; return the ack value (0 = success)."""
+        return self.u64(request, payload, fds=fds, need_reply=True)
+
+    def expect_closed(self, timeout: float | None = None) -> bool:
+        """Read (and drop) until the back end closes; False if it is still open after ``timeout``."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                return False
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except ConnectionResetError:
+                return True
+
+    def is_open(self, wait: float = 0.2) -> bool:
+        """True if the back end still answers a GET_FEATURES."""
+        try:
+            self.u64(vu.GET_FEATURES)
+            return True
+        except (Closed, OSError):
+            return False
+
+    # -- a normal set-up, step by step -----------------------------------------------
+
+    def handshake(self, *, protocol: int = PROTOCOL, features: int = FEATURES, owner: bool = True) -> int:
+        """GET_FEATURES, protocol features, SET_OWNER, SET_FEATURES; returns what was offered."""
+        offered = self.u64(vu.GET_FEATURES)
+        if offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1 and protocol is not None:
+            offered_p = self.u64(vu.GET_PROTOCOL_FEATURES)
+            self.protocol = offered_p & protocol
+            self.send(vu.SET_PROTOCOL_FEATURES, U64.pack(self.protocol))
+        if owner:
+            self.set(vu.SET_OWNER)
+        self.features = offered & features
+        if self.protocol:
+            self.features |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
+        self.set(vu.SET_FEATURES, U64.pack(self.features))
+        return offered
+
+    @property
+    def acks(self) -> bool:
+        return bool(self.protocol >> vu.PROTOCOL_F_REPLY_ACK & 1)
+
+    def set(self, request: int, payload: bytes = b"", *, fds: Sequence[int] = ()) -> None:
+        """A set-up message, acked (and the ack checked) when REPLY_ACK was negotiated."""
+        if self.acks:
+            value = self.ack(request, payload, fds=fds)
+            assert value == 0, f"{vu.request_name(request)} refused"
+        else:
+            self.send(request, payload, fds=fds)
+
+    def mem_table_payload(self) -> tuple[bytes, list[int]]:
+        regions = self.pool.regions
+        body = STATE.pack(len(regions), 0)
+        for r in regions:
+            body += REGION.pack(r.guest_addr, r.size, r.user_addr, r.fd_offset)
+        return body, [r.fd for r in regions]
+
+    def set_mem_table(self) -> None:
+        payload, fds = self.mem_table_payload()
+        self.set(vu.SET_MEM_TABLE, payload, fds=fds)
+
+    def add_ring(self, index: int, size: int = 64) -> RawDriver:
+        rd = RawDriver(self.pool, size)
+        self.rings[index] = rd
+        return rd
+
+    def setup_ring(self, index: int, size: int = 64, *, enable: bool = True) -> RawDriver:
+        """SET_VRING_NUM/BASE/ADDR/KICK/CALL (+ ENABLE with protocol features) for a new ring."""
+        rd = self.add_ring(index, size)
+        self.set(vu.SET_VRING_NUM, STATE.pack(index, size))
+        self.set(vu.SET_VRING_BASE, STATE.pack(index, 0))
+        self.set(vu.SET_VRING_ADDR, ADDR.pack(index, 0, rd.desc_addr, rd.used_addr, rd.avail_addr, 0))
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kicks[index] = kick
+        self.calls[index] = call
+        self.set(vu.SET_VRING_KICK, U64.pack(index), fds=[kick])
+        self.set(vu.SET_VRING_CALL, U64.pack(index), fds=[call])
+        if enable and self.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            self.set(vu.SET_VRING_ENABLE, STATE.pack(index, 1))
+        return rd
+
+    def start(self, size: int = 64) -> RawDriver:
+        """Handshake, memory table and ring 0: ready for requests."""
+        self.handshake()
+        self.set_mem_table()
+        return self.setup_ring(0, size)
+
+    def kick(self, index: int = 0) -> None:
+        os.eventfd_write(self.kicks[index], 1)
+
+    def wait_used(self, index: int = 0, count: int = 1, timeout: float | None = None) -> bool:
+        """Wait until the used index of ring ``index`` reaches ``count``."""
+        rd = self.rings[index]
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while rd.used_idx != count & 0xFFFF:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            for fd in [*self.kicks.values(), *self.calls.values()]:
+                os.close(fd)
+            self.kicks.clear()
+            self.calls.clear()
+            for rd in self.rings.values():
+                rd.close()
+            self.rings.clear()
+            self.pool.close()
+
+    def __enter__(self) -> HostileFrontend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BlkBuilder:
+    """virtio-blk requests laid out in a frontend's memory, written into a RawDriver."""
+
+    def __init__(self, fe: HostileFrontend, rd: RawDriver) -> None:
+        self.fe = fe
+        self.rd = rd
+        self.bufs: list[Buffer] = []
+
+    def buffer(self, data: bytes | int) -> Buffer:
+        size = data if isinstance(data, int) else len(data)
+        buf = self.fe.pool.allocate(max(size, 1), align=16)
+        if isinstance(data, int):
+            buf.view[:] = bytes(len(buf.view))
+        else:
+            buf.view[: len(data)] = data
+        self.bufs.append(buf)
+        return buf
+
+    def header(self, rtype: int, sector: int = 0, *, size: int = B.OUTHDR_SIZE) -> Buffer:
+        raw = B.OUTHDR.pack(rtype, 0, sector)
+        return self.buffer((raw + bytes(max(0, size - len(raw))))[:size])
+
+    def request(
+        self,
+        first: int,
+        rtype: int,
+        sector: int = 0,
+        *,
+        data: bytes | int | None = None,
+        hdr_size: int = B.OUTHDR_SIZE,
+        status_writable: bool = True,
+    ) -> tuple[Buffer, Buffer | None]:
+        """Descriptors first, first+1, ...: header, optional data, status. Returns (status, data)."""
+        hdr = self.header(rtype, sector, size=hdr_size)
+        status = self.buffer(b"\xee")  # a byte the device must overwrite (or leave alone)
+        descs: list[tuple[int, int, int]] = [(hdr.addr, hdr_size, 0)]
+        data_buf = None
+        if data is not None:
+            data_buf = self.buffer(data)
+            readable = rtype in (B.T_OUT, B.T_DISCARD, B.T_WRITE_ZEROES)
+            descs.append((data_buf.addr, len(data_buf.view), 0 if readable else DESC_F_WRITE))
+        descs.append((status.addr, 1, DESC_F_WRITE if status_writable else 0))
+        for k, (addr, length, flags) in enumerate(descs):
+            last = k == len(descs) - 1
+            self.rd.desc(
+                first + k, addr, length, flags | (0 if last else DESC_F_NEXT), 0 if last else first + k + 1
+            )
+        return status, data_buf
