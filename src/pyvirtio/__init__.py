@@ -7,7 +7,7 @@ is reached), :class:`VirtioDevice` (lifecycle, features, queues), and the
 device drivers in :mod:`pyvirtio.drivers`.
 """
 
-from pyvirtio.device import Virtqueue, VirtioDevice
+from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.errors import (
     BlockIOError,
     ConnectionLost,

@@ -204,7 +204,9 @@ def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
                 t.join()
         if show is not None:
             sys.stderr.write("\n")
-        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, threading.BrokenBarrierError)]
+        errors = [
+            r for r in results if isinstance(r, BaseException) and not isinstance(r, threading.BrokenBarrierError)
+        ]
         if errors:
             raise errors[0]
         total = Stats()

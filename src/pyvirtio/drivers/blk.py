@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvirtio.device import Virtqueue, VirtioDevice
+from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.errors import (
     BlockIOError,
     DeviceProtocolError,

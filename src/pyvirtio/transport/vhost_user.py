@@ -53,7 +53,6 @@ from pyvirtio.memory import MemoryPool
 from pyvirtio.protocol import vhost_user as vu
 from pyvirtio.spec.common import (
     DEVICE_ID_BLOCK,
-    STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VHOST_USER_F_PROTOCOL_FEATURES,
 )
@@ -328,7 +327,8 @@ class VhostUserTransport:
         i = setup.index
         self._call(c.set_vring_num(i, setup.size, need_reply=ack))
         self._call(c.set_vring_base(i, setup.last_avail, need_reply=ack))
-        self._call(c.set_vring_addr(vu.VringAddr(i, 0, setup.desc_addr, setup.used_addr, setup.avail_addr, 0), need_reply=ack))
+        addr = vu.VringAddr(i, 0, setup.desc_addr, setup.used_addr, setup.avail_addr, 0)
+        self._call(c.set_vring_addr(addr, need_reply=ack))
         self._call(c.set_vring_kick(i, kick, need_reply=ack))
         self._call(c.set_vring_call(i, call, need_reply=ack))
         if self._has_protocol_features_bit():
