@@ -294,6 +294,7 @@ class MemoryTable:
 
     def __init__(self, error: type[PyvirtioError] = DriverProtocolError) -> None:
         self._maps: list[Mapping] = []
+        self._ranges: list[tuple[int, int, memoryview]] | None = None  # gpa lookup, rebuilt after changes
         self.error = error
 
     def add(self, region: Region, guest_phys_addr: int, user_addr: int) -> Mapping:
@@ -303,6 +304,7 @@ class MemoryTable:
             if guest_phys_addr < other_end and other.guest_phys_addr < end:
                 raise self.error(f"memory region at gpa 0x{guest_phys_addr:x} overlaps an existing one")
         self._maps.append(m)
+        self._ranges = None
         return m
 
     @classmethod
@@ -316,6 +318,7 @@ class MemoryTable:
     def remove(self, guest_phys_addr: int, size: int) -> Mapping:
         for i, m in enumerate(self._maps):
             if m.guest_phys_addr == guest_phys_addr and m.size == size:
+                self._ranges = None
                 return self._maps.pop(i)
         raise self.error(f"no memory region at gpa 0x{guest_phys_addr:x} size {size}")
 
@@ -325,11 +328,17 @@ class MemoryTable:
     def __len__(self) -> int:
         return len(self._maps)
 
+    def _build_ranges(self) -> list[tuple[int, int, memoryview]]:
+        self._ranges = [(m.guest_phys_addr, m.guest_phys_addr + m.size, m.region.view) for m in self._maps]
+        return self._ranges
+
     def gpa(self, addr: int, length: int) -> memoryview:
-        for m in self._maps:
-            off = addr - m.guest_phys_addr
-            if 0 <= off and 0 <= length and off + length <= m.size:
-                return m.region.view[off : off + length]
+        ranges = self._ranges if self._ranges is not None else self._build_ranges()
+        if length >= 0:
+            for start, end, view in ranges:
+                if start <= addr and addr + length <= end:
+                    off = addr - start
+                    return view[off : off + length]
         raise self.error(f"guest address 0x{addr:x}+{length} is outside the memory table")
 
     def uva(self, addr: int, length: int) -> memoryview:
@@ -352,3 +361,4 @@ class MemoryTable:
             if m.owned:
                 m.region.close()
         self._maps.clear()
+        self._ranges = None

@@ -18,7 +18,6 @@ has no status byte is completed with length 0.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import struct
 from typing import Any
@@ -33,15 +32,24 @@ log = logging.getLogger("pyvirtio.backends.blk")
 SECTOR = B.SECTOR_SIZE
 
 
+CHUNK = 1 << 16  # RAM disk allocation unit
+
+
 class Storage:
-    """Byte-addressed storage: RAM (anonymous mmap) or a file."""
+    """Byte-addressed storage: a sparse RAM disk or a file.
+
+    The RAM disk holds only what was written, in 64 KiB chunks allocated on
+    first write; unwritten ranges read as zeroes. A 1 GiB disk costs nothing
+    up front, and a random read does not fault a fresh page in (measured:
+    first-touch page faults of a flat anonymous mapping were most of the
+    back end's time under a random-read benchmark).
+    """
 
     def __init__(self, size: int | None = None, path: str | None = None, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
         self.fd = -1
-        self.ram: mmap.mmap | None = None
-        self._ram_view: memoryview | None = None
+        self.chunks: dict[int, bytearray] | None = None
         if path is not None:
             flags = os.O_RDONLY if readonly else os.O_RDWR
             if size is not None and not readonly:
@@ -54,16 +62,38 @@ class Storage:
             if not size or size <= 0:
                 raise ValueError("a RAM disk needs a positive size")
             self.size = size
-            self.ram = mmap.mmap(-1, size)
-            self._ram_view = memoryview(self.ram)
+            self.chunks = {}
         self.size -= self.size % SECTOR
 
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(chunk index, offset in chunk, bytes) covering offset..offset+length."""
+        out = []
+        while length > 0:
+            idx, off = divmod(offset, CHUNK)
+            n = min(CHUNK - off, length)
+            out.append((idx, off, n))
+            offset += n
+            length -= n
+        return out
+
     def readinto(self, bufs: list[memoryview], offset: int) -> None:
-        ram = self._ram_view
-        if ram is not None:
+        chunks = self.chunks
+        if chunks is not None:
             for b in bufs:
                 n = len(b)
-                b[:] = ram[offset : offset + n]  # one copy (slicing the mmap made a second)
+                idx, off = divmod(offset, CHUNK)
+                if off + n <= CHUNK:  # the common case: one chunk
+                    c = chunks.get(idx)
+                    if c is None:
+                        b[:] = _ZEROES[:n] if n <= CHUNK else bytes(n)
+                    else:
+                        b[:] = memoryview(c)[off : off + n]
+                else:
+                    pos = 0
+                    for idx, off, k in self._pieces(offset, n):
+                        c = chunks.get(idx)
+                        b[pos : pos + k] = _ZEROES[:k] if c is None else memoryview(c)[off : off + k]
+                        pos += k
                 offset += n
         else:
             want = sum(len(b) for b in bufs)
@@ -79,11 +109,17 @@ class Storage:
                     pos += n
 
     def writefrom(self, bufs: list[memoryview], offset: int) -> None:
-        if self.ram is not None:
+        chunks = self.chunks
+        if chunks is not None:
             for b in bufs:
-                n = len(b)
-                self.ram[offset : offset + n] = b
-                offset += n
+                pos = 0
+                for idx, off, k in self._pieces(offset, len(b)):
+                    c = chunks.get(idx)
+                    if c is None:
+                        c = chunks[idx] = bytearray(CHUNK)
+                    c[off : off + k] = b[pos : pos + k]
+                    pos += k
+                offset += len(b)
         else:
             want = sum(len(b) for b in bufs)
             done = 0
@@ -94,8 +130,13 @@ class Storage:
                 done += n
 
     def zero(self, offset: int, length: int) -> None:
-        if self.ram is not None:
-            self.ram[offset : offset + length] = bytes(length)
+        chunks = self.chunks
+        if chunks is not None:
+            for idx, off, k in self._pieces(offset, length):
+                if k == CHUNK:
+                    chunks.pop(idx, None)  # a whole chunk: give the memory back
+                elif idx in chunks:
+                    chunks[idx][off : off + k] = _ZEROES[:k]
         else:
             chunk = bytes(min(length, 1 << 20))
             pos = 0
@@ -109,15 +150,14 @@ class Storage:
             os.fsync(self.fd)
 
     def close(self) -> None:
-        if self._ram_view is not None:
-            self._ram_view.release()
-            self._ram_view = None
-        if self.ram is not None:
-            self.ram.close()
-            self.ram = None
+        if self.chunks is not None:
+            self.chunks.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_ZEROES = memoryview(bytes(CHUNK))
 
 
 def _skip(bufs: list[memoryview], n: int) -> list[memoryview]:
