@@ -11,6 +11,11 @@ path by handing each available chain to the *device model*, an object with
 ``features()``, ``config()``, ``num_queues`` and ``handle(queue, chain) -> int``
 (bytes written into the chain) and optionally ``info()``, ``set_config(offset,
 data)`` and ``reset()``. :class:`~pyvirtio.backends.blk.BlockBackend` is one.
+A model that sends device-initiated buffers (virtio-scsi events) also has
+``gated_queues`` (chains of those rings are taken only while
+``pending(queue)`` says so; the rest stay posted) and ``wake_fd`` (an
+eventfd it writes when ``pending`` may have grown; the server then runs
+those rings).
 When a connection ends everything it brought is released: rings, received
 fds, mappings. The model (the disk) survives.
 
@@ -227,6 +232,9 @@ class VhostUserBackend:
         self._by_kick: dict[int, _Ring] = {}
         self._busy: dict[_Ring, None] = {}  # insertion-ordered set
         self._polled: list[_Ring] = []  # rings started with a NOFD kick
+        # Device-initiated buffers (see the module docstring): optional model hooks.
+        self._gated = frozenset(int(i) for i in getattr(model, "gated_queues", ()))
+        self._wake_fd = int(getattr(model, "wake_fd", -1)) if self._gated else -1
         self._handlers: dict[int, Callable[[Any, list[int]], vu.Outgoing | None]] = {
             vu.GET_FEATURES: self._get_features,
             vu.SET_FEATURES: self._set_features,
@@ -268,6 +276,9 @@ class VhostUserBackend:
         poller.register(sock_fd, _POLLIN)
         if stop_fd >= 0:
             poller.register(stop_fd, _POLLIN)
+        wake_fd = self._wake_fd
+        if wake_fd >= 0:
+            poller.register(wake_fd, _POLLIN)
         by_kick = self._by_kick
         busy = self._busy
         try:
@@ -285,6 +296,11 @@ class VhostUserBackend:
                             return ended
                     elif fd == stop_fd:
                         return "server stopping"
+                    elif fd == wake_fd:
+                        _drain(fd)
+                        for ring in self.rings:
+                            if ring.index in self._gated and ring not in busy:
+                                self._wake(ring)
                     else:
                         ring = by_kick.get(fd)
                         if ring is not None:
@@ -780,7 +796,7 @@ class VhostUserBackend:
         busy = self._busy
         for ring in self._polled:
             queue = ring.queue
-            if queue is not None and queue.avail_pending():
+            if queue is not None and self._has_work(ring, queue):
                 busy[ring] = None
         drained: list[_Ring] = []
         for ring in list(busy):
@@ -794,7 +810,7 @@ class VhostUserBackend:
             while True:
                 for ring in drained:
                     queue = ring.queue
-                    if queue is not None and queue.avail_pending():
+                    if queue is not None and self._has_work(ring, queue):
                         return  # still busy: next loop round runs it
                 if time.perf_counter() >= deadline:
                     break
@@ -806,7 +822,7 @@ class VhostUserBackend:
                 del busy[ring]
                 continue
             # Re-arm, then re-check: work published meanwhile is not lost.
-            if not queue.enable_notifications():
+            if not queue.enable_notifications() or not self._has_work(ring, queue):
                 del busy[ring]
             else:
                 queue.disable_notifications()
@@ -820,8 +836,11 @@ class VhostUserBackend:
         pop = queue.pop
         add_used = queue.add_used
         n = 0
+        limit = queue.size
+        if index in self._gated:
+            limit = min(limit, self.model.pending(index))  # type: ignore[attr-defined]
         try:
-            while n < queue.size:
+            while n < limit:
                 chain = pop()
                 if chain is None:
                     break
@@ -836,7 +855,13 @@ class VhostUserBackend:
                     pass
             raise ProtocolViolation(str(exc)) from None
         self._publish(ring, n)
-        return queue.avail_pending() != 0
+        return self._has_work(ring, queue)
+
+    def _has_work(self, ring: _Ring, queue: DeviceQueue) -> bool:
+        """Chains are pending that the model takes now (a gated ring: only while it wants them)."""
+        if not queue.avail_pending():
+            return False
+        return ring.index not in self._gated or self.model.pending(ring.index) > 0  # type: ignore[attr-defined]
 
     def _publish(self, ring: _Ring, n: int) -> None:
         queue = ring.queue

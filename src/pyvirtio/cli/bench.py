@@ -49,8 +49,9 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--event-idx", choices=("on", "off"), default="on",
                    help="negotiate VIRTIO_F_RING_EVENT_IDX (default on)")
-    p.add_argument("--device-signals", choices=("on", "off"), default="off",
-                   help="let the device signal completions although the engine polls (default off)")
+    p.add_argument("--device-signals", choices=("auto", "on", "off"), default="auto",
+                   help="let the device signal completions although the engine polls "
+                   "(default auto: on for the plain-Python engine, off for NumPy; see docs/benchmarks.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.set_defaults(func=run)
@@ -223,7 +224,9 @@ def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
     return 1 if total.errors or total.verify_errors else 0
 
 
-def _device_signals(args: argparse.Namespace) -> bool:
+def _device_signals(args: argparse.Namespace) -> bool | None:
+    if args.device_signals == "auto":
+        return None  # the engine decides by the loop it runs
     return bool(args.device_signals == "on")
 
 

@@ -184,7 +184,7 @@ class BlkEngine:
         offset: int = 0,
         size: int | None = None,
         mode: str = "auto",
-        device_signals: bool = False,
+        device_signals: bool | None = None,
     ) -> None:
         if rw not in RW_MODES:
             raise InvalidArgument(f"rw must be one of {', '.join(RW_MODES)}, not {rw!r}")
@@ -214,7 +214,8 @@ class BlkEngine:
         if verify and mode == "numpy":
             raise InvalidArgument("verify runs in the python mode")
         self.mode = mode
-        self.device_signals = device_signals
+        # None: on for the plain-Python loops, off for NumPy (measured, docs/benchmarks.md).
+        self.device_signals = mode == "python" if device_signals is None else device_signals
         self.blk = blk
         self.ctx = ctx
         self.rw = rw
@@ -330,8 +331,10 @@ class BlkEngine:
         ring = self.fixed.ring
         if self.device_signals:
             # Let the device signal the call eventfd per batch although we poll.
-            # Measured against qemu-storage-daemon on this kind of machine: it
-            # cuts round-trip latency at low depth (docs/benchmarks.md).
+            # Measured against qemu-storage-daemon on this kind of machine it
+            # cuts round-trip latency at low depth from ~16 to ~6 us (p50), as
+            # if the signalling syscall kept the device's thread from a slower
+            # sleep path (docs/benchmarks.md). Nobody reads the eventfd.
             ring.enable_interrupts()
         try:
             if self.mode == "numpy":
@@ -490,7 +493,7 @@ class BlkEngine:
         ring = fixed.ring
         transport = self.blk.device.transport
         qi = self.ctx.vq.index
-        notify = transport.notify_queue
+        kick = transport.notifier(qi)
         h64 = self.hdrs.view.cast("Q")
         st = self.status.view
         spb = self.sectors_per_block
@@ -508,7 +511,9 @@ class BlkEngine:
         used_event_i = ring._used_event_i
         event_idx = ring.event_idx
         signals = self.device_signals
-        barrier = ordering.full_barrier
+        fence = ordering._fence_lock  # full_barrier() inlined: acquire + release of a lock
+        acquire, release = fence.acquire, fence.release
+        weak = not ordering.STRONGLY_ORDERED
         hw1 = fixed.hw1
         heads = fixed.heads
         slot_of = fixed.slot_of
@@ -524,7 +529,8 @@ class BlkEngine:
         nxt = self._next_block
         t0 = perf()
         deadline = t0 + int(seconds * 1e9)
-        next_progress = t0 + int(interval * 1e9)
+        next_progress = t0 + int(interval * 1e9) if progress is not None else deadline
+        next_event = min(deadline, next_progress, t0 + 10_000_000)
 
         def sync() -> None:
             ring.avail_idx = avail_idx
@@ -552,26 +558,31 @@ class BlkEngine:
                             b = int(rand() * nblocks)
                         h64[2 * s + 1] = (first + b) * spb
                         st[s] = 0xFF
-                        sub_t[s] = t
                         h = heads[s]
                         hw1[h] = wl1[s]
                         a16[2 + (avail_idx & mask)] = h
                         avail_idx = (avail_idx + 1) & 0xFFFF
                     outstanding += len(free)
-                    ordering.write_barrier()
+                    if weak:
+                        ordering.write_barrier()
                     a16[1] = avail_idx
                     # Kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare.
                     if event_idx:
                         a16[used_event_i] = last if signals else (last - size - 1) & 0xFFFF
-                        barrier()
+                        acquire()
+                        release()
                         need = ((avail_idx - u16[avail_event_i] - 1) & 0xFFFF) < ((avail_idx - kick_from) & 0xFFFF)
                     else:
-                        barrier()
+                        acquire()
+                        release()
                         need = not u16[0] & 1
                     kick_from = avail_idx
                     if need:
-                        notify(qi)
+                        kick()
                         kicks += 1
+                    # Bookkeeping after the kick: the device is already at work.
+                    for s in free:
+                        sub_t[s] = t
                     free = []
                 n = (u16[1] - last) & 0xFFFF
                 passes += 1
@@ -580,7 +591,8 @@ class BlkEngine:
                     if n > outstanding:
                         sync()
                         fixed.reap_slots()  # raises with the exact reason
-                    ordering.read_barrier()
+                    if weak:
+                        ordering.read_barrier()
                     t = perf()
                     for _ in range(n):
                         pos = 1 + 2 * (last & mask)
@@ -597,16 +609,18 @@ class BlkEngine:
                         last = (last + 1) & 0xFFFF
                     outstanding -= n
                     ios += n
-                    if len(raw) >= 65536:
-                        lats.flush()
-                        raw = lats.raw
-                    if t >= deadline or (stop is not None and stop.is_set()):
-                        break
-                    if progress is not None and t >= next_progress:
-                        next_progress = t + int(interval * 1e9)
-                        snapshot(t)
-                        raw = lats.raw
-                        progress(stats)
+                    if t >= next_event:  # deadline, stop flag, progress, histogram: every ~10 ms at most
+                        if t >= deadline or (stop is not None and stop.is_set()):
+                            break
+                        if progress is not None and t >= next_progress:
+                            next_progress = t + int(interval * 1e9)
+                            snapshot(t)
+                            raw = lats.raw
+                            progress(stats)
+                        elif len(raw) >= 65536:
+                            lats.flush()
+                            raw = lats.raw
+                        next_event = min(deadline, next_progress, t + 10_000_000)
                 else:
                     idle += 1
                     if not idle & 0x3FF:

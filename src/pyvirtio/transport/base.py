@@ -12,6 +12,7 @@ Implementations: :mod:`.loopback` (an in-process device) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,6 +72,10 @@ class Transport(Protocol):
 
     def notify_queue(self, index: int) -> None:
         """Kick: tell the device queue ``index`` has new available buffers."""
+        ...
+
+    def notifier(self, index: int) -> Callable[[], None]:
+        """A callable that kicks queue ``index``, as cheap as the transport can make it (hot loops)."""
         ...
 
     def wait_queue(self, index: int, timeout: float | None) -> bool:

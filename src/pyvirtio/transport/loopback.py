@@ -18,6 +18,7 @@ does not stick either.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 from collections.abc import Callable
@@ -146,6 +147,9 @@ class LoopbackTransport:
         self.kicks[index] = self.kicks.get(index, 0) + 1
         if self.auto:
             self.process(index)
+
+    def notifier(self, index: int) -> Callable[[], None]:
+        return functools.partial(self.notify_queue, index)
 
     def wait_queue(self, index: int, timeout: float | None) -> bool:
         fd = self._calls.get(index)

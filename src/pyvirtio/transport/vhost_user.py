@@ -33,11 +33,13 @@ forever on a dead peer.
 from __future__ import annotations
 
 import array
+import functools
 import os
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pyvirtio.errors import (
@@ -363,6 +365,12 @@ class VhostUserTransport:
             os.eventfd_write(self._queues[index].kick, 1)
         except KeyError:
             raise QueueStateError(f"queue {index} is not set up") from None
+
+    def notifier(self, index: int) -> Callable[[], None]:
+        q = self._queues.get(index)
+        if q is None:
+            raise QueueStateError(f"queue {index} is not set up")
+        return functools.partial(os.eventfd_write, q.kick, 1)
 
     def wait_queue(self, index: int, timeout: float | None) -> bool:
         q = self._queues.get(index)
