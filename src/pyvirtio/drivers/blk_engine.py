@@ -696,7 +696,7 @@ class BlkEngine:
         a = fixed._arrays()
         desc16 = np.frombuffer(fixed.ring._desc16, dtype="<u2")
         data_desc = np.asarray([c[1] for c in fixed._descs], dtype=np.int64)
-        wlen_np = a["wlen"]
+        wlen1_np = a["wlen1"]
         is_write_np = np.frombuffer(self.is_write, dtype=np.uint8)
         rng = np.random.default_rng(self.seed)
         integers = rng.integers
@@ -746,7 +746,7 @@ class BlkEngine:
                         is_write_np[sl] = w
                         hdr_type[sl] = np.where(w, B.T_OUT, B.T_IN)
                         desc16[8 * data_desc[sl] + 6] = np.where(w, DESC_F_NEXT, read_flags)
-                        wlen_np[sl] = np.where(w, 1, self.bs + 1)
+                        wlen1_np[sl] = np.where(w, 2, self.bs + 2)  # writable bytes + 1
                     status[sl] = 0xFF
                     sub_t[sl] = perf()
                     if post_many(sl, check=False):

@@ -204,7 +204,7 @@ class FixedChains:
                 "used_len": used[2::2],
                 "heads": np.asarray(self.heads, dtype=np.int64),
                 "slot_of": np.asarray(self.slot_of + [-1], dtype=np.int64),
-                "wlen": np.asarray(self.wlen, dtype=np.int64),
+                "wlen1": np.asarray(self.wlen, dtype=np.int64) + 1,  # per slot: writable bytes + 1
                 "head_wlen1": np.zeros(size + 1, dtype=np.int64),
                 "arange": np.arange(size, dtype=np.int64),
                 # ring positions of k consecutive indices from i: idx2[i & mask : (i & mask) + k]
@@ -230,7 +230,7 @@ class FixedChains:
         hw = a["head_wlen1"]
         if check and hw[heads].any():
             raise QueueStateError("a slot posted is already in flight")
-        hw[heads] = a["wlen"][slots] + 1
+        hw[heads] = a["wlen1"][slots]
         idx = ring.avail_idx
         start = idx & (ring.size - 1)
         a["avail"][a["avail_pos2"][start : start + n]] = heads
@@ -271,7 +271,7 @@ class FixedChains:
                 if ring._interrupts and ring.event_idx:
                     ring._avail16[ring._used_event_i] = ring.last_used
                 return a["slot_of"][ids], lens
-            hw[ids] = a["wlen"][a["slot_of"][ids]] + 1  # a duplicate id: undo
+            hw[ids] = a["wlen1"][a["slot_of"][ids]]  # a duplicate id: undo
         return self._reap_exact(n)
 
     def _reap_exact(self, n: int) -> tuple[np.ndarray, np.ndarray]:
