@@ -204,6 +204,44 @@ def test_engine_validates_used_entries(mode):
         blk.device.close()
 
 
+@pytest.mark.parametrize("mode", ["python", "numpy"])
+@pytest.mark.parametrize("lie", ["duplicate", "too_long"])
+def test_engine_rejects_duplicate_and_overlong_completions(mode, lie):
+    """The fused loop re-posts slots in the batch that reaps them: a duplicate id in one batch must still fail."""
+    be = BlockBackend(Storage(size=1 << 20))
+    t = loopback_blk(be, queue_size=64)
+
+    def lying_process(index, limit=None):
+        q = t.queues[index]
+        chains = []
+        while (chain := q.pop()) is not None:
+            be.handle(index, chain)
+            chains.append(chain)
+        if lie == "duplicate" and len(chains) >= 2:
+            # As many entries as are in flight (so the index check passes), one id twice.
+            for c in [chains[0], chains[0], *chains[1:-1]]:
+                q.add_used(c.head, 1)
+        elif lie == "too_long":
+            for c in chains:
+                q.add_used(c.head, 4096 + 2)
+        done = len(chains)
+        if done and q.flush_used():
+            t.signal(index)
+        q.enable_notifications()
+        return done
+
+    t.process = lying_process  # type: ignore[method-assign]
+    blk = VirtioBlk(VirtioDevice("liar", t, pool_size=4 << 20))
+    try:
+        e = BlkEngine(blk, iodepth=4, mode=mode)
+        reason = "not the head of an in-flight request" if lie == "duplicate" else "exceeds"
+        with pytest.raises(DeviceProtocolError, match=reason):
+            e.run(1.0)
+        assert e.fixed.ring.broken is not None
+    finally:
+        blk.device.close()
+
+
 def test_engine_argument_checks(loop_blk):
     with pytest.raises(InvalidArgument):
         BlkEngine(loop_blk, bs=1000)

@@ -520,7 +520,6 @@ class BlkEngine:
         wl1 = [w + 1 for w in fixed.wlen]
         sub_t = [0] * self.qd
         perf = time.perf_counter_ns
-        free = list(range(self.qd))
         ios = errors = kicks = passes = idle = 0
         avail_idx = ring.avail_idx
         kick_from = ring._kick_from
@@ -532,25 +531,65 @@ class BlkEngine:
         next_progress = t0 + int(interval * 1e9) if progress is not None else deadline
         next_event = min(deadline, next_progress, t0 + 10_000_000)
 
-        def sync() -> None:
-            ring.avail_idx = avail_idx
-            ring._kick_from = kick_from
-            ring.last_used = last
-            ring.outstanding = outstanding
-            fixed.n_inflight = outstanding
-
-        def snapshot(now: int) -> None:
-            lats.flush()
-            self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, now - t0)
-
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
         synced = False
+        reposted: list[int] = []  # heads completed and re-posted in the current batch
+
         try:
+            # Fill the queue once; from then on every completion re-posts its
+            # slot at once (a closed loop), so the turnaround between seeing a
+            # completion and kicking the device is as short as it can be.
+            for s in range(self.qd):
+                if sequential:
+                    b = nxt
+                    nxt = nxt + 1 if nxt + 1 < nblocks else 0
+                else:
+                    b = int(rand() * nblocks)
+                h64[2 * s + 1] = (first + b) * spb
+                st[s] = 0xFF
+                sub_t[s] = t0
+                h = heads[s]
+                hw1[h] = wl1[s]
+                a16[2 + (avail_idx & mask)] = h
+                avail_idx = (avail_idx + 1) & 0xFFFF
+            outstanding += self.qd
+            if weak:
+                ordering.write_barrier()
+            a16[1] = avail_idx
+            if event_idx:
+                a16[used_event_i] = last if signals else (last - size - 1) & 0xFFFF
+            # (No kick decision for the first batch: the device has seen nothing yet.)
+            kick()
+            kicks += 1
+            kick_from = avail_idx
             while True:
-                if free:
+                n = (u16[1] - last) & 0xFFFF
+                passes += 1
+                if n:
+                    idle = 0
+                    if n > outstanding:
+                        self._sync_fused(avail_idx, kick_from, last, outstanding)
+                        fixed.reap_slots()  # raises with the exact reason
+                    if weak:
+                        ordering.read_barrier()
                     t = perf()
-                    for s in free:
+                    for _ in range(n):
+                        pos = 1 + 2 * (last & mask)
+                        head = u32[pos]
+                        # hw1[head]: writable bytes + 1 if in flight, 0 if not, negative if
+                        # already completed in this batch (a duplicate).
+                        if head >= size or u32[pos + 1] >= hw1[head]:
+                            self._fused_violation(reposted, kick_from, last, outstanding)
+                        hw1[head] = -hw1[head]
+                        reposted.append(head)
+                        last = (last + 1) & 0xFFFF
+                        s = slot_of[head]
+                        if st[s]:
+                            errors += 1
+                        raw.append(t - sub_t[s])
+                        sub_t[s] = t
+                        # Re-post the slot (its head stays in flight: hw1[head] keeps its value).
                         if sequential:
                             b = nxt
                             nxt = nxt + 1 if nxt + 1 < nblocks else 0
@@ -558,11 +597,11 @@ class BlkEngine:
                             b = int(rand() * nblocks)
                         h64[2 * s + 1] = (first + b) * spb
                         st[s] = 0xFF
-                        h = heads[s]
-                        hw1[h] = wl1[s]
-                        a16[2 + (avail_idx & mask)] = h
+                        a16[2 + (avail_idx & mask)] = head
                         avail_idx = (avail_idx + 1) & 0xFFFF
-                    outstanding += len(free)
+                    for h in reposted:
+                        hw1[h] = -hw1[h]
+                    reposted.clear()
                     if weak:
                         ordering.write_barrier()
                     a16[1] = avail_idx
@@ -580,41 +619,13 @@ class BlkEngine:
                     if need:
                         kick()
                         kicks += 1
-                    # Bookkeeping after the kick: the device is already at work.
-                    for s in free:
-                        sub_t[s] = t
-                    free = []
-                n = (u16[1] - last) & 0xFFFF
-                passes += 1
-                if n:
-                    idle = 0
-                    if n > outstanding:
-                        sync()
-                        fixed.reap_slots()  # raises with the exact reason
-                    if weak:
-                        ordering.read_barrier()
-                    t = perf()
-                    for _ in range(n):
-                        pos = 1 + 2 * (last & mask)
-                        head = u32[pos]
-                        if head >= size or u32[pos + 1] >= hw1[head]:
-                            sync()
-                            fixed.reap_slots()  # raises with the exact reason and the completions before it
-                        hw1[head] = 0
-                        s = slot_of[head]
-                        raw.append(t - sub_t[s])
-                        if st[s]:
-                            errors += 1
-                        free.append(s)
-                        last = (last + 1) & 0xFFFF
-                    outstanding -= n
                     ios += n
                     if t >= next_event:  # deadline, stop flag, progress, histogram: every ~10 ms at most
                         if t >= deadline or (stop is not None and stop.is_set()):
                             break
                         if progress is not None and t >= next_progress:
                             next_progress = t + int(interval * 1e9)
-                            snapshot(t)
+                            self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, t - t0, lats)
                             raw = lats.raw
                             progress(stats)
                         elif len(raw) >= 65536:
@@ -630,18 +641,36 @@ class BlkEngine:
                             raise ConnectionLost("the device stopped completing requests (5 s past the end of the run)")
                         if progress is not None and t >= next_progress:
                             next_progress = t + int(interval * 1e9)
-                            snapshot(t)
+                            self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, t - t0, lats)
                             raw = lats.raw
                             progress(stats)
-            sync()
+            self._sync_fused(avail_idx, kick_from, last, outstanding)
             synced = True
             errors += self._drain(st)
         finally:
             if not synced and ring.broken is None:
-                sync()
+                self._sync_fused(avail_idx, kick_from, last, outstanding)
             self._next_block = nxt
-            snapshot(perf())
+            self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, perf() - t0, lats)
         return stats
+
+    def _fused_violation(self, reposted: list[int], published: int, last: int, outstanding: int) -> None:
+        """A used entry broke a rule: withdraw this batch's re-posts, let reap_slots raise precisely."""
+        hw1 = self.fixed.hw1
+        for h in reposted:
+            hw1[h] = 0  # completed (counted); its re-post was never published
+        self._sync_fused(published, published, last, outstanding - len(reposted))
+        self.fixed.reap_slots()  # raises DeviceProtocolError naming the entry
+        raise AssertionError("reap_slots accepted an entry the fused loop rejected")
+
+    def _sync_fused(self, avail_idx: int, kick_from: int, last: int, outstanding: int) -> None:
+        """Write the fused loop's local ring state back to the queue and its FixedChains."""
+        ring = self.fixed.ring
+        ring.avail_idx = avail_idx
+        ring._kick_from = kick_from
+        ring.last_used = last
+        ring.outstanding = outstanding
+        self.fixed.n_inflight = outstanding
 
     def _drain(self, st: memoryview) -> int:
         """Reap what is still in flight so the queue can be reused; returns errors seen."""
@@ -661,8 +690,19 @@ class BlkEngine:
         return errors
 
     def _snapshot(
-        self, stats: Stats, ios: int, nwrites: int, errors: int, verrs: int, kicks: int, passes: int, elapsed_ns: int
+        self,
+        stats: Stats,
+        ios: int,
+        nwrites: int,
+        errors: int,
+        verrs: int,
+        kicks: int,
+        passes: int,
+        elapsed_ns: int,
+        lats: _LatencyLog | None = None,
     ) -> None:
+        if lats is not None:
+            lats.flush()
         stats.ios = ios
         stats.writes = nwrites
         stats.reads = ios - nwrites
