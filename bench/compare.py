@@ -124,16 +124,17 @@ def main() -> None:
     if a.json:
         print(json.dumps({"summary": summary, "rounds": rounds, "seconds": a.seconds}))
         return
-    print(f"\n4k randread vs qemu-storage-daemon null-co; {a.rounds} rounds x {a.seconds}s; qsd on CPU 0, clients CPU 1")
+    print(f"\n4k randread vs qemu-storage-daemon null-co; {a.rounds} rounds x {a.seconds}s; "
+          "qsd on CPU 0, clients CPU 1")
     print(f"{'QD':>4} {'ring':>5} {'pyvirtio med/best':>22} {'py stick med/best':>22} {'numpy stick med/best':>22} "
           f"{'ratio med':>9} {'best':>5}")
-    for qd, row in summary.items():
-        def cell(who: str) -> str:
-            x = row.get(who)
-            return f"{x['median'] / 1e3:,.0f}k / {x['best'] / 1e3:,.0f}k" if x else "-"  # type: ignore[index]
+    def cell(row: dict[str, object], who: str) -> str:
+        x = row.get(who)
+        return f"{x['median'] / 1e3:,.0f}k / {x['best'] / 1e3:,.0f}k" if x else "-"  # type: ignore[index]
 
-        print(f"{qd:>4} {row['ring']:>5} {cell('pyvirtio'):>22} {cell('python_stick'):>22} {cell('numpy_stick'):>22} "
-              f"{row['ratio_median']:>9} {row['ratio_best']:>5}")
+    for qd, row in summary.items():
+        print(f"{qd:>4} {row['ring']:>5} {cell(row, 'pyvirtio'):>22} {cell(row, 'python_stick'):>22} "
+              f"{cell(row, 'numpy_stick'):>22} {row['ratio_median']:>9} {row['ratio_best']:>5}")
 
 
 if __name__ == "__main__":
