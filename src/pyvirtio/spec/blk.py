@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from pyvirtio.spec.common import unpack_fields
+
 F_BARRIER: Final = 0  # legacy
 F_SIZE_MAX: Final = 1
 F_SEG_MAX: Final = 2
@@ -111,9 +113,4 @@ CONFIG_SIZE_V11: Final = 60
 
 def parse_config(data: bytes) -> dict[str, int]:
     """Decode the fields of a virtio_blk_config that ``data`` covers."""
-    out: dict[str, int] = {}
-    for name, off, fmt in CONFIG_FIELDS:
-        size = struct.calcsize(fmt)
-        if off + size <= len(data):
-            out[name] = struct.unpack_from(fmt, data, off)[0]
-    return out
+    return unpack_fields(CONFIG_FIELDS, data)

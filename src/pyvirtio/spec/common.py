@@ -7,6 +7,7 @@ in Linux's uapi headers; use ``1 << BIT`` for masks.
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
 # virtio 1.2 §2.1 Device Status Field
@@ -108,3 +109,17 @@ def feature_names(features: int, device_names: dict[int, str] | None = None) -> 
         if features >> n & 1:
             names.append(table.get(n, f"BIT_{n}"))
     return names
+
+
+def unpack_fields(fields: tuple[tuple[str, int, str], ...], data: bytes) -> dict[str, int]:
+    """Decode the (name, offset, struct format) fields of a config layout that ``data`` covers.
+
+    A config read may be shorter than the whole structure (a device of an
+    older spec version); fields past its end are left out.
+    """
+    out: dict[str, int] = {}
+    for name, off, fmt in fields:
+        size = struct.calcsize(fmt)
+        if off + size <= len(data):
+            out[name] = struct.unpack_from(fmt, data, off)[0]
+    return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from pyvirtio.spec.common import unpack_fields
+
 F_CSUM: Final = 0
 F_GUEST_CSUM: Final = 1
 F_CTRL_GUEST_OFFLOADS: Final = 2
@@ -125,8 +127,5 @@ def parse_config(data: bytes) -> dict[str, object]:
     out: dict[str, object] = {}
     if len(data) >= 6:
         out["mac"] = ":".join(f"{b:02x}" for b in data[:6])
-    for name, off, fmt in CONFIG_FIELDS:
-        size = struct.calcsize(fmt)
-        if off + size <= len(data):
-            out[name] = struct.unpack_from(fmt, data, off)[0]
+    out.update(unpack_fields(CONFIG_FIELDS, data))
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from pyvirtio.spec.common import unpack_fields
+
 F_INOUT: Final = 0
 F_HOTPLUG: Final = 1
 F_CHANGE: Final = 2
@@ -123,9 +125,4 @@ def lun_address(target: int, lun: int) -> bytes:
 
 
 def parse_config(data: bytes) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for name, off, fmt in CONFIG_FIELDS:
-        size = struct.calcsize(fmt)
-        if off + size <= len(data):
-            out[name] = struct.unpack_from(fmt, data, off)[0]
-    return out
+    return unpack_fields(CONFIG_FIELDS, data)
