@@ -288,3 +288,25 @@ def test_bench_stops_its_embedded_backend():
     out = bench("--runtime", "0.3", "--size", "4M", "--json")
     assert out.returncode == 0, out.stderr
     assert set(_bench_backends()) - before == set()
+
+
+@pytest.mark.timeout(60)
+def test_bench_on_a_scsi_lun(tmp_path):
+    sock = str(tmp_path / "scsi.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pyvirtio", "serve", "scsi", "--socket", sock, "--lun", "16M", "--lun", "8M"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            assert server.poll() is None and time.monotonic() < deadline, "serve scsi did not start"
+            time.sleep(0.05)
+        r = _json(bench(sock, "--lun", "0:1", "--runtime", "0.5", "--iodepth", "4", "--json"))
+        assert r["ios"] > 0 and r["errors"] == 0
+        out = bench(sock, "--lun", "0:9", "--runtime", "0.5")
+        assert out.returncode == 1 and out.stderr.startswith("pyvirtio: error:")
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -69,6 +69,8 @@ BE16, BE32, BE64 = T.BE16, T.BE32, T.BE64
 
 #: Most events held for a frontend that has posted no event buffer; more are dropped (EVENTS_MISSED).
 MAX_PENDING_EVENTS = 64
+#: virtio 1.2 §5.6.6.2: a TMF response of 0 (VIRTIO_SCSI_S_OK) reads "function complete".
+FUNCTION_COMPLETE = S.S_OK
 _RW_CHUNK = 1 << 20
 
 
@@ -255,7 +257,9 @@ class ScsiBackend:
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         #: Called (outside the lock) after an event is queued; loopback_scsi delivers with it.
         self.on_event: Callable[[], None] | None = None
+        #: Malformed requests (logged as warnings) and CHECK CONDITION answers (logged at debug).
         self.errors = 0
+        self.check_conditions = 0
         self.tmfs: list[tuple[int, int, int, int]] = []  # (subtype, target, lun, tag)
         self.events_sent = 0
         for (t, lun), unit in (luns or {}).items():
@@ -463,19 +467,19 @@ class ScsiBackend:
             for (t, _l), other in self._luns.items():
                 if t == target:
                     other.pending_ua.append(T.ASC_I_T_NEXUS_LOSS)
-            return S.S_FUNCTION_COMPLETE
+            return FUNCTION_COMPLETE
         if unit is None:
             return S.S_INCORRECT_LUN
         if subtype == S.T_TMF_LOGICAL_UNIT_RESET:
             unit.resets += 1
             unit.pending_ua.append(T.ASC_BUS_DEVICE_RESET)
-            return S.S_FUNCTION_COMPLETE
+            return FUNCTION_COMPLETE
         if subtype in (S.T_TMF_ABORT_TASK, S.T_TMF_ABORT_TASK_SET, S.T_TMF_CLEAR_TASK_SET, S.T_TMF_CLEAR_ACA):
             # Commands run to completion inside handle(): nothing is ever in flight to abort,
             # and "task not found" is FUNCTION COMPLETE (SAM-5 §7.2).
-            return S.S_FUNCTION_COMPLETE
+            return FUNCTION_COMPLETE
         if subtype in (S.T_TMF_QUERY_TASK, S.T_TMF_QUERY_TASK_SET):
-            return S.S_FUNCTION_COMPLETE  # no such task
+            return FUNCTION_COMPLETE  # no such task
         return S.S_FUNCTION_REJECTED
 
     # -- request queues
@@ -518,7 +522,11 @@ class ScsiBackend:
         cdb = header[19:req_size]
         where = self._resolve(lun8)
         if not isinstance(where, tuple):
-            self._bad(queue, chain.head, f"LUN field {lun8.hex()}: {S.RESPONSE_NAMES[where]}")
+            if where == S.S_BAD_TARGET and lun8[0] == 1:
+                # An absent target: every scan asks about them; not the frontend's fault.
+                log.debug("queue %d: no target %d", queue, lun8[1])
+            else:
+                self._bad(queue, chain.head, f"LUN field {lun8.hex()}: {S.RESPONSE_NAMES[where]}")
             return self._respond(writable, where, T.GOOD, b"", din_len)
         target, lun_id = where
         data_out = _skip(readable, req_size)
@@ -528,9 +536,13 @@ class ScsiBackend:
         try:
             self._execute(cmd)
         except _Reject as rej:
-            if rej.key != T.UNIT_ATTENTION and rej.key != T.NOT_READY:
-                self._bad(queue, chain.head, f"{T.opcode_name(cdb)} on {target}:{lun_id}: "
-                          f"{T.SENSE_KEY_NAMES[rej.key]} {T.asc_name(rej.asc, rej.ascq)} {rej}")
+            # CHECK CONDITION is an ordinary SCSI answer (initiators probe what is supported).
+            self.check_conditions += 1
+            log.debug(
+                "queue %d: %s on %d:%d: CHECK CONDITION %s, %s %s",
+                queue, T.opcode_name(cdb), target, lun_id, T.SENSE_KEY_NAMES[rej.key],
+                T.asc_name(rej.asc, rej.ascq), rej,
+            )
             return self._respond(writable, S.S_OK, T.CHECK_CONDITION, self._sense(rej.key, (rej.asc, rej.ascq)),
                                  din_len)
         except _Overrun as exc:

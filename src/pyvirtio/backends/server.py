@@ -298,9 +298,9 @@ class VhostUserBackend:
                         return "server stopping"
                     elif fd == wake_fd:
                         _drain(fd)
-                        for ring in self.rings:
-                            if ring.index in self._gated and ring not in busy:
-                                self._wake(ring)
+                        for gated in self.rings:
+                            if gated.index in self._gated and gated not in busy:
+                                self._wake(gated)
                     else:
                         ring = by_kick.get(fd)
                         if ring is not None:

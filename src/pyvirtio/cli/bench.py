@@ -52,6 +52,8 @@ def register(sub: Any) -> None:
     p.add_argument("--device-signals", choices=("auto", "on", "off"), default="auto",
                    help="let the device signal completions although the engine polls "
                    "(default auto: on for the plain-Python engine, off for NumPy; see docs/benchmarks.md)")
+    p.add_argument("--lun", default=None, metavar="T:L",
+                   help="benchmark LUN T:L of a virtio-scsi device (TARGET is then a vhost-user-scsi socket)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.set_defaults(func=run)
@@ -130,6 +132,8 @@ def _progress_printer(enabled: bool, total_seconds: float) -> Any:
 def run(args: argparse.Namespace) -> int:
     if args.iodepth < 1 or args.queues < 1 or args.runtime <= 0:
         raise InvalidArgument("--iodepth, --queues and --runtime must be positive")
+    if args.lun is not None:
+        return _scsi_bench(args)
     backend: EmbeddedBackend | None = None
     target = args.target
     if target is None:
@@ -140,6 +144,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if backend is not None:
             backend.stop()
+
+
+def _scsi_bench(args: argparse.Namespace) -> int:
+    """``--lun T:L``: the same workload on a virtio-scsi LUN (pyvirtio.drivers.scsi.ScsiBench)."""
+    from pyvirtio.cli import scsi as scsi_cli
+
+    if args.target is None:
+        raise InvalidArgument("--lun needs a TARGET (a vhost-user-scsi socket, e.g. from `pyvirtio serve scsi`)")
+    if args.queues != 1 or args.verify or args.mode != "auto":
+        raise InvalidArgument("--lun benchmarks run on one queue, without --verify or --mode")
+    args.lun = scsi_cli.lun_arg(args.lun)
+    for name, default in (("connect_timeout", 5.0), ("timeout", 30.0)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return int(scsi_cli.run_bench(args))
 
 
 def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:

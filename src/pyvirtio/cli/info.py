@@ -4,6 +4,9 @@ The JSON form is :meth:`pyvirtio.drivers.blk.VirtioBlk.info` as is: SPDK's
 ``virtio_dev_dump_json_info`` keys (``"virtio": {"vq_count", "vq_size",
 "type", "socket"}``) plus device type, status, offered / negotiated feature
 names, protocol features and the decoded config space under ``"blk"``.
+vhost-user does not say what a device is: ``--type scsi`` (or ``--lun T:L``)
+opens it as virtio-scsi, and the info gains ``"scsi"`` (config, LUNs found
+by a scan; ``--lun`` keeps one).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pyvirtio.cli.common import add_target_arguments, format_size, open_blk, print_json, print_table
+from pyvirtio.cli.common import UsageError, add_target_arguments, format_size, open_blk, print_json, print_table
+from pyvirtio.cli.scsi import lun_arg, render_scsi, scsi_info
 
 
 def register(subparsers: Any) -> None:
@@ -23,15 +27,23 @@ def register(subparsers: Any) -> None:
     )
     add_target_arguments(p)
     p.add_argument("--json", action="store_true", help="print the info dict as JSON")
+    p.add_argument("--type", choices=("blk", "scsi"), default=None,
+                   help="the device type (vhost-user does not say it; default blk, scsi with --lun)")
+    p.add_argument("--lun", type=lun_arg, default=None, metavar="T:L", help="scsi: show this LUN only")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    blk = open_blk(args)
-    try:
-        info = blk.info()
-    finally:
-        blk.close()
+    if args.type == "scsi" or (args.type is None and args.lun is not None):
+        info = scsi_info(args)
+    else:
+        if args.lun is not None:
+            raise UsageError("--lun applies to --type scsi")
+        blk = open_blk(args)
+        try:
+            info = blk.info()
+        finally:
+            blk.close()
     if args.json:
         print_json(info)
     else:
@@ -80,6 +92,9 @@ def render(info: dict[str, Any]) -> None:
     if "backend_queues" in virtio:
         qrows.append(("back end queues", str(virtio["backend_queues"])))
     print_table("Queues", qrows)
+    if info.get("scsi"):
+        print()
+        render_scsi(info["scsi"])
     blk = info.get("blk")
     if blk:
         print()

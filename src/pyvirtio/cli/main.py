@@ -24,6 +24,7 @@ from pyvirtio.cli.common import run
 SUBCOMMAND_MODULES = (
     "pyvirtio.cli.info",
     "pyvirtio.cli.blk",
+    "pyvirtio.cli.scsi",
     "pyvirtio.cli.bench",
     "pyvirtio.cli.serve",
 )

@@ -1,5 +1,7 @@
 """``pyvirtio serve``: run an embedded vhost-user device back end.
 
+``pyvirtio serve scsi --socket PATH --lun [T:L=]SIZE_OR_FILE [--lun ...]``
+serves a virtio-scsi device with those LUNs (:mod:`pyvirtio.cli.scsi`).
 ``pyvirtio serve blk --socket PATH (--size SIZE | --file PATH)`` serves a
 virtio-blk device (a RAM disk of SIZE bytes, or an existing regular file) to one
 vhost-user frontend at a time (QEMU, qemu-storage-daemon's peers, SPDK,
@@ -83,6 +85,16 @@ def add_parser(subparsers: Any) -> None:
     )
     b.add_argument("--inflight", action="store_true", help="inflight tracking (not yet supported)")
     b.set_defaults(func=run)
+
+    def shared_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--queues", type=_queues_arg, default=1, metavar="N", help="request queues (default 1)")
+        q.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="default warning")
+        q.add_argument("--poll-us", type=float, default=None, metavar="US",
+                       help="poll a drained ring this long before sleeping on its kick (default 50)")
+
+    from pyvirtio.cli.scsi import add_serve_parser as add_scsi
+
+    add_scsi(devices, shared_options)
 
 
 #: The name pyvirtio.cli.main looks for.

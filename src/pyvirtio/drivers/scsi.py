@@ -150,7 +150,10 @@ class ScsiError(BlockIOError):
         elif response != S.S_OK:
             why = f"virtio response {self.response_name}"
         elif sense is not None:
-            why = f"{status_name}, {sense.key_name} ({sense.key:#x}), {sense.asc_name} " f"(ASC {sense.asc:#04x} ASCQ {sense.ascq:#04x})"
+            why = (
+                f"{status_name}, {sense.key_name} ({sense.key:#x}), {sense.asc_name} "
+                f"(ASC {sense.asc:#04x} ASCQ {sense.ascq:#04x})"
+            )
         else:
             why = status_name
         self.args = (f"{where} failed: {why}",)
@@ -196,7 +199,7 @@ class ScsiRequest:
     _bounce: list[Buffer] = field(default_factory=list, repr=False)
     _segs: list[tuple[int, int, bool]] = field(default_factory=list, repr=False)
     _waiter: Any = field(default=None, repr=False)
-    _t0: int = 0
+    _cookie: int = 0  # free for the submitter (ScsiBench keeps its slot number here)
 
     @property
     def name(self) -> str:
@@ -229,8 +232,8 @@ class ScsiRequest:
         if self.status != T.GOOD:
             sense = self.sense_data
             cls = ScsiError
-            if sense is not None and sense.key == T.ILLEGAL_REQUEST and (sense.asc, sense.ascq) == T.ASC_LUN_NOT_SUPPORTED:
-                cls = LunNotFound
+            if sense is not None and (sense.key, sense.asc, sense.ascq) == (T.ILLEGAL_REQUEST, 0x25, 0x00):
+                cls = LunNotFound  # LOGICAL UNIT NOT SUPPORTED
             return cls(self.name, self.target, self.lun, status=self.status or 0, sense=sense, **kw)
         if self.full_transfer and self.resid:
             return ScsiError(
@@ -458,6 +461,8 @@ class VirtioScsi:
         self._mgmt_lock = threading.RLock()
         self._callbacks: list[Callable[[ScsiEvent], None]] = []
         self.luns: dict[tuple[int, int], LunInfo] = {}
+        #: Targets / LUNs the last scan could not use, and why.
+        self.scan_errors: dict[tuple[int, int], str] = {}
         self.events: list[ScsiEvent] = []  # the last 100 events, oldest first
         self._ctrl = self.pool.allocate(64, align=64)
         nev = min(EVENT_BUFFERS, device.queue(S.EVENT_QUEUE).size)
@@ -668,7 +673,9 @@ class VirtioScsi:
         if response == _RESP_SENTINEL:
             error = DeviceProtocolError(f"{req.name} on {req.target}:{req.lun}: the device did not write a response")
         elif response not in S.RESPONSE_NAMES:
-            error = DeviceProtocolError(f"{req.name} on {req.target}:{req.lun}: invalid virtio-scsi response {response}")
+            error = DeviceProtocolError(
+                f"{req.name} on {req.target}:{req.lun}: invalid virtio-scsi response {response}"
+            )
         elif sense_len > self.sense_size:
             error = DeviceProtocolError(
                 f"{req.name} on {req.target}:{req.lun}: sense_len {sense_len} exceeds sense_size {self.sense_size}"
@@ -881,7 +888,9 @@ class VirtioScsi:
             try:
                 await asyncio.wait_for(fut, self.timeout)
             except TimeoutError:
-                raise TransportTimeout(f"{req.name} on {req.target}:{req.lun} not completed within {self.timeout} s") from None
+                raise TransportTimeout(
+                    f"{req.name} on {req.target}:{req.lun} not completed within {self.timeout} s"
+                ) from None
         req.check()
         return req
 
@@ -947,6 +956,10 @@ class VirtioScsi:
         """Reap event buffers (waiting up to ``timeout`` s for one), act on them, re-post them."""
         raw: list[tuple[int, bytes, int]] = []
         with self._mgmt() as (_cq, eq):
+            fd = eq.fd
+            if fd is not None:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)  # drained here, so event_fd is level-meaningful for select
             done = eq.reap()
             if not done and timeout > 0:
                 done = eq.wait(timeout)
@@ -1015,6 +1028,8 @@ class VirtioScsi:
                 return [ScsiEvent("removed", target, lun, S.T_TRANSPORT_RESET, S.EVT_RESET_RESCAN, old)]
             return []
         self.luns[(target, lun)] = info
+        if old is not None and _geometry(old) == _geometry(info):
+            return []  # a RESCAN of a LUN we know, unchanged (a stale event, say)
         kind = "added" if old is None else "changed"
         return [ScsiEvent(kind, target, lun, S.T_TRANSPORT_RESET, S.EVT_RESET_RESCAN, info)]
 
@@ -1027,7 +1042,7 @@ class VirtioScsi:
             old = before.get(key)
             if old is None:
                 out.append(ScsiEvent("added", key[0], key[1], info=info))
-            elif (old.num_blocks, old.block_size) != (info.num_blocks, info.block_size):
+            elif _geometry(old) != _geometry(info):
                 out.append(ScsiEvent("changed", key[0], key[1], info=info))
         for key, old in before.items():
             if key not in self.luns:
@@ -1266,9 +1281,15 @@ class VirtioScsi:
         for t in wanted:
             if not 0 <= t <= self.max_target:
                 raise InvalidArgument(f"target {t} is outside 0..{self.max_target}")
+            for key in [k for k in self.scan_errors if k[0] == t]:
+                del self.scan_errors[key]
             try:
                 ids = self.report_luns(t)
             except LunNotFound:
+                ids = []
+            except (ScsiError, DeviceProtocolError) as exc:
+                # The target answers but not usefully: skip it, say why (SPDK: -EBUSY).
+                self.scan_errors[(t, -1)] = str(exc)
                 ids = []
             fresh: dict[tuple[int, int], LunInfo] = {}
             for lun in ids:
@@ -1276,8 +1297,13 @@ class VirtioScsi:
                     info = self.probe_lun(t, lun)
                 except LunNotFound:
                     info = None
+                except (ScsiError, DeviceProtocolError) as exc:
+                    self.scan_errors[(t, lun)] = str(exc)
+                    info = None
                 if info is not None and info.is_disk:
                     fresh[(t, lun)] = info
+                elif info is not None:
+                    self.scan_errors[(t, lun)] = f"peripheral type {info.type_name}, not a disk"
             for key in [k for k in self.luns if k[0] == t]:
                 del self.luns[key]
             self.luns.update(fresh)
@@ -1295,6 +1321,10 @@ class VirtioScsi:
                 raise LunNotFound("INQUIRY", target, lun, detail="no disk at this address")
             self.luns[(target, lun)] = info
         return ScsiDisk(self, info)
+
+
+def _geometry(info: LunInfo) -> tuple[int, int, bool]:
+    return info.num_blocks, info.block_size, info.readonly
 
 
 def _text(raw: bytes) -> str:
@@ -1457,7 +1487,7 @@ class ScsiDisk:
         req = self.flush_request()
         self.scsi.execute(req)
         sense = req.sense_data
-        if not self._sync16 and sense is not None and sense.key == T.ILLEGAL_REQUEST and (sense.asc, sense.ascq) == T.ASC_INVALID_OPCODE:
+        if not self._sync16 and sense is not None and (sense.key, sense.asc) == (T.ILLEGAL_REQUEST, 0x20):
             self._sync16 = True  # no SYNCHRONIZE CACHE(10): try (16)
             req = self.scsi.run(self.flush_request())
         req.check()
@@ -1584,7 +1614,7 @@ class ScsiBench:
             req = self.disk.write_request(offset, buf)
         else:
             req = self.disk.read_request(offset, self.bs, into=buf)
-        req._t0 = slot  # the slot rides along; the start time is kept per slot
+        req._cookie = slot
         return req
 
     def run(
@@ -1616,17 +1646,18 @@ class ScsiBench:
             while inflight:
                 done = scsi._reap(ctx)
                 if not done:
+                    # The driver's idle policy: spin a while, then sleep on the interrupt
+                    # (a back end in this process needs the GIL to make progress).
+                    scsi._idle(ctx, spins, None)
                     spins += 1
-                    if not spins & 0x3FF:
-                        scsi.device.transport.check_alive()
-                        if now() > end + 10_000_000_000 + int((scsi.timeout or 30) * 1e9):
-                            raise TransportTimeout(f"{inflight} requests not completed")
+                    if not spins & 0x3FF and scsi.timeout is not None and now() > end + int(scsi.timeout * 1e9):
+                        raise TransportTimeout(f"{inflight} requests not completed within {scsi.timeout} s")
                     continue
                 spins = 0
                 t = now()
                 again: list[ScsiRequest] = []
                 for req in done:
-                    slot = req._t0
+                    slot = req._cookie
                     lat = t - started[slot]
                     stats.lat_sum_ns += lat
                     if lat > stats.lat_max_ns:
