@@ -8,6 +8,8 @@ device drivers in :mod:`pyvirtio.drivers`.
 """
 
 from pyvirtio.device import VirtioDevice, Virtqueue
+from pyvirtio.drivers.blk import VirtioBlk
+from pyvirtio.drivers.scsi import ScsiError, VirtioScsi
 from pyvirtio.errors import (
     BlockIOError,
     ConnectionLost,
@@ -56,7 +58,10 @@ __all__ = [
     "SplitQueue",
     "TransportError",
     "TransportTimeout",
+    "ScsiError",
     "Virtqueue",
+    "VirtioBlk",
     "VirtioDevice",
+    "VirtioScsi",
     "__version__",
 ]
