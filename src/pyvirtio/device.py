@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pyvirtio.errors import (
+    ConnectionLost,
     InvalidArgument,
     NegotiationError,
     OwnershipError,
@@ -62,6 +64,7 @@ from pyvirtio.spec.common import (
 )
 from pyvirtio.spec.ring import is_power_of_two
 from pyvirtio.transport.base import QueueSetup, Transport
+from pyvirtio.transport.vhost_user import ReconnectFailed
 
 _DEVICE_FEATURE_NAMES: dict[int, dict[int, str]] = {
     DEVICE_ID_BLOCK: spec_blk.FEATURE_NAMES,
@@ -78,17 +81,27 @@ class Virtqueue:
     :meth:`reap` (polling) or :meth:`wait` (blocking on the interrupt).
     """
 
-    __slots__ = ("ring", "index", "_transport", "_owner", "add", "add_buffers", "kicks")
+    __slots__ = ("ring", "index", "_transport", "_owner", "add", "add_buffers", "kicks", "generation", "_device")
 
-    def __init__(self, ring: SplitQueue, transport: Transport) -> None:
+    def __init__(self, ring: SplitQueue, transport: Transport, device: VirtioDevice | None = None) -> None:
         self.ring = ring
         self.index = ring.index
         self._transport = transport
+        self._device = device
         self._owner: int | None = None
         # add() is only reachable after start(), which checks the owner.
         self.add = ring.add
         self.add_buffers = ring.add_buffers
         self.kicks = 0
+        #: The transport connection (generation) this queue runs on; see VirtioDevice.recover.
+        self.generation = _generation(transport)
+
+    def check_alive(self) -> None:
+        """Raise ConnectionLost if the device is gone, or if this queue still waits to be restored after a reconnect."""
+        t = self._transport
+        t.check_alive()
+        if self.generation != _generation(t):
+            raise ConnectionLost(f"queue {self.index} has not been restored since the back end reconnected")
 
     def _check_owner(self) -> None:
         if self._owner != threading.get_ident():
@@ -146,7 +159,14 @@ class Virtqueue:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return []
-                self._transport.wait_queue(self.index, left)
+                try:
+                    self._transport.wait_queue(self.index, left)
+                except ConnectionLost:
+                    if self._device is None or not self._device.can_reconnect:
+                        raise
+                    paused = self._device.recover(self)
+                    if deadline is not None:
+                        deadline += paused
         finally:
             ring.disable_interrupts()
 
@@ -184,6 +204,7 @@ class VirtioDevice:
         self.fixed_queues = 0
         self._queues: list[Virtqueue] = []
         self._lock = threading.Lock()
+        self._recover_lock = threading.RLock()
         self.closed = False
 
     # -- status and features --------------------------------------------------
@@ -274,7 +295,7 @@ class VirtioDevice:
                 if queue_size is not None:
                     size = min(size, queue_size)
                 ring = SplitQueue(size, self.pool, index=i, event_idx=event_idx, indirect=indirect)
-                self._queues.append(Virtqueue(ring, self.transport))
+                self._queues.append(Virtqueue(ring, self.transport, self))
                 setup = QueueSetup(i, size, ring.desc_addr, ring.avail_addr, ring.used_addr)
                 self.transport.setup_queue(setup)
             self._require(STATUS_DRIVER_OK, "start")
@@ -338,6 +359,65 @@ class VirtioDevice:
         if not 0 <= index < len(self._queues):
             raise InvalidArgument(f"{self.name}: no queue {index} ({len(self._queues)} started)")
         return self._queues[index]
+
+    # -- reconnect (vhost-user back end restarts) ---------------------------------
+
+    @property
+    def can_reconnect(self) -> bool:
+        """Does the transport reconnect to a lost device (a reconnect policy is set)?"""
+        return getattr(self.transport, "reconnect_policy", None) is not None
+
+    def recover(self, vq: Virtqueue, restart: Callable[[bool], int] | None = None) -> float:
+        """Bring queue ``vq`` back after the transport lost the device; returns the seconds it took.
+
+        Called by the queue's owner when the data path raised ConnectionLost.
+        The first caller reconnects (the transport's policy bounds the wait;
+        other callers wait for it) and also restores every queue nobody owns;
+        then each owner restores its own queue, so no ring is touched by a
+        thread that does not own it. Restoring a queue means
+        ``restart(resubmit)`` (default: ``vq.ring.restart_base``): the ring
+        is prepared from the driver's shadow state and its base returned,
+        with ``resubmit`` False when the new back end took the inflight area
+        and resubmits by itself; then the transport starts the ring there.
+        Requests in flight are not failed: each one not completed is
+        resubmitted exactly once, and completions still in the used ring are
+        reaped as usual afterwards. Raises ConnectionLost
+        (:class:`~pyvirtio.transport.vhost_user.ReconnectFailed`) when the
+        transport cannot reconnect; the caller then fails its requests.
+        """
+        t: Any = self.transport
+        policy = getattr(t, "reconnect_policy", None)
+        if policy is None:
+            raise ConnectionLost(f"{self.name}: the device was lost and reconnect is off")
+        start = time.monotonic()
+        deadline = start + policy.timeout
+        if restart is None:
+            restart = vq.ring.restart_base
+        while True:
+            try:
+                with self._recover_lock:
+                    made = t.reconnect(deadline)
+                    if made:
+                        self._restore_unowned(vq)
+                    if vq.generation != t.generation:
+                        t.restart_queue(vq.index, restart(not t.device_resubmits))
+                        vq.generation = t.generation
+                    if made:
+                        t.resume()
+                return time.monotonic() - start
+            except ConnectionLost as exc:
+                if isinstance(exc, ReconnectFailed) or time.monotonic() >= deadline:
+                    raise
+                # Lost again while restoring: the next round reconnects.
+
+    def _restore_unowned(self, caller: Virtqueue) -> None:
+        t: Any = self.transport
+        with self._lock:  # nobody can acquire a queue while it is restored
+            for other in self._queues:
+                if other is caller or other._owner is not None or other.ring.broken is not None:
+                    continue
+                t.restart_queue(other.index, other.ring.restart_base(not t.device_resubmits))
+                other.generation = t.generation
 
     # -- ownership (seed: virtio_dev_acquire_queue & co) -----------------------
 
@@ -408,3 +488,9 @@ class VirtioDevice:
             "fixed_queues": self.fixed_queues,
             "virtio": virtio,
         }
+
+
+def _generation(transport: Transport) -> int:
+    """The transport's connection generation (0 for transports that never reconnect)."""
+    generation: int = getattr(transport, "generation", 0)
+    return generation

@@ -10,7 +10,9 @@ keeps the negotiated state (features, memory table, rings), and runs the data
 path by handing each available chain to the *device model*, an object with
 ``features()``, ``config()``, ``num_queues`` and ``handle(queue, chain) -> int``
 (bytes written into the chain) and optionally ``info()``, ``set_config(offset,
-data)`` and ``reset()``. :class:`~pyvirtio.backends.blk.BlockBackend` is one.
+data)``, ``reset()``, ``negotiated(features)`` (called at SET_FEATURES) and
+``vhost_queue_num`` (the GET_QUEUE_NUM answer, default ``num_queues``; net
+models answer queue pairs). :class:`~pyvirtio.backends.blk.BlockBackend` is one.
 A model that sends device-initiated buffers (virtio-scsi events) also has
 ``gated_queues`` (chains of those rings are taken only while
 ``pending(queue)`` says so; the rest stay posted) and ``wake_fd`` (an
@@ -95,6 +97,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pyvirtio.backends.inflight import InflightArea, QueueInflight
 from pyvirtio.errors import DriverProtocolError, PyvirtioError, TransportError
 from pyvirtio.memory import PAGE_SIZE, MemoryTable, Region
 from pyvirtio.protocol import vhost_user as vu
@@ -121,6 +124,7 @@ __all__ = [
     "DeviceModel",
     "ProtocolViolation",
     "VhostUserBackend",
+    "VhostUserClient",
     "VhostUserServer",
 ]
 
@@ -169,7 +173,9 @@ class _Refused(Exception):
 class _Ring:
     """Per-ring state as the frontend configured it, and the running queue."""
 
-    __slots__ = ("index", "num", "addr", "base", "kick", "kick_polled", "call", "err", "enabled", "queue")
+    __slots__ = (
+        "index", "num", "addr", "base", "kick", "kick_polled", "call", "err", "enabled", "queue", "inflight", "resubmit"
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -182,6 +188,8 @@ class _Ring:
         self.err = -1
         self.enabled = False
         self.queue: DeviceQueue | None = None
+        self.inflight: QueueInflight | None = None  # INFLIGHT_SHMFD tracking while the ring runs
+        self.resubmit: list[int] = []  # heads a previous back end left in flight, to run first
 
     def close_fds(self) -> None:
         for name in ("kick", "call", "err"):
@@ -215,8 +223,14 @@ class VhostUserBackend:
     readable. One object per connection.
     """
 
-    def __init__(self, model: DeviceModel, *, poll_us: float = DEFAULT_POLL_US) -> None:
+    def __init__(self, model: DeviceModel, *, poll_us: float = DEFAULT_POLL_US, inflight: bool = False) -> None:
         self.model = model
+        # INFLIGHT_SHMFD (backends/inflight.py): offered only when asked for.
+        self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES | (
+            1 << vu.PROTOCOL_F_INFLIGHT_SHMFD if inflight else 0
+        )
+        self._inflight: InflightArea | None = None  # the area of SET_INFLIGHT_FD
+        self._offered: InflightArea | None = None  # the last one created for GET_INFLIGHT_FD
         self.poll_s = max(0.0, poll_us) / 1e6
         self.num_queues = int(model.num_queues)
         self.offered_features = int(model.features()) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
@@ -260,6 +274,8 @@ class VhostUserBackend:
             vu.SET_STATUS: self._set_status,
             vu.GET_STATUS: self._get_status,
             vu.RESET_DEVICE: self._reset_device,
+            vu.GET_INFLIGHT_FD: self._get_inflight_fd,
+            vu.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
         #: Counters for tests and ``info()``.
         self.chains = 0
@@ -332,6 +348,7 @@ class VhostUserBackend:
         for ring in self.rings:
             self._stop_ring(ring)
             ring.close_fds()
+        self._drop_inflight()
         self.memory.close()
         self._reader.close_pending_fds()
         sock = self._sock
@@ -392,7 +409,11 @@ class VhostUserBackend:
     def _send(self, out: vu.Outgoing) -> None:
         assert self._sock is not None
         try:
-            self._sock.sendall(out.data)
+            if out.fds:  # GET_INFLIGHT_FD's reply
+                fds = array.array("i", out.fds).tobytes()
+                self._sock.sendmsg([out.data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            else:
+                self._sock.sendall(out.data)
         except (OSError, TimeoutError) as exc:
             raise TransportError(f"cannot send the reply to {out.name}: {exc}") from None
 
@@ -447,12 +468,15 @@ class VhostUserBackend:
         if extra:
             raise ProtocolViolation(f"SET_FEATURES acks features 0x{extra:x} that were not offered")
         self.acked_features = value
+        negotiated = getattr(self.model, "negotiated", None)
+        if negotiated is not None:
+            negotiated(value)  # optional hook: models whose work depends on features (net: MRG_RXBUF)
 
     def _get_protocol_features(self, _value: None, _fds: list[int]) -> vu.Outgoing:
-        return vu.encode_reply(vu.GET_PROTOCOL_FEATURES, OFFERED_PROTOCOL_FEATURES)
+        return vu.encode_reply(vu.GET_PROTOCOL_FEATURES, self.offered_protocol_features)
 
     def _set_protocol_features(self, value: int, _fds: list[int]) -> None:
-        extra = value & ~OFFERED_PROTOCOL_FEATURES
+        extra = value & ~self.offered_protocol_features
         if extra:
             raise ProtocolViolation(
                 f"SET_PROTOCOL_FEATURES acks {vu.protocol_feature_names(extra)}, which were not offered"
@@ -467,7 +491,8 @@ class VhostUserBackend:
         self.owner = False
 
     def _get_queue_num(self, _value: None, _fds: list[int]) -> vu.Outgoing:
-        return vu.encode_reply(vu.GET_QUEUE_NUM, self.num_queues)
+        # Optional model hook: net back ends answer queue *pairs* (QEMU's and DPDK's convention).
+        return vu.encode_reply(vu.GET_QUEUE_NUM, int(getattr(self.model, "vhost_queue_num", self.num_queues)))
 
     def _need_owner(self, what: str) -> None:
         if not self.owner:
@@ -517,11 +542,73 @@ class VhostUserBackend:
         self.rings = [_Ring(i) for i in range(self.num_queues)]
         self.acked_features = 0
         self.status = 0
+        self._drop_inflight()  # what was in flight is abandoned by a reset
         if drop_memory:
             self.memory.close()
         reset = getattr(self.model, "reset", None)
         if reset is not None:
             reset()
+
+    # -- inflight tracking (INFLIGHT_SHMFD, backends/inflight.py) ----------------
+
+    def _get_inflight_fd(self, value: vu.InflightInfo, _fds: list[int]) -> vu.Outgoing:
+        self._need_owner("GET_INFLIGHT_FD")
+        if not self._has_protocol(vu.PROTOCOL_F_INFLIGHT_SHMFD):
+            raise ProtocolViolation("GET_INFLIGHT_FD without PROTOCOL_F_INFLIGHT_SHMFD")
+        if not 1 <= value.num_queues <= 0xFFFF or not 1 <= value.queue_size <= MAX_QUEUE_SIZE:
+            raise _Refused(f"an inflight area for {value.num_queues} queues of {value.queue_size}")
+        # A new zeroed area; the frontend keeps it and sends it back with SET_INFLIGHT_FD
+        # (our mapping of it is dropped then: the one attached is the frontend's).
+        self._drop_offered()
+        area = InflightArea.create(value.num_queues, value.queue_size)
+        self._offered = area
+        return vu.encode_reply(vu.GET_INFLIGHT_FD, area.info, fds=(area.fd,))
+
+    def _drop_offered(self) -> None:
+        if self._offered is not None:
+            self._offered.close()
+            self._offered = None
+
+    def _set_inflight_fd(self, value: vu.InflightInfo, fds: list[int]) -> None:
+        self._need_owner("SET_INFLIGHT_FD")
+        if not self._has_protocol(vu.PROTOCOL_F_INFLIGHT_SHMFD):
+            raise ProtocolViolation("SET_INFLIGHT_FD without PROTOCOL_F_INFLIGHT_SHMFD")
+        area = InflightArea.attach(fds.pop(), value, ProtocolViolation)
+        self._drop_offered()
+        running = [r for r in self.rings if r.queue is not None]
+        for ring in running:
+            self._stop_ring(ring)
+        self._drop_inflight()
+        self._inflight = area
+        for ring in running:
+            self._try_start(ring)
+
+    def _drop_inflight(self) -> None:
+        for ring in self.rings:
+            ring.inflight = None
+            ring.resubmit = []
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
+        self._drop_offered()
+
+    def _track(self, ring: _Ring, queue: DeviceQueue) -> None:
+        """A ring starts with an inflight area: recover what a previous back end left in flight."""
+        area = self._inflight
+        tracker = None if area is None else area.queue(ring.index)
+        if tracker is None:
+            return
+        if tracker.desc_num < ring.num:
+            raise ProtocolViolation(
+                f"ring {ring.index} of {ring.num} descriptors: the inflight area tracks {tracker.desc_num}"
+            )
+        heads = tracker.recover(queue)
+        ring.inflight = tracker
+        ring.resubmit = heads
+        if heads:
+            # vhost-user.rst: the ring resumes after what was popped (completed + in flight).
+            queue.last_avail = (queue.used_idx + len(heads)) & 0xFFFF
+            log.info("ring %d: resubmitting %d request(s) left in flight", ring.index, len(heads))
 
     # -- memory -----------------------------------------------------------------
 
@@ -757,6 +844,8 @@ class VhostUserBackend:
         if not len(self.memory):
             raise ProtocolViolation(f"ring {ring.index} started without a memory table")
         ring.queue = self._make_queue(ring)
+        if self._inflight is not None:
+            self._track(ring, ring.queue)
         if ring.kick >= 0:
             self._by_kick[ring.kick] = ring
             self._poller.register(ring.kick, _POLLIN)
@@ -772,6 +861,8 @@ class VhostUserBackend:
         ring.base = queue.last_avail
         queue.release()
         ring.queue = None
+        ring.inflight = None  # heads still flagged are found again at the next start
+        ring.resubmit = []
         self._busy.pop(ring, None)
         if ring in self._polled:
             self._polled.remove(ring)
@@ -829,6 +920,8 @@ class VhostUserBackend:
 
     def _batch(self, ring: _Ring) -> bool:
         """Run one batch (at most a ring's worth) of chains; True if more is pending."""
+        if ring.inflight is not None:
+            return self._batch_tracked(ring, ring.inflight)
         queue = ring.queue
         assert queue is not None
         handle = self.model.handle
@@ -855,6 +948,42 @@ class VhostUserBackend:
                     pass
             raise ProtocolViolation(str(exc)) from None
         self._publish(ring, n)
+        return self._has_work(ring, queue)
+
+    def _batch_tracked(self, ring: _Ring, tracker: QueueInflight) -> bool:
+        """:meth:`_batch` with inflight tracking: resubmissions first, every head marked from pop to used."""
+        queue = ring.queue
+        assert queue is not None
+        handle = self.model.handle
+        index = ring.index
+        heads: list[int] = []
+        limit = queue.size
+        if index in self._gated:
+            limit = min(limit, self.model.pending(index))  # type: ignore[attr-defined]
+        try:
+            if ring.resubmit:
+                pending, ring.resubmit = ring.resubmit, []
+                for head in pending:  # still marked in flight, with their old counters
+                    queue.add_used(head, handle(index, queue._walk(head)))
+                    heads.append(head)
+            while len(heads) < limit:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                tracker.begin(chain.head)
+                queue.add_used(chain.head, handle(index, chain))
+                heads.append(chain.head)
+        except ChainError as exc:
+            self._publish(ring, len(heads))
+            tracker.end(heads, queue.used_idx)
+            if ring.err >= 0:
+                try:
+                    os.eventfd_write(ring.err, 1)
+                except OSError:
+                    pass
+            raise ProtocolViolation(str(exc)) from None
+        self._publish(ring, len(heads))
+        tracker.end(heads, queue.used_idx)  # after the used index is published (crash-safe order)
         return self._has_work(ring, queue)
 
     def _has_work(self, ring: _Ring, queue: DeviceQueue) -> bool:
@@ -910,13 +1039,18 @@ class VhostUserServer:
     frontends until :meth:`stop` (thread-safe, also from a signal handler),
     then removes the socket. ``start()`` runs ``serve()`` in a daemon thread.
     The model's state (the disk) persists across connections; everything
-    else starts afresh for each.
+    else starts afresh for each. ``inflight``: offer INFLIGHT_SHMFD, so that
+    a restarted back end resubmits what its predecessor left in flight
+    (:mod:`pyvirtio.backends.inflight`).
     """
 
-    def __init__(self, path: str, model: DeviceModel, *, poll_us: float = DEFAULT_POLL_US) -> None:
+    def __init__(
+        self, path: str, model: DeviceModel, *, poll_us: float = DEFAULT_POLL_US, inflight: bool = False
+    ) -> None:
         self.path = path
         self.model = model
         self.poll_us = poll_us
+        self.inflight = inflight
         self.connections = 0
         #: Connections that have ended, and why the last 100 of them did (oldest first).
         self.finished = 0
@@ -976,7 +1110,7 @@ class VhostUserServer:
         self.connections += 1
         number = self.connections
         log.info("frontend %d connected", number)
-        backend = VhostUserBackend(self.model, poll_us=self.poll_us)
+        backend = VhostUserBackend(self.model, poll_us=self.poll_us, inflight=self.inflight)
         self.backend = backend
         try:
             why = backend.run(conn, self._stop_fd)
@@ -1053,6 +1187,68 @@ class VhostUserServer:
         if backend is not None:
             out["connection"] = backend.info()
         return out
+
+
+class VhostUserClient(VhostUserServer):
+    """The back end connects to a frontend that listens (vhost-user client mode), and reconnects.
+
+    The mirror of DPDK's vhost ``client=1``: the frontend (``VirtioBlk.open(...,
+    server=True)``, ``pyvirtio bench --server``) owns the socket at ``path``.
+    ``serve()`` connects (retrying every ``retry`` seconds until the socket
+    answers), serves the connection, and after it ends connects again, until
+    :meth:`stop`. Nothing is created on the file system. Same ``start`` /
+    ``stop`` / ``wait`` / ``info`` as the server.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        model: DeviceModel,
+        *,
+        poll_us: float = DEFAULT_POLL_US,
+        inflight: bool = False,
+        retry: float = 0.05,
+    ) -> None:
+        super().__init__(path, model, poll_us=poll_us, inflight=inflight)
+        self.retry = retry
+
+    def listen(self) -> None:
+        """Nothing to create: the frontend listens."""
+
+    def serve(self) -> None:
+        """Connect, serve, reconnect, until :meth:`stop`."""
+        try:
+            while not self._stopping:
+                conn = self._connect()
+                if conn is None:
+                    break
+                self._serve_one(conn)
+        finally:
+            self.close()
+            self._done.set()
+
+    def _connect(self) -> socket.socket | None:
+        """A connection to the frontend, or None once stopping."""
+        poller = select.poll()
+        with self._lock:
+            if self._stop_fd < 0:
+                return None
+            poller.register(self._stop_fd, _POLLIN)
+        logged = False
+        while not self._stopping:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(self.path)
+                log.info("connected to the frontend at %s", self.path)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if not logged:
+                    log.info("waiting for a frontend to listen on %s (%s)", self.path, exc.strerror or exc)
+                    logged = True
+            if poller.poll(int(self.retry * 1000)):
+                break
+        return None
 
 
 def _remove_stale_socket(path: str) -> None:

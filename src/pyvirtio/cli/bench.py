@@ -54,6 +54,11 @@ def register(sub: Any) -> None:
                    "(default auto: on for the plain-Python engine, off for NumPy; see docs/benchmarks.md)")
     p.add_argument("--lun", default=None, metavar="T:L",
                    help="benchmark LUN T:L of a virtio-scsi device (TARGET is then a vhost-user-scsi socket)")
+    p.add_argument("--reconnect", type=float, nargs="?", const=30.0, default=None, metavar="SECONDS",
+                   help="keep running across a back-end restart: reconnect, resubmit what was in flight, "
+                   "report the pause (wait up to SECONDS for the back end, default 30)")
+    p.add_argument("--server", action="store_true",
+                   help="listen on TARGET's socket and let the back end connect (vhost-user server mode)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.set_defaults(func=run)
@@ -122,7 +127,9 @@ def _progress_printer(enabled: bool, total_seconds: float) -> Any:
         secs = stats.seconds or 1e-9
         out.write(
             f"\r[{secs:5.1f}/{total_seconds:.0f}s] {stats.ios / secs:>10,.0f} IOPS  "
-            f"{stats.bytes / secs / 1e6:>9,.1f} MB/s  errors {stats.errors}   "
+            f"{stats.bytes / secs / 1e6:>9,.1f} MB/s  errors {stats.errors}"
+            + (f"  reconnects {stats.reconnects}" if stats.reconnects else "")
+            + "   "
         )
         out.flush()
 
@@ -163,7 +170,17 @@ def _scsi_bench(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
     qsize = _queue_size(args)
-    blk = VirtioBlk.open(target, num_queues=args.queues, queue_size=qsize, event_idx=args.event_idx == "on")
+    transport_kw: dict[str, Any] = {}
+    if getattr(args, "reconnect", None) is not None:
+        if args.reconnect <= 0:
+            raise InvalidArgument("--reconnect SECONDS must be positive")
+        transport_kw["reconnect"] = args.reconnect
+    if getattr(args, "server", False):
+        transport_kw["server"] = True
+        transport_kw["connect_timeout"] = args.reconnect or 30.0
+    blk = VirtioBlk.open(
+        target, num_queues=args.queues, queue_size=qsize, event_idx=args.event_idx == "on", **transport_kw
+    )
     try:
         if args.queues > blk.num_queues:
             raise InvalidArgument(f"--queues {args.queues}: the device has {blk.num_queues}")
@@ -273,6 +290,7 @@ def _report(
             "runtime": args.runtime,
             "engine": mode,
             "verify": args.verify,
+            "reconnect": getattr(args, "reconnect", None),
             "device": {"capacity": blk.capacity, "block_size": blk.block_size},
         }
     )
@@ -291,6 +309,10 @@ def _print_report(r: dict[str, Any]) -> None:
           f"p99.9 {lat['p99.9']}  max {lat['max']}")
     verify = f"   verify errors: {r['verify_errors']}" if r["verify"] else ""
     print(f"  errors: {r['errors']}{verify}")
+    if r.get("reconnect") is not None or r.get("reconnects"):
+        pause = r["pause_ms"]
+        print(f"  reconnects: {r['reconnects']}   paused: {pause['total']:,} ms in total, "
+              f"longest {pause['max']:,} ms")
 
 
 __all__ = ["register", "run"]

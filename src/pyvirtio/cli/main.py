@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = (
     "pyvirtio.cli.info",
     "pyvirtio.cli.blk",
     "pyvirtio.cli.scsi",
+    "pyvirtio.cli.net",
     "pyvirtio.cli.bench",
     "pyvirtio.cli.serve",
 )

@@ -2,6 +2,8 @@
 
 ``pyvirtio serve scsi --socket PATH --lun [T:L=]SIZE_OR_FILE [--lun ...]``
 serves a virtio-scsi device with those LUNs (:mod:`pyvirtio.cli.scsi`).
+``pyvirtio serve net --socket PATH --mode loopback|tap [--tap NAME]`` serves a
+virtio-net device (:mod:`pyvirtio.cli.net`); ``--queues`` is its queue pairs.
 ``pyvirtio serve blk --socket PATH (--size SIZE | --file PATH)`` serves a
 virtio-blk device (a RAM disk of SIZE bytes, or an existing regular file) to one
 vhost-user frontend at a time (QEMU, qemu-storage-daemon's peers, SPDK,
@@ -83,7 +85,16 @@ def add_parser(subparsers: Any) -> None:
         metavar="US",
         help="poll a drained ring this long before sleeping on its kick (default 50)",
     )
-    b.add_argument("--inflight", action="store_true", help="inflight tracking (not yet supported)")
+    b.add_argument(
+        "--inflight",
+        action="store_true",
+        help="offer INFLIGHT_SHMFD: after a restart, resubmit what the previous process left in flight",
+    )
+    b.add_argument(
+        "--client",
+        action="store_true",
+        help="connect to a frontend listening on --socket (vhost-user client mode) and reconnect when it goes",
+    )
     b.set_defaults(func=run)
 
     def shared_options(q: argparse.ArgumentParser) -> None:
@@ -96,6 +107,10 @@ def add_parser(subparsers: Any) -> None:
 
     add_scsi(devices, shared_options)
 
+    from pyvirtio.cli.net import add_serve_parser as add_net
+
+    add_net(devices, shared_options)
+
 
 #: The name pyvirtio.cli.main looks for.
 register = add_parser
@@ -104,7 +119,7 @@ register = add_parser
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit status."""
     from pyvirtio.backends.blk import BlockBackend, Storage
-    from pyvirtio.backends.server import DEFAULT_POLL_US, VhostUserServer
+    from pyvirtio.backends.server import DEFAULT_POLL_US, VhostUserClient, VhostUserServer
 
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper()),
@@ -112,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("pyvirtio.backends")
-    if args.inflight:
-        print("pyvirtio serve: --inflight is not yet supported; serving without it", file=sys.stderr)
     if args.size is not None and args.size < 512:
         raise InvalidArgument(f"--size must be at least 512 bytes, got {args.size}")
     storage = Storage(size=args.size, path=args.file, readonly=args.readonly)
@@ -122,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"{args.file} is smaller than one sector")
         model = BlockBackend(storage, num_queues=args.queues)
         poll_us = DEFAULT_POLL_US if args.poll_us is None else args.poll_us
-        server = VhostUserServer(args.socket, model, poll_us=poll_us)
+        kind = VhostUserClient if getattr(args, "client", False) else VhostUserServer
+        server = kind(args.socket, model, poll_us=poll_us, inflight=bool(args.inflight))
         server.listen()
         previous = _install_signals(server.stop)
         try:

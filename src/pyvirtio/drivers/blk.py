@@ -20,6 +20,16 @@ Three APIs over the same requests:
 * asyncio: :meth:`VirtioBlk.aread`, :meth:`~VirtioBlk.awrite`, ... complete
   from the queue's interrupt fd via ``loop.add_reader``.
 
+A lost back end: with a reconnect policy on the transport, requests in
+flight are held while it reconnects and each one not completed is
+resubmitted exactly once (:meth:`VirtioDevice.recover
+<pyvirtio.device.VirtioDevice.recover>`); callers only see the added
+latency. A write may then be executed twice by the device (it had completed
+but the old back end died before saying so), which is harmless for block
+writes and allowed by virtio across a device reset. Without reconnect, or
+once the policy gives up, every pending request of the queue fails with
+:class:`~pyvirtio.errors.ConnectionLost`.
+
 Every argument is checked before the ring is touched (range, alignment,
 length limits from size_max / seg_max / discard limits, read-only,
 feature support). A device status of IOERR or UNSUPP raises
@@ -40,6 +50,7 @@ from typing import Any
 from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.errors import (
     BlockIOError,
+    ConnectionLost,
     DeviceProtocolError,
     InvalidArgument,
     OwnershipError,
@@ -163,7 +174,10 @@ class VirtioBlk:
         self.readonly = has(B.F_RO)
         self.size_max = cfg["size_max"] if has(B.F_SIZE_MAX) and cfg.get("size_max") else 0
         self.seg_max = cfg["seg_max"] if has(B.F_SEG_MAX) and cfg.get("seg_max") else 0
-        self.max_queues = cfg["num_queues"] if has(B.F_MQ) and cfg.get("num_queues") else 1
+        # A config that promises more queues than the transport has is the device's
+        # inconsistency, not the caller's: use what can actually be set up.
+        config_queues = cfg["num_queues"] if has(B.F_MQ) and cfg.get("num_queues") else 1
+        self.max_queues = max(1, min(config_queues, device.transport.max_queues()))
         self.can_flush = has(B.F_FLUSH)
         self.can_discard = has(B.F_DISCARD)
         self.can_write_zeroes = has(B.F_WRITE_ZEROES)
@@ -208,10 +222,20 @@ class VirtioBlk:
 
     @classmethod
     def open(cls, target: str, **kw: Any) -> VirtioBlk:
-        """Open ``vhost-user:PATH`` (or a plain socket path)."""
+        """Open ``vhost-user:PATH`` (or a plain socket path).
+
+        Transport options: ``reconnect`` (a
+        :class:`~pyvirtio.transport.vhost_user.ReconnectPolicy`, True, or a
+        timeout in seconds: requests are held across a back-end restart),
+        ``server`` (listen on PATH for the back end to connect),
+        ``connect_timeout``; the rest go to :class:`VirtioBlk`.
+        """
         from pyvirtio.targets import open_device
 
         transport_kw = {"queue_size": kw["queue_size"]} if kw.get("queue_size") else {}
+        for name in ("reconnect", "server", "connect_timeout"):
+            if name in kw:
+                transport_kw[name] = kw.pop(name)
         device = open_device(target, **transport_kw)
         try:
             return cls(device, **kw)
@@ -469,8 +493,8 @@ class VirtioBlk:
                     ctx.full_reason = str(exc)
                     if not n:
                         # A queue full of requests a dead peer will never complete:
-                        # say the connection is lost, not "queue full".
-                        self.device.transport.check_alive()
+                        # say the connection is lost, not "queue full" (or reconnect).
+                        self._check_alive(ctx)
                     break
                 n += 1
         finally:
@@ -494,6 +518,46 @@ class VirtioBlk:
             self._complete(ctx, req, written)
         return len(done)
 
+    def _check_alive(self, ctx: _QueueCtx) -> float:
+        """Is the queue's device there? Recover it (returns the pause) or fail its requests and raise."""
+        try:
+            ctx.vq.check_alive()
+        except ConnectionLost as exc:
+            return self._recover(ctx, exc)
+        return 0.0
+
+    def _recover(self, ctx: _QueueCtx, lost: ConnectionLost) -> float:
+        """The device went away under ``ctx``: reconnect and resubmit, or fail every pending request."""
+        device = self.device
+        if not device.can_reconnect:
+            self._fail_lost(ctx, lost)
+            raise lost
+        try:
+            return device.recover(ctx.vq)
+        except (ConnectionLost, DeviceProtocolError) as exc:
+            self._fail_lost(ctx, exc)
+            raise
+
+    def _fail_lost(self, ctx: _QueueCtx, exc: BaseException) -> None:
+        """Fail every request in flight on ``ctx`` (the device is gone) and give the ring back empty."""
+        ring = ctx.vq.ring
+        if ring.broken is not None:
+            self._fail_inflight(ctx, exc)
+            return
+        for token in ring.reset():
+            if not isinstance(token, BlkRequest):
+                continue
+            if token._slot >= 0:
+                ctx.free_slots.append(token._slot)
+                ctx.inflight -= 1
+                token._slot = -1
+            token.error = exc
+            token.done = True
+            self._drop_bounce(token)
+            if token._waiter is not None:
+                waiter, token._waiter = token._waiter, None
+                waiter(token)
+
     def _fail_inflight(self, ctx: _QueueCtx, exc: BaseException) -> None:
         for token in ctx.vq.ring.in_flight_tokens():
             if isinstance(token, BlkRequest) and not token.done:
@@ -516,7 +580,12 @@ class VirtioBlk:
             if not got:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TransportTimeout(f"{len(pending)} requests not completed within {tmo} s")
-                self._idle(ctx, spins, deadline)
+                try:
+                    self._idle(ctx, spins, deadline)
+                except ConnectionLost as exc:
+                    paused = self._recover(ctx, exc)
+                    if deadline is not None:
+                        deadline += paused  # a reconnect is added latency, not a timeout
                 spins += 1
             else:
                 spins = 0
@@ -527,7 +596,7 @@ class VirtioBlk:
     def _idle(self, ctx: _QueueCtx, spins: int, deadline: float | None) -> None:
         if self.poll == "busy" or (self.poll == "hybrid" and spins < 2000):
             if not spins & 0xFF:
-                self.device.transport.check_alive()
+                ctx.vq.check_alive()
             return
         ring = ctx.vq.ring
         try:
@@ -647,12 +716,31 @@ class VirtioBlk:
         else:
             self._ensure_reader(loop, ctx, fd)
             self._arm(ctx)
-            try:
-                await asyncio.wait_for(fut, self.timeout)
-            except TimeoutError:
-                raise TransportTimeout(f"{req.name} at {req.offset} not completed within {self.timeout} s") from None
+            await self._await_done(loop, ctx, req, fut)
         req.check()
         return req
+
+    async def _await_done(
+        self, loop: asyncio.AbstractEventLoop, ctx: _QueueCtx, req: BlkRequest, fut: asyncio.Future[BlkRequest]
+    ) -> None:
+        """Wait for the interrupt reader to complete ``req``, checking the device every 0.2 s meanwhile.
+
+        A reconnect runs here, on the loop's thread (the queue's owner), and
+        blocks the loop while it waits for the back end.
+        """
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        while not fut.done():
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise TransportTimeout(f"{req.name} at {req.offset} not completed within {self.timeout} s")
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), 0.2 if left is None else min(0.2, left))
+            except TimeoutError:
+                paused = self._check_alive(ctx)  # raises, with req failed, if the device is gone for good
+                if paused:
+                    if deadline is not None:
+                        deadline += paused
+                    self._arm(ctx)
 
     def _ensure_reader(self, loop: asyncio.AbstractEventLoop, ctx: _QueueCtx, fd: int) -> None:
         if getattr(ctx, "reader_loop", None) is loop:

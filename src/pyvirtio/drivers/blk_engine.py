@@ -20,6 +20,17 @@ two: under 6 % error) from which mean and percentiles are read.
 ``verify=True`` writes a per-block pattern (block number, seed) and checks
 every block read back: a read-only workload first fills the region; a
 write workload reads back every block it wrote at the end.
+
+Reconnect. When the device's transport has a reconnect policy
+(``VirtioBlk.open(..., reconnect=...)``, ``pyvirtio bench --reconnect``), a
+lost back end does not end the run: the loop notices in its idle checks
+(every 1024 empty passes), writes its ring state back, and the queue is
+restored (:meth:`VirtioDevice.recover <pyvirtio.device.VirtioDevice.recover>`):
+the slots in flight that did not complete are resubmitted once, those that
+did are reaped as usual. The loops do no extra work per request for this.
+Each reconnect is counted with its *pause*: from the last pass that posted
+or reaped before the loss to the first completion on the new connection
+(total and longest in :class:`Stats`).
 """
 
 from __future__ import annotations
@@ -76,6 +87,9 @@ class Stats:
     kicks: int = 0
     passes: int = 0
     error: str | None = None
+    reconnects: int = 0
+    pause_total_ns: int = 0
+    pause_max_ns: int = 0
 
     def merge(self, other: Stats) -> None:
         self.ios += other.ios
@@ -91,6 +105,9 @@ class Stats:
         self.kicks += other.kicks
         self.passes += other.passes
         self.error = self.error or other.error
+        self.reconnects += other.reconnects
+        self.pause_total_ns += other.pause_total_ns
+        self.pause_max_ns = max(self.pause_max_ns, other.pause_max_ns)
 
     def percentile(self, p: float) -> float:
         total = sum(self.hist)
@@ -125,7 +142,18 @@ class Stats:
             "errors": self.errors,
             "verify_errors": self.verify_errors,
             "kicks": self.kicks,
+            "reconnects": self.reconnects,
+            "pause_ms": {
+                "total": round(self.pause_total_ns / 1e6, 3),
+                "max": round(self.pause_max_ns / 1e6, 3),
+            },
         }
+
+    def add_pause(self, ns: int) -> None:
+        """Count one reconnect that stopped completions for ``ns`` nanoseconds."""
+        self.reconnects += 1
+        self.pause_total_ns += ns
+        self.pause_max_ns = max(self.pause_max_ns, ns)
 
 
 class _LatencyLog:
@@ -289,6 +317,7 @@ class BlkEngine:
         dv = self.data.view
         st = self.status.view
         bs = self.bs
+        idle = 0
         while block < self.nblocks or fixed.n_inflight:
             batch = []
             while free and block < self.nblocks:
@@ -301,12 +330,16 @@ class BlkEngine:
                 block += 1
             if batch and fixed.post(batch):
                 self.blk.device.transport.notify_queue(self.ctx.vq.index)
-            for s in fixed.reap_slots():
+            done = fixed.reap_slots()
+            for s in done:
                 if st[s] != 0:
                     raise ConnectionLost(f"prefill write of block {self.block_of[s]} failed with status {st[s]}")
                 assert self.written is not None
                 self.written[self.block_of[s]] = 1
                 free.append(s)
+            idle = 0 if done or batch else idle + 1
+            if idle and not idle & 0x3FF:
+                self._check(None, time.perf_counter_ns())
             if progress is not None:
                 progress(block, self.nblocks)
         for s in range(self.qd):
@@ -387,8 +420,9 @@ class BlkEngine:
         perf = time.perf_counter_ns
         free = list(range(self.qd))
         ios = nwrites = errors = verrs = kicks = passes = idle = 0
-        t0 = perf()
+        t0 = t = perf()
         deadline = t0 + int(seconds * 1e9)
+        stuck_at = deadline + 5_000_000_000
         next_progress = t0 + int(interval * 1e9)
         nxt = self._next_block
 
@@ -456,16 +490,17 @@ class BlkEngine:
                 else:
                     idle += 1
                     if not idle & 0x3FF:
-                        transport.check_alive()
-                        t = perf()
-                        if t >= deadline + 5_000_000_000:
+                        if self._check(stats, t):  # t: the last pass that posted or reaped
+                            stuck_at = max(stuck_at, perf() + 5_000_000_000)
+                        now = perf()
+                        if now >= stuck_at:
                             raise ConnectionLost("the device stopped completing requests (5 s past the end of the run)")
-                        if progress is not None and t >= next_progress:
-                            next_progress = t + int(interval * 1e9)
-                            snapshot(t)
+                        if progress is not None and now >= next_progress:
+                            next_progress = now + int(interval * 1e9)
+                            snapshot(now)
                             raw = lats.raw
                             progress(stats)
-            errors += self._drain(st)
+            errors += self._drain(st, stats)
         finally:
             self._next_block = nxt
             snapshot(perf())
@@ -494,6 +529,7 @@ class BlkEngine:
         transport = self.blk.device.transport
         qi = self.ctx.vq.index
         kick = transport.notifier(qi)
+        check = self.ctx.vq.check_alive
         h64 = self.hdrs.view.cast("Q")
         st = self.status.view
         spb = self.sectors_per_block
@@ -526,8 +562,9 @@ class BlkEngine:
         last = ring.last_used
         outstanding = ring.outstanding
         nxt = self._next_block
-        t0 = perf()
+        t0 = t = perf()
         deadline = t0 + int(seconds * 1e9)
+        stuck_at = deadline + 5_000_000_000
         next_progress = t0 + int(interval * 1e9) if progress is not None else deadline
         next_event = min(deadline, next_progress, t0 + 10_000_000)
 
@@ -635,18 +672,26 @@ class BlkEngine:
                 else:
                     idle += 1
                     if not idle & 0x3FF:
-                        transport.check_alive()
-                        t = perf()
-                        if t >= deadline + 5_000_000_000:
+                        try:
+                            check()
+                        except ConnectionLost as exc:
+                            self._sync_fused(avail_idx, kick_from, last, outstanding)
+                            self._recover(exc, stats, t)  # t: the last pass that reaped
+                            kick_from = ring._kick_from
+                            stuck_at = max(stuck_at, perf() + 5_000_000_000)
+                        now = perf()
+                        if now >= stuck_at:
                             raise ConnectionLost("the device stopped completing requests (5 s past the end of the run)")
-                        if progress is not None and t >= next_progress:
-                            next_progress = t + int(interval * 1e9)
-                            self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, t - t0, lats)
+                        if progress is not None and now >= next_progress:
+                            next_progress = now + int(interval * 1e9)
+                            self._snapshot(
+                                stats, ios, ios if all_write else 0, errors, 0, kicks, passes, now - t0, lats
+                            )
                             raw = lats.raw
                             progress(stats)
             self._sync_fused(avail_idx, kick_from, last, outstanding)
             synced = True
-            errors += self._drain(st)
+            errors += self._drain(st, stats)
         finally:
             if not synced and ring.broken is None:
                 self._sync_fused(avail_idx, kick_from, last, outstanding)
@@ -672,10 +717,11 @@ class BlkEngine:
         ring.outstanding = outstanding
         self.fixed.n_inflight = outstanding
 
-    def _drain(self, st: memoryview) -> int:
+    def _drain(self, st: memoryview, stats: Stats | None = None) -> int:
         """Reap what is still in flight so the queue can be reused; returns errors seen."""
         errors = 0
         deadline = time.monotonic() + 5.0
+        last = time.perf_counter_ns()
         while self.fixed.n_inflight:
             if self.mode == "numpy":
                 got = self.fixed.reap_many()
@@ -684,10 +730,69 @@ class BlkEngine:
                 slots = self.fixed.reap_slots()
             for s in slots:
                 errors += st[s] != 0
+            if slots:
+                last = time.perf_counter_ns()
             if time.monotonic() > deadline:
                 raise ConnectionLost("the device stopped completing requests while draining")
-            self.blk.device.transport.check_alive()
+            if self._check(stats, last):
+                deadline = time.monotonic() + 5.0
         return errors
+
+    # -- reconnect ----------------------------------------------------------------
+
+    def _check(self, stats: Stats | None, since_ns: int) -> bool:
+        """Is the device there? If it went away: recover (True), or raise ConnectionLost."""
+        try:
+            self.ctx.vq.check_alive()
+        except ConnectionLost as exc:
+            self._recover(exc, stats, since_ns)
+            return True
+        return False
+
+    def _in_flight_heads(self) -> list[int]:
+        fixed = self.fixed
+        if fixed._np is not None:
+            hw = fixed._np["head_wlen1"]
+            return [int(h) for h in hw[: fixed.ring.size].nonzero()[0]]
+        hw1 = fixed.hw1
+        return [h for h in fixed.heads if hw1[h]]
+
+    def _recover(self, lost: ConnectionLost, stats: Stats | None, since_ns: int) -> None:
+        """Restore the queue after the device was lost, or raise ``lost`` if the transport cannot.
+
+        The ring state must have been written back (the fused loop's
+        _sync_fused). Returns at the first completion on the new connection
+        (at once if nothing was left for the device), and counts the pause
+        from ``since_ns``.
+        """
+        device = self.blk.device
+        if not device.can_reconnect:
+            raise lost
+        ring = self.fixed.ring
+        vq = self.ctx.vq
+        base = [ring._used16[1]]
+
+        def restart(resubmit: bool) -> int:
+            base[0] = ring.restart_base(resubmit, in_flight=self._in_flight_heads())
+            return base[0]
+
+        device.recover(vq, restart)
+        policy = getattr(device.transport, "reconnect_policy", None)
+        deadline = time.monotonic() + (policy.timeout if policy is not None else 30.0)
+        spins = 0
+        # Left for the new device: what is in flight and was not in the used ring when it started.
+        while ring.outstanding > (base[0] - ring.last_used) & 0xFFFF and ring._used16[1] == base[0]:
+            spins += 1
+            if not spins & 0x3F:
+                try:
+                    vq.check_alive()
+                except ConnectionLost:
+                    device.recover(vq, restart)  # lost again: the same pause goes on
+                if time.monotonic() > deadline:
+                    raise ConnectionLost("the device completed nothing after reconnecting")
+            time.sleep(0.0001)
+        if stats is not None:
+            stats.add_pause(time.perf_counter_ns() - since_ns)
 
     def _snapshot(
         self,
@@ -756,8 +861,9 @@ class BlkEngine:
         nfree = qd
         perf = time.perf_counter_ns
         ios = nwrites = errors = kicks = passes = idle = pending_lat = 0
-        t0 = perf()
+        t0 = t = perf()
         deadline = t0 + int(seconds * 1e9)
+        stuck_at = deadline + 5_000_000_000
         next_progress = t0 + int(interval * 1e9)
         read_flags = DESC_F_NEXT | DESC_F_WRITE
         post_many = fixed.post_many
@@ -788,7 +894,7 @@ class BlkEngine:
                         desc16[8 * data_desc[sl] + 6] = np.where(w, DESC_F_NEXT, read_flags)
                         wlen1_np[sl] = np.where(w, 2, self.bs + 2)  # writable bytes + 1
                     status[sl] = 0xFF
-                    sub_t[sl] = perf()
+                    sub_t[sl] = t = perf()
                     if post_many(sl, check=False):
                         notify(qi)
                         kicks += 1
@@ -823,17 +929,18 @@ class BlkEngine:
                 else:
                     idle += 1
                     if not idle & 0x3FF:
-                        transport.check_alive()
-                        t = perf()
-                        if t >= deadline + 5_000_000_000:
+                        if self._check(stats, t):  # t: the last pass that posted or reaped
+                            stuck_at = max(stuck_at, perf() + 5_000_000_000)
+                        now = perf()
+                        if now >= stuck_at:
                             raise ConnectionLost("the device stopped completing requests (5 s past the end of the run)")
-                        if progress is not None and t >= next_progress:
-                            next_progress = t + int(interval * 1e9)
-                            snapshot(t)
+                        if progress is not None and now >= next_progress:
+                            next_progress = now + int(interval * 1e9)
+                            snapshot(now)
                             arrays = lats.arrays
                             pending_lat = 0
                             progress(stats)
-            errors += self._drain(self.status.view)
+            errors += self._drain(self.status.view, stats)
         finally:
             self._next_block = nxt
             snapshot(perf())

@@ -175,6 +175,83 @@ class SplitQueue:
         """Tokens of published chains that have not completed, in no particular order."""
         return [t for t in self._tokens if t is not _IDLE]
 
+    # -- a new device behind the same ring (vhost-user reconnect) --------------
+
+    def restart_base(self, resubmit: bool = True, in_flight: Iterable[int] | None = None) -> int:
+        """Prepare the ring for a new device after the old one went away; returns the ring base.
+
+        The old device's used index U says what completed: the entries from
+        ``last_used`` to U stay in the used ring and are reaped as usual (once).
+        Every other published chain is in flight, and there are exactly
+        ``avail_idx - U`` of them (each publication is either used or in
+        flight). With ``resubmit`` their heads are written again, oldest
+        first, at avail positions U .. avail_idx - 1, so a device started at
+        base U (and used index U, which it reads from the ring) pops exactly
+        those: each request not completed is resubmitted once, and none that
+        completed is. ``avail_idx`` does not move. Without ``resubmit`` (the
+        back end tracks in-flight requests itself, INFLIGHT_SHMFD) the avail
+        ring is left alone. A request may therefore be executed twice by the
+        device (it completed but the old device died before publishing it),
+        which virtio allows across a device reset.
+
+        ``in_flight`` lists the heads in flight when the chains are managed
+        outside the queue (:class:`~pyvirtio.ring.fixed.FixedChains`);
+        default: every head with a token. Used entries are validated as by
+        :meth:`reap`; a violation marks the queue broken.
+
+        "Oldest first" comes from the avail ring itself (driver-written): the
+        newest publication of each in-flight head is found scanning back from
+        ``avail_idx``; heads published more than ``size`` publications ago
+        come first. Virtio orders nothing among requests in flight, so this
+        only keeps resubmission close to the original order.
+        """
+        if self.broken is not None:
+            raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
+        size = self.size
+        mask = size - 1
+        last = self.last_used
+        used_idx = self._used16[1]
+        n_used = (used_idx - last) & 0xFFFF
+        if n_used > self.outstanding:
+            self._break(f"used index moved by {n_used} with only {self.outstanding} requests in flight", [])
+        if in_flight is None:
+            heads = {h for h, t in enumerate(self._tokens) if t is not _IDLE}
+        else:
+            heads = set(in_flight)
+        ordering.read_barrier()
+        used32 = self._used32
+        for k in range(n_used):
+            head = used32[1 + 2 * ((last + k) & mask)]
+            if head not in heads:
+                self._break(f"used id {head} is not the head of an in-flight request", [])
+            heads.discard(head)  # completed: reaped later, not resubmitted
+        if not resubmit:
+            return used_idx
+        avail = self.avail_idx
+        if len(heads) != (avail - used_idx) & 0xFFFF:
+            self._break(
+                f"{len(heads)} requests in flight but the used index {used_idx} is "
+                f"{(avail - used_idx) & 0xFFFF} behind the avail index {avail}",
+                [],
+            )
+        a16 = self._avail16
+        newest_first: list[int] = []
+        seen: set[int] = set()
+        for k in range(1, size + 1 if heads else 1):
+            head = a16[2 + ((avail - k) & mask)]
+            if head in heads and head not in seen:
+                seen.add(head)
+                newest_first.append(head)
+                if len(seen) == len(heads):
+                    break
+        order = sorted(heads - seen) + newest_first[::-1]
+        for k, head in enumerate(order):
+            a16[2 + ((used_idx + k) & mask)] = head
+        ordering.write_barrier()
+        a16[1] = avail
+        self._kick_from = avail  # the caller kicks once the new device is set up
+        return used_idx
+
     # -- request building (seed: virtqueue_req_start / add_iovs / flush / abort)
 
     def start(self, token: object, n: int) -> None:

@@ -17,10 +17,17 @@ Message order (vhost-user.rst; checked against qemu-storage-daemon):
 connect → GET_FEATURES → [GET/SET_PROTOCOL_FEATURES] → SET_OWNER →
 [GET_QUEUE_NUM]; config reads use GET_CONFIG asking for exactly the bytes
 needed (SPDK's fixed 256 is refused by QEMU); SET_FEATURES (bit 30 kept when
-offered) at FEATURES_OK; SET_MEM_TABLE when the device starts; per queue
-SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
-SET_VRING_CALL, SET_VRING_ENABLE(1). With REPLY_ACK every setup message asks
-for an ack, so a refusal is reported where it happens.
+offered) at FEATURES_OK; when the device starts, [GET_INFLIGHT_FD,
+SET_INFLIGHT_FD] and SET_MEM_TABLE; per queue SET_VRING_NUM, SET_VRING_BASE,
+SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ENABLE(1). With
+REPLY_ACK every setup message asks for an ack, so a refusal is reported
+where it happens.
+
+Client or server. By default the frontend connects to the back end's
+socket (client mode). With ``server=True`` it listens on ``path`` and a back
+end connects to it (DPDK's vhost PMD with ``client=1``, ``pyvirtio serve
+... --client``); the socket file is created (a stale one replaced) and
+removed on :meth:`close`.
 
 Failures: a reply that does not come within ``timeout`` raises
 :class:`~pyvirtio.errors.TransportTimeout`; a peer that closes the socket
@@ -28,6 +35,30 @@ Failures: a reply that does not come within ``timeout`` raises
 from then on for every call, including :meth:`check_alive` and
 :meth:`wait_queue`, which the data path uses so that no request waits
 forever on a dead peer.
+
+Reconnect. With a ``reconnect`` policy (:class:`ReconnectPolicy`) a lost
+back end is waited for instead: :meth:`reconnect` connects again (client
+mode) or accepts the back end's new connection (server mode), retrying with
+exponential backoff until the policy's limit, and negotiates again: the new
+back end must offer every feature the driver negotiated and enough queues
+(else :class:`ReconnectFailed` says which are missing); the features,
+status, inflight area and memory table (the same memfds) are sent again.
+Each successful reconnect starts a new *generation*; a queue keeps its ring
+memory and its two eventfds, and is restarted on the new connection by
+:meth:`restart_queue` with the base its owner computed from the driver's
+shadow state (:meth:`~pyvirtio.ring.split.SplitQueue.restart_base`). Until
+then the queue is *stale*: :meth:`wait_queue` and :meth:`check_queue` raise
+ConnectionLost for it, which sends its owner into
+:meth:`~pyvirtio.device.VirtioDevice.recover`. The driver layers decide
+what happens to requests in flight (held and resubmitted once).
+
+Inflight tracking (vhost-user.rst, "Inflight I/O tracking"). When the back
+end offers PROTOCOL_F_INFLIGHT_SHMFD the frontend asks it for a shared area
+(GET_INFLIGHT_FD) when the device starts, keeps the fd (it never maps it)
+and hands it back with SET_INFLIGHT_FD to every later connection. A new
+back end that takes it finds what its predecessor had in flight and
+resubmits that itself (:attr:`device_resubmits`); the frontend then leaves
+the avail ring alone and only sends the used index as the ring base.
 """
 
 from __future__ import annotations
@@ -37,9 +68,11 @@ import functools
 import os
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pyvirtio.errors import (
@@ -51,12 +84,19 @@ from pyvirtio.errors import (
     TransportError,
     TransportTimeout,
 )
-from pyvirtio.memory import MemoryPool
+from pyvirtio.memory import MemoryPool, Region
 from pyvirtio.protocol import vhost_user as vu
+from pyvirtio.spec import blk as spec_blk
+from pyvirtio.spec import net as spec_net
+from pyvirtio.spec import scsi as spec_scsi
 from pyvirtio.spec.common import (
     DEVICE_ID_BLOCK,
+    DEVICE_ID_NET,
+    DEVICE_ID_SCSI,
+    STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    feature_names,
 )
 from pyvirtio.transport.base import QueueSetup
 
@@ -67,20 +107,61 @@ WANTED_PROTOCOL_FEATURES = (
     | (1 << vu.PROTOCOL_F_CONFIG)
     | (1 << vu.PROTOCOL_F_STATUS)
     | (1 << vu.PROTOCOL_F_RESET_DEVICE)
+    | (1 << vu.PROTOCOL_F_INFLIGHT_SHMFD)
 )
 
 _RECV_CHUNK = 4096
 _CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
 
 
-class _Queue:
-    __slots__ = ("setup", "kick", "call", "running")
+class ReconnectFailed(ConnectionLost):
+    """The back end did not come back within the reconnect policy, or came back unable to resume."""
 
-    def __init__(self, setup: QueueSetup, kick: int, call: int) -> None:
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """How long a lost back end is waited for.
+
+    Attempts are retried with exponential backoff from ``delay`` to
+    ``max_delay`` seconds until ``timeout`` seconds have passed since the
+    loss, or ``attempts`` attempts have failed (None: no count limit). In
+    server mode an attempt is waiting for the back end to connect.
+    """
+
+    timeout: float = 30.0
+    attempts: int | None = None
+    delay: float = 0.01
+    max_delay: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.delay <= 0 or self.max_delay < self.delay:
+            raise InvalidArgument(f"bad reconnect policy {self!r}")
+        if self.attempts is not None and self.attempts < 1:
+            raise InvalidArgument(f"reconnect attempts must be positive, got {self.attempts}")
+
+    @classmethod
+    def from_arg(cls, value: ReconnectPolicy | bool | float | None) -> ReconnectPolicy | None:
+        """None/False: off; True: the defaults; a number: that timeout in seconds."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, ReconnectPolicy):
+            return value
+        if isinstance(value, int | float):
+            return cls(timeout=float(value))
+        raise InvalidArgument(f"reconnect must be a ReconnectPolicy, a bool or seconds, not {value!r}")
+
+
+class _Queue:
+    __slots__ = ("setup", "kick", "call", "running", "generation")
+
+    def __init__(self, setup: QueueSetup, kick: int, call: int, generation: int) -> None:
         self.setup = setup
         self.kick = kick
         self.call = call
         self.running = True
+        self.generation = generation
 
 
 class VhostUserTransport:
@@ -89,6 +170,10 @@ class VhostUserTransport:
     ``device_type`` is the virtio device ID of the back end (vhost-user does
     not say it; blk by default). ``queue_size`` is the ring size offered to
     the driver for every queue (vhost-user has no per-queue maximum).
+    ``server``: listen on ``path`` and wait up to ``connect_timeout`` for a
+    back end to connect. ``reconnect``: a :class:`ReconnectPolicy` (or True
+    for the defaults, or a timeout in seconds); None: a lost back end is
+    final.
     """
 
     kind = "user"
@@ -102,21 +187,42 @@ class VhostUserTransport:
         timeout: float = 5.0,
         connect_timeout: float = 5.0,
         protocol_features: int = WANTED_PROTOCOL_FEATURES,
+        server: bool = False,
+        reconnect: ReconnectPolicy | bool | float | None = None,
     ) -> None:
         self.path = path
         self._device_type = device_type
         self.queue_size = queue_size
         self.timeout = timeout
+        self.server = server
+        self.reconnect_policy = ReconnectPolicy.from_arg(reconnect)
+        self._wanted = protocol_features
         self._codec = vu.FrontendCodec()
         self._reader = vu.MessageReader(DeviceProtocolError)
         self._lock = threading.RLock()
         self._queues: dict[int, _Queue] = {}
         self._lost: str | None = None
+        self._closed = False
         self._status = 0
         self._features_sent = False
         self.driver_features = 0
-        self._sock = self._connect(path, connect_timeout)
+        self._regions: list[Region] = []  # the memory table last sent, for reconnects
+        self._inflight: tuple[vu.InflightInfo, int] | None = None
+        #: The back end of this connection took the previous one's inflight area and resubmits itself.
+        self.device_resubmits = False
+        #: Successful reconnects so far; queues set up on an older one are stale.
+        self.generation = 0
+        self.reconnects = 0
+        self._listener: socket.socket | None = None
+        self._listener_inode: tuple[int, int] | None = None
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock.close()  # a placeholder until connected: fileno() is -1
         try:
+            if server:
+                self._listener = self._listen(path)
+                self._sock = self._accept(connect_timeout)
+            else:
+                self._sock = self._connect(path, connect_timeout)
             self._handshake(protocol_features)
         except BaseException:
             self.close()
@@ -126,20 +232,71 @@ class VhostUserTransport:
 
     @staticmethod
     def _connect(path: str, timeout: float) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                sock.connect(path)
-                return sock
+                return VhostUserTransport._connect_once(path)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if time.monotonic() >= deadline:
-                    sock.close()
                     raise ConnectionLost(f"cannot connect to vhost-user socket {path}: {exc.strerror}") from None
                 time.sleep(0.05)
-            except OSError as exc:
-                sock.close()
-                raise ConnectionLost(f"cannot connect to vhost-user socket {path}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _connect_once(path: str) -> socket.socket:
+        """One connect; FileNotFoundError / ConnectionRefusedError mean "not there (yet)"."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise ConnectionLost(f"cannot connect to vhost-user socket {path}: {exc.strerror or exc}") from None
+
+    def _listen(self, path: str) -> socket.socket:
+        """Server mode: create the listening socket (a stale socket file is replaced)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise TransportError(f"{path} exists and is not a socket; not replacing it")
+            try:
+                self._connect_once(path).close()
+            except (FileNotFoundError, ConnectionRefusedError):
+                try:
+                    os.unlink(path)  # stale: nobody listens
+                except FileNotFoundError:
+                    pass
+            else:
+                raise TransportError(f"another process is listening on {path}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            st = os.stat(path)
+            self._listener_inode = (st.st_dev, st.st_ino)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        return sock
+
+    def _accept(self, timeout: float) -> socket.socket:
+        """Server mode: wait up to ``timeout`` for a back end to connect."""
+        listener = self._listener
+        assert listener is not None
+        ready, _, _ = select.select([listener], [], [], max(0.0, timeout))
+        if not ready:
+            raise ConnectionLost(f"no vhost-user back end connected to {self.path} within {timeout:.1f} s")
+        try:
+            sock, _addr = listener.accept()
+        except OSError as exc:
+            raise ConnectionLost(f"accepting a back end on {self.path} failed: {exc.strerror or exc}") from None
+        sock.setblocking(True)
+        return sock
 
     def _handshake(self, wanted: int) -> None:
         self.offered_features: int = self._call(self._codec.get_features())
@@ -172,19 +329,14 @@ class VhostUserTransport:
     def _call(self, out: vu.Outgoing) -> Any:
         """Send one message; wait for and return its reply if it has one."""
         with self._lock:
-            if self._lost is not None:
-                raise self._lose(self._lost)
-            try:
-                if out.fds:
-                    self._sock.sendmsg([out.data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(out.fds))])
-                else:
-                    self._sock.sendall(out.data)
-            except OSError as exc:
-                raise self._lose(f"send of {out.name} failed: {exc.strerror or exc}") from None
-            if not out.expects_reply:
+            msg = self._exchange(out)
+            if msg is None:
                 return None
-            msg = self._receive(out.name)
-            value = self._codec.parse_reply(out, msg)
+            try:
+                value = self._codec.parse_reply(out, msg)
+            finally:
+                for fd in msg.fds:  # only GET_INFLIGHT_FD's reply carries one: see _get_inflight
+                    os.close(fd)
             if out.request not in _REPLY_CARRIERS:
                 # A REPLY_ACK: non-zero means the back end refused the request.
                 assert isinstance(value, int)
@@ -193,13 +345,26 @@ class VhostUserTransport:
                 return None
             return value
 
+    def _exchange(self, out: vu.Outgoing) -> vu.Message | None:
+        """Send ``out``; return the reply message (fds included) if one is expected."""
+        if self._lost is not None:
+            raise self._lose(self._lost)
+        try:
+            if out.fds:
+                self._sock.sendmsg([out.data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(out.fds))])
+            else:
+                self._sock.sendall(out.data)
+        except OSError as exc:
+            raise self._lose(f"send of {out.name} failed: {exc.strerror or exc}") from None
+        if not out.expects_reply:
+            return None
+        return self._receive(out.name)
+
     def _receive(self, what: str) -> vu.Message:
         deadline = time.monotonic() + self.timeout
         while True:
             msg = self._reader.next_message()
             if msg is not None:
-                for fd in msg.fds:  # no reply we ask for carries fds (GET_INFLIGHT_FD is not used)
-                    os.close(fd)
                 return msg
             left = deadline - time.monotonic()
             if left <= 0:
@@ -222,18 +387,160 @@ class VhostUserTransport:
         """Raise ConnectionLost if the peer has closed the socket (non-blocking peek)."""
         if self._lost is not None:
             raise self._lose(self._lost)
+        sock = self._sock  # a reconnect in another thread may replace it meanwhile
         try:
-            data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as exc:
+            if sock is not self._sock:
+                raise ConnectionLost(f"the connection to {self.path} was replaced") from None
             raise self._lose(f"socket error: {exc.strerror or exc}") from None
         if not data:
+            if sock is not self._sock:
+                raise ConnectionLost(f"the connection to {self.path} was replaced")
             raise self._lose("connection closed by the back end")
+
+    def check_queue(self, index: int) -> None:
+        """check_alive, and raise ConnectionLost if queue ``index`` is stale (not restarted since a reconnect)."""
+        self.check_alive()
+        q = self._queues.get(index)
+        if q is not None and q.generation != self.generation:
+            raise ConnectionLost(f"queue {index} is not running on the current connection to {self.path}")
 
     @property
     def connected(self) -> bool:
         return self._lost is None
+
+    # -- reconnect ------------------------------------------------------------
+
+    def reconnect(self, deadline: float | None = None) -> bool:
+        """Make sure a working connection is up; True if this call had to make a new one.
+
+        Returns False at once when the connection is up (it never went away,
+        or another thread already reconnected: compare :attr:`generation`).
+        Raises :class:`ReconnectFailed` when reconnecting is off, the
+        policy's limit (or ``deadline``, a ``time.monotonic()`` value) is
+        reached, or the new back end cannot resume the device.
+        """
+        with self._lock:
+            if self._closed:
+                raise ReconnectFailed(f"vhost-user transport for {self.path} is closed")
+            if self._lost is None and self._alive_now():
+                return False
+            policy = self.reconnect_policy
+            why = self._lost or "connection lost"
+            if policy is None:
+                raise ReconnectFailed(f"vhost-user back end at {self.path}: {why} (reconnect is off)")
+            start = time.monotonic()
+            if deadline is None:
+                deadline = start + policy.timeout
+            delay = policy.delay
+            attempts = 0
+            last = why
+            while True:
+                self._drop_connection()
+                try:
+                    if self.server:
+                        self._sock = self._accept(deadline - time.monotonic())
+                    else:
+                        self._sock = self._connect_once(self.path)
+                    self._lost = None
+                    self._resume_connection()
+                    break
+                except ReconnectFailed as exc:
+                    self._lost = str(exc)
+                    self._drop_connection()
+                    raise
+                except (FileNotFoundError, ConnectionRefusedError) as exc:
+                    last = f"cannot connect: {exc.strerror}"
+                except (TransportError, DeviceError) as exc:
+                    last = str(exc)
+                except OSError as exc:
+                    last = f"{exc.strerror or exc}"
+                attempts += 1
+                now = time.monotonic()
+                if (policy.attempts is not None and attempts >= policy.attempts) or now >= deadline:
+                    self._lost = self._lost or last
+                    raise ReconnectFailed(
+                        f"vhost-user back end at {self.path} lost ({why}) and not back after "
+                        f"{now - start:.1f} s and {attempts} attempt(s); last: {last}"
+                    )
+                time.sleep(max(0.0, min(delay, deadline - now)))
+                delay = min(delay * 2, policy.max_delay)
+            self.generation += 1
+            self.reconnects += 1
+            return True
+
+    def _alive_now(self) -> bool:
+        try:
+            self.check_alive()
+        except ConnectionLost:
+            return False
+        return True
+
+    def _drop_connection(self) -> None:
+        """Close the socket of a lost connection (the queues' eventfds stay)."""
+        if self._sock.fileno() >= 0:
+            self._sock.close()
+        self._reader.close_pending_fds()
+        self._reader = vu.MessageReader(DeviceProtocolError)
+        if self._lost is None:
+            self._lost = "connection dropped"
+
+    def _resume_connection(self) -> None:
+        """Negotiate with a new back end as the old one was: features, status, inflight area, memory."""
+        needed_queues = max(self._queues, default=-1) + 1
+        self._handshake(self._wanted)
+        missing = self.driver_features & ~self.offered_features
+        if missing:
+            raise ReconnectFailed(
+                f"the vhost-user back end at {self.path} came back without features the driver negotiated: "
+                f"{', '.join(feature_names(missing, _FEATURE_NAMES.get(self._device_type)))} (0x{missing:x}); "
+                "cannot resume"
+            )
+        if self.num_queues < needed_queues:
+            raise ReconnectFailed(
+                f"the vhost-user back end at {self.path} came back with {self.num_queues} queue(s); "
+                f"{needed_queues} are in use; cannot resume"
+            )
+        if self._features_sent:
+            self._send_features()
+        if self._status and self._has(vu.PROTOCOL_F_STATUS):
+            self._call(self._codec.set_status(self._status & ~STATUS_DRIVER_OK, need_reply=self._ack))
+        self.device_resubmits = False
+        if self._regions:
+            old = self._inflight
+            if old is not None and self._has(vu.PROTOCOL_F_INFLIGHT_SHMFD):
+                info, fd = old
+                self._call(self._codec.set_inflight_fd(info, fd, need_reply=self._ack))
+                self.device_resubmits = True
+            else:
+                self._drop_inflight()
+                self._setup_inflight()
+            self._send_mem_table()
+        for q in self._queues.values():
+            q.running = False  # nothing runs on the new connection until restart_queue
+
+    def restart_queue(self, index: int, base: int) -> None:
+        """Start an existing queue on the current connection at ring ``base`` (same memory and eventfds)."""
+        with self._lock:
+            q = self._queues.get(index)
+            if q is None:
+                raise QueueStateError(f"queue {index} is not set up")
+            if not 0 <= base <= 0xFFFF:
+                raise InvalidArgument(f"ring base {base} is not a 16-bit index")
+            self._send_ring(q, base)
+            q.generation = self.generation
+            q.running = True
+        # Work was published while nobody watched the ring: make sure the device looks.
+        os.eventfd_write(q.kick, 1)
+
+    def resume(self) -> None:
+        """After a reconnect: send the full device status (DRIVER_OK) once queues are restarted."""
+        with self._lock:
+            if self._status and self._has(vu.PROTOCOL_F_STATUS):
+                self._call(self._codec.set_status(self._status, need_reply=self._ack))
 
     # -- Transport protocol ---------------------------------------------------
 
@@ -268,6 +575,7 @@ class VhostUserTransport:
             self._stop_device()
             self._status = 0
             self._features_sent = False
+            self._drop_inflight()  # a reset abandons what was in flight: a new area next start
             return
         if self._lost is not None:
             # The emulated status byte must not look written on a dead connection.
@@ -311,28 +619,79 @@ class VhostUserTransport:
         return self.num_queues
 
     def set_memory(self, pool: MemoryPool) -> None:
-        regions = pool.regions
+        regions = list(pool.regions)
         if len(regions) > vu.MAX_FDS:
             raise InvalidArgument(f"{len(regions)} memory regions; vhost-user takes at most {vu.MAX_FDS}")
+        with self._lock:
+            if self._inflight is None:
+                self._setup_inflight()
+            self._regions = regions
+            self._send_mem_table()
+
+    def _send_mem_table(self) -> None:
+        regions = self._regions
         table = [vu.MemRegion(r.guest_addr, r.size, r.user_addr, r.fd_offset) for r in regions]
         self._call(self._codec.set_mem_table(table, [r.fd for r in regions], need_reply=self._ack))
+
+    def _setup_inflight(self) -> None:
+        """GET_INFLIGHT_FD then SET_INFLIGHT_FD, when the back end offers INFLIGHT_SHMFD."""
+        if not self._has(vu.PROTOCOL_F_INFLIGHT_SHMFD):
+            return
+        with self._lock:
+            out = self._codec.get_inflight_fd(self.num_queues, self.queue_size)
+            msg = self._exchange(out)
+            assert msg is not None
+            try:
+                info = self._codec.parse_reply(out, msg)
+            except BaseException:
+                for fd in msg.fds:
+                    os.close(fd)
+                raise
+            assert isinstance(info, vu.InflightInfo)
+            fd = msg.fds[0]
+            try:
+                if os.fstat(fd).st_size < info.mmap_offset + info.mmap_size:
+                    raise DeviceProtocolError(
+                        f"GET_INFLIGHT_FD: the area ({info.mmap_size} bytes at {info.mmap_offset}) "
+                        "exceeds its file"
+                    )
+                self._call(self._codec.set_inflight_fd(info, fd, need_reply=self._ack))
+            except BaseException:
+                os.close(fd)
+                raise
+            self._inflight = (info, fd)
+
+    def _drop_inflight(self) -> None:
+        if self._inflight is not None:
+            os.close(self._inflight[1])
+            self._inflight = None
+        self.device_resubmits = False
+
+    @property
+    def inflight_info(self) -> vu.InflightInfo | None:
+        """The inflight area in use (INFLIGHT_SHMFD), if any."""
+        return None if self._inflight is None else self._inflight[0]
 
     def setup_queue(self, setup: QueueSetup) -> None:
         if setup.index in self._queues:
             raise QueueStateError(f"queue {setup.index} is already set up")
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        q = _Queue(setup, kick, call)
+        q = _Queue(setup, kick, call, self.generation)
         self._queues[setup.index] = q
+        self._send_ring(q, setup.last_avail)
+
+    def _send_ring(self, q: _Queue, base: int) -> None:
         ack = self._ack
         c = self._codec
+        setup = q.setup
         i = setup.index
         self._call(c.set_vring_num(i, setup.size, need_reply=ack))
-        self._call(c.set_vring_base(i, setup.last_avail, need_reply=ack))
+        self._call(c.set_vring_base(i, base, need_reply=ack))
         addr = vu.VringAddr(i, 0, setup.desc_addr, setup.used_addr, setup.avail_addr, 0)
         self._call(c.set_vring_addr(addr, need_reply=ack))
-        self._call(c.set_vring_kick(i, kick, need_reply=ack))
-        self._call(c.set_vring_call(i, call, need_reply=ack))
+        self._call(c.set_vring_kick(i, q.kick, need_reply=ack))
+        self._call(c.set_vring_call(i, q.call, need_reply=ack))
         if self._has_protocol_features_bit():
             self._call(c.set_vring_enable(i, True, need_reply=ack))
 
@@ -342,7 +701,7 @@ class VhostUserTransport:
     def _stop_queue(self, index: int) -> int | None:
         """GET_VRING_BASE: the back end stops the ring and says where it stopped."""
         q = self._queues.get(index)
-        if q is None or not q.running or self._lost is not None:
+        if q is None or not q.running or self._lost is not None or q.generation != self.generation:
             return None
         q.running = False
         state = self._call(self._codec.get_vring_base(index))
@@ -378,8 +737,14 @@ class VhostUserTransport:
             raise QueueStateError(f"queue {index} is not set up")
         if self._lost is not None:
             raise self._lose(self._lost)
+        if q.generation != self.generation:
+            raise ConnectionLost(f"queue {index} is not running on the current connection to {self.path}")
         sock_fd = self._sock.fileno()
-        ready, _, _ = select.select([q.call, sock_fd], [], [], timeout)
+        try:
+            ready, _, _ = select.select([q.call, sock_fd], [], [], timeout)
+        except (OSError, ValueError):
+            # The socket was replaced under us by a reconnect in another thread.
+            raise ConnectionLost(f"the connection to {self.path} changed while waiting on queue {index}") from None
         if sock_fd in ready:
             self.check_alive()
         if q.call in ready:
@@ -395,25 +760,49 @@ class VhostUserTransport:
         return None if q is None else q.call
 
     def close(self) -> None:
-        for q in self._queues.values():
-            os.close(q.kick)
-            os.close(q.call)
-        self._queues.clear()
-        self._reader.close_pending_fds()
-        if self._sock.fileno() >= 0:
-            self._sock.close()
-        if self._lost is None:
-            self._lost = "transport closed"
+        with self._lock:
+            self._closed = True
+            for q in self._queues.values():
+                os.close(q.kick)
+                os.close(q.call)
+            self._queues.clear()
+            self._reader.close_pending_fds()
+            if self._sock.fileno() >= 0:
+                self._sock.close()
+            self._drop_inflight()
+            self._regions = []
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+                try:
+                    st = os.stat(self.path)
+                    if (st.st_dev, st.st_ino) == self._listener_inode:
+                        os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+            if self._lost is None:
+                self._lost = "transport closed"
 
     def info(self) -> dict[str, Any]:
+        policy = self.reconnect_policy
         return {
             "type": self.kind,
             "socket": self.path,
+            "mode": "server" if self.server else "client",
             "protocol_features": vu.protocol_feature_names(self.protocol_features),
             "offered_protocol_features": vu.protocol_feature_names(self.offered_protocol_features),
             "backend_queues": self.num_queues,
+            "inflight_fd": self._inflight is not None,
+            "reconnect": None if policy is None else {"timeout": policy.timeout, "attempts": policy.attempts},
+            "reconnects": self.reconnects,
         }
 
+
+_FEATURE_NAMES: dict[int, dict[int, str]] = {
+    DEVICE_ID_BLOCK: spec_blk.FEATURE_NAMES,
+    DEVICE_ID_SCSI: spec_scsi.FEATURE_NAMES,
+    DEVICE_ID_NET: spec_net.FEATURE_NAMES,
+}
 
 _REPLY_CARRIERS = frozenset(
     {
@@ -445,4 +834,4 @@ def _fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-__all__ = ["VhostUserTransport", "WANTED_PROTOCOL_FEATURES"]
+__all__ = ["ReconnectFailed", "ReconnectPolicy", "VhostUserTransport", "WANTED_PROTOCOL_FEATURES"]
