@@ -13,7 +13,7 @@ FUZZ_SHORT_SECONDS ?= 10
 FUZZ_JOBS ?= 2
 FUZZ_ENGINE ?= auto
 FUZZ_TARGETS := vu_decode_request vu_parse_reply vu_backend_channel split_reap fixed_reap device_pop \
-	blk_handle scsi_handle spec_parsers blk_driver scsi_driver server
+	blk_handle scsi_handle net_handle spec_parsers blk_driver scsi_driver net_driver server
 
 .PHONY: fuzz fuzz-short fuzz-corpus fuzz-ci fuzz-report
 

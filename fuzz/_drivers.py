@@ -22,17 +22,19 @@ from __future__ import annotations
 from typing import Any
 
 from fuzz._input import FuzzInput
-from fuzz.targets import InvariantBroken, expect
+from fuzz.targets import InvariantBroken, expect, note_known, strict
 from pyvirtio.backends.blk import BlockBackend, Storage
 from pyvirtio.backends.scsi import ScsiBackend, ScsiLun
 from pyvirtio.device import VirtioDevice
 from pyvirtio.drivers.blk import VirtioBlk
+from pyvirtio.drivers.net import VirtioNet
 from pyvirtio.drivers.scsi import VirtioScsi
 from pyvirtio.errors import InvalidArgument, PyvirtioError, TransportTimeout
 from pyvirtio.ring.device_side import Chain
 from pyvirtio.spec import blk as B
+from pyvirtio.spec import net as N
 from pyvirtio.spec import scsi as S
-from pyvirtio.spec.common import DEVICE_ID_BLOCK, DEVICE_ID_SCSI, F_VERSION_1
+from pyvirtio.spec.common import DEVICE_ID_BLOCK, DEVICE_ID_NET, DEVICE_ID_SCSI, F_VERSION_1
 from pyvirtio.transport.loopback import LoopbackTransport
 
 _POOL_SIZE = 1 << 20
@@ -320,6 +322,159 @@ def _scsi_ops(fi: FuzzInput, scsi: VirtioScsi) -> int:
             else:
                 cdb = fi.blob(16) or b"\0"
                 scsi.command(target, lun, cdb, data_in=fi.below(1024), check=fi.flag())
+            done += 1
+        except TransportTimeout:
+            break
+        except PyvirtioError:
+            pass
+    return done
+
+
+# -- virtio-net ----------------------------------------------------------------------
+
+
+class _HostileNet(LoopbackTransport):
+    """A virtio-net device answering from the input: rx frames, tx completions, control acks.
+
+    Receive buffers stay posted until an operation delivers some
+    (:meth:`deliver`); a kick on a receive queue delivers none. The last
+    queue is the control queue.
+    """
+
+    def __init__(self, fi: FuzzInput, pairs: int, **kw: Any) -> None:
+        super().__init__(device_id=DEVICE_ID_NET, num_queues=2 * pairs + 1, **kw)
+        self.fi = fi
+        self.pairs = pairs
+        for q in range(2 * pairs):
+            self.handlers[q] = self._tx if q % 2 else self._rx
+        self.handlers[2 * pairs] = self._control
+
+    def process(self, index: int, limit: int | None = None) -> int:
+        if index < 2 * self.pairs and index % 2 == 0 and limit is None:
+            return 0  # receive buffers wait for frames
+        return super().process(index, limit)
+
+    def deliver(self, queue: int, n: int) -> int:
+        if queue not in self.queues:
+            return 0
+        return super().process(queue, n)
+
+    def _rx(self, _queue: int, chain: Chain) -> int:
+        fi = self.fi
+        hdr = fi.take(10) + fi.choose((1, 0, 2), fi.u16).to_bytes(2, "little")  # num_buffers
+        frame = fi.blob(1600) if fi.flag() else bytes(60)
+        n = chain.write(hdr + frame)
+        return fi.u32() if fi.below(8) == 7 else n
+
+    def _tx(self, _queue: int, _chain: Chain) -> int:
+        fi = self.fi
+        return fi.u32() if fi.below(16) == 15 else 0
+
+    def _control(self, _queue: int, chain: Chain) -> int:
+        fi = self.fi
+        ack = fi.choose((N.CTRL_OK, N.CTRL_ERR), fi.u8)
+        if chain.writable and len(chain.writable[-1]):
+            last = chain.writable[-1]
+            last[len(last) - 1] = ack
+        return fi.u32() if fi.below(8) == 7 else 1
+
+
+def _frame(fi: FuzzInput) -> bytes:
+    return fi.blob(1600) if fi.flag() else b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(46)
+
+
+def target_net_driver(data: bytes) -> int:
+    """VirtioNet (drivers/net.py): config, received frames and headers, tx lengths and control acks.
+
+    Input: ``u32`` offered features (VERSION_1 forced), 24 bytes of config,
+    ``u8`` pairs, ``u8`` queue size exponent, ``u8`` driver options
+    (mrg_rxbuf, csum, rx buffer size), a blob of device answers
+    (:class:`_HostileNet`), then operations: send, send_batch, deliver rx
+    frames and receive them, recv_batch, control commands, reclaim,
+    release.
+    """
+    fi = FuzzInput(data)
+    features = (fi.u32() & 0xFFFFFFFF) | (1 << F_VERSION_1)
+    config = fi.take(N.CONFIG_SIZE)
+    pairs = 1 + fi.below(2)
+    queue_size = 1 << (1 + fi.below(5))
+    opts = fi.u8()
+    answers = FuzzInput(fi.blob(4096))
+    transport = _HostileNet(answers, pairs, features=features, config=config, queue_size=queue_size)
+    device = VirtioDevice("fuzz-net", transport, pool_size=_POOL_SIZE)
+    done = 0
+    try:
+        try:
+            net = VirtioNet(
+                device,
+                mrg_rxbuf=bool(opts & 1),
+                csum=bool(opts & 2),
+                rx_buf_size=(256, 2048, 4096, 1600)[opts >> 2 & 3],
+                timeout=0.2,
+            )
+        except PyvirtioError as exc:
+            _known_net_queue_count(exc)
+            return 0
+        try:
+            done = _net_ops(fi, net, transport)
+        finally:
+            net.close()
+    finally:
+        device.close()
+    return done
+
+
+def _known_net_queue_count(exc: PyvirtioError) -> None:
+    """VirtioNet blames the caller when the config promises more pairs than the device has queues."""
+    if isinstance(exc, InvalidArgument) and "queues requested, the device has" in str(exc):
+        if strict():
+            raise InvariantBroken(f"VirtioNet() blamed the caller for the device's config: {exc}") from exc
+        note_known("net-queue-count")
+
+
+def _net_ops(fi: FuzzInput, net: VirtioNet, transport: _HostileNet) -> int:
+    done = 0
+    for _ in range(16):
+        if fi.exhausted:
+            break
+        op = fi.below(8)
+        pair = fi.below(net.num_pairs)
+        try:
+            if op == 0:
+                net.send(_frame(fi), pair)
+            elif op == 1:
+                frames = [_frame(fi) for _ in range(1 + fi.below(4))]
+                n = net.send_batch(frames, pair)
+                expect(0 <= n <= len(frames), f"send_batch queued {n} of {len(frames)}")
+            elif op in (2, 3):
+                if op == 3:
+                    transport.deliver(2 * pair, 1 + fi.below(4))
+                got = net.recv_batch(1 + fi.below(8), pair, with_headers=fi.flag())
+                for item in got:
+                    frame = item[0] if isinstance(item, tuple) else item
+                    expect(len(frame) <= net.queue_size * net.rx_buf_size, f"a {len(frame)}-byte frame")
+                    bytes(frame)
+            elif op == 4:
+                which = fi.below(5)
+                if which == 0:
+                    net.set_promisc(fi.flag())
+                elif which == 1:
+                    net.set_allmulti(fi.flag())
+                elif which == 2:
+                    net.set_mac(fi.take(6))
+                elif which == 3:
+                    net.set_mac_table([fi.take(6)], [b"\x01" + fi.take(5)])
+                else:
+                    net.set_queue_pairs(1 + fi.below(net.max_pairs))
+            elif op == 5:
+                net.reclaim_tx(pair)
+                expect(0 <= net.tx_free(pair) <= net.queue_size, "tx_free out of range")
+            elif op == 6:
+                net.release_rx(pair)
+            else:
+                net.stats()
+                net.info()
+                _ = net.link_up
             done += 1
         except TransportTimeout:
             break

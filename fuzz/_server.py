@@ -37,14 +37,16 @@ import time
 from dataclasses import dataclass
 
 from fuzz._input import FuzzInput
-from fuzz.targets import InvariantBroken, expect
+from fuzz.targets import InvariantBroken, expect, note_known, strict
 from pyvirtio.backends.blk import BlockBackend, Storage
+from pyvirtio.backends.net import NetBackend
 from pyvirtio.backends.scsi import ScsiBackend, ScsiLun
 from pyvirtio.backends.server import VhostUserBackend
 from pyvirtio.errors import DeviceProtocolError
 from pyvirtio.memory import Region
 from pyvirtio.protocol import vhost_user as vu
 from pyvirtio.spec import blk as B
+from pyvirtio.spec import net as N
 from pyvirtio.spec import scsi as S
 from pyvirtio.spec import t10 as T
 from pyvirtio.spec.common import F_RING_INDIRECT_DESC, F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
@@ -77,6 +79,18 @@ def frontend_region() -> Region:
     return _region
 
 
+_inflight: Region | None = None
+INFLIGHT_SIZE = 64 << 10
+
+
+def inflight_region() -> Region:
+    """The harness's own inflight area (SET_INFLIGHT_FD with contents written by the input)."""
+    global _inflight
+    if _inflight is None:
+        _inflight = Region.create(INFLIGHT_SIZE, "fuzz-inflight")
+    return _inflight
+
+
 def _open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
@@ -88,22 +102,13 @@ def _fd_target(fd: int) -> str:
         return "?"
 
 
-#: Known back-end bugs the target tolerates (set FUZZ_STRICT=1 to treat them as crashes),
-#: each reported in docs/fuzzing.md with its reproducer in tests/test_fuzz_short.py.
-KNOWN_ISSUES = {
-    "remap-leak": (
-        "SET_MEM_TABLE whose new table cannot hold a running ring: the connection is dropped "
-        "but the old table's regions are never closed (their fds leak)"
-    ),
-}
-STRICT = os.environ.get("FUZZ_STRICT", "") not in ("", "0")
 #: How often each known issue was met (in this process).
 known_hits: dict[str, int] = {}
 
 
 def _known_leak(why: str, leaked: set[int]) -> str | None:
     """The known issue that explains fds ``leaked`` by a connection that ended with ``why``, if any."""
-    if STRICT or not why.startswith("protocol violation: "):
+    if strict() or not why.startswith("protocol violation: "):
         return None
     if all(_fd_target(fd).startswith("/memfd:fuzz-frontend") for fd in leaked):
         return "remap-leak"
@@ -132,6 +137,7 @@ class _Frontend:
         self.reader = vu.MessageReader(DeviceProtocolError)
         self.closed = False
         self.replies: list[vu.Message] = []
+        self.received_fds: list[int] = []  # GET_INFLIGHT_FD areas (the harness closes them)
 
     def send(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
         if self.closed:
@@ -160,11 +166,13 @@ class _Frontend:
             except (ConnectionResetError, BrokenPipeError):
                 self.closed = True
                 return
-            expect(not anc, "the back end sent file descriptors")
+            fds = [fd for level, kind, raw in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for fd in struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) // 4 * 4])]
+            self.received_fds.extend(fds)
             if not data:
                 self.closed = True
                 return
-            self.reader.feed(data)
+            self.reader.feed(data, fds)
             while True:
                 try:
                     msg = self.reader.next_message()
@@ -173,6 +181,7 @@ class _Frontend:
                 if msg is None:
                     break
                 expect(msg.flags & ~vu.NEED_REPLY == vu.VERSION | vu.REPLY, f"back end message flags {msg.flags:#x}")
+                expect(not msg.fds or msg.request == vu.GET_INFLIGHT_FD, f"fds with {vu.request_name(msg.request)}")
                 self.replies.append(msg)
 
     def wait_reply(self, request: int, timeout: float = REPLY_TIMEOUT) -> vu.Message | None:
@@ -194,11 +203,11 @@ class _Frontend:
 class _Connection:
     """One VhostUserBackend.run in a thread, on one end of a socketpair."""
 
-    def __init__(self, model: object, poll_us: float) -> None:
+    def __init__(self, model: object, poll_us: float, inflight: bool = False) -> None:
         self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.theirs = theirs
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.backend = VhostUserBackend(model, poll_us=poll_us)  # type: ignore[arg-type]
+        self.backend = VhostUserBackend(model, poll_us=poll_us, inflight=inflight)  # type: ignore[arg-type]
         self.why: str | None = None
         self.raised: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="fuzz-vhost-user", daemon=True)
@@ -226,6 +235,9 @@ class _Connection:
             os.close(self.stop_fd)
         if hung:
             raise Hang(f"the back end did not return within {JOIN_TIMEOUT} s of the frontend closing")
+        for fd in self.fe.received_fds:
+            os.close(fd)
+        self.fe.received_fds.clear()
         if self.raised is not None:
             raise InvariantBroken(f"VhostUserBackend.run raised {self.raised!r}") from self.raised
         assert self.why is not None
@@ -235,13 +247,18 @@ class _Connection:
 # -- models -----------------------------------------------------------------------
 
 
-def _make_model(kind: int) -> BlockBackend | ScsiBackend:
+Model = BlockBackend | ScsiBackend | NetBackend
+
+
+def _make_model(kind: int) -> Model:
     if kind == 0:
         return BlockBackend(Storage(size=1 << 20), num_queues=2)
-    return ScsiBackend({(0, 0): ScsiLun(Storage(size=1 << 20))})
+    if kind == 1:
+        return ScsiBackend({(0, 0): ScsiLun(Storage(size=1 << 20))})
+    return NetBackend("loopback", pairs=2)
 
 
-def _close_model(model: BlockBackend | ScsiBackend) -> None:
+def _close_model(model: Model) -> None:
     if isinstance(model, BlockBackend):
         model.storage.close()
     else:
@@ -261,11 +278,15 @@ class _Session:
         self.owned: list[int] = []  # fds the harness opened (closed at the end)
         self.rings: dict[int, _Ring] = {}
         self.in_sync = True  # False once a raw message may have desynchronised the stream
+        self.offered: tuple[vu.InflightInfo, int] | None = None  # the last GET_INFLIGHT_FD answer
         self.codec = vu.FrontendCodec()
 
     # fds of the kinds a frontend may (or may not) send
     def fd(self, kind: int) -> int:
-        if kind == 0:
+        """0 eventfd, 1 the frontend memory's memfd, 2 a pipe, 3 /dev/null, 4 the inflight area."""
+        if kind == 4:
+            fd = os.dup(inflight_region().fd)
+        elif kind == 0:
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         elif kind == 1:
             fd = os.dup(self.region.fd)
@@ -302,6 +323,7 @@ class _Session:
             self.op_sync,
             self.op_request,
             self.op_misc,
+            self.op_inflight,
         )
         done = 0
         for _ in range(MAX_OPS):
@@ -421,11 +443,38 @@ class _Session:
         self.rings[index] = ring
 
     def op_write_mem(self) -> None:
+        """Bytes into the frontend's memory or (flag) into the harness's inflight area."""
         fi = self.fi
-        off = fi.u16() % REGION_SIZE
+        view = inflight_region().view if fi.flag() else self.region.view
+        off = fi.u16() % len(view)
         data = fi.blob(256)
-        data = data[: REGION_SIZE - off]
-        self.region.view[off : off + len(data)] = data
+        data = data[: len(view) - off]
+        view[off : off + len(data)] = data
+
+    def op_inflight(self) -> None:
+        """GET_INFLIGHT_FD, or SET_INFLIGHT_FD with the area received or the harness's own."""
+        fi = self.fi
+        which = fi.below(3)
+        if which == 0:
+            self.fe.send_out(self.codec.get_inflight_fd(1 + fi.below(4), 1 << fi.below(9)))
+            if self.in_sync:
+                msg = self.fe.wait_reply(vu.GET_INFLIGHT_FD)
+                if msg is not None and len(msg.payload) == 24 and len(msg.fds) == 1:
+                    self.offered = (vu.InflightInfo(*struct.unpack("=QQHH4x", msg.payload)), msg.fds[0])
+            return
+        if which == 1 and self.offered is not None:
+            info, fd = self.offered
+            fds = (os.dup(fd),)
+            self.owned.extend(fds)
+        else:
+            info = vu.InflightInfo(
+                fi.choose((INFLIGHT_SIZE, 4096), fi.u64),
+                fi.choose((0,), fi.u64),
+                fi.choose((1, 2, 3), fi.u16),
+                fi.choose((8, 64, 256), fi.u16),
+            )
+            fds = (self.fd(fi.choose((4,), lambda: fi.below(4))),)
+        self.fe.send_out(self.codec.set_inflight_fd(info, fds[0], need_reply=fi.flag()))
 
     def _ring(self) -> _Ring | None:
         if not self.rings:
@@ -504,6 +553,9 @@ class _Session:
         slot = fi.below(8)
         base = DATA_OFF + slot * 4096
         first = fi.u16() % ring.num
+        if isinstance(self.model, NetBackend):
+            self._net_request(ring, base, first)
+            return
         if isinstance(self.model, BlockBackend):
             rtype = fi.choose((B.T_IN, B.T_OUT, B.T_FLUSH, B.T_GET_ID, B.T_DISCARD, B.T_WRITE_ZEROES), fi.u32)
             header = B.OUTHDR.pack(rtype, 0, fi.u16())
@@ -532,6 +584,10 @@ class _Session:
             parts.append((base + 2048, resp_len, True))
             if dlen and writable:
                 parts.append((base + 64, dlen, True))
+        self._chain(ring, first, parts)
+
+    def _chain(self, ring: _Ring, first: int, parts: list[tuple[int, int, bool]]) -> None:
+        """Descriptors first, first+1, ... (mod the ring size) for ``parts``, then publish ``first``."""
         n = len(parts)
         idx = [(first + k) % ring.num for k in range(n)]
         if len(set(idx)) < n:
@@ -540,6 +596,22 @@ class _Session:
             flags = (DESC_F_WRITE if w else 0) | (DESC_F_NEXT if k + 1 < n else 0)
             self._region_write(ring.desc + 16 * idx[k], DESC.pack(GPA_BASE + off, length, flags, idx[(k + 1) % n]))
         self._publish(ring, first)
+
+    def _net_request(self, ring: _Ring, base: int, first: int) -> None:
+        """A frame to transmit (header + frame, maybe NEEDS_CSUM), or a receive buffer (flag)."""
+        fi = self.fi
+        if fi.flag():
+            self._chain(ring, first, [(base, fi.choose((2048, 12, 64), fi.u16), True)])
+            return
+        flags = fi.choose((0, N.HDR_F_NEEDS_CSUM), fi.u8)
+        hdr = N.HDR.pack(flags, 0, 0, 0, fi.u16() % 128, fi.u16() % 128, 0)
+        frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(46) if fi.flag() else fi.blob(1600)
+        self._region_write(base, hdr + frame)
+        split = fi.flag() and len(frame) > 2  # header and frame in two descriptors
+        if split:
+            self._chain(ring, first, [(base, 12, False), (base + 12, len(frame), False)])
+        else:
+            self._chain(ring, first, [(base, 12 + len(frame), False)])
 
     def op_misc(self) -> None:
         fi = self.fi
@@ -565,15 +637,18 @@ class _Session:
 # -- the honest session afterwards --------------------------------------------------------
 
 
-def serves_normally(model: BlockBackend | ScsiBackend, region: Region) -> None:
-    """A well-behaved frontend gets one request served on a fresh connection to ``model``."""
+def serves_normally(model: Model, region: Region) -> None:
+    """A well-behaved frontend gets one request served on a fresh connection to ``model``.
+
+    blk: GET_ID on ring 0; scsi: INQUIRY on ring 2; net: a frame sent on
+    ring 1 (tx) comes back on ring 0 (rx, loopback).
+    """
     region.view[:] = bytes(REGION_SIZE)
     conn = _Connection(model, poll_us=0)
     fe = conn.fe
     codec = vu.FrontendCodec()
     ok = False
-    kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    fds: list[int] = []
     try:
 
         def ask(out: vu.Outgoing) -> int:
@@ -598,49 +673,73 @@ def serves_normally(model: BlockBackend | ScsiBackend, region: Region) -> None:
             codec.set_mem_table([vu.MemRegion(GPA_BASE, REGION_SIZE, UVA_BASE)], [region.fd], need_reply=True),
         ):
             expect(ask(out) == 0, f"{out.name} refused")
-        index = 0 if isinstance(model, BlockBackend) else S.FIRST_REQUEST_QUEUE
+        if isinstance(model, BlockBackend):
+            rings = [0]
+        elif isinstance(model, ScsiBackend):
+            rings = [S.FIRST_REQUEST_QUEUE]
+        else:
+            rings = [0, 1]  # rx, tx
         num = 8
         avail_off, used_off, _ = split_layout(num)
-        addr = vu.VringAddr(index, 0, UVA_BASE, UVA_BASE + used_off, UVA_BASE + avail_off)
-        for out in (
-            codec.set_vring_num(index, num, need_reply=True),
-            codec.set_vring_base(index, 0, need_reply=True),
-            codec.set_vring_addr(addr, need_reply=True),
-            codec.set_vring_kick(index, kick, need_reply=True),
-            codec.set_vring_call(index, call, need_reply=True),
-            codec.set_vring_enable(index, True, need_reply=True),
-        ):
-            expect(ask(out) == 0, f"{out.name} refused")
-        base = DATA_OFF
+        for k, index in enumerate(rings):
+            base = k * RING_SLOT
+            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fds += [kick, call]
+            addr = vu.VringAddr(index, 0, UVA_BASE + base, UVA_BASE + base + used_off, UVA_BASE + base + avail_off)
+            for out in (
+                codec.set_vring_num(index, num, need_reply=True),
+                codec.set_vring_base(index, 0, need_reply=True),
+                codec.set_vring_addr(addr, need_reply=True),
+                codec.set_vring_kick(index, kick, need_reply=True),
+                codec.set_vring_call(index, call, need_reply=True),
+                codec.set_vring_enable(index, True, need_reply=True),
+            ):
+                expect(ask(out) == 0, f"{out.name} refused")
+        data = DATA_OFF
         view = region.view
+        frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(range(46))
         if isinstance(model, BlockBackend):
-            B.OUTHDR.pack_into(view, base, B.T_GET_ID, 0, 0)
-            chain = [(base, 16, 0), (base + 64, B.ID_BYTES, DESC_F_WRITE), (base + 128, 1, DESC_F_WRITE)]
-            status_off = base + 128
-        else:
+            B.OUTHDR.pack_into(view, data, B.T_GET_ID, 0, 0)
+            chains = [[(data, 16, 0), (data + 64, B.ID_BYTES, DESC_F_WRITE), (data + 128, 1, DESC_F_WRITE)]]
+            status_off = data + 128
+        elif isinstance(model, ScsiBackend):
             cdb = bytes([T.INQUIRY, 0, 0, 0, 36, 0]).ljust(32, b"\0")
-            S.CMD_REQ_HDR.pack_into(view, base, S.lun_address(0, 0), 1, 0, 0, 0)
-            view[base + 19 : base + 51] = cdb
-            chain = [(base, 51, 0), (base + 128, 12 + 96, DESC_F_WRITE), (base + 256, 36, DESC_F_WRITE)]
-            status_off = base + 128 + 11  # virtio-scsi response byte
-        view[status_off] = 0xEE
-        for k, (off, length, flags) in enumerate(chain):
-            more = DESC_F_NEXT if k + 1 < len(chain) else 0
-            DESC.pack_into(view, 16 * k, GPA_BASE + off, length, flags | more, k + 1)
-        struct.pack_into("<HH", view, avail_off + 2, 1, 0)  # avail.idx = 1, ring[0] = head 0
-        struct.pack_into("<H", view, avail_off + 4, 0)
-        os.eventfd_write(kick, 1)
+            S.CMD_REQ_HDR.pack_into(view, data, S.lun_address(0, 0), 1, 0, 0, 0)
+            view[data + 19 : data + 51] = cdb
+            chains = [[(data, 51, 0), (data + 128, 12 + 96, DESC_F_WRITE), (data + 256, 36, DESC_F_WRITE)]]
+            status_off = data + 128 + 11  # virtio-scsi response byte
+        else:
+            view[data : data + 12 + len(frame)] = bytes(12) + frame
+            chains = [[(data + 1024, 2048, DESC_F_WRITE)], [(data, 12 + len(frame), 0)]]  # rx buffer, tx frame
+            status_off = -1
+        if status_off >= 0:
+            view[status_off] = 0xEE
+        for k, chain in enumerate(chains):
+            base = k * RING_SLOT
+            for i, (off, length, flags) in enumerate(chain):
+                more = DESC_F_NEXT if i + 1 < len(chain) else 0
+                DESC.pack_into(view, base + 16 * i, GPA_BASE + off, length, flags | more, i + 1)
+            struct.pack_into("<HH", view, base + avail_off + 2, 1, 0)  # avail.idx = 1, ring[0] = head 0
+        for k in range(len(rings)):
+            os.eventfd_write(fds[2 * k], 1)
         deadline = time.monotonic() + REPLY_TIMEOUT
-        while struct.unpack_from("<H", view, used_off + 2)[0] != 1:
-            if time.monotonic() > deadline:
-                raise Hang("a normal frontend's request was not completed")
-            time.sleep(0.0005)
-        expect(view[status_off] == 0, f"a normal request completed with status {view[status_off]:#x}")
+        for k in range(len(rings)):
+            while struct.unpack_from("<H", view, k * RING_SLOT + used_off + 2)[0] != 1:
+                if time.monotonic() > deadline:
+                    raise Hang(f"a normal frontend's request on ring {rings[k]} was not completed")
+                time.sleep(0.0005)
+        if status_off >= 0:
+            expect(view[status_off] == 0, f"a normal request completed with status {view[status_off]:#x}")
+        else:
+            length = struct.unpack_from("<I", view, used_off + 8)[0]  # rx used.ring[0].len
+            got = bytes(view[data + 1024 + 12 : data + 1024 + length])
+            expect(length == 12 + len(frame) and got == frame, f"loopback returned {length} bytes: {got[:16]!r}")
         ok = True
     finally:
         why = conn.finish()
-        os.close(kick)
-        os.close(call)
+        for fd in fds:
+            os.close(fd)
     if ok:
         expect(why == "frontend disconnected", f"the normal connection ended with: {why}")
 
@@ -654,18 +753,20 @@ _DECLARED = ("protocol violation: ", "error: ", "frontend disconnected", "connec
 def target_server(data: bytes) -> int:
     """VhostUserBackend fed a hostile frontend's messages and rings, then a normal one; returns chains served.
 
-    Input: ``u8`` model (blk, scsi), ``u8`` poll choice, then up to
-    :data:`MAX_OPS` operations (``u8`` opcode, see :class:`_Session`: raw
-    message, handshake, memory table, memory region, ring set-up, memory
-    write, descriptor, avail entry, kick, sync, blk/scsi request, misc).
+    Input: ``u8`` model (blk, scsi, net), ``u8`` poll choice, ``u8``
+    INFLIGHT_SHMFD offered or not, then up to :data:`MAX_OPS` operations
+    (``u8`` opcode, see :class:`_Session`: raw message, handshake, memory
+    table, memory region, ring set-up, memory write, descriptor, avail
+    entry, kick, sync, blk/scsi/net request, misc, inflight area).
     """
     fi = FuzzInput(data)
     region = frontend_region()
+    inflight_region()  # both harness memfds exist before the fds are counted
     fds_before = _open_fds()
     region.view[:] = bytes(REGION_SIZE)
-    model = _make_model(fi.below(2))
+    model = _make_model(fi.below(3))
     try:
-        conn = _Connection(model, poll_us=fi.pick((0, 50)))
+        conn = _Connection(model, poll_us=fi.pick((0, 50)), inflight=fi.flag())
         session = _Session(fi, conn, region, model)
         try:
             session.run()
@@ -687,6 +788,7 @@ def target_server(data: bytes) -> int:
             what = ", ".join(f"{fd} -> {_fd_target(fd)}" for fd in sorted(leaked))
             raise InvariantBroken(f"{len(leaked)} fds leaked by a connection that ended with {why!r}: {what}")
         known_hits[known] = known_hits.get(known, 0) + 1
+        note_known(known)
         for fd in leaked:  # the back end lost track of them: close them so the next input starts clean
             os.close(fd)
     return done

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fuzz import _server as SV
 from fuzz._input import Seed
 from fuzz.targets import _DEV_GPA, _SENDERS, device_ring_layout
 from pyvirtio.backends.blk import BlockBackend, Storage
@@ -397,6 +398,28 @@ def seeds_scsi_handle() -> dict[str, bytes]:
     }
 
 
+def seeds_net_handle() -> dict[str, bytes]:
+    frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(range(46))
+    csum_hdr = N.HDR.pack(N.HDR_F_NEEDS_CSUM, 0, 0, 0, 14, 10, 0)
+
+    def net(opts: int, features: int, *ops: tuple[int, bytes]) -> bytes:
+        s = Seed().u8(opts).u32(features)
+        for op, chain in ops:
+            s.below(op, 5).raw(chain)
+        return s.bytes()
+
+    tx = _chain_bytes([bytes(12) + frame], [])
+    tx_split = _chain_bytes([csum_hdr, frame], [])
+    rx = _chain_bytes([], [2048])
+    small = _chain_bytes([], [40])
+    mrg = 1 << N.F_MRG_RXBUF
+    return {
+        "loopback": net(0, 0, (1, tx), (0, rx), (1, tx_split), (0, rx)),
+        "mergeable": net(2, mrg | (1 << N.F_GUEST_CSUM), (1, tx), (0, small), (0, small), (0, rx), (4, b"")),
+        "two_pairs": net(1, 0, (3, tx), (2, rx), (1, tx), (0, rx)),
+    }
+
+
 def seeds_spec_parsers() -> dict[str, bytes]:
     blk_cfg = BlockBackend(Storage(size=1 << 20)).config()
     scsi = ScsiBackend()
@@ -449,6 +472,44 @@ def seeds_blk_driver() -> dict[str, bytes]:
     }
 
 
+def seeds_net_driver() -> dict[str, bytes]:
+    from pyvirtio.backends.net import NetBackend
+
+    backend = NetBackend("loopback", pairs=2)
+    extra = (1 << N.F_CTRL_VQ) | (1 << N.F_CTRL_RX) | (1 << N.F_CTRL_MAC_ADDR)
+    features = (backend.features() | extra) & 0xFFFFFFFF
+    config = backend.config()
+    backend.close()
+
+    def drv(opts: int, answers: bytes, ops: Callable[[Seed], None]) -> bytes:
+        s = Seed().u32(features).take(config, N.CONFIG_SIZE).below(1, 2).below(3, 5).u8(opts)
+        s.blob(answers, 4096)
+        ops(s)
+        return s.bytes()
+
+    def traffic(s: Seed) -> None:
+        s.below(0, 8).below(0, 2).flag(False)  # send a frame on pair 0
+        s.below(1, 8).below(1, 2).below(2, 4).flag(False).flag(False).flag(False)  # three on pair 1
+        s.below(3, 8).below(0, 2).below(1, 4).below(7, 8).flag(True)  # deliver 2 frames, receive
+        s.below(6, 8).below(0, 2)  # release them
+        s.below(5, 8).below(0, 2)  # reclaim tx
+        s.below(4, 8).below(0, 2).below(0, 5).flag(True)  # promiscuous on
+        s.below(4, 8).below(0, 2).below(4, 5).below(0, 2)  # one queue pair
+        s.below(7, 8).below(0, 2)  # stats, info, link
+
+    rx = Seed()
+    for _ in range(2):  # two frames delivered by the device: a header, a 60-byte frame
+        rx.take(bytes(10), 10).choose(0, (1, 0, 2)).flag(False).below(0, 8)
+    merged = Seed()  # one frame over two 256-byte buffers (MRG_RXBUF, num_buffers 2)
+    merged.take(bytes(10), 10).choose(2, (1, 0, 2)).flag(True).blob(b"\x02" * 244, 1600).below(0, 8)
+    merged.take(b"", 10).choose(0, (1, 0, 2)).flag(True).blob(bytes(100), 1600).below(0, 8)
+    return {
+        "traffic": drv(1 | (1 << 2), rx.bytes(), traffic),
+        "mergeable_small_buffers": drv(1 | (0 << 2), merged.bytes(), traffic),
+        "control_refused": drv(3 << 2, Seed().choose(1, (0, 1)).below(0, 8).bytes(), traffic),
+    }
+
+
 def seeds_scsi_driver() -> dict[str, bytes]:
     scsi = ScsiBackend()
     features = scsi.features() & 0xFFFFFFFF
@@ -491,8 +552,8 @@ def seeds_scsi_driver() -> dict[str, bytes]:
 
 # -- server -----------------------------------------------------------------------------------------
 
-_OPS = 12
-RAW, HANDSHAKE, MEM_TABLE, MEM_REG, RING, WRITE_MEM, DESC_OP, PUBLISH, KICK, SYNC, REQUEST, MISC = range(_OPS)
+_OPS = 13
+RAW, HANDSHAKE, MEM_TABLE, MEM_REG, RING, WRITE_MEM, DESC_OP, PUBLISH, KICK, SYNC, REQUEST, MISC, INFLIGHT = range(_OPS)
 
 
 def _handshake(s: Seed, *, acks: bool = True, protocol: int = 0) -> None:
@@ -520,8 +581,8 @@ def _blk_request(s: Seed, rtype_index: int, first: int, *, slot: int = 0, sector
     s.below(dlen_units, 5)
 
 
-def _seed_server(model: int, build: Callable[[Seed], None]) -> bytes:
-    s = Seed().below(model, 2).below(0, 2)
+def _seed_server(model: int, build: Callable[[Seed], None], *, inflight: bool = False) -> bytes:
+    s = Seed().below(model, 3).below(0, 2).flag(inflight)
     build(s)
     return s.bytes()
 
@@ -582,13 +643,81 @@ def seeds_server() -> dict[str, bytes]:
         s.below(SYNC, _OPS)
         s.below(MISC, _OPS).below(5, 7).flag(True)  # RESET_DEVICE
 
+    def net_session(s: Seed) -> None:
+        _handshake(s)
+        _mem_table(s)
+        _ring(s, 0)  # rx
+        _ring(s, 1)  # tx
+        # a frame on tx (ring key 1 of [0, 1]): no NEEDS_CSUM, the standard frame, one descriptor
+        s.below(REQUEST, _OPS).below(1, 2).below(0, 8).u16(0).flag(False).choose(0, (0, 0)).u16(0).u16(0)
+        s.flag(True).flag(False)
+        s.below(KICK, _OPS).below(1, 2)
+        # a 2048-byte receive buffer on rx: the loopback delivers the frame into it
+        s.below(REQUEST, _OPS).below(0, 2).below(1, 8).u16(0).flag(True).choose(0, (0, 0, 0))
+        s.below(KICK, _OPS).below(0, 2)
+        s.below(SYNC, _OPS)
+
+    def inflight_session(s: Seed) -> None:
+        _handshake(s, protocol=1 << vu.PROTOCOL_F_INFLIGHT_SHMFD)
+        s.below(INFLIGHT, _OPS).below(0, 3).below(1, 4).below(3, 9)  # GET_INFLIGHT_FD: 2 queues of 8
+        s.below(INFLIGHT, _OPS).below(1, 3).flag(True)  # SET_INFLIGHT_FD with that area
+        _mem_table(s)
+        _ring(s, 0)
+        _blk_request(s, 3, 0)
+        s.below(KICK, _OPS).below(0, 1)
+        s.below(SYNC, _OPS)
+
+    def hostile_inflight(s: Seed) -> None:
+        _handshake(s, protocol=1 << vu.PROTOCOL_F_INFLIGHT_SHMFD)
+        # The harness's own area: version 1, 8 entries, used_idx 0; entries 2 and 5 in flight.
+        header = struct.pack("<QHHHH", 0, 1, 8, 0, 0)
+        s.below(WRITE_MEM, _OPS).flag(True).u16(0).blob(header, 256)
+        for head, counter in ((2, 7), (5, 3)):
+            s.below(WRITE_MEM, _OPS).flag(True).u16(16 + 16 * head).blob(b"\x01" + bytes(7) + _U64(counter), 256)
+        # SET_INFLIGHT_FD with it: 64 KiB at 0, 1 queue of 8, the inflight memfd (kind 4), NEED_REPLY
+        s.below(INFLIGHT, _OPS).below(2, 3).choose(0, (0, 0)).choose(0, (0,)).choose(0, (0, 0, 0))
+        s.choose(0, (0, 0, 0)).choose(0, (0,)).flag(True)
+        _mem_table(s)
+        # The heads it left in flight are GET_ID requests, written straight into ring 0's table
+        # (honest layout: the table at offset 0) and the data area, before the ring starts.
+        gpa, data = SV.GPA_BASE, SV.DATA_OFF
+        descs = b""
+        for head, base in ((2, data), (5, data + 256)):
+            descs += DESC.pack(gpa + base, 16, DESC_F_NEXT, head + 1)
+            descs += DESC.pack(gpa + base + 64, B.ID_BYTES, DESC_F_WRITE | DESC_F_NEXT, head + 2)
+            descs += DESC.pack(gpa + base + 128, 1, DESC_F_WRITE, 0)
+        s.below(WRITE_MEM, _OPS).flag(False).u16(32).blob(descs, 256)
+        for base in (data, data + 256):
+            s.below(WRITE_MEM, _OPS).flag(False).u16(base).blob(B.OUTHDR.pack(B.T_GET_ID, 0, 0), 256)
+        _ring(s, 0)  # starts (enabled): recovers heads 5 then 2 (by counter) and runs them first
+        s.below(SYNC, _OPS)
+        s.below(KICK, _OPS).below(0, 1)
+        s.below(SYNC, _OPS)
+
     return {
         "blk_session": _seed_server(0, blk_session),
         "scsi_session": _seed_server(1, scsi_session),
+        "net_session": _seed_server(2, net_session),
         "hostile_ring": _seed_server(0, hostile_ring),
         "raw_messages": _seed_server(0, raw_messages),
         "mem_slots": _seed_server(0, mem_slots),
+        "inflight_session": _seed_server(0, inflight_session, inflight=True),
+        "hostile_inflight": _seed_server(0, hostile_inflight, inflight=True),
     }
+
+
+def known_inputs() -> dict[str, bytes]:
+    """Inputs that reproduce the known issues (fuzz/known/<target>-<issue>), replayed by the tests."""
+
+    def remap_leak(s: Seed) -> None:
+        _handshake(s)
+        _mem_table(s)
+        _ring(s, 0)  # running
+        # SET_MEM_TABLE with no regions (raw: VERSION, payload nregions 0, true size, no fds)
+        s.below(RAW, _OPS).u8(vu.SET_MEM_TABLE).choose(0, (0, 0)).blob(bytes(8), 300).below(1, 8).below(0, 4)
+        s.below(SYNC, _OPS)
+
+    return {"server-remap-leak": _seed_server(0, remap_leak)}
 
 
 def _U64(v: int) -> bytes:
@@ -604,9 +733,11 @@ SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "device_pop": seeds_device_pop,
     "blk_handle": seeds_blk_handle,
     "scsi_handle": seeds_scsi_handle,
+    "net_handle": seeds_net_handle,
     "spec_parsers": seeds_spec_parsers,
     "blk_driver": seeds_blk_driver,
     "scsi_driver": seeds_scsi_driver,
+    "net_driver": seeds_net_driver,
     "server": seeds_server,
 }
 
@@ -615,29 +746,35 @@ def all_seeds() -> dict[str, dict[str, bytes]]:
     return {target: build() for target, build in SEEDS.items()}
 
 
+KNOWN = CORPUS.parent / "known"
+
+
+def _files(corpus: Path) -> dict[Path, bytes]:
+    out = {
+        corpus / target / f"seed-{name}": data for target, seeds in all_seeds().items() for name, data in seeds.items()
+    }
+    out.update({corpus.parent / "known" / name: data for name, data in known_inputs().items()})
+    return out
+
+
 def write(corpus: Path = CORPUS) -> int:
-    """(Re)write every seed file; returns how many changed. Files other than seeds are left alone."""
+    """(Re)write every seed file (and fuzz/known/); returns how many changed. Other files are left alone."""
     changed = 0
-    for target, seeds in all_seeds().items():
-        d = corpus / target
-        d.mkdir(parents=True, exist_ok=True)
-        for name, data in seeds.items():
-            path = d / f"seed-{name}"
-            if not path.exists() or path.read_bytes() != data:
-                path.write_bytes(data)
-                changed += 1
+    for path, data in _files(corpus).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_bytes() != data:
+            path.write_bytes(data)
+            changed += 1
     return changed
 
 
 def stale(corpus: Path = CORPUS) -> list[str]:
     """Seed files missing or different from what this module builds."""
-    out = []
-    for target, seeds in all_seeds().items():
-        for name, data in seeds.items():
-            path = corpus / target / f"seed-{name}"
-            if not path.exists() or path.read_bytes() != data:
-                out.append(str(path.relative_to(corpus)))
-    return out
+    return [
+        str(path.relative_to(corpus.parent))
+        for path, data in _files(corpus).items()
+        if not path.exists() or path.read_bytes() != data
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -282,6 +282,9 @@ class VirtioDevice:
         if queue_size is not None and (not is_power_of_two(queue_size)):
             raise InvalidArgument(f"queue size must be a power of two, got {queue_size}")
         self.fixed_queues = fixed_queues
+        plan = getattr(self.transport, "plan_queues", None)
+        if plan is not None:
+            plan(total)  # vhost-user sizes its inflight area (INFLIGHT_SHMFD) by the queues really used
         self.transport.set_memory(self.pool)
         event_idx = self.has_feature(F_RING_EVENT_IDX)
         indirect = self.has_feature(F_RING_INDIRECT_DESC)

@@ -4,6 +4,13 @@ With a TARGET it drives that device; without one it starts pyvirtio's
 embedded RAM back end (``pyvirtio serve blk``) in a child process, benchmarks
 it and stops it, so the command works on a machine with nothing else
 installed. The report names the back end it ran against.
+
+``--reconnect [SECONDS]`` keeps the run going when the back end restarts:
+requests in flight are resubmitted once the new one is connected, and the
+report adds the number of reconnects and the pause (total and longest time
+without completions); with ``--verify`` every block is still checked.
+``--server`` listens on TARGET's socket for the back end to connect.
+Ctrl-C ends a run early with the report so far.
 """
 
 from __future__ import annotations
@@ -227,18 +234,25 @@ def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
                 results[q] = exc
                 stop.set()
                 ready.abort()
+            finally:
+                finished[q].set()
 
+        # Waited for with events: a Thread.join() interrupted by Ctrl-C may return early
+        # afterwards on CPython 3.11 (the thread still running, its result not yet there).
+        finished = [threading.Event() for _ in range(args.queues)]
         threads = [threading.Thread(target=worker, args=(q,), name=f"bench-q{q}") for q in range(args.queues)]
         for t in threads:
             t.start()
         try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)
+            for done in finished:
+                while not done.wait(0.2):
+                    pass
         except KeyboardInterrupt:
             stop.set()
-            for t in threads:
-                t.join()
+            for done in finished:
+                done.wait()
+        for t in threads:
+            t.join()
         if show is not None:
             sys.stderr.write("\n")
         errors = [

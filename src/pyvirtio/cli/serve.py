@@ -9,7 +9,11 @@ virtio-blk device (a RAM disk of SIZE bytes, or an existing regular file) to one
 vhost-user frontend at a time (QEMU, qemu-storage-daemon's peers, SPDK,
 pyvirtio itself) until SIGINT or SIGTERM, then removes its socket and exits
 with status 0. A stale socket file is replaced; a socket another server
-still answers on is an error.
+still answers on is an error. ``--inflight`` offers INFLIGHT_SHMFD, so a
+restarted ``serve`` (after a crash) resubmits what its predecessor had in
+flight; ``--client`` connects to a frontend that listens on the socket
+(vhost-user client mode, e.g. ``pyvirtio bench --server``) and connects
+again whenever the connection ends.
 """
 
 from __future__ import annotations

@@ -123,9 +123,9 @@ class _QueueCtx:
         self.blk = blk
         self.vq = vq
         self.nslots = vq.size
-        self.slots = blk.pool.allocate(_SLOT_SIZE * self.nslots, align=64)
+        self.slots = blk.allocate(_SLOT_SIZE * self.nslots, align=64)
         if not blk._in_device_memory(self.slots):
-            blk.pool.free(self.slots)
+            blk.free(self.slots)
             raise QueueFull(f"queue {vq.index}: no room for request headers in the device's shared memory")
         self.slot_view = self.slots.view
         self.free_slots = list(range(self.nslots - 1, -1, -1))
@@ -135,7 +135,7 @@ class _QueueCtx:
 
     def close(self) -> None:
         self.slot_view = memoryview(b"")
-        self.blk.pool.free(self.slots)
+        self.blk.free(self.slots)
 
 
 class VirtioBlk:
@@ -156,6 +156,9 @@ class VirtioBlk:
             raise InvalidArgument(f"poll must be busy, wait or hybrid, not {poll!r}")
         self.device = device
         self.pool = device.pool
+        # The pool's allocator is not thread-safe, and every thread with a queue
+        # allocates bounce buffers from it: its calls from here are serialised.
+        self._pool_lock = threading.Lock()
         self.poll = poll
         self.timeout = timeout
         wanted = DRIVER_FEATURES | extra_features
@@ -209,6 +212,16 @@ class VirtioBlk:
         shared = sum(r.size for r in self._regions)
         limit = min(self.max_segments * seg, 0xFFFFFFFF, shared // 2)
         self.max_transfer = limit // self.block_size * self.block_size
+
+    def allocate(self, size: int, align: int = 8) -> Buffer:
+        """A buffer from the device's shared memory pool (thread-safe; pass it for zero copy)."""
+        with self._pool_lock:
+            return self.pool.allocate(size, align)
+
+    def free(self, buf: Buffer) -> None:
+        """Give back a buffer from :meth:`allocate` (thread-safe)."""
+        with self._pool_lock:
+            self.pool.free(buf)
 
     def _in_device_memory(self, buf: Buffer) -> bool:
         """Is ``buf`` in a region the device was told about when it started?"""
@@ -414,9 +427,9 @@ class VirtioBlk:
                             "(the pool grew after the device started)"
                         )
             else:
-                buf = self.pool.allocate(max(req.length, 1), align=SECTOR if req.length >= SECTOR else 8)
+                buf = self.allocate(max(req.length, 1), align=SECTOR if req.length >= SECTOR else 8)
                 if not self._in_device_memory(buf):
-                    self.pool.free(buf)
+                    self.free(buf)
                     raise QueueFull(
                         f"{req.name}: no room for a {req.length}-byte buffer in the device's shared memory "
                         "now; reap requests in flight or use smaller ones"
@@ -427,9 +440,9 @@ class VirtioBlk:
                 bufs = (Buffer(buf.region, buf.offset, req.length),)
             segs = [s for b in bufs for s in self._segments(b, len(b), op != B.T_OUT)]
         elif op in (B.T_DISCARD, B.T_WRITE_ZEROES):
-            buf = self.pool.allocate(len(req.payload), align=8)
+            buf = self.allocate(len(req.payload), align=8)
             if not self._in_device_memory(buf):
-                self.pool.free(buf)
+                self.free(buf)
                 raise QueueFull(f"{req.name}: no room for its segments in the device's shared memory now")
             req._bounce = buf
             buf.view[:] = req.payload
@@ -444,7 +457,11 @@ class VirtioBlk:
         addr = ctx.slots.addr + base
         ring = ctx.vq.ring
         try:
-            ctx.vq.start(req, len(segs) + 2)
+            if ring.indirect and len(segs) + 2 >= min(ring.indirect_threshold, ring.num_free + 1):
+                with self._pool_lock:  # the ring may take an indirect table from the pool
+                    ctx.vq.start(req, len(segs) + 2)
+            else:
+                ctx.vq.start(req, len(segs) + 2)
             ring.add(addr, B.OUTHDR_SIZE, False)
             for a, n, w in segs:
                 ring.add(a, n, w)
@@ -461,7 +478,7 @@ class VirtioBlk:
 
     def _drop_bounce(self, req: BlkRequest) -> None:
         if req._bounce is not None:
-            self.pool.free(req._bounce)
+            self.free(req._bounce)
             req._bounce = None
 
     def _complete(self, ctx: _QueueCtx, req: BlkRequest, written: int) -> None:
@@ -544,7 +561,9 @@ class VirtioBlk:
         if ring.broken is not None:
             self._fail_inflight(ctx, exc)
             return
-        for token in ring.reset():
+        with self._pool_lock:  # a reset gives the ring's indirect tables back to the pool
+            lost = ring.reset()
+        for token in lost:
             if not isinstance(token, BlkRequest):
                 continue
             if token._slot >= 0:
@@ -634,13 +653,13 @@ class VirtioBlk:
         if any(n <= 0 for n in lengths):
             raise InvalidArgument("readv: every length must be positive")
         self._check_data("read", offset, sum(lengths))  # before allocating anything
-        bufs = [self.pool.allocate(n, align=SECTOR) for n in lengths]
+        bufs = [self.allocate(n, align=SECTOR) for n in lengths]
         try:
             self.readv_into(offset, bufs)
             return [bytes(b.view) for b in bufs]
         finally:
             for b in bufs:
-                self.pool.free(b)
+                self.free(b)
 
     def readv_into(self, offset: int, bufs: Sequence[Buffer]) -> int:
         """Zero-copy scatter read into several pool Buffers, one request."""
@@ -657,7 +676,7 @@ class VirtioBlk:
                 if isinstance(c, Buffer):
                     bufs.append(c)
                 else:
-                    b = self.pool.allocate(max(len(c), 1), align=SECTOR)
+                    b = self.allocate(max(len(c), 1), align=SECTOR)
                     b.view[: len(c)] = c
                     owned.append(b)
                     bufs.append(Buffer(b.region, b.offset, len(c)))
@@ -665,7 +684,7 @@ class VirtioBlk:
             self._vector(B.T_OUT, offset, bufs)
         finally:
             for b in owned:
-                self.pool.free(b)
+                self.free(b)
 
     def _vector(self, op: int, offset: int, bufs: Sequence[Buffer]) -> int:
         total = sum(len(b) for b in bufs)

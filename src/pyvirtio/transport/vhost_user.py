@@ -208,6 +208,7 @@ class VhostUserTransport:
         self.driver_features = 0
         self._regions: list[Region] = []  # the memory table last sent, for reconnects
         self._inflight: tuple[vu.InflightInfo, int] | None = None
+        self._planned_queues = 0  # how many queues the driver will start (plan_queues), 0: unknown
         #: The back end of this connection took the previous one's inflight area and resubmits itself.
         self.device_resubmits = False
         #: Successful reconnects so far; queues set up on an older one are stale.
@@ -618,6 +619,15 @@ class VhostUserTransport:
     def max_queues(self) -> int:
         return self.num_queues
 
+    def plan_queues(self, count: int) -> None:
+        """The driver will start ``count`` queues (called before :meth:`set_memory`).
+
+        GET/SET_INFLIGHT_FD name the queues in use, as QEMU does: DPDK's vhost
+        library allocates that many rings on SET_INFLIGHT_FD and waits for all
+        of them to be started before it serves any.
+        """
+        self._planned_queues = max(0, min(count, self.num_queues))
+
     def set_memory(self, pool: MemoryPool) -> None:
         regions = list(pool.regions)
         if len(regions) > vu.MAX_FDS:
@@ -638,7 +648,7 @@ class VhostUserTransport:
         if not self._has(vu.PROTOCOL_F_INFLIGHT_SHMFD):
             return
         with self._lock:
-            out = self._codec.get_inflight_fd(self.num_queues, self.queue_size)
+            out = self._codec.get_inflight_fd(self._planned_queues or self.num_queues, self.queue_size)
             msg = self._exchange(out)
             assert msg is not None
             try:
