@@ -31,6 +31,7 @@ import bisect
 import ctypes
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -212,6 +213,9 @@ class MemoryPool:
         self.max_regions = max_regions
         self.name = name
         self._arenas: list[_Arena] = []
+        # Several threads (one per queue) allocate and free at once: the free
+        # lists are guarded. Not on any per-request hot path of the engines.
+        self._lock = threading.Lock()
         self._add_region(region_size)
 
     def _add_region(self, size: int) -> _Arena:
@@ -231,6 +235,10 @@ class MemoryPool:
             raise InvalidArgument(f"allocation size must be positive, got {size}")
         if align <= 0 or align & (align - 1):
             raise InvalidArgument(f"alignment must be a power of two, got {align}")
+        with self._lock:
+            return self._allocate(size, align)
+
+    def _allocate(self, size: int, align: int) -> Buffer:
         for arena in self._arenas:
             if arena.free_bytes >= size:
                 off = arena.take(size, align)
@@ -243,11 +251,12 @@ class MemoryPool:
 
     def free(self, buf: Buffer) -> None:
         """Return a buffer. Its ``view`` is released and must not be used again."""
-        for arena in self._arenas:
-            if arena.region is buf.region:
-                buf.view.release()
-                arena.give(buf.offset, buf.size)
-                return
+        with self._lock:
+            for arena in self._arenas:
+                if arena.region is buf.region:
+                    buf.view.release()
+                    arena.give(buf.offset, buf.size)
+                    return
         raise InvalidArgument(f"{buf!r} does not belong to pool {self.name!r}")
 
     def translate(self, addr: int, length: int) -> memoryview:
