@@ -80,12 +80,7 @@ def test_short_fuzz(target: str) -> None:
 # -- known back-end bugs (tolerated by the server target unless FUZZ_STRICT=1) ----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backends/server.py: _set_mem_table does not close the old table when _remap_rings raises "
-    "(docs/fuzzing.md, known issues)",
-)
-def test_known_issue_failed_remap_leaks_the_old_regions() -> None:
+def test_failed_remap_leaks_no_regions() -> None:
     """A running ring, then SET_MEM_TABLE with no regions: the connection is dropped, nothing may leak."""
     before = open_fd_count()
     storage = Storage(size=1 << 20)
@@ -131,19 +126,14 @@ def test_known_issue_failed_remap_leaks_the_old_regions() -> None:
     assert open_fd_count() == before
 
 
-@pytest.mark.xfail(strict=True, reason="the same bug, found by the fuzzer (fuzz/known/server-remap-leak)")
-def test_known_issue_fuzz_input_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fuzz_input_server_remap_leak_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fuzzer's input for the remap leak (fixed in backends/server.py) passes in strict mode."""
     monkeypatch.setenv("FUZZ_STRICT", "1")
     data = (ROOT / "fuzz" / "known" / "server-remap-leak").read_bytes()
     fuzz_run.run_one(fuzz_run.load_targets()["server"], data, 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="drivers/net.py: max_virtqueue_pairs from the config is not bounded by the device's queues "
-    "(docs/fuzzing.md, known issues)",
-)
-def test_known_issue_net_config_pairs_beyond_the_queues_blame_the_caller() -> None:
+def test_net_config_pairs_beyond_the_queues_do_not_blame_the_caller() -> None:
     """Config: MQ, 5 pairs; the device has 1 pair + control. Nothing the caller passed is wrong."""
     from fuzz._drivers import _HostileNet
     from fuzz._input import FuzzInput

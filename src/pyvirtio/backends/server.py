@@ -666,8 +666,15 @@ class VhostUserBackend:
             table.close()
             raise
         old = self.memory
-        self._remap_rings(table)
-        old.close()
+        try:
+            self._remap_rings(table)
+        except BaseException:
+            if self.memory is not table:
+                table.close()  # never installed
+            raise
+        finally:
+            if self.memory is not old:
+                old.close()  # replaced, whether or not the rings could restart in the new table
 
     def _get_max_mem_slots(self, _value: None, _fds: list[int]) -> vu.Outgoing:
         return vu.encode_reply(vu.GET_MAX_MEM_SLOTS, MAX_MEM_SLOTS)

@@ -278,6 +278,12 @@ class VirtioNet:
         if has(N.F_MQ) and not N.CTRL_MQ_VQ_PAIRS_MIN <= self.max_pairs <= N.CTRL_MQ_VQ_PAIRS_MAX:
             device._fail()
             raise DeviceProtocolError(f"device reports max_virtqueue_pairs {self.max_pairs}")
+        # The config may claim more pairs than the device has queues: trust the queues.
+        fit = (device.transport.max_queues() - (1 if self.has_ctrl else 0)) // 2
+        if fit < 1:
+            device._fail()
+            raise DeviceProtocolError(f"device has {device.transport.max_queues()} queues: not one rx/tx pair")
+        self.max_pairs = min(self.max_pairs, fit)
         pairs = self.max_pairs if queue_pairs is None else queue_pairs
         if not 1 <= pairs <= self.max_pairs:
             device._fail()
