@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 
 from fuzz._input import FuzzInput
-from fuzz.targets import InvariantBroken, expect, note_known, strict
+from fuzz.targets import InvariantBroken, expect
 from pyvirtio.backends.blk import BlockBackend, Storage
 from pyvirtio.backends.net import NetBackend
 from pyvirtio.backends.scsi import ScsiBackend, ScsiLun
@@ -100,19 +100,6 @@ def _fd_target(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
-
-
-#: How often each known issue was met (in this process).
-known_hits: dict[str, int] = {}
-
-
-def _known_leak(why: str, leaked: set[int]) -> str | None:
-    """The known issue that explains fds ``leaked`` by a connection that ended with ``why``, if any."""
-    if strict() or not why.startswith("protocol violation: "):
-        return None
-    if all(_fd_target(fd).startswith("/memfd:fuzz-frontend") for fd in leaked):
-        return "remap-leak"
-    return None
 
 
 class Hang(InvariantBroken):
@@ -780,15 +767,11 @@ def target_server(data: bytes) -> int:
         _close_model(model)
     leaked = _open_fds() - fds_before
     if leaked:
-        gc.collect()
+        gc.collect()  # an mmap caught in a reference cycle keeps its fd until collected
         leaked = _open_fds() - fds_before
     if leaked:
-        known = _known_leak(why, leaked)
-        if known is None:
-            what = ", ".join(f"{fd} -> {_fd_target(fd)}" for fd in sorted(leaked))
-            raise InvariantBroken(f"{len(leaked)} fds leaked by a connection that ended with {why!r}: {what}")
-        known_hits[known] = known_hits.get(known, 0) + 1
-        note_known(known)
-        for fd in leaked:  # the back end lost track of them: close them so the next input starts clean
+        what = ", ".join(f"{fd} -> {_fd_target(fd)}" for fd in sorted(leaked))
+        for fd in leaked:  # so that the next input starts clean (Hypothesis engine, replays)
             os.close(fd)
+        raise InvariantBroken(f"{len(leaked)} fds leaked by a connection that ended with {why!r}: {what}")
     return done

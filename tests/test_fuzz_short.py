@@ -8,12 +8,13 @@
   a change of input format cannot silently turn the corpus into noise;
 * each target then gets ``FUZZ_CI_SECONDS`` (default 3) of Hypothesis:
   random bytes and mutated seeds, a per-input time limit, any crash fails
-  the test and is saved under ``fuzz/crashes/``. Twelve targets stay under
+  the test and is saved under ``fuzz/crashes/``. Fourteen targets stay under
   a minute on a 2-core machine.
 
-Known back-end bugs that the server target tolerates have a strict xfail
-reproducer here each, so fixing one turns its test into a failure that
-says "remove the marker" (and the tolerance in fuzz/_server.py).
+Fuzzer findings fixed in the library keep a reproducer here each (a
+plain test, and the fuzzer's own input from ``fuzz/known/`` run in strict
+mode). A known issue that is not fixed yet gets a strict-xfail reproducer
+and an entry in ``fuzz.targets.KNOWN_ISSUES`` (docs/fuzzing.md).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def test_short_fuzz(target: str) -> None:
     assert not record["crashes"], f"{target} crashed; inputs saved as {record['crashes']}"
 
 
-# -- known back-end bugs (tolerated by the server target unless FUZZ_STRICT=1) ----------
+# -- fixed fuzzer findings: reproducers --------------------------------------------------
 
 
 def test_failed_remap_leaks_no_regions() -> None:
@@ -155,5 +156,33 @@ def test_net_config_pairs_beyond_the_queues_do_not_blame_the_caller() -> None:
         except PyvirtioError:
             return  # DeviceProtocolError (or similar): the device's fault, as it should be
         net.close()  # clamped to the queues there are: also fine
+    finally:
+        device.close()
+
+
+def test_net_mq_without_ctrl_vq_is_declined() -> None:
+    """The device offers MQ (2 pairs in the config) but no CTRL_VQ, which MQ requires (virtio 1.2 §5.1.3.1).
+
+    The driver must not accept MQ then (§2.2.1: a driver MUST NOT accept a feature that requires one it did
+    not accept) and uses one pair (fixed after the fuzzer found it).
+    """
+    from fuzz._drivers import _HostileNet
+    from fuzz._input import FuzzInput
+
+    from pyvirtio.device import VirtioDevice
+    from pyvirtio.drivers.net import VirtioNet
+    from pyvirtio.spec import net as N
+
+    config = bytes(6) + struct.pack("<HHH", N.S_LINK_UP, 2, 1500) + bytes(N.CONFIG_SIZE - 12)
+    features = (1 << 32) | (1 << N.F_MQ) | (1 << N.F_MAC) | (1 << N.F_STATUS) | (1 << N.F_MTU)
+    transport = _HostileNet(FuzzInput(b""), 2, features=features, config=config, queue_size=8)
+    device = VirtioDevice("net", transport, pool_size=1 << 20)
+    try:
+        net = VirtioNet(device)
+        try:
+            assert not device.has_feature(N.F_MQ), "MQ negotiated without CTRL_VQ"
+            assert net.num_pairs == 1
+        finally:
+            net.close()
     finally:
         device.close()

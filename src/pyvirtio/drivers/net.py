@@ -92,6 +92,17 @@ DEFAULT_MTU = 1500
 DEFAULT_RX_BUF = 2048
 
 #: Features the driver asks for (offloads only with ``csum=True``).
+#: Features that virtio 1.2 §5.1.3.1 makes depend on VIRTIO_NET_F_CTRL_VQ.
+_NEEDS_CTRL_VQ = (
+    (1 << N.F_CTRL_RX)
+    | (1 << N.F_CTRL_VLAN)
+    | (1 << N.F_GUEST_ANNOUNCE)
+    | (1 << N.F_MQ)
+    | (1 << N.F_CTRL_MAC_ADDR)
+    | (1 << N.F_CTRL_RX_EXTRA)
+    | (1 << N.F_CTRL_GUEST_OFFLOADS)
+)
+
 DRIVER_FEATURES = (
     (1 << N.F_MAC)
     | (1 << N.F_STATUS)
@@ -267,6 +278,10 @@ class VirtioNet:
         if not event_idx:
             wanted &= ~(1 << F_RING_EVENT_IDX)
         self.features = device.reset(wanted)
+        if not device.has_feature(N.F_CTRL_VQ) and self.features & _NEEDS_CTRL_VQ:
+            # virtio 1.2 §5.1.3.1: these require VIRTIO_NET_F_CTRL_VQ; a device that
+            # offers them without it gets them declined (reset and negotiate again).
+            self.features = device.reset(wanted & ~_NEEDS_CTRL_VQ)
         has = device.has_feature
         self.mrg_rxbuf = has(N.F_MRG_RXBUF)
         self.has_ctrl = has(N.F_CTRL_VQ)
