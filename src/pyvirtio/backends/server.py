@@ -83,7 +83,6 @@ catch that, so it is a documented limit, as for every mmap-based back end.
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import logging
@@ -382,7 +381,7 @@ class VhostUserBackend:
             return None
         except ConnectionResetError:
             return "connection reset by the frontend"
-        fds = _fds_from_ancillary(anc)
+        fds = vu.fds_from_ancillary(anc)
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 _close(fd)
@@ -410,8 +409,7 @@ class VhostUserBackend:
         assert self._sock is not None
         try:
             if out.fds:  # GET_INFLIGHT_FD's reply
-                fds = array.array("i", out.fds).tobytes()
-                self._sock.sendmsg([out.data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                self._sock.sendmsg([out.data], vu.scm_rights(out.fds))
             else:
                 self._sock.sendall(out.data)
         except (OSError, TimeoutError) as exc:
@@ -1028,14 +1026,6 @@ def _seal_shrink(fd: int) -> None:
             raise
 
 
-def _fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 class VhostUserServer:

@@ -1465,3 +1465,28 @@ def _close_fds(fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+# -- SCM_RIGHTS ancillary data (pure data: the transport and the server do the sendmsg/recvmsg) ----
+
+
+def fds_from_ancillary(ancillary: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors in recvmsg() ancillary data (SCM_RIGHTS records only)."""
+    import array
+    import socket
+
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """sendmsg() ancillary data passing ``fds`` (empty when there are none)."""
+    import array
+    import socket
+
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []

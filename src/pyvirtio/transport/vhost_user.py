@@ -63,7 +63,6 @@ the avail ring alone and only sends the used index as the ring base.
 
 from __future__ import annotations
 
-import array
 import functools
 import os
 import select
@@ -352,7 +351,7 @@ class VhostUserTransport:
             raise self._lose(self._lost)
         try:
             if out.fds:
-                self._sock.sendmsg([out.data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(out.fds))])
+                self._sock.sendmsg([out.data], vu.scm_rights(out.fds))
             else:
                 self._sock.sendall(out.data)
         except OSError as exc:
@@ -377,7 +376,7 @@ class VhostUserTransport:
                 data, anc, _flags, _addr = self._sock.recvmsg(_RECV_CHUNK, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
             except OSError as exc:
                 raise self._lose(f"receive failed while waiting for {what}: {exc.strerror or exc}") from None
-            fds = _fds_from_ancillary(anc)
+            fds = vu.fds_from_ancillary(anc)
             if not data:
                 for fd in fds:
                     os.close(fd)
@@ -830,18 +829,6 @@ _REPLY_CARRIERS = frozenset(
 )
 
 
-def _fd_array(fds: tuple[int, ...]) -> bytes:
-    return array.array("i", fds).tobytes()
-
-
-def _fds_from_ancillary(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 __all__ = ["ReconnectFailed", "ReconnectPolicy", "VhostUserTransport", "WANTED_PROTOCOL_FEATURES"]
