@@ -79,7 +79,7 @@ def test_reconnect_cycles_leak_nothing(sockdir: str) -> None:
                 model.arm()
                 blk.read(0, 4096)
             assert blk.device.transport.reconnects == CYCLES + 50
-            assert _settled_fd_count(fds) == fds
+            assert _settled_fd_count(fds) <= fds  # no growth (the baseline may hold a closing connection)
             assert _rss() - rss < RSS_SLACK
     finally:
         storage.close()
@@ -103,11 +103,13 @@ def test_open_close_cycles_leak_nothing(sockdir: str) -> None:
 
             for i in range(40):
                 cycle(i)
+            # The baseline may still include the server side of the last connection
+            # (its thread closes it a moment later), so the check is "no growth".
             fds = _settled_fd_count(open_fd_count())
             rss = _rss()
             for i in range(CYCLES):
                 cycle(i)
-            assert _settled_fd_count(fds) == fds
+            assert _settled_fd_count(fds) <= fds
             assert _rss() - rss < RSS_SLACK
     finally:
         client.stop()
