@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvirtio.device import VirtioDevice, Virtqueue
+from pyvirtio.drivers._checks import check_data, check_range
 from pyvirtio.errors import (
     BlockIOError,
     DeviceProtocolError,
@@ -1360,21 +1361,18 @@ class ScsiDisk:
     # -- checks
 
     def _check_range(self, op: str, offset: int, length: int) -> None:
-        if offset < 0 or length < 0:
-            raise InvalidArgument(f"{op}: negative offset or length ({offset}, {length})")
-        if offset % self.block_size or length % self.block_size:
-            raise InvalidArgument(
-                f"{op}: offset {offset} and length {length} must be multiples of the block size {self.block_size}"
-            )
-        if offset + length > self.capacity:
-            raise InvalidArgument(f"{op}: {offset}+{length} is beyond the LUN capacity {self.capacity}")
+        check_range(op, offset, length, block_size=self.block_size, capacity=self.capacity, what="LUN")
 
     def _check_data(self, op: str, offset: int, length: int) -> None:
-        self._check_range(op, offset, length)
-        if length == 0:
-            raise InvalidArgument(f"{op}: zero length")
-        if length > self.max_transfer:
-            raise InvalidArgument(f"{op}: length {length} exceeds the LUN's largest transfer {self.max_transfer}")
+        check_data(
+            op,
+            offset,
+            length,
+            block_size=self.block_size,
+            capacity=self.capacity,
+            max_transfer=self.max_transfer,
+            what="LUN",
+        )
 
     def _check_writable(self, op: str) -> None:
         if self.readonly:
