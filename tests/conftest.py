@@ -16,6 +16,10 @@ from hypothesis import HealthCheck, Phase, settings
 
 from pyvirtio.memory import MemoryPool
 
+# Helper modules imported by test modules (and by each other) get pytest's
+# assertion rewriting whichever test module imports them first.
+pytest.register_assert_rewrite("peers", "blk_checks", "hostile_frontend", "testpmd", "peers_restart")
+
 # When a Hypothesis test fails, its pytest plugin imports hypothesis.extra._patching,
 # which imports libcst, which (with the mypy_extensions installed here) warns
 # DeprecationWarning at import; under filterwarnings=error that turns the failure

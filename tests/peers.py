@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import pytest
 
@@ -40,16 +41,25 @@ NULL_SIZE = 1 << 30
 IMAGE_SIZE = 16 << 20
 
 
-def qsd_binary() -> str:
-    """The daemon's path; skip (or fail under CI=true) when it is not installed."""
-    name = os.environ.get("PYVIRTIO_QSD", QSD)
+def missing_peer(message: str) -> NoReturn:
+    """A real peer is not there: fail under CI=true (.ci/run installs every peer), skip elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def peer_binary(env: str, default: str, packages: str) -> str:
+    """Path of a peer program (overridable by ``env``), or :func:`missing_peer`."""
+    name = os.environ.get(env, default)
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (apt-get install qemu-system-common)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_peer(f"{name} is not installed (apt-get install {packages})")
     return path
+
+
+def qsd_binary() -> str:
+    """The daemon's path; skip (or fail under CI=true) when it is not installed."""
+    return peer_binary("PYVIRTIO_QSD", QSD, "qemu-system-common")
 
 
 @dataclass

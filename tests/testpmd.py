@@ -27,18 +27,13 @@ from dataclasses import dataclass
 
 import pytest
 
+from peers import peer_binary
+
 TESTPMD = "dpdk-testpmd"
 
 
 def testpmd_binary() -> str:
-    name = os.environ.get("PYVIRTIO_TESTPMD", TESTPMD)
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install dpdk dpdk-dev)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return peer_binary("PYVIRTIO_TESTPMD", TESTPMD, "dpdk dpdk-dev")
 
 
 @dataclass
