@@ -51,6 +51,8 @@ from pyvirtio.spec import blk as B
 from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
 
 NUMPY_MIN_DEPTH = 64
+#: At most this many bytes of data buffers for the fused loop's spare slots.
+SPARE_BYTES = 4 << 20
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")
 _SUB = 16  # histogram sub-buckets per power of two
 _NBUCKETS = 64 * _SUB
@@ -258,9 +260,15 @@ class BlkEngine:
         self.sectors_per_block = bs // B.SECTOR_SIZE
         self.sequential = rw in ("read", "write", "rw")
         self._next_block = 0
-        self.hdrs = blk.allocate(16 * iodepth, align=64)  # thread-safe: one engine per bench thread
-        self.status = blk.allocate(iodepth, align=64)
-        self.data = blk.allocate(bs * iodepth, align=4096)
+        # The fused loop (pure reads or pure writes, no verify) keeps spare slots
+        # prepared beyond the depth, so that a completion is answered by
+        # publishing a ready request before anything else is done (see _run_fused).
+        self.fused = mode == "python" and not verify and self.rwmixread in (0, 100)
+        self.spares = min(iodepth, max_qd - iodepth, max(1, SPARE_BYTES // bs)) if self.fused else 0
+        nslots = iodepth + self.spares
+        self.hdrs = blk.allocate(16 * nslots, align=64)  # thread-safe: one engine per bench thread
+        self.status = blk.allocate(nslots, align=64)
+        self.data = blk.allocate(bs * nslots, align=4096)
         initial_write = not self.reads_only and self.rwmixread == 0
         chains = [
             [
@@ -268,12 +276,12 @@ class BlkEngine:
                 (self.data.addr + bs * s, bs, not initial_write),
                 (self.status.addr + s, 1, True),
             ]
-            for s in range(iodepth)
+            for s in range(nslots)
         ]
         self.fixed = FixedChains(ctx.vq.ring, chains)
-        self.is_write = bytearray([1 if initial_write else 0] * iodepth)
+        self.is_write = bytearray([1 if initial_write else 0] * nslots)
         h32 = self.hdrs.view.cast("I")
-        for s in range(iodepth):
+        for s in range(nslots):
             h32[4 * s] = B.T_OUT if initial_write else B.T_IN
         self.written: bytearray | None = bytearray(self.nblocks) if verify else None
         self.block_of = [0] * iodepth
@@ -370,10 +378,10 @@ class BlkEngine:
         try:
             if self.mode == "numpy":
                 stats = self._run_numpy(seconds, stop, progress, progress_interval)
-            elif self.verify or 0 < self.rwmixread < 100:
-                stats = self._run_python(seconds, stop, progress, progress_interval)
-            else:
+            elif self.fused:
                 stats = self._run_fused(seconds, stop, progress, progress_interval)
+            else:
+                stats = self._run_python(seconds, stop, progress, progress_interval)
         finally:
             if self.device_signals:
                 ring.disable_interrupts()
@@ -521,9 +529,24 @@ class BlkEngine:
 
         At a few completions per pass, function calls per pass cost more than
         the requests themselves, so this loop keeps the ring state in locals.
-        It applies the same used-entry rules as FixedChains.reap_slots; on any
-        anomaly it writes its state back and lets reap_slots find the entry
-        and raise, so the error and the completions reported are exact.
+
+        Spare slots. Besides the ``iodepth`` slots in flight, ``self.spares``
+        slots wait prepared (sector chosen, status byte reset) in ``ready``.
+        When a pass sees n completions it first publishes n ready slots and
+        makes its kick decision, and only then checks and books the completed
+        entries, which become ready in turn. The device's next work is in the
+        ring one avail store after its last completion is seen: measured
+        against qemu-storage-daemon at QD1, the device thread is often still
+        awake then, while a longer turnaround lets it fall asleep
+        (docs/benchmarks.md §1.2). The depth is unchanged: a slot is
+        published for a completion already seen.
+
+        The used entries get the same checks as FixedChains.reap_slots. The
+        slots published ahead are marked in flight only after the batch is
+        checked, so an entry naming one of them (which the device cannot have
+        been given yet) is rejected. On any anomaly the loop writes its state
+        back and lets reap_slots find the entry and raise, so the error and
+        the completions reported are exact.
         """
         stats = Stats()
         lats = _LatencyLog(stats)
@@ -542,6 +565,7 @@ class BlkEngine:
         rand = self.rng.random
         sequential = self.sequential
         all_write = self.rwmixread == 0
+        qd = self.qd
         size = ring.size
         mask = size - 1
         a16 = ring._avail16
@@ -558,7 +582,7 @@ class BlkEngine:
         heads = fixed.heads
         slot_of = fixed.slot_of
         wl1 = [w + 1 for w in fixed.wlen]
-        sub_t = [0] * self.qd
+        sub_t = [0] * fixed.nslots
         perf = time.perf_counter_ns
         ios = errors = kicks = passes = idle = 0
         avail_idx = ring.avail_idx
@@ -575,92 +599,86 @@ class BlkEngine:
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
         synced = False
-        reposted: list[int] = []  # heads completed and re-posted in the current batch
+        # Every slot starts prepared and ready; the first pass publishes qd of them.
+        for s in range(fixed.nslots):
+            if sequential:
+                b = nxt
+                nxt = nxt + 1 if nxt + 1 < nblocks else 0
+            else:
+                b = int(rand() * nblocks)
+            h64[2 * s + 1] = (first + b) * spb
+            st[s] = 0xFF
+        ready = list(range(fixed.nslots))  # prepared, not published; oldest first
+        posted: list[int] = []  # published this pass, marked in flight at its end
 
         try:
-            # Fill the queue once; from then on every completion re-posts its
-            # slot at once (a closed loop), so the turnaround between seeing a
-            # completion and kicking the device is as short as it can be.
-            for s in range(self.qd):
-                if sequential:
-                    b = nxt
-                    nxt = nxt + 1 if nxt + 1 < nblocks else 0
-                else:
-                    b = int(rand() * nblocks)
-                h64[2 * s + 1] = (first + b) * spb
-                st[s] = 0xFF
-                sub_t[s] = t0
-                h = heads[s]
-                hw1[h] = wl1[s]
-                a16[2 + (avail_idx & mask)] = h
-                avail_idx = (avail_idx + 1) & 0xFFFF
-            outstanding += self.qd
-            if weak:
-                ordering.write_barrier()
-            a16[1] = avail_idx
-            if event_idx:
-                a16[used_event_i] = last if signals else (last - size - 1) & 0xFFFF
-            # (No kick decision for the first batch: the device has seen nothing yet.)
-            kick()
-            kicks += 1
-            kick_from = avail_idx
             while True:
                 n = (u16[1] - last) & 0xFFFF
                 passes += 1
-                if n:
-                    idle = 0
+                if n or outstanding != qd:
                     if n > outstanding:
                         self._sync_fused(avail_idx, kick_from, last, outstanding)
                         fixed.reap_slots()  # raises with the exact reason
-                    if weak:
-                        ordering.read_barrier()
                     t = perf()
-                    for _ in range(n):
-                        pos = 1 + 2 * (last & mask)
-                        head = u32[pos]
-                        # hw1[head]: writable bytes + 1 if in flight, 0 if not, negative if
-                        # already completed in this batch (a duplicate).
-                        if head >= size or u32[pos + 1] >= hw1[head]:
-                            self._fused_violation(reposted, kick_from, last, outstanding)
-                        hw1[head] = -hw1[head]
-                        reposted.append(head)
-                        last = (last + 1) & 0xFFFF
-                        s = slot_of[head]
-                        if st[s]:
-                            errors += 1
-                        raw.append(t - sub_t[s])
-                        sub_t[s] = t
-                        # Re-post the slot (its head stays in flight: hw1[head] keeps its value).
-                        if sequential:
-                            b = nxt
-                            nxt = nxt + 1 if nxt + 1 < nblocks else 0
-                        else:
-                            b = int(rand() * nblocks)
-                        h64[2 * s + 1] = (first + b) * spb
-                        st[s] = 0xFF
-                        a16[2 + (avail_idx & mask)] = head
+                    # 1. Publish one ready slot per completion seen (and any
+                    #    shortfall from a pass that had too few ready), kick.
+                    want = n + qd - outstanding
+                    posted = ready[:want]
+                    del ready[:want]
+                    for s in posted:
+                        a16[2 + (avail_idx & mask)] = heads[s]
                         avail_idx = (avail_idx + 1) & 0xFFFF
-                    for h in reposted:
-                        hw1[h] = -hw1[h]
-                    reposted.clear()
-                    if weak:
-                        ordering.write_barrier()
-                    a16[1] = avail_idx
-                    # Kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare.
-                    if event_idx:
-                        a16[used_event_i] = last if signals else (last - size - 1) & 0xFFFF
-                        acquire()
-                        release()
-                        need = ((avail_idx - u16[avail_event_i] - 1) & 0xFFFF) < ((avail_idx - kick_from) & 0xFFFF)
-                    else:
-                        acquire()
-                        release()
-                        need = not u16[0] & 1
-                    kick_from = avail_idx
-                    if need:
-                        kick()
-                        kicks += 1
-                    ios += n
+                    if posted:
+                        if weak:
+                            ordering.write_barrier()
+                        a16[1] = avail_idx
+                        # Kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare.
+                        if event_idx:
+                            a16[used_event_i] = (last + n) & 0xFFFF if signals else (last - size - 1) & 0xFFFF
+                            acquire()
+                            release()
+                            need = ((avail_idx - u16[avail_event_i] - 1) & 0xFFFF) < ((avail_idx - kick_from) & 0xFFFF)
+                        else:
+                            acquire()
+                            release()
+                            need = not u16[0] & 1
+                        kick_from = avail_idx
+                        if need:
+                            kick()
+                            kicks += 1
+                        outstanding += len(posted)
+                    # 2. Check and book the completions; their slots become ready.
+                    if n:
+                        idle = 0
+                        if weak:
+                            ordering.read_barrier()
+                        for _ in range(n):
+                            pos = 1 + 2 * (last & mask)
+                            head = u32[pos]
+                            # hw1[head]: writable bytes + 1 if in flight, else 0 (also
+                            # after its first completion in this batch: a duplicate fails).
+                            if head >= size or u32[pos + 1] >= hw1[head]:
+                                self._fused_violation(posted, avail_idx, kick_from, last, outstanding)
+                            hw1[head] = 0
+                            last = (last + 1) & 0xFFFF
+                            outstanding -= 1
+                            s = slot_of[head]
+                            if st[s]:
+                                errors += 1
+                            raw.append(t - sub_t[s])
+                            if sequential:
+                                b = nxt
+                                nxt = nxt + 1 if nxt + 1 < nblocks else 0
+                            else:
+                                b = int(rand() * nblocks)
+                            h64[2 * s + 1] = (first + b) * spb
+                            st[s] = 0xFF
+                            ready.append(s)
+                        ios += n
+                    # 3. What was published this pass is in flight from now on.
+                    for s in posted:
+                        hw1[heads[s]] = wl1[s]
+                        sub_t[s] = t
                     if t >= next_event:  # deadline, stop flag, progress, histogram: every ~10 ms at most
                         if t >= deadline or (stop is not None and stop.is_set()):
                             break
@@ -703,13 +721,13 @@ class BlkEngine:
             self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, perf() - t0, lats)
         return stats
 
-    def _fused_violation(self, reposted: list[int], published: int, last: int, outstanding: int) -> None:
-        """A used entry broke a rule: withdraw this batch's re-posts, let reap_slots raise precisely."""
-        hw1 = self.fixed.hw1
-        for h in reposted:
-            hw1[h] = 0  # completed (counted); its re-post was never published
-        self._sync_fused(published, published, last, outstanding - len(reposted))
-        self.fixed.reap_slots()  # raises DeviceProtocolError naming the entry
+    def _fused_violation(self, posted: list[int], avail_idx: int, kick_from: int, last: int, outstanding: int) -> None:
+        """A used entry broke a rule: mark this pass's published slots in flight, let reap_slots raise precisely."""
+        fixed = self.fixed
+        for s in posted:
+            fixed.hw1[fixed.heads[s]] = fixed.wlen[s] + 1
+        self._sync_fused(avail_idx, kick_from, last, outstanding)
+        fixed.reap_slots()  # raises DeviceProtocolError naming the entry
         raise AssertionError("reap_slots accepted an entry the fused loop rejected")
 
     def _sync_fused(self, avail_idx: int, kick_from: int, last: int, outstanding: int) -> None:
