@@ -61,13 +61,17 @@ class FixedChains:
         self._descs: list[list[int]] = []
         self.slot_of: list[int] = [-1] * ring.size
         d64, d32, d16 = ring._desc64, ring._desc32, ring._desc16
+        carved = self._carve(ring, [len(c) for c in chains]) if ring.num_free == ring.size else None
         for slot, chain in enumerate(chains):
             taken: list[int] = []
             wlen = 0
-            for addr, length, writable in chain:
-                i = ring.free_head
-                ring.free_head = ring._next[i]
-                ring.num_free -= 1
+            for k, (addr, length, writable) in enumerate(chain):
+                if carved is not None:
+                    i = carved[slot][k]
+                else:
+                    i = ring.free_head
+                    ring.free_head = ring._next[i]
+                    ring.num_free -= 1
                 taken.append(i)
                 d64[2 * i] = addr
                 d32[4 * i + 2] = length
@@ -81,12 +85,37 @@ class FixedChains:
             self.wlen.append(wlen)
             self._descs.append(taken)
             self.slot_of[taken[0]] = slot
+        #: Slot s is headed by descriptor s (always, when the queue had every
+        #: descriptor free): callers may then use used ids as slots directly.
+        self.heads_are_slots = self.heads == list(range(self.nslots))
         # hw1[h]: 0 unless descriptor h heads an in-flight slot, then its
         # device-writable bytes + 1. One lookup checks "in flight" and bounds
         # the used length (length < hw1[h]); an id >= size raises IndexError.
         self.hw1: list[int] = [0] * ring.size
         self.n_inflight = 0
         self._np: Any = None
+
+    @staticmethod
+    def _carve(ring: SplitQueue, lengths: list[int]) -> list[list[int]]:
+        """Descriptors for chains on a queue whose descriptors are all free: chain s headed by descriptor s.
+
+        The heads are 0..n-1, the other descriptors of the chains follow in
+        order, and the rest of the queue stays on the free list, in order.
+        """
+        n = len(lengths)
+        nxt = n
+        out: list[list[int]] = []
+        for s, k in enumerate(lengths):
+            out.append([s, *range(nxt, nxt + k - 1)])
+            nxt += k - 1
+        size = ring.size
+        for i in range(nxt, size):
+            ring._next[i] = i + 1 if i + 1 < size else END
+            ring._desc16[8 * i + 7] = i + 1 if i + 1 < size else 0
+        ring.free_head = nxt if nxt < size else END
+        ring.free_tail = size - 1
+        ring.num_free = size - nxt
+        return out
 
     # -- plain Python ---------------------------------------------------------
 
@@ -197,6 +226,9 @@ class FixedChains:
             size = ring.size
             used = np.frombuffer(ring._used32, dtype="<u4", count=1 + 2 * size)
             idx2 = np.arange(2 * size, dtype=np.int64) & (size - 1)
+            # The used ring's lengths are uint32: comparing them with uint32 is
+            # cheaper than with int64 (no conversion), when every bound fits.
+            wdt = np.uint32 if max(self.wlen) + 1 <= 0xFFFFFFFF else np.int64
             self._np = {
                 "np": np,
                 "avail": np.frombuffer(ring._avail16, dtype="<u2"),
@@ -204,8 +236,8 @@ class FixedChains:
                 "used_len": used[2::2],
                 "heads": np.asarray(self.heads, dtype=np.int64),
                 "slot_of": np.asarray(self.slot_of + [-1], dtype=np.int64),
-                "wlen1": np.asarray(self.wlen, dtype=np.int64) + 1,  # per slot: writable bytes + 1
-                "head_wlen1": np.zeros(size + 1, dtype=np.int64),
+                "wlen1": np.asarray([w + 1 for w in self.wlen], dtype=wdt),  # per slot: writable bytes + 1
+                "head_wlen1": np.zeros(size + 1, dtype=wdt),
                 "arange": np.arange(size, dtype=np.int64),
                 # ring positions of k consecutive indices from i: idx2[i & mask : (i & mask) + k]
                 "idx2": idx2,

@@ -476,8 +476,14 @@ class SplitQueue:
             return False
         self._kick_from = new
         if self.event_idx and not self._interrupts:
-            # Keep the device from ever reaching used_event (seed v18.07+).
-            self._avail16[self._used_event_i] = (self.last_used - self.size - 1) & 0xFFFF
+            # Keep the device from ever reaching used_event (seed v18.07+): a
+            # size + 1 behind the last used index. Rewritten only once the used
+            # index has come half-way round to it, not on every kick decision:
+            # the device reads that cache line at every completion, so each
+            # store would pull it back across CPUs.
+            ue = self._used_event_i
+            if (self._avail16[ue] - self.last_used) & 0xFFFF < 0x8000:
+                self._avail16[ue] = (self.last_used - self.size - 1) & 0xFFFF
         ordering.full_barrier()
         if self.event_idx:
             return vring_need_event(self._used16[self._avail_event_i], new, old)
