@@ -159,15 +159,32 @@ class Stats:
 
 
 class _LatencyLog:
-    """Raw latencies, bucketed into a Stats histogram in bulk (NumPy if present)."""
+    """Raw latencies, bucketed into a Stats histogram in bulk (NumPy if present).
 
-    __slots__ = ("stats", "raw", "arrays", "count")
+    The Python loops append latencies to ``raw``. The NumPy loop spends one
+    array operation per pass: it copies the submission times of the slots it
+    reaped into ``sub_buf`` (a ``take``) and notes the pass's time and count
+    in ``pass_t`` / ``pass_n``; :meth:`flush` turns that into latencies
+    (each pass's time, repeated, minus the submission times). Chunks stay
+    small (:data:`CHUNK` requests) to keep the work within the caches.
+    """
 
-    def __init__(self, stats: Stats) -> None:
+    __slots__ = ("stats", "raw", "sub_buf", "pass_t", "pass_n", "pos")
+
+    #: Requests per NumPy chunk.
+    CHUNK = 16384
+
+    def __init__(self, stats: Stats, max_batch: int = 0) -> None:
         self.stats = stats
         self.raw: list[int] = []
-        self.arrays: list[Any] = []
-        self.count = 0
+        self.pass_t: list[int] = []
+        self.pass_n: list[int] = []
+        self.pos = 0
+        self.sub_buf: Any = None
+        if max_batch:
+            import numpy as np
+
+            self.sub_buf = np.empty(self.CHUNK + max_batch, dtype=np.int64)
 
     def flush(self) -> None:
         stats = self.stats
@@ -175,7 +192,7 @@ class _LatencyLog:
             if _have_numpy():
                 import numpy as np
 
-                self.arrays.append(np.asarray(self.raw, dtype=np.int64))
+                self._add_array(np.asarray(self.raw, dtype=np.int64))
             else:
                 hist = stats.hist
                 for lat in self.raw:
@@ -183,20 +200,27 @@ class _LatencyLog:
                 stats.lat_sum_ns += sum(self.raw)
                 stats.lat_max_ns = max(stats.lat_max_ns, max(self.raw))
             self.raw = []
-        if self.arrays:
+        if self.pos:
             import numpy as np
 
-            lat = np.concatenate(self.arrays)
-            self.arrays = []
-            stats.lat_sum_ns += int(lat.sum())
-            stats.lat_max_ns = max(stats.lat_max_ns, int(lat.max()))
-            lat = np.maximum(lat, 0)
-            # _bucket in array form: with e = max(bit_length - 5, 0) the bucket is 16 e + (lat >> e).
-            e = np.maximum(np.frexp(lat)[1] - 5, 0)
-            idx = (e << 4) + (lat >> e)
-            counts = np.bincount(np.minimum(idx, _NBUCKETS - 1), minlength=_NBUCKETS)
-            stats.hist = (np.asarray(stats.hist, dtype=np.int64) + counts).tolist()
-        self.count = 0
+            lat = np.repeat(np.asarray(self.pass_t, dtype=np.int64), self.pass_n) - self.sub_buf[: self.pos]
+            self.pass_t.clear()
+            self.pass_n.clear()
+            self.pos = 0
+            self._add_array(lat)
+
+    def _add_array(self, lat: Any) -> None:
+        import numpy as np
+
+        stats = self.stats
+        stats.lat_sum_ns += int(lat.sum())
+        stats.lat_max_ns = max(stats.lat_max_ns, int(lat.max()))
+        lat = np.maximum(lat, 0)
+        # _bucket in array form: with e = max(bit_length - 5, 0) the bucket is 16 e + (lat >> e).
+        e = np.maximum(np.frexp(lat)[1] - 5, 0)
+        idx = (e << 4) + (lat >> e)
+        counts = np.bincount(np.minimum(idx, _NBUCKETS - 1), minlength=_NBUCKETS)
+        stats.hist = (np.asarray(stats.hist, dtype=np.int64) + counts).tolist()
 
 
 class BlkEngine:
@@ -490,7 +514,7 @@ class BlkEngine:
                             nwrites += 1
                         free.append(s)
                     ios += len(done)
-                    if len(raw) >= 65536:
+                    if len(raw) >= _LatencyLog.CHUNK:
                         lats.flush()
                         raw = lats.raw
                     if t >= deadline or (stop is not None and stop.is_set()):
@@ -691,7 +715,7 @@ class BlkEngine:
                             self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, t - t0, lats)
                             raw = lats.raw
                             progress(stats)
-                        elif len(raw) >= 65536:
+                        elif len(raw) >= _LatencyLog.CHUNK:
                             lats.flush()
                             raw = lats.raw
                         next_event = min(deadline, next_progress, t + 10_000_000)
@@ -876,8 +900,12 @@ class BlkEngine:
         import numpy as np
 
         stats = Stats()
-        lats = _LatencyLog(stats)
-        arrays = lats.arrays
+        lats = _LatencyLog(stats, max_batch=self.fixed.nslots)
+        sub_buf = lats.sub_buf
+        pass_t = lats.pass_t
+        pass_n = lats.pass_n
+        chunk = lats.CHUNK
+        take = np.take
         fixed = self.fixed
         ring = fixed.ring
         kick = self.blk.device.transport.notifier(self.ctx.vq.index)
@@ -931,7 +959,7 @@ class BlkEngine:
         sub_t = np.zeros(nslots, dtype=np.int64)
         count_nonzero = np.count_nonzero
         perf = time.perf_counter_ns
-        ios = nwrites = errors = kicks = passes = idle = pending_lat = 0
+        ios = nwrites = errors = kicks = passes = idle = lp = 0
         avail_idx = ring.avail_idx
         kick_from = ring._kick_from
         last = ring.last_used
@@ -945,7 +973,8 @@ class BlkEngine:
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
 
-        def snapshot(now: int) -> None:
+        def snapshot(now: int, lp: int) -> None:
+            lats.pos = lp
             lats.flush()
             self._snapshot(stats, ios, nwrites, errors, 0, kicks, passes, now - t0)
 
@@ -1034,8 +1063,10 @@ class BlkEngine:
                         last = (last + n) & 0xFFFF
                         outstanding -= n
                         slots = ids if ident else slot_of_np[ids]
-                        arrays.append(t - sub_t[slots])
-                        pending_lat += n
+                        take(sub_t, slots, out=sub_buf[lp : lp + n], mode="wrap")  # latencies: see _LatencyLog
+                        pass_t.append(t)
+                        pass_n.append(n)
+                        lp += n
                         errors += int(count_nonzero(status[slots]))
                         if count_writes:
                             nwrites += int(count_nonzero(is_write_np[slots]))
@@ -1069,17 +1100,16 @@ class BlkEngine:
                             rq[tail:] = slots[:cut]
                             rq[: n - cut] = slots[cut:]
                         nr += n
-                    if pending_lat >= 65536:
+                    if lp >= chunk:
+                        lats.pos = lp
                         lats.flush()
-                        arrays = lats.arrays
-                        pending_lat = 0
+                        lp = 0
                     if t >= deadline or (stop is not None and stop.is_set()):
                         break
                     if progress is not None and t >= next_progress:
                         next_progress = t + int(interval * 1e9)
-                        snapshot(t)
-                        arrays = lats.arrays
-                        pending_lat = 0
+                        snapshot(t, lp)
+                        lp = 0
                         progress(stats)
                 else:
                     idle += 1
@@ -1093,9 +1123,8 @@ class BlkEngine:
                             raise ConnectionLost("the device stopped completing requests (5 s past the end of the run)")
                         if progress is not None and now >= next_progress:
                             next_progress = now + int(interval * 1e9)
-                            snapshot(now)
-                            arrays = lats.arrays
-                            pending_lat = 0
+                            snapshot(now, lp)
+                            lp = 0
                             progress(stats)
             self._sync_fused(avail_idx, kick_from, last, outstanding)
             synced = True
@@ -1104,7 +1133,7 @@ class BlkEngine:
             if not synced and ring.broken is None:
                 self._sync_fused(avail_idx, kick_from, last, outstanding)
             self._next_block = nxt
-            snapshot(perf())
+            snapshot(perf(), lp)
         return stats
 
     def _numpy_violation(
