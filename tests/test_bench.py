@@ -310,3 +310,98 @@ def test_bench_on_a_scsi_lun(tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["python", "numpy"])
+@pytest.mark.parametrize("iodepth", [1, 5, 16])
+def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth):
+    """Spare slots are published ahead of the batch's checks, but only one per completion seen."""
+    be = BlockBackend(Storage(size=1 << 20))
+    t = loopback_blk(be, queue_size=64)
+    seen: list[int] = []
+
+    def counting_process(index, limit=None):
+        q = t.queues[index]
+        chains = []
+        while (chain := q.pop()) is not None:
+            chains.append(chain)
+        seen.append(len(chains))  # everything earlier was completed: this is what is in flight
+        for c in chains:
+            q.add_used(c.head, be.handle(index, c))
+        if chains and q.flush_used():
+            t.signal(index)
+        q.enable_notifications()
+        return len(chains)
+
+    t.process = counting_process  # type: ignore[method-assign]
+    blk = VirtioBlk(VirtioDevice("counting", t, pool_size=4 << 20))
+    try:
+        e = BlkEngine(blk, iodepth=iodepth, mode=mode)
+        assert e.spares > 0
+        st = e.run(0.2)
+        e.close()
+    finally:
+        blk.device.close()
+    assert st.ios > 100 and st.errors == 0
+    assert max(seen) == iodepth
+
+
+@pytest.mark.parametrize("mode", ["python", "numpy"])
+def test_engine_rejects_the_completion_of_a_spare_slot(mode):
+    """A spare slot is prepared but not published: a device naming its head is lying."""
+    be = BlockBackend(Storage(size=1 << 20))
+    t = loopback_blk(be, queue_size=64)
+    spare_head: list[int] = []
+
+    def lying_process(index, limit=None):
+        q = t.queues[index]
+        done = 0
+        while (chain := q.pop()) is not None:
+            be.handle(index, chain)
+            q.add_used(spare_head[0] if done == 0 else chain.head, 1)
+            done += 1
+        if done and q.flush_used():
+            t.signal(index)
+        q.enable_notifications()
+        return done
+
+    t.process = lying_process  # type: ignore[method-assign]
+    blk = VirtioBlk(VirtioDevice("liar", t, pool_size=4 << 20))
+    try:
+        e = BlkEngine(blk, iodepth=4, mode=mode)
+        spare_head.append(e.fixed.heads[e.qd])  # the first spare: published only after a completion
+        with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
+            e.run(1.0)
+        assert e.fixed.ring.broken is not None
+    finally:
+        blk.device.close()
+
+
+def test_latency_chunks_bucket_like_the_python_path():
+    """The NumPy loop's latency chunks (pass times minus submission times) give the exact histogram."""
+    import random
+
+    from pyvirtio.drivers.blk_engine import _bucket, _LatencyLog
+
+    rng = random.Random(7)
+    stats = Stats()
+    log = _LatencyLog(stats, max_batch=64)
+    expect = [0] * len(stats.hist)
+    lats = []
+    t = 10**9
+    for _ in range(2000):
+        n = rng.randrange(1, 64)
+        t += rng.randrange(1, 10**6)
+        subs = [t - rng.choice([0, 1, 15, 16, 31, 32, 999, rng.randrange(10**7), 2**33]) for _ in range(n)]
+        log.sub_buf[log.pos : log.pos + n] = subs
+        log.pass_t.append(t)
+        log.pass_n.append(n)
+        log.pos += n
+        for s in subs:
+            expect[min(_bucket(t - s), len(expect) - 1)] += 1
+            lats.append(t - s)
+        if log.pos >= log.CHUNK:
+            log.flush()
+    log.flush()
+    assert stats.hist == expect
+    assert stats.lat_sum_ns == sum(lats) and stats.lat_max_ns == max(lats)
