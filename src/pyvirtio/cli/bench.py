@@ -56,9 +56,9 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--event-idx", choices=("on", "off"), default="on",
                    help="negotiate VIRTIO_F_RING_EVENT_IDX (default on)")
-    p.add_argument("--device-signals", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--device-signals", choices=("on", "off"), default="on",
                    help="let the device signal completions although the engine polls "
-                   "(default auto: on for the plain-Python engine, off for NumPy; see docs/benchmarks.md)")
+                   "(default on: faster against qemu-storage-daemon at every depth measured; see docs/benchmarks.md)")
     p.add_argument("--lun", default=None, metavar="T:L",
                    help="benchmark LUN T:L of a virtio-scsi device (TARGET is then a vhost-user-scsi socket)")
     p.add_argument("--reconnect", type=float, nargs="?", const=30.0, default=None, metavar="SECONDS",
@@ -221,7 +221,7 @@ def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
                     verify=args.verify,
                     seed=None if args.seed is None else args.seed + q,
                     mode=args.mode,
-                    device_signals=_device_signals(args),
+                    device_signals=args.device_signals == "on",
                     **_region(blk, args, q),
                 )
                 engines.append(engine)
@@ -272,12 +272,6 @@ def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
     else:
         _print_report(report)
     return 1 if total.errors or total.verify_errors else 0
-
-
-def _device_signals(args: argparse.Namespace) -> bool | None:
-    if args.device_signals == "auto":
-        return None  # the engine decides by the loop it runs
-    return bool(args.device_signals == "on")
 
 
 def _region(blk: VirtioBlk, args: argparse.Namespace, q: int) -> dict[str, int]:
