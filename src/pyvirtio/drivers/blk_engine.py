@@ -2,11 +2,13 @@
 
 Theory of operation. A benchmark issues requests of one shape (header,
 ``bs`` bytes of data, status byte) as fast as the device completes them,
-keeping ``iodepth`` in flight. :class:`BlkEngine` gives each of the
-``iodepth`` slots a fixed pre-linked chain (:class:`~pyvirtio.ring.fixed.FixedChains`)
-and loops: post every free slot at once (one avail index store, one kick
-decision), then reap every used entry at once, validated. Only the sector
-(and, for mixed workloads, the direction) of a slot changes per request.
+keeping ``iodepth`` in flight. :class:`BlkEngine` gives each slot a fixed
+pre-linked chain (:class:`~pyvirtio.ring.fixed.FixedChains`): ``iodepth``
+slots in flight plus up to as many *spare* slots, prepared and waiting. A
+pass that sees n completions publishes n spares at once (one avail index
+store, one kick decision), then checks every used entry, books it, and
+prepares the completed slots as the next spares. Only the sector (and, for
+mixed workloads, the direction) of a slot changes per request.
 
 Two loops share that ring: plain Python, fastest at low depth, and NumPy,
 whose cost per pass does not grow with the number of requests, fastest at
