@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -169,26 +170,40 @@ def test_engine_verify_catches_corruption(loop_blk):
     assert st2.verify_errors > 0
 
 
-@pytest.mark.parametrize("mode", ["python", "numpy"])
-def test_engine_validates_used_entries(mode):
-    # A device that completes every request with an id that is not a chain head.
+@contextlib.contextmanager
+def blk_completing(complete):
+    """A VirtioBlk on an in-process device whose used entries ``complete(q, [(chain, written), ...])`` writes."""
     be = BlockBackend(Storage(size=1 << 20))
     t = loopback_blk(be, queue_size=64)
 
-    def lying_process(index, limit=None):
+    def process(index, limit=None):
         q = t.queues[index]
-        done = 0
+        chains = []
         while (chain := q.pop()) is not None:
-            q.add_used(chain.head + 1, be.handle(index, chain))
-            done += 1
-        if done and q.flush_used():
+            chains.append((chain, be.handle(index, chain)))
+        complete(q, chains)
+        if chains and q.flush_used():
             t.signal(index)
         q.enable_notifications()
-        return done
+        return len(chains)
 
-    t.process = lying_process  # type: ignore[method-assign]
+    t.process = process  # type: ignore[method-assign]
     blk = VirtioBlk(VirtioDevice("liar", t, pool_size=4 << 20))
     try:
+        yield blk
+    finally:
+        blk.device.close()
+
+
+@pytest.mark.parametrize("mode", ["python", "numpy"])
+def test_engine_validates_used_entries(mode):
+    # Every request completed with an id that heads no chain: the queue's last
+    # descriptor (the engine's 8 chains take the first 24 of 64).
+    def complete(q, chains):
+        for _, written in chains:
+            q.add_used(63, written)
+
+    with blk_completing(complete) as blk:
         e = BlkEngine(blk, iodepth=4, mode=mode)
         with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
             e.run(1.0)
@@ -200,46 +215,65 @@ def test_engine_validates_used_entries(mode):
                 import numpy as np
 
                 e.fixed.post_many(np.asarray([0]))
-    finally:
-        blk.device.close()
 
 
 @pytest.mark.parametrize("mode", ["python", "numpy"])
 @pytest.mark.parametrize("lie", ["duplicate", "too_long"])
 def test_engine_rejects_duplicate_and_overlong_completions(mode, lie):
-    """The fused loop re-posts slots in the batch that reaps them: a duplicate id in one batch must still fail."""
-    be = BlockBackend(Storage(size=1 << 20))
-    t = loopback_blk(be, queue_size=64)
+    """A duplicate id within one batch, or a length beyond what the chain offered, must fail."""
 
-    def lying_process(index, limit=None):
-        q = t.queues[index]
-        chains = []
-        while (chain := q.pop()) is not None:
-            be.handle(index, chain)
-            chains.append(chain)
+    def complete(q, chains):
         if lie == "duplicate" and len(chains) >= 2:
             # As many entries as are in flight (so the index check passes), one id twice.
-            for c in [chains[0], chains[0], *chains[1:-1]]:
+            for c, _ in [chains[0], chains[0], *chains[1:-1]]:
                 q.add_used(c.head, 1)
         elif lie == "too_long":
-            for c in chains:
+            for c, _ in chains:
                 q.add_used(c.head, 4096 + 2)
-        done = len(chains)
-        if done and q.flush_used():
-            t.signal(index)
-        q.enable_notifications()
-        return done
 
-    t.process = lying_process  # type: ignore[method-assign]
-    blk = VirtioBlk(VirtioDevice("liar", t, pool_size=4 << 20))
-    try:
+    with blk_completing(complete) as blk:
         e = BlkEngine(blk, iodepth=4, mode=mode)
         reason = "not the head of an in-flight request" if lie == "duplicate" else "exceeds"
         with pytest.raises(DeviceProtocolError, match=reason):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
-    finally:
-        blk.device.close()
+
+
+@pytest.mark.parametrize("mode", ["python", "numpy"])
+@pytest.mark.parametrize("iodepth", [1, 5, 16])
+def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth):
+    """Spare slots are published ahead of the batch's checks, but only one per completion seen."""
+    seen: list[int] = []
+
+    def complete(q, chains):
+        seen.append(len(chains))  # everything earlier was completed: this is what is in flight
+        for c, written in chains:
+            q.add_used(c.head, written)
+
+    with blk_completing(complete) as blk:
+        e = BlkEngine(blk, iodepth=iodepth, mode=mode)
+        assert e.spares > 0
+        st = e.run(0.2)
+        e.close()
+    assert st.ios > 100 and st.errors == 0
+    assert max(seen) == iodepth
+
+
+@pytest.mark.parametrize("mode", ["python", "numpy"])
+def test_engine_rejects_the_completion_of_a_spare_slot(mode):
+    """A spare slot is prepared but not published: a device naming its head is lying."""
+    spare_head: list[int] = []
+
+    def complete(q, chains):
+        for i, (c, _) in enumerate(chains):
+            q.add_used(spare_head[0] if i == 0 else c.head, 1)
+
+    with blk_completing(complete) as blk:
+        e = BlkEngine(blk, iodepth=4, mode=mode)
+        spare_head.append(e.fixed.heads[e.qd])  # the first spare: published only after a completion
+        with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
+            e.run(1.0)
+        assert e.fixed.ring.broken is not None
 
 
 def test_engine_argument_checks(loop_blk):
@@ -311,70 +345,6 @@ def test_bench_on_a_scsi_lun(tmp_path):
         server.terminate()
         server.wait(10)
 
-
-@pytest.mark.parametrize("mode", ["python", "numpy"])
-@pytest.mark.parametrize("iodepth", [1, 5, 16])
-def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth):
-    """Spare slots are published ahead of the batch's checks, but only one per completion seen."""
-    be = BlockBackend(Storage(size=1 << 20))
-    t = loopback_blk(be, queue_size=64)
-    seen: list[int] = []
-
-    def counting_process(index, limit=None):
-        q = t.queues[index]
-        chains = []
-        while (chain := q.pop()) is not None:
-            chains.append(chain)
-        seen.append(len(chains))  # everything earlier was completed: this is what is in flight
-        for c in chains:
-            q.add_used(c.head, be.handle(index, c))
-        if chains and q.flush_used():
-            t.signal(index)
-        q.enable_notifications()
-        return len(chains)
-
-    t.process = counting_process  # type: ignore[method-assign]
-    blk = VirtioBlk(VirtioDevice("counting", t, pool_size=4 << 20))
-    try:
-        e = BlkEngine(blk, iodepth=iodepth, mode=mode)
-        assert e.spares > 0
-        st = e.run(0.2)
-        e.close()
-    finally:
-        blk.device.close()
-    assert st.ios > 100 and st.errors == 0
-    assert max(seen) == iodepth
-
-
-@pytest.mark.parametrize("mode", ["python", "numpy"])
-def test_engine_rejects_the_completion_of_a_spare_slot(mode):
-    """A spare slot is prepared but not published: a device naming its head is lying."""
-    be = BlockBackend(Storage(size=1 << 20))
-    t = loopback_blk(be, queue_size=64)
-    spare_head: list[int] = []
-
-    def lying_process(index, limit=None):
-        q = t.queues[index]
-        done = 0
-        while (chain := q.pop()) is not None:
-            be.handle(index, chain)
-            q.add_used(spare_head[0] if done == 0 else chain.head, 1)
-            done += 1
-        if done and q.flush_used():
-            t.signal(index)
-        q.enable_notifications()
-        return done
-
-    t.process = lying_process  # type: ignore[method-assign]
-    blk = VirtioBlk(VirtioDevice("liar", t, pool_size=4 << 20))
-    try:
-        e = BlkEngine(blk, iodepth=4, mode=mode)
-        spare_head.append(e.fixed.heads[e.qd])  # the first spare: published only after a completion
-        with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
-            e.run(1.0)
-        assert e.fixed.ring.broken is not None
-    finally:
-        blk.device.close()
 
 
 def test_latency_chunks_bucket_like_the_python_path():
