@@ -196,7 +196,7 @@ def check_two_queues(blk: VirtioBlk, model: bytearray, *, region: int = 1 << 20)
         finally:
             ready[k].set()
             release.wait(20)
-            # Give the queue back: a thread that exits holding one keeps it owned.
+            # Give the queue back (one a thread left behind would wait for a thread that finds none free).
             try:
                 blk.release_queue()
             except BaseException as exc:

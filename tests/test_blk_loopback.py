@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from blk_checks import (  # noqa: E402
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk  # noqa: E402
 from pyvirtio.device import VirtioDevice  # noqa: E402
 from pyvirtio.drivers.blk import BlkRequest, VirtioBlk  # noqa: E402
-from pyvirtio.errors import BlockIOError, InvalidArgument, QueueFull  # noqa: E402
+from pyvirtio.errors import BlockIOError, InvalidArgument, OwnershipError, QueueFull  # noqa: E402
 from pyvirtio.ring.device_side import Chain  # noqa: E402
 from pyvirtio.spec import blk as B  # noqa: E402
 from pyvirtio.testing import open_fd_count  # noqa: E402
@@ -336,3 +337,91 @@ def test_random_io_matches_model(ops: list[tuple[Any, ...]]) -> None:
                 blk.discard(off, length)
                 model[off : off + length] = bytes(length)  # this model zeroes discarded ranges
         assert blk.read(0, DISK) == bytes(model)
+
+
+# -- queues of threads that ended -----------------------------------------------------
+
+
+def _in_thread(fn: Any) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    if errors:
+        raise errors[0]
+
+
+def test_the_queue_of_an_ended_thread_goes_to_a_thread_that_finds_none_free() -> None:
+    with Loop(num_queues=2) as lp:
+        blk = lp.blk
+        first: list[int] = []
+
+        def ends_holding_its_queue() -> None:
+            blk.write(0, pattern(0, 4096, 1))
+            first.append(blk._ctx().vq.index)
+
+        _in_thread(ends_holding_its_queue)
+        assert blk.read(0, 4096) == pattern(0, 4096, 1)  # this thread takes the other, free queue
+        assert blk._ctx().vq.index != first[0]
+        taken: list[int] = []
+
+        def finds_none_free() -> None:
+            blk.write(8192, pattern(8192, 4096, 2))
+            assert blk.read(8192, 4096) == pattern(8192, 4096, 2)
+            taken.append(blk._ctx().vq.index)
+            blk.release_queue()
+
+        _in_thread(finds_none_free)
+        assert taken == first
+        # A live owner keeps its queue: with both queues held by live threads a third fails.
+        hold = threading.Event()
+        holding = threading.Event()
+
+        def holds() -> None:
+            blk.read(0, 512)
+            holding.set()
+            hold.wait(10)
+            blk.release_queue()
+
+        t = threading.Thread(target=holds)
+        t.start()
+        try:
+            assert holding.wait(10)
+            with pytest.raises(OwnershipError, match="owned by other threads"):
+                _in_thread(lambda: blk.read(0, 512))
+        finally:
+            hold.set()
+            t.join(10)
+
+
+def test_requests_an_ended_thread_left_in_flight_complete_under_the_new_owner() -> None:
+    storage = Storage(size=1 << 20)
+    be = BlockBackend(storage)
+    t = loopback_blk(be, queue_size=64, auto=False)
+    blk = VirtioBlk(VirtioDevice("manual", t, pool_size=4 << 20))
+    try:
+        reqs: list[BlkRequest] = []
+
+        def submits_and_ends() -> None:
+            reqs.append(blk.write_request(4096, pattern(4096, 8192, 3)))
+            assert blk.submit(reqs) == 1
+
+        _in_thread(submits_and_ends)
+        assert not reqs[0].done
+        t.process(0)  # the device completes it; nobody has reaped it yet
+        blk.wait(reqs, timeout=5)  # this thread takes the queue over and reaps
+        assert reqs[0].done and reqs[0].error is None
+        on_device = bytearray(8192)
+        storage.readinto([memoryview(on_device)], 4096)
+        assert on_device == pattern(4096, 8192, 3)
+    finally:
+        blk.close()
+        storage.close()

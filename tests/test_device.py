@@ -267,6 +267,13 @@ def test_data_path_belongs_to_the_acquiring_thread(make_device: DeviceFactory) -
     with pytest.raises(OwnershipError, match="already owned"):
         dev.acquire(0)
     assert tr.kicks == {}  # nothing reached the device
+    # take_over: only from the owner the caller names.
+    with pytest.raises(OwnershipError, match="no longer owned"):
+        dev.take_over(0, threading.get_ident())
+    previous = dev.owner(0)
+    assert dev.take_over(0, previous) is vq and dev.owner(0) == threading.get_ident()
+    vq.start("t", 1)  # the new owner may use it
+    vq.abort()
 
 
 def test_acquire_use_release_from_another_thread(make_device: DeviceFactory) -> None:

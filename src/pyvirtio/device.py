@@ -453,6 +453,19 @@ class VirtioDevice:
                 )
             vq._owner = None
 
+    def take_over(self, index: int, previous: int | None) -> Virtqueue:
+        """Make the calling thread owner of queue ``index``, now owned by thread ``previous``.
+
+        For a caller that knows ``previous`` has ended (thread idents are
+        reused, so the core cannot tell); fails if the owner changed meanwhile.
+        """
+        vq = self.queue(index)
+        with self._lock:
+            if vq._owner != previous:
+                raise OwnershipError(f"{self.name}: queue {index} is no longer owned by thread {previous}")
+            vq._owner = threading.get_ident()
+        return vq
+
     def owner(self, index: int) -> int | None:
         """The thread ident owning queue ``index``, or None."""
         return self.queue(index)._owner

@@ -49,14 +49,13 @@ from typing import Any
 
 from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.drivers._checks import check_data, check_range
+from pyvirtio.drivers._queues import ThreadQueues
 from pyvirtio.errors import (
     BlockIOError,
     ConnectionLost,
     DeviceProtocolError,
     InvalidArgument,
-    OwnershipError,
     QueueFull,
-    QueueStateError,
     TransportTimeout,
 )
 from pyvirtio.memory import Buffer
@@ -131,7 +130,6 @@ class _QueueCtx:
         self.slot_view = self.slots.view
         self.free_slots = list(range(self.nslots - 1, -1, -1))
         self.inflight = 0
-        self.thread = threading.get_ident()
         self.full_reason = ""
 
     def close(self) -> None:
@@ -198,9 +196,9 @@ class VirtioBlk:
         self.num_queues = nq
         self.queue_size = device.queue(0).size
         self.indirect = has(F_RING_INDIRECT_DESC)
-        self._local = threading.local()
-        self._ctxs: list[_QueueCtx] = []
-        self._ctx_lock = threading.Lock()
+        self._queues: ThreadQueues[_QueueCtx] = ThreadQueues(
+            device, 0, lambda vq: _QueueCtx(self, vq), "queues"
+        )
         # The most data segments one request may have.
         ring_limit = self.queue_size - 2 if not self.indirect else 1024 - 2
         self.max_segments = min(self.seg_max, ring_limit) if self.seg_max else ring_limit
@@ -258,10 +256,7 @@ class VirtioBlk:
             raise
 
     def close(self) -> None:
-        with self._ctx_lock:
-            for ctx in self._ctxs:
-                ctx.close()
-            self._ctxs.clear()
+        self._queues.close()
         self.device.close()
 
     def __enter__(self) -> VirtioBlk:
@@ -290,33 +285,15 @@ class VirtioBlk:
     # -- per-thread queues ----------------------------------------------------
 
     def _ctx(self) -> _QueueCtx:
-        ctx: _QueueCtx | None = getattr(self._local, "ctx", None)
-        if ctx is None:
-            try:
-                vq = self.device.find_and_acquire(0)
-            except OwnershipError:
-                raise OwnershipError(
-                    f"all {self.num_queues} queues are owned by other threads; "
-                    "open the device with more queues or release one"
-                ) from None
-            ctx = _QueueCtx(self, vq)
-            self._local.ctx = ctx
-            with self._ctx_lock:
-                self._ctxs.append(ctx)
-        return ctx
+        return self._queues.get()
 
     def release_queue(self) -> None:
-        """Give the calling thread's queue back (it must have nothing in flight)."""
-        ctx: _QueueCtx | None = getattr(self._local, "ctx", None)
-        if ctx is None:
-            return
-        if ctx.inflight:
-            raise QueueStateError(f"{ctx.inflight} requests still in flight on queue {ctx.vq.index}")
-        self.device.release(ctx.vq.index)
-        self._local.ctx = None
-        with self._ctx_lock:
-            self._ctxs.remove(ctx)
-        ctx.close()
+        """Give the calling thread's queue back (it must have nothing in flight).
+
+        A thread that ends without calling this keeps its queue only until
+        another thread finds no free one (drivers/_queues.py).
+        """
+        self._queues.release()
 
     # -- argument checks ------------------------------------------------------
 

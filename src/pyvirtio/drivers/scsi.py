@@ -68,11 +68,11 @@ from typing import Any
 
 from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.drivers._checks import check_data, check_range
+from pyvirtio.drivers._queues import ThreadQueues
 from pyvirtio.errors import (
     BlockIOError,
     DeviceProtocolError,
     InvalidArgument,
-    OwnershipError,
     QueueFull,
     QueueStateError,
     TransportTimeout,
@@ -456,9 +456,9 @@ class VirtioScsi:
         self.max_transfer_bytes = min(shared // 2, 0xFFFFFFFF)
         if self.max_sectors:
             self.max_transfer_bytes = min(self.max_transfer_bytes, self.max_sectors * 512)
-        self._local = threading.local()
-        self._ctxs: list[_QueueCtx] = []
-        self._ctx_lock = threading.Lock()
+        self._queues: ThreadQueues[_QueueCtx] = ThreadQueues(
+            device, S.FIRST_REQUEST_QUEUE, lambda vq: _QueueCtx(self, vq), "request queues"
+        )
         self._mgmt_lock = threading.RLock()
         self._callbacks: list[Callable[[ScsiEvent], None]] = []
         self.luns: dict[tuple[int, int], LunInfo] = {}
@@ -507,10 +507,7 @@ class VirtioScsi:
             raise
 
     def close(self) -> None:
-        with self._ctx_lock:
-            for ctx in self._ctxs:
-                ctx.close()
-            self._ctxs.clear()
+        self._queues.close()
         self._free_mgmt()
         self.device.close()
 
@@ -548,33 +545,15 @@ class VirtioScsi:
     # -- per-thread request queues --------------------------------------------
 
     def _ctx(self) -> _QueueCtx:
-        ctx: _QueueCtx | None = getattr(self._local, "ctx", None)
-        if ctx is None:
-            try:
-                vq = self.device.find_and_acquire(S.FIRST_REQUEST_QUEUE)
-            except OwnershipError:
-                raise OwnershipError(
-                    f"all {self.num_queues} request queues are owned by other threads; "
-                    "open the device with more queues or release one"
-                ) from None
-            ctx = _QueueCtx(self, vq)
-            self._local.ctx = ctx
-            with self._ctx_lock:
-                self._ctxs.append(ctx)
-        return ctx
+        return self._queues.get()
 
     def release_queue(self) -> None:
-        """Give the calling thread's request queue back (it must have nothing in flight)."""
-        ctx: _QueueCtx | None = getattr(self._local, "ctx", None)
-        if ctx is None:
-            return
-        if ctx.inflight:
-            raise QueueStateError(f"{ctx.inflight} requests still in flight on queue {ctx.vq.index}")
-        self.device.release(ctx.vq.index)
-        self._local.ctx = None
-        with self._ctx_lock:
-            self._ctxs.remove(ctx)
-        ctx.close()
+        """Give the calling thread's queue back (it must have nothing in flight).
+
+        A thread that ends without calling this keeps its queue only until
+        another thread finds no free one (drivers/_queues.py).
+        """
+        self._queues.release()
 
     # -- submission and completion --------------------------------------------
 
