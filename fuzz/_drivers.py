@@ -158,7 +158,7 @@ def _blk_ops(fi: FuzzInput, blk: VirtioBlk, device: VirtioDevice) -> int:
             break  # a request the device never completed: nothing more will be
         except PyvirtioError:
             pass
-        ctxs = blk._ctxs
+        ctxs = blk._queues.contexts
         if ctxs and not ctxs[0].inflight and ctxs[0].vq.ring.broken is None:
             # Indirect tables stay cached on the ring for reuse: they are not leaks.
             free = _free_bytes(device) + sum(t.size for t in ctxs[0].vq.ring._indirect_tables.values())

@@ -238,6 +238,57 @@ def test_asyncio_across_a_crash(sockdir: str) -> None:
         assert model.crashes == 4 and blk.device.transport.reconnects == 4
 
 
+@pytest.mark.timeout(30)
+def test_asyncio_reconnect_does_not_block_the_loop(sockdir: str) -> None:
+    """While the back end is away, other coroutines run: the wait for it is in a worker thread."""
+    path = os.path.join(sockdir, "s.sock")
+    storage = Storage(size=8 << 20)
+    away = 0.8
+
+    async def main(blk: VirtioBlk, first: VhostUserServer, servers: list[VhostUserServer]) -> tuple[float, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await blk.awrite(0, pack_pattern(0, 1, BS))
+
+        def come_back() -> None:
+            servers.append(VhostUserServer(path, BlockBackend(storage)))
+            servers[-1].start()
+
+        first.stop()
+        assert first.wait(5)
+        threading.Timer(away, come_back).start()
+        loop = asyncio.get_running_loop()
+        t0, before = loop.time(), ticks
+        await blk.awrite(BS, pack_pattern(1, 1, BS))  # lost, then resubmitted on the next server
+        elapsed, during = loop.time() - t0, ticks - before
+        assert await blk.aread(0, 2 * BS) == pack_pattern(0, 1, BS) + pack_pattern(1, 1, BS)
+        task.cancel()
+        return elapsed, during
+
+    servers: list[VhostUserServer] = []
+    first = VhostUserServer(path, BlockBackend(storage))
+    first.start()
+    try:
+        with VirtioBlk.open(path, reconnect=10.0) as blk:
+            elapsed, during = asyncio.run(main(blk, first, servers))
+            assert blk.device.transport.reconnects == 1
+    finally:
+        for srv in servers:
+            srv.stop()
+            srv.wait(5)
+        storage.close()
+    assert elapsed >= away * 0.8
+    # ~100 ticks a second if the loop is free; a loop blocked in the reconnect gets almost none.
+    assert during >= elapsed * 100 * 0.3, (elapsed, during)
+
+
 # -- qemu-storage-daemon killed and restarted ----------------------------------------------------
 
 

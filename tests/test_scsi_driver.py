@@ -34,7 +34,7 @@ from pyvirtio.drivers.scsi import (
     VirtioScsi,
     rw_cdb,
 )
-from pyvirtio.errors import InvalidArgument, OwnershipError
+from pyvirtio.errors import ConnectionLost, InvalidArgument, OwnershipError
 from pyvirtio.spec import scsi as S
 from pyvirtio.spec import t10 as T
 
@@ -537,6 +537,22 @@ def test_asyncio_api(scsi: VirtioScsi) -> None:
 
     data = asyncio.run(main())
     assert data == b"a" * 512 + bytes(1024) + b"a" * 97 * 512
+
+
+def test_asyncio_request_to_a_back_end_that_went_away_fails_at_once(fresh: Served) -> None:
+    with fresh.open() as dev:
+        disk = dev.disk(0, 0)
+
+        async def main() -> None:
+            await disk.awrite(0, b"b" * 512)
+            fresh.server.stop()
+            assert fresh.server.wait(5)
+            await disk.aread(0, 512)
+
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionLost):
+            asyncio.run(main())
+        assert time.monotonic() - t0 < 5  # not the 30 s request timeout
 
 
 def test_config_sizes_other_than_the_defaults(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ locks on the data path.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -388,30 +389,64 @@ class VirtioDevice:
         (:class:`~pyvirtio.transport.vhost_user.ReconnectFailed`) when the
         transport cannot reconnect; the caller then fails its requests.
         """
-        t: Any = self.transport
-        policy = getattr(t, "reconnect_policy", None)
-        if policy is None:
-            raise ConnectionLost(f"{self.name}: the device was lost and reconnect is off")
-        start = time.monotonic()
-        deadline = start + policy.timeout
-        if restart is None:
-            restart = vq.ring.restart_base
+        start, deadline = self._recover_start()
         while True:
             try:
                 with self._recover_lock:
-                    made = t.reconnect(deadline)
-                    if made:
-                        self._restore_unowned(vq)
-                    if vq.generation != t.generation:
-                        t.restart_queue(vq.index, restart(not t.device_resubmits))
-                        vq.generation = t.generation
-                    if made:
-                        t.resume()
+                    self._restore_own(vq, restart, self._reconnect(vq, deadline))
                 return time.monotonic() - start
             except ConnectionLost as exc:
                 if isinstance(exc, ReconnectFailed) or time.monotonic() >= deadline:
                     raise
                 # Lost again while restoring: the next round reconnects.
+
+    async def arecover(self, vq: Virtqueue, restart: Callable[[bool], int] | None = None) -> float:
+        """:meth:`recover` for a coroutine on the queue owner's event loop.
+
+        The wait for the back end (and the restoring of queues nobody owns)
+        runs in a worker thread, so the loop goes on meanwhile; the queue
+        itself is restored on the loop's thread, its owner.
+        """
+        loop = asyncio.get_running_loop()
+        start, deadline = self._recover_start()
+
+        def reconnect() -> bool:
+            with self._recover_lock:
+                return self._reconnect(vq, deadline)
+
+        while True:
+            try:
+                made = await loop.run_in_executor(None, reconnect)
+                with self._recover_lock:
+                    self._restore_own(vq, restart, made)
+                return time.monotonic() - start
+            except ConnectionLost as exc:
+                if isinstance(exc, ReconnectFailed) or time.monotonic() >= deadline:
+                    raise
+
+    def _recover_start(self) -> tuple[float, float]:
+        policy = getattr(self.transport, "reconnect_policy", None)
+        if policy is None:
+            raise ConnectionLost(f"{self.name}: the device was lost and reconnect is off")
+        start = time.monotonic()
+        return start, start + float(policy.timeout)
+
+    def _reconnect(self, caller: Virtqueue, deadline: float) -> bool:
+        """Reconnect if nobody has yet (True if this call did) and restore the queues nobody owns."""
+        t: Any = self.transport
+        made = bool(t.reconnect(deadline))
+        if made:
+            self._restore_unowned(caller)
+        return made
+
+    def _restore_own(self, vq: Virtqueue, restart: Callable[[bool], int] | None, made: bool) -> None:
+        """Restart the caller's own queue on the new connection; resume the device if the caller reconnected."""
+        t: Any = self.transport
+        if vq.generation != t.generation:
+            t.restart_queue(vq.index, (restart or vq.ring.restart_base)(not t.device_resubmits))
+            vq.generation = t.generation
+        if made:
+            t.resume()
 
     def _restore_unowned(self, caller: Virtqueue) -> None:
         t: Any = self.transport

@@ -530,6 +530,21 @@ class VirtioBlk:
             self._fail_lost(ctx, exc)
             raise
 
+    async def _acheck_alive(self, ctx: _QueueCtx) -> float:
+        """:meth:`_check_alive` for the asyncio API: a reconnect does not block the loop."""
+        try:
+            ctx.vq.check_alive()
+        except ConnectionLost as lost:
+            if not self.device.can_reconnect:
+                self._fail_lost(ctx, lost)
+                raise lost from None
+            try:
+                return await self.device.arecover(ctx.vq)
+            except (ConnectionLost, DeviceProtocolError) as exc:
+                self._fail_lost(ctx, exc)
+                raise
+        return 0.0
+
     def _fail_lost(self, ctx: _QueueCtx, exc: BaseException) -> None:
         """Fail every request in flight on ``ctx`` (the device is gone) and give the ring back empty."""
         ring = ctx.vq.ring
@@ -719,8 +734,8 @@ class VirtioBlk:
     ) -> None:
         """Wait for the interrupt reader to complete ``req``, checking the device every 0.2 s meanwhile.
 
-        A reconnect runs here, on the loop's thread (the queue's owner), and
-        blocks the loop while it waits for the back end.
+        A reconnect waits for the back end in a worker thread (the loop goes
+        on) and restores the queue on the loop's thread, its owner.
         """
         deadline = None if self.timeout is None else loop.time() + self.timeout
         while not fut.done():
@@ -730,7 +745,7 @@ class VirtioBlk:
             try:
                 await asyncio.wait_for(asyncio.shield(fut), 0.2 if left is None else min(0.2, left))
             except TimeoutError:
-                paused = self._check_alive(ctx)  # raises, with req failed, if the device is gone for good
+                paused = await self._acheck_alive(ctx)  # raises, with req failed, if the device is gone for good
                 if paused:
                     if deadline is not None:
                         deadline += paused

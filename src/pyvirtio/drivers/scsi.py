@@ -865,12 +865,19 @@ class VirtioScsi:
         else:
             self._ensure_reader(loop, ctx, fd)
             self._arm(ctx)
-            try:
-                await asyncio.wait_for(fut, self.timeout)
-            except TimeoutError:
-                raise TransportTimeout(
-                    f"{req.name} on {req.target}:{req.lun} not completed within {self.timeout} s"
-                ) from None
+            # Wait, checking every 0.2 s that the back end is still there: a
+            # peer that died raises ConnectionLost now, not a timeout later.
+            deadline = None if self.timeout is None else loop.time() + self.timeout
+            while not fut.done():
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    raise TransportTimeout(
+                        f"{req.name} on {req.target}:{req.lun} not completed within {self.timeout} s"
+                    )
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), 0.2 if left is None else min(0.2, left))
+                except TimeoutError:
+                    self.device.transport.check_alive()
         req.check()
         return req
 
