@@ -339,6 +339,40 @@ def test_random_io_matches_model(ops: list[tuple[Any, ...]]) -> None:
         assert blk.read(0, DISK) == bytes(model)
 
 
+@pytest.mark.parametrize("reported", [0, 1, 4096, 8191])
+def test_a_read_the_device_reports_short_fails(loop: Loop, reported: int) -> None:
+    """virtio 1.2 §2.7.8.2: nothing beyond the used length may be relied on (8192 + 1 would be exact)."""
+    blk = loop.blk
+    blk.write(0, pattern(0, 8192, 2))
+    honest = loop.backend.handle
+
+    def short(index: int, chain: Chain) -> int:
+        honest(index, chain)
+        return reported  # of 8192 data bytes + 1 status byte
+
+    loop.transport.default_handler = short
+    with pytest.raises(BlockIOError, match=f"short read: the device reported {reported} bytes written for 8192"):
+        blk.read(0, 8192)
+    buf = blk.allocate(8192, align=4096)
+    with pytest.raises(BlockIOError, match="short read"):
+        blk.readinto(0, buf)
+    loop.transport.default_handler = honest
+    assert blk.read(0, 8192) == pattern(0, 8192, 2)  # the queue goes on
+
+
+def test_a_read_length_without_the_status_byte_is_taken(loop: Loop) -> None:
+    """DPDK's vhost_blk example reports the data bytes only: the data is all there."""
+    blk = loop.blk
+    blk.write(0, pattern(0, 8192, 4))
+    honest = loop.backend.handle
+
+    def data_only(index: int, chain: Chain) -> int:
+        return honest(index, chain) - 1
+
+    loop.transport.default_handler = data_only
+    assert blk.read(0, 8192) == pattern(0, 8192, 4)
+
+
 # -- queues of threads that ended -----------------------------------------------------
 
 

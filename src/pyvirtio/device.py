@@ -226,9 +226,7 @@ class VirtioDevice:
         status = self.status
         if not status & bit:
             self._fail()
-            raise NegotiationError(
-                f"{self.name}: {what}: device did not accept status {status_names(bit)[0]}"
-            )
+            raise NegotiationError(f"{self.name}: {what}: device did not accept status {status_names(bit)[0]}")
 
     def _fail(self) -> None:
         """virtio 1.2 §3.1.1: on an unrecoverable error the driver sets FAILED."""
@@ -248,9 +246,7 @@ class VirtioDevice:
         self.offered_features = offered
         if not offered >> F_VERSION_1 & 1:
             self._fail()
-            raise NegotiationError(
-                f"{self.name}: device does not offer VERSION_1 (legacy devices are not supported)"
-            )
+            raise NegotiationError(f"{self.name}: device does not offer VERSION_1 (legacy devices are not supported)")
         negotiated = requested & offered
         self.transport.set_features(negotiated)
         self.negotiated_features = negotiated

@@ -196,9 +196,7 @@ class VirtioBlk:
         self.num_queues = nq
         self.queue_size = device.queue(0).size
         self.indirect = has(F_RING_INDIRECT_DESC)
-        self._queues: ThreadQueues[_QueueCtx] = ThreadQueues(
-            device, 0, lambda vq: _QueueCtx(self, vq), "queues"
-        )
+        self._queues: ThreadQueues[_QueueCtx] = ThreadQueues(device, 0, lambda vq: _QueueCtx(self, vq), "queues")
         # The most data segments one request may have.
         ring_limit = self.queue_size - 2 if not self.indirect else 1024 - 2
         self.max_segments = min(self.seg_max, ring_limit) if self.seg_max else ring_limit
@@ -464,8 +462,19 @@ class VirtioBlk:
         req._slot = -1
         req.status = status
         req.written = written
+        if req.op == B.T_IN and status == B.S_OK and written < req.length:
+            # virtio 1.2 §2.7.8.2: nothing beyond the used length may be relied on. (A
+            # length that leaves out the status byte is taken: DPDK's vhost_blk example
+            # reports just the data, and the status is read from the status byte.)
+            req.error = BlockIOError(
+                req.name,
+                req.offset,
+                req.length,
+                status,
+                f"short read: the device reported {written} bytes written for {req.length} bytes of data",
+            )
         if req._bounce is not None:
-            if req.op in (B.T_IN, B.T_GET_ID) and status == B.S_OK:
+            if req.op in (B.T_IN, B.T_GET_ID) and status == B.S_OK and req.error is None:
                 req._user = bytes(req._bounce.view[: req.length])
             self._drop_bounce(req)
         req.done = True
