@@ -73,6 +73,39 @@ def test_direct_chain(raw: RawDriver, dq: DeviceQueue, data: Buffer) -> None:
     assert dq.avail_pending() == 0
 
 
+def test_a_chain_posted_again_is_checked_again(raw: RawDriver, dq: DeviceQueue, data: Buffer, pool: MemoryPool) -> None:
+    """The walk of a chain is reused only while its descriptors are unchanged."""
+    data.view[:32] = bytes(range(32))
+    raw.desc(0, data.addr, 16, R | N, 1)
+    raw.desc(1, data.addr + 16, 8, W)
+    for _ in range(3):  # the same chain again and again
+        raw.publish(0)
+        chain = dq.pop()
+        assert chain is not None and chain.read_all() == bytes(range(16)) and chain.writable_len == 8
+        chain.writable.append(memoryview(b""))  # a model may change its lists: not the device's copy
+    raw.desc(0, data.addr + 4, 16, R | N, 1)  # another address
+    raw.publish(0)
+    chain = dq.pop()
+    assert chain is not None and chain.read_all() == bytes(range(4, 20)) and chain.writable_len == 8
+    raw.desc(1, data.addr + 16, 24, W)  # another length
+    raw.publish(0)
+    chain = dq.pop()
+    assert chain is not None and chain.writable_len == 24
+    raw.desc(1, data.addr + 16, 24, R)  # readable now
+    raw.publish(0)
+    chain = dq.pop()
+    assert chain is not None and chain.readable_len == 40 and not chain.writable
+    outside = pool.regions[0].guest_addr - 64
+    raw.desc(1, outside, 8, W)  # and now outside the memory table
+    raw.publish(0)
+    with pytest.raises(ChainError, match="descriptor 1"):
+        dq.pop()
+    raw.desc(0, data.addr, 16, R | N, 0)  # a loop through the cached head
+    raw.publish(0)
+    with pytest.raises(ChainError, match="loops"):
+        dq.pop()
+
+
 def test_chain_of_exactly_size_descriptors(raw: RawDriver, dq: DeviceQueue, data: Buffer) -> None:
     raw.chain(0, [(data.addr, 1, R)] * (SIZE - 1) + [(data.addr, 1, W)])
     raw.publish(0)

@@ -89,6 +89,10 @@ class Chain:
         return done
 
 
+#: A direct chain as walked: its (index, descriptor) pairs, readable and writable buffers.
+_CachedChain = tuple[list[tuple[int, tuple[int, int, int, int]]], list[memoryview], list[memoryview]]
+
+
 class DeviceQueue:
     """Device side of a split ring whose three parts are given as memoryviews."""
 
@@ -120,6 +124,10 @@ class DeviceQueue:
         # drivers rely on for small rings. Either way a walk stays bounded.
         self.max_chain = max(size, 1024) if max_chain is None else max_chain
         self._desc = desc[: desc_table_size(size)]
+        # Direct chains as last walked, by head: (index, descriptor) pairs and the
+        # buffers they gave. A chain whose descriptors are unchanged is not walked
+        # and translated again (a driver with fixed chains reposts the same ones).
+        self._chains: dict[int, _CachedChain] = {}
         self._avail16 = avail[: avail_size(size)].cast("H")
         self._used_bytes = used[: used_size(size)]
         self._used16 = self._used_bytes[: 4 + 8 * size + 2].cast("H")
@@ -177,26 +185,34 @@ class DeviceQueue:
         return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
+        desc = self._desc
+        unpack = DESC.unpack_from
+        cached = self._chains.get(head)
+        if cached is not None:
+            entries, readable, writable = cached
+            for i, entry in entries:
+                if unpack(desc, DESC_SIZE * i) != entry:
+                    break
+            else:
+                # The same descriptors as when this chain was checked and translated.
+                return Chain(head, readable.copy(), writable.copy())
         size = self.size
         gpa = self.memory.gpa
-        desc = self._desc
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
+        readable = []
+        writable = []
+        entries = []
         i = head
         count = 0
-        unpack = DESC.unpack_from
         while True:
             count += 1
             if count > size:
-                raise ChainError(
-                    f"queue {self.index}: descriptor chain from {head} loops or exceeds the ring", head
-                )
-            addr, length, flags, nxt = unpack(desc, DESC_SIZE * i)
+                raise ChainError(f"queue {self.index}: descriptor chain from {head} loops or exceeds the ring", head)
+            entry = unpack(desc, DESC_SIZE * i)
+            entries.append((i, entry))
+            addr, length, flags, nxt = entry
             if flags & DESC_F_INDIRECT:
                 if not self.indirect:
-                    raise ChainError(
-                        f"queue {self.index}: indirect descriptor without RING_INDIRECT_DESC", head
-                    )
+                    raise ChainError(f"queue {self.index}: indirect descriptor without RING_INDIRECT_DESC", head)
                 # virtio 1.2 §2.7.5.3.1: INDIRECT and NEXT together are forbidden,
                 # and an indirect table is the only descriptor of its chain.
                 if flags & DESC_F_NEXT or count != 1:
@@ -208,7 +224,7 @@ class DeviceQueue:
                 except DriverProtocolError as exc:
                     raise ChainError(f"queue {self.index}: {exc}", head) from None
                 self._walk_indirect(head, table, length // DESC_SIZE, readable, writable)
-                break
+                return Chain(head, readable, writable)  # not cached: the table may change
             try:
                 buf = gpa(addr, length)
             except DriverProtocolError as exc:
@@ -225,7 +241,8 @@ class DeviceQueue:
             if nxt >= size:
                 raise ChainError(f"queue {self.index}: next index {nxt} out of range", head)
             i = nxt
-        return Chain(head, readable, writable)
+        self._chains[head] = (entries, readable, writable)
+        return Chain(head, readable.copy(), writable.copy())
 
     def _walk_indirect(
         self, head: int, table: memoryview, n: int, readable: list[memoryview], writable: list[memoryview]
@@ -246,9 +263,7 @@ class DeviceQueue:
             if flags & DESC_F_WRITE:
                 writable.append(buf)
             elif writable:
-                raise ChainError(
-                    f"queue {self.index}: readable indirect entry {i} after a writable one", head
-                )
+                raise ChainError(f"queue {self.index}: readable indirect entry {i} after a writable one", head)
             else:
                 readable.append(buf)
             if not flags & DESC_F_NEXT:
@@ -309,5 +324,6 @@ class DeviceQueue:
 
     def release(self) -> None:
         """Drop the views into ring memory (before the memory is unmapped)."""
+        self._chains.clear()
         for v in (self._avail16, self._used16, self._used32, self._used_bytes, self._desc):
             v.release()
