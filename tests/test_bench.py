@@ -218,9 +218,18 @@ def test_engine_validates_used_entries(mode):
 
 
 @pytest.mark.parametrize("mode", ["python", "numpy"])
-@pytest.mark.parametrize("lie", ["duplicate", "too_long"])
-def test_engine_rejects_duplicate_and_overlong_completions(mode, lie):
-    """A duplicate id within one batch, or a length beyond what the chain offered, must fail."""
+@pytest.mark.parametrize(
+    ("lie", "reason"),
+    [
+        ("duplicate", "not the head of an in-flight request"),
+        ("too_long", "exceeds"),
+        ("out_of_range", "out of range"),
+        ("too_many", "used index moved by"),
+    ],
+)
+def test_engine_rejects_bad_completions(mode, lie, reason):
+    """A duplicate id within one batch, a length beyond what the chain offered, an id beyond
+    the ring, or more entries than requests in flight must fail."""
 
     def complete(q, chains):
         if lie == "duplicate" and len(chains) >= 2:
@@ -230,10 +239,15 @@ def test_engine_rejects_duplicate_and_overlong_completions(mode, lie):
         elif lie == "too_long":
             for c, _ in chains:
                 q.add_used(c.head, 4096 + 2)
+        elif lie == "out_of_range":
+            for i, (c, written) in enumerate(chains):
+                q.add_used(70000 if i == len(chains) - 1 else c.head, written)
+        elif lie == "too_many":
+            for c, written in [*chains, chains[0]]:
+                q.add_used(c.head, written)
 
     with blk_completing(complete) as blk:
         e = BlkEngine(blk, iodepth=4, mode=mode)
-        reason = "not the head of an in-flight request" if lie == "duplicate" else "exceeds"
         with pytest.raises(DeviceProtocolError, match=reason):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
