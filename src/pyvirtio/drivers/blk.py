@@ -429,16 +429,14 @@ class VirtioBlk:
         sv[base + _STATUS_OFF] = 0xFF
         addr = ctx.slots.addr + base
         ring = ctx.vq.ring
+        chain = [(addr, B.OUTHDR_SIZE, False), *segs, (addr + _STATUS_OFF, 1, True)]
         try:
-            if ring.indirect and len(segs) + 2 >= min(ring.indirect_threshold, ring.num_free + 1):
+            # The ring directly (ctx is the calling thread's queue: _ctx() checked ownership).
+            if ring.indirect and len(chain) >= min(ring.indirect_threshold, ring.num_free + 1):
                 with self._pool_lock:  # the ring may take an indirect table from the pool
-                    ctx.vq.start(req, len(segs) + 2)
+                    ring.submit(req, chain)
             else:
-                ctx.vq.start(req, len(segs) + 2)
-            ring.add(addr, B.OUTHDR_SIZE, False)
-            for a, n, w in segs:
-                ring.add(a, n, w)
-            ring.add(addr + _STATUS_OFF, 1, True)
+                ring.submit(req, chain)
         except BaseException:
             ctx.free_slots.append(slot)
             if ring._req_head != 32768:
