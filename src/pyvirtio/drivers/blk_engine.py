@@ -650,7 +650,7 @@ class BlkEngine:
                 passes += 1
                 if n or outstanding != qd:
                     if n > outstanding:
-                        self._sync_fused(avail_idx, kick_from, last, outstanding)
+                        self._sync_ring(avail_idx, kick_from, last, outstanding)
                         fixed.reap_slots()  # raises with the exact reason
                     t = perf()
                     # 1. Publish one ready slot per completion seen (and any
@@ -733,7 +733,7 @@ class BlkEngine:
                         try:
                             check()
                         except ConnectionLost as exc:
-                            self._sync_fused(avail_idx, kick_from, last, outstanding)
+                            self._sync_ring(avail_idx, kick_from, last, outstanding)
                             self._recover(exc, stats, t)  # t: the last pass that reaped
                             kick_from = ring._kick_from
                             stuck_at = max(stuck_at, perf() + 5_000_000_000)
@@ -747,12 +747,12 @@ class BlkEngine:
                             )
                             raw = lats.raw
                             progress(stats)
-            self._sync_fused(avail_idx, kick_from, last, outstanding)
+            self._sync_ring(avail_idx, kick_from, last, outstanding)
             synced = True
             errors += self._drain(st, stats)
         finally:
             if not synced and ring.broken is None:
-                self._sync_fused(avail_idx, kick_from, last, outstanding)
+                self._sync_ring(avail_idx, kick_from, last, outstanding)
             self._next_block = nxt
             self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, perf() - t0, lats)
         return stats
@@ -762,12 +762,12 @@ class BlkEngine:
         fixed = self.fixed
         for s in posted:
             fixed.hw1[fixed.heads[s]] = fixed.wlen[s] + 1
-        self._sync_fused(avail_idx, kick_from, last, outstanding)
+        self._sync_ring(avail_idx, kick_from, last, outstanding)
         fixed.reap_slots()  # raises DeviceProtocolError naming the entry
         raise AssertionError("reap_slots accepted an entry the fused loop rejected")
 
-    def _sync_fused(self, avail_idx: int, kick_from: int, last: int, outstanding: int) -> None:
-        """Write the fused loop's local ring state back to the queue and its FixedChains."""
+    def _sync_ring(self, avail_idx: int, kick_from: int, last: int, outstanding: int) -> None:
+        """Write a loop's local ring state back to the queue and its FixedChains."""
         ring = self.fixed.ring
         ring.avail_idx = avail_idx
         ring._kick_from = kick_from
@@ -819,7 +819,7 @@ class BlkEngine:
         """Restore the queue after the device was lost, or raise ``lost`` if the transport cannot.
 
         The ring state must have been written back (the fused loop's
-        _sync_fused). Returns at the first completion on the new connection
+        _sync_ring). Returns at the first completion on the new connection
         (at once if nothing was left for the device), and counts the pause
         from ``since_ns``.
         """
@@ -1006,7 +1006,7 @@ class BlkEngine:
                 passes += 1
                 if n or outstanding != qd:
                     if n > outstanding:
-                        self._sync_fused(avail_idx, kick_from, last, outstanding)
+                        self._sync_ring(avail_idx, kick_from, last, outstanding)
                         fixed.reap_many()  # raises with the exact reason
                     t = perf()
                     # 1. Publish one ready slot per completion seen (and any shortfall), kick.
@@ -1127,7 +1127,7 @@ class BlkEngine:
                         lats.flush()
                         lp = 0
                     elif not idle & 0x3FF:
-                        self._sync_fused(avail_idx, kick_from, last, outstanding)
+                        self._sync_ring(avail_idx, kick_from, last, outstanding)
                         if self._check(stats, t):  # t: the last pass that posted or reaped
                             kick_from = ring._kick_from
                             stuck_at = max(stuck_at, perf() + 5_000_000_000)
@@ -1139,12 +1139,12 @@ class BlkEngine:
                             snapshot(now, lp)
                             lp = 0
                             progress(stats)
-            self._sync_fused(avail_idx, kick_from, last, outstanding)
+            self._sync_ring(avail_idx, kick_from, last, outstanding)
             synced = True
             errors += self._drain(self.status.view, stats)
         finally:
             if not synced and ring.broken is None:
-                self._sync_fused(avail_idx, kick_from, last, outstanding)
+                self._sync_ring(avail_idx, kick_from, last, outstanding)
             self._next_block = nxt
             snapshot(perf(), lp)
         return stats
@@ -1157,7 +1157,7 @@ class BlkEngine:
         a = fixed._arrays()
         if k:
             a["head_wlen1"][a["heads"][posted]] = a["wlen1"][posted]
-        self._sync_fused(avail_idx, kick_from, last, outstanding)
+        self._sync_ring(avail_idx, kick_from, last, outstanding)
         fixed.reap_many()  # raises DeviceProtocolError naming the entry
         raise AssertionError("reap_many accepted a batch the NumPy loop rejected")
 
