@@ -243,23 +243,23 @@ class BlockBackend:
             self._bad(queue, chain.head, "no status byte")
             return 0
         last = writable[-1]
-        status_buf = last[len(last) - 1 :]
-        data_in = list(writable[:-1])
-        if len(last) > 1:
-            data_in.append(last[: len(last) - 1])
+        status_at = len(last) - 1
+        data_in = writable[:-1]  # (a new list: the chain's own is not touched)
+        if status_at:
+            data_in.append(last[:status_at])
         readable = chain.readable
         hdr = readable[0] if readable else None
         if hdr is None or len(hdr) < B.OUTHDR_SIZE:
             # A header split over several descriptors is allowed (ANY_LAYOUT), gather it.
             raw = chain.read_all()[: B.OUTHDR_SIZE]
             if len(raw) < B.OUTHDR_SIZE:
-                status_buf[0] = B.S_IOERR
+                last[status_at] = B.S_IOERR
                 self._bad(queue, chain.head, f"header of {len(raw)} bytes, need 16")
                 return 1
             data_out = _skip(list(readable), B.OUTHDR_SIZE)
         else:
             raw = hdr
-            data_out = list(readable[1:])
+            data_out = readable[1:]
             if len(hdr) > B.OUTHDR_SIZE:
                 data_out.insert(0, hdr[B.OUTHDR_SIZE :])
         rtype, _ioprio, sector = B.OUTHDR.unpack_from(raw, 0)
@@ -269,7 +269,7 @@ class BlockBackend:
             # The storage failed (EIO, ENOSPC...): the request fails, the device goes on.
             self._bad(queue, chain.head, f"request type {rtype} at sector {sector}: {exc}")
             status, written = B.S_IOERR, 0
-        status_buf[0] = status
+        last[status_at] = status
         return written + 1
 
     def _bad(self, queue: int, head: int, why: str) -> None:
@@ -286,13 +286,13 @@ class BlockBackend:
         data_in: list[memoryview],
     ) -> tuple[int, int]:
         if rtype == B.T_IN:
-            length = sum(len(b) for b in data_in)
+            length = sum(map(len, data_in))
             if not self._range_ok(queue, head, "read", sector, length):
                 return B.S_IOERR, 0
             self.storage.readinto(data_in, sector * SECTOR)
             return B.S_OK, length
         if rtype == B.T_OUT:
-            length = sum(len(b) for b in data_out)
+            length = sum(map(len, data_out))
             if self.readonly:
                 self._bad(queue, head, "write to a read-only device")
                 return B.S_IOERR, 0
