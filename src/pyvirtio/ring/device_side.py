@@ -89,8 +89,9 @@ class Chain:
         return done
 
 
-#: A direct chain as walked: its (index, descriptor) pairs, readable and writable buffers.
-_CachedChain = tuple[list[tuple[int, tuple[int, int, int, int]]], list[memoryview], list[memoryview]]
+#: A direct chain as walked: (index, first and second 8 bytes) of each descriptor, its
+#: readable and writable buffers.
+_CachedChain = tuple[list[tuple[int, int, int]], list[memoryview], list[memoryview]]
 
 
 class DeviceQueue:
@@ -128,6 +129,7 @@ class DeviceQueue:
         # buffers they gave. A chain whose descriptors are unchanged is not walked
         # and translated again (a driver with fixed chains reposts the same ones).
         self._chains: dict[int, _CachedChain] = {}
+        self._desc64 = self._desc.cast("Q")
         self._avail16 = avail[: avail_size(size)].cast("H")
         self._used_bytes = used[: used_size(size)]
         self._used16 = self._used_bytes[: 4 + 8 * size + 2].cast("H")
@@ -185,13 +187,12 @@ class DeviceQueue:
         return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
-        desc = self._desc
-        unpack = DESC.unpack_from
+        d64 = self._desc64  # native byte order: little-endian (x86-64, ring/ordering.py)
         cached = self._chains.get(head)
         if cached is not None:
             entries, readable, writable = cached
-            for i, entry in entries:
-                if unpack(desc, DESC_SIZE * i) != entry:
+            for i, w0, w1 in entries:
+                if d64[2 * i] != w0 or d64[2 * i + 1] != w1:
                     break
             else:
                 # The same descriptors as when this chain was checked and translated.
@@ -207,9 +208,13 @@ class DeviceQueue:
             count += 1
             if count > size:
                 raise ChainError(f"queue {self.index}: descriptor chain from {head} loops or exceeds the ring", head)
-            entry = unpack(desc, DESC_SIZE * i)
-            entries.append((i, entry))
-            addr, length, flags, nxt = entry
+            # One read of the descriptor: what is checked is what is cached.
+            addr = d64[2 * i]
+            w1 = d64[2 * i + 1]
+            entries.append((i, addr, w1))
+            length = w1 & 0xFFFFFFFF
+            flags = w1 >> 32 & 0xFFFF
+            nxt = w1 >> 48
             if flags & DESC_F_INDIRECT:
                 if not self.indirect:
                     raise ChainError(f"queue {self.index}: indirect descriptor without RING_INDIRECT_DESC", head)
@@ -325,5 +330,5 @@ class DeviceQueue:
     def release(self) -> None:
         """Drop the views into ring memory (before the memory is unmapped)."""
         self._chains.clear()
-        for v in (self._avail16, self._used16, self._used32, self._used_bytes, self._desc):
+        for v in (self._avail16, self._used16, self._used32, self._used_bytes, self._desc64, self._desc):
             v.release()
