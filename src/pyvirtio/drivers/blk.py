@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.drivers._checks import check_data, check_range
@@ -56,11 +56,15 @@ from pyvirtio.errors import (
     DeviceProtocolError,
     InvalidArgument,
     QueueFull,
+    QueueStateError,
     TransportTimeout,
 )
 from pyvirtio.memory import Buffer
 from pyvirtio.spec import blk as B
 from pyvirtio.spec.common import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC
+
+if TYPE_CHECKING:
+    from pyvirtio.drivers.blk_fixed import FixedIO
 
 SECTOR = B.SECTOR_SIZE
 
@@ -131,6 +135,7 @@ class _QueueCtx:
         self.free_slots = list(range(self.nslots - 1, -1, -1))
         self.inflight = 0
         self.full_reason = ""
+        self.held: Any = None  # an open FixedIO owns the queue (drivers/blk_fixed.py)
 
     def close(self) -> None:
         self.slot_view = memoryview(b"")
@@ -386,6 +391,8 @@ class VirtioBlk:
 
     def _post(self, ctx: _QueueCtx, req: BlkRequest) -> None:
         """Put one request on the ring (no kick)."""
+        if ctx.held is not None:
+            raise QueueStateError(f"queue {ctx.vq.index} is held by an open FixedIO; close it first")
         if not ctx.free_slots:
             raise QueueFull(f"queue {ctx.vq.index}: {ctx.nslots} requests in flight")
         op = req.op
@@ -504,6 +511,8 @@ class VirtioBlk:
     def process_completions(self, max_n: int = 1 << 16) -> int:
         """Reap completed requests of the calling thread's queue; returns how many."""
         ctx = self._ctx()
+        if ctx.held is not None:
+            return 0  # the queue's completions are the FixedIO's
         try:
             done = ctx.vq.reap(max_n)
         except DeviceProtocolError as exc:
@@ -622,6 +631,16 @@ class VirtioBlk:
             self.device.transport.wait_queue(ctx.vq.index, min(left, 0.1) if left is not None else 0.1)
         finally:
             ring.disable_interrupts()
+
+    def fixed_io(self, buf: Buffer) -> FixedIO:
+        """A request pre-linked for ``buf`` (from :meth:`allocate`): ``read(offset)`` / ``write(offset)``.
+
+        Several times faster than ``readinto`` in a loop of same-size I/O
+        (drivers/blk_fixed.py); holds the calling thread's queue until closed.
+        """
+        from pyvirtio.drivers.blk_fixed import FixedIO
+
+        return FixedIO(self, buf)
 
     def run(self, req: BlkRequest) -> BlkRequest:
         """Submit one request and wait for it."""
