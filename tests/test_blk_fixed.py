@@ -8,10 +8,12 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
+from pyvirtio.backends.server import VhostUserServer
 from pyvirtio.device import VirtioDevice
 from pyvirtio.drivers.blk import VirtioBlk
 from pyvirtio.errors import (
     BlockIOError,
+    ConnectionLost,
     DeviceProtocolError,
     InvalidArgument,
     OwnershipError,
@@ -154,3 +156,24 @@ def test_against_qemu_storage_daemon(qsd_raw: object) -> None:
                 io.read(k * 4096)
                 assert bytes(buf.view) == k.to_bytes(8, "little") * 512
         assert blk.read(5 * 4096, 4096) == (5).to_bytes(8, "little") * 512
+
+
+def test_a_back_end_that_goes_away_raises_connection_lost(tmp_path: object) -> None:
+    path = f"{tmp_path}/fixed.sock"
+    storage = Storage(size=4 << 20)
+    server = VhostUserServer(path, BlockBackend(storage))
+    server.start()
+    try:
+        with VirtioBlk.open(path) as blk:
+            buf = blk.allocate(4096, align=4096)
+            with pytest.raises(ConnectionLost), blk.fixed_io(buf) as io:  # not masked by the close
+                io.read(0)
+                server.stop()
+                assert server.wait(5)
+                for _ in range(100):
+                    io.read(4096)
+            assert io.closed
+    finally:
+        server.stop()
+        server.wait(5)
+        storage.close()

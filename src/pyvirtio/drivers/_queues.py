@@ -69,8 +69,8 @@ class ThreadQueues(Generic[C]):
         me = threading.current_thread()
         with self._lock:
             for key, (ctx, thread) in list(self._owners.items()):
-                if thread.is_alive():
-                    continue
+                if thread.is_alive() or getattr(ctx, "held", None) is not None:
+                    continue  # (a queue held by a FixedIO stays with it)
                 self.device.take_over(ctx.vq.index, thread.ident)
                 del self._owners[key]
                 return ctx

@@ -158,20 +158,21 @@ class FixedIO:
     # -- closing ------------------------------------------------------------------
 
     def close(self) -> None:
-        """Give the descriptors back; the thread's queue serves the general API again."""
+        """Give the descriptors back; the thread's queue serves the general API again.
+
+        Never raises (it runs on the way out of a ``with`` block): if a call
+        failed with its request still with the device (a timeout, a device
+        lost without reconnect), the queue stays held until the VirtioBlk closes.
+        """
         if self.closed:
             return
         self.closed = True
-        ctx = self._ctx
-        try:
-            if self._fixed.n_inflight and self._fixed.ring.broken is None:
-                # A call that raised (a timeout) left it in flight: the queue stays held.
-                raise QueueStateError("the FixedIO's request is still in flight; the queue stays held")
-            self._fixed.detach()
-            self.blk.free(self._hdr)
-        finally:
-            if not self._fixed.n_inflight or self._fixed.ring.broken is not None:
-                ctx.held = None
+        fixed = self._fixed
+        if fixed.n_inflight and fixed.ring.broken is None:
+            return
+        fixed.detach()
+        self.blk.free(self._hdr)
+        self._ctx.held = None
 
     def __enter__(self) -> FixedIO:
         return self
