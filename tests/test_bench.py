@@ -42,6 +42,7 @@ def test_bench_null_2s(qsd_null, iodepth, mode):
     assert r["ios"] > 100
     assert r["errors"] == 0
     assert r["engine"] == mode
+    assert r["device_signals"] is True  # the default
     assert r["iodepth"] == iodepth
     assert r["backend"] == qsd_null.target
     lat = r["latency_us"]
@@ -117,6 +118,11 @@ def test_bench_without_target_uses_the_embedded_backend():
 
 
 @pytest.mark.timeout(60)
+def test_bench_device_signals_off():
+    r = _json(bench("--runtime", "0.3", "--size", "4M", "--device-signals", "off", "--json"))
+    assert r["device_signals"] is False and r["ios"] > 0 and r["errors"] == 0
+
+
 def test_bench_embedded_verify_read_workload_prefills():
     r = _json(bench("--runtime", "0.5", "--size", "4M", "--verify", "--iodepth", "4", "--json"))
     assert r["reads"] > 0 and r["verify_errors"] == 0 and r["errors"] == 0

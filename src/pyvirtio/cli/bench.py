@@ -297,6 +297,7 @@ def _report(
             "queue_size": qsize,
             "runtime": args.runtime,
             "engine": mode,
+            "device_signals": args.device_signals == "on",
             "verify": args.verify,
             "reconnect": getattr(args, "reconnect", None),
             "device": {"capacity": blk.capacity, "block_size": blk.block_size},
