@@ -635,8 +635,9 @@ class VirtioBlk:
     def fixed_io(self, buf: Buffer) -> FixedIO:
         """A request pre-linked for ``buf`` (from :meth:`allocate`): ``read(offset)`` / ``write(offset)``.
 
-        Several times faster than ``readinto`` in a loop of same-size I/O
-        (drivers/blk_fixed.py); holds the calling thread's queue until closed.
+        1.5-1.9x a loop of ``readinto`` for same-size I/O (measured,
+        docs/benchmarks.md §1.3; drivers/blk_fixed.py); holds the calling
+        thread's queue until closed.
         """
         from pyvirtio.drivers.blk_fixed import FixedIO
 
