@@ -20,6 +20,8 @@ from pyvirtio.memory import MemoryPool
 # assertion rewriting whichever test module imports them first.
 pytest.register_assert_rewrite("peers", "blk_checks", "hostile_frontend", "testpmd", "peers_restart")
 
+from peers import in_ci  # noqa: E402 - after register_assert_rewrite, which must see it first
+
 # When a Hypothesis test fails, its pytest plugin imports hypothesis.extra._patching,
 # which imports libcst, which (with the mypy_extensions installed here) warns
 # DeprecationWarning at import; under filterwarnings=error that turns the failure
@@ -52,8 +54,7 @@ settings.register_profile(
     derandomize=False,
     suppress_health_check=[HealthCheck.too_slow],
 )
-_IN_CI = os.environ.get("CI", "").lower() == "true"
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _IN_CI else "default"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci() else "default"))
 
 
 @pytest.fixture
