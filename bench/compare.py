@@ -60,10 +60,10 @@ def start_qsd(tmp: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, sock
 
 
-def run_json(cmd: list[str], cpu: str) -> dict[str, object]:
+def run_json(cmd: list[str], cpu: str, env: dict[str, str] | None = None) -> dict[str, object]:
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", cpu, *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip()[-500:]}")
     line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
