@@ -249,6 +249,7 @@ class BlockBackend:
             data_in.append(last[:status_at])
         readable = chain.readable
         hdr = readable[0] if readable else None
+        raw: bytes | memoryview
         if hdr is None or len(hdr) < B.OUTHDR_SIZE:
             # A header split over several descriptors is allowed (ANY_LAYOUT), gather it.
             raw = chain.read_all()[: B.OUTHDR_SIZE]

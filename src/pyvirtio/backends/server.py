@@ -94,13 +94,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from pyvirtio.backends.inflight import InflightArea, QueueInflight
-from pyvirtio.errors import DriverProtocolError, PyvirtioError, TransportError
+from pyvirtio.backends.model import DeviceModel, ModelHooks
+from pyvirtio.errors import DriverProtocolError, ProtocolViolation, PyvirtioError, RequestRefused, TransportError
 from pyvirtio.memory import PAGE_SIZE, MemoryTable, Region
 from pyvirtio.protocol import vhost_user as vu
-from pyvirtio.ring.device_side import Chain, ChainError, DeviceQueue
+from pyvirtio.ring.device_side import ChainError, DeviceQueue
 from pyvirtio.spec.common import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
@@ -147,26 +148,6 @@ _RECV_CHUNK = 8192
 _CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
 _POLLIN = select.POLLIN
 _MAX_STATUS = 0xFF
-
-
-class DeviceModel(Protocol):
-    """What the back end needs from a device (blk, scsi, net...)."""
-
-    num_queues: int
-
-    def features(self) -> int: ...
-
-    def config(self) -> bytes: ...
-
-    def handle(self, queue: int, chain: Chain) -> int: ...
-
-
-class ProtocolViolation(DriverProtocolError):
-    """The frontend broke the vhost-user or virtio rules: the connection is dropped."""
-
-
-class _Refused(Exception):
-    """A well-formed request the back end declines: a failure ack, the connection stays."""
 
 
 class _Ring:
@@ -222,8 +203,12 @@ class VhostUserBackend:
     readable. One object per connection.
     """
 
-    def __init__(self, model: DeviceModel, *, poll_us: float = DEFAULT_POLL_US, inflight: bool = False) -> None:
-        self.model = model
+    def __init__(
+        self, model: DeviceModel | ModelHooks, *, poll_us: float = DEFAULT_POLL_US, inflight: bool = False
+    ) -> None:
+        hooks = model if isinstance(model, ModelHooks) else ModelHooks.of(model)
+        self.hooks = hooks
+        self.model = hooks.model
         # INFLIGHT_SHMFD (backends/inflight.py): offered only when asked for.
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES | (
             1 << vu.PROTOCOL_F_INFLIGHT_SHMFD if inflight else 0
@@ -231,8 +216,8 @@ class VhostUserBackend:
         self._inflight: InflightArea | None = None  # the area of SET_INFLIGHT_FD
         self._offered: InflightArea | None = None  # the last one created for GET_INFLIGHT_FD
         self.poll_s = max(0.0, poll_us) / 1e6
-        self.num_queues = int(model.num_queues)
-        self.offered_features = int(model.features()) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        self.num_queues = hooks.num_queues
+        self.offered_features = int(hooks.features()) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self.acked_features = 0
         self.protocol_features = 0
         self.owner = False
@@ -246,8 +231,9 @@ class VhostUserBackend:
         self._busy: dict[_Ring, None] = {}  # insertion-ordered set
         self._polled: list[_Ring] = []  # rings started with a NOFD kick
         # Device-initiated buffers (see the module docstring): optional model hooks.
-        self._gated = frozenset(int(i) for i in getattr(model, "gated_queues", ()))
-        self._wake_fd = int(getattr(model, "wake_fd", -1)) if self._gated else -1
+        self._gated = hooks.gated
+        self._wake_fd = hooks.wake_fd
+        self._pending: Callable[[int], int] = hooks.pending or _nothing_pending
         self._handlers: dict[int, Callable[[Any, list[int]], vu.Outgoing | None]] = {
             vu.GET_FEATURES: self._get_features,
             vu.SET_FEATURES: self._set_features,
@@ -434,7 +420,7 @@ class VhostUserBackend:
                 log.debug("<- %s %r fds=%s", name, value, msg.fds)
             try:
                 reply = handler(value, fds)
-            except _Refused as exc:
+            except RequestRefused as exc:
                 log.warning("%s refused: %s", name, exc)
                 if msg.need_reply:
                     self._send(vu.encode_ack(msg.request, False))
@@ -466,7 +452,7 @@ class VhostUserBackend:
         if extra:
             raise ProtocolViolation(f"SET_FEATURES acks features 0x{extra:x} that were not offered")
         self.acked_features = value
-        negotiated = getattr(self.model, "negotiated", None)
+        negotiated = self.hooks.negotiated
         if negotiated is not None:
             negotiated(value)  # optional hook: models whose work depends on features (net: MRG_RXBUF)
 
@@ -490,7 +476,7 @@ class VhostUserBackend:
 
     def _get_queue_num(self, _value: None, _fds: list[int]) -> vu.Outgoing:
         # Optional model hook: net back ends answer queue *pairs* (QEMU's and DPDK's convention).
-        return vu.encode_reply(vu.GET_QUEUE_NUM, int(getattr(self.model, "vhost_queue_num", self.num_queues)))
+        return vu.encode_reply(vu.GET_QUEUE_NUM, self.hooks.queue_num)
 
     def _need_owner(self, what: str) -> None:
         if not self.owner:
@@ -499,7 +485,7 @@ class VhostUserBackend:
     # -- device status, config, reset -------------------------------------------
 
     def _get_config(self, value: vu.ConfigSpace, _fds: list[int]) -> vu.Outgoing:
-        config = self.model.config()
+        config = self.hooks.config()
         end = value.offset + value.size
         if value.size == 0 or end > len(config):
             # vhost-user.rst, GET_CONFIG: an empty payload tells the frontend it failed.
@@ -511,15 +497,15 @@ class VhostUserBackend:
         return vu.encode_reply(vu.GET_CONFIG, space)
 
     def _set_config(self, value: vu.ConfigSpace, _fds: list[int]) -> None:
-        setter = getattr(self.model, "set_config", None)
+        setter = self.hooks.set_config
         if setter is None:
-            raise _Refused("the device config is read-only")
-        if value.offset + value.size > len(self.model.config()):
-            raise _Refused(f"{value.size} bytes at {value.offset} are beyond the device config")
+            raise RequestRefused("the device config is read-only")
+        if value.offset + value.size > len(self.hooks.config()):
+            raise RequestRefused(f"{value.size} bytes at {value.offset} are beyond the device config")
         try:
             setter(value.offset, value.data)
         except (ValueError, PyvirtioError) as exc:
-            raise _Refused(str(exc)) from None
+            raise RequestRefused(str(exc)) from None
 
     def _set_status(self, value: int, _fds: list[int]) -> None:
         if value > _MAX_STATUS:
@@ -543,7 +529,7 @@ class VhostUserBackend:
         self._drop_inflight()  # what was in flight is abandoned by a reset
         if drop_memory:
             self.memory.close()
-        reset = getattr(self.model, "reset", None)
+        reset = self.hooks.reset
         if reset is not None:
             reset()
 
@@ -554,7 +540,7 @@ class VhostUserBackend:
         if not self._has_protocol(vu.PROTOCOL_F_INFLIGHT_SHMFD):
             raise ProtocolViolation("GET_INFLIGHT_FD without PROTOCOL_F_INFLIGHT_SHMFD")
         if not 1 <= value.num_queues <= 0xFFFF or not 1 <= value.queue_size <= MAX_QUEUE_SIZE:
-            raise _Refused(f"an inflight area for {value.num_queues} queues of {value.queue_size}")
+            raise RequestRefused(f"an inflight area for {value.num_queues} queues of {value.queue_size}")
         # A new zeroed area; the frontend keeps it and sends it back with SET_INFLIGHT_FD
         # (our mapping of it is dropped then: the one attached is the frontend's).
         self._drop_offered()
@@ -929,14 +915,14 @@ class VhostUserBackend:
             return self._batch_tracked(ring, ring.inflight)
         queue = ring.queue
         assert queue is not None
-        handle = self.model.handle
+        handle = self.hooks.handle
         index = ring.index
         pop = queue.pop
         add_used = queue.add_used
         n = 0
         limit = queue.size
         if index in self._gated:
-            limit = min(limit, self.model.pending(index))  # type: ignore[attr-defined]
+            limit = min(limit, self._pending(index))
         try:
             while n < limit:
                 chain = pop()
@@ -959,12 +945,12 @@ class VhostUserBackend:
         """:meth:`_batch` with inflight tracking: resubmissions first, every head marked from pop to used."""
         queue = ring.queue
         assert queue is not None
-        handle = self.model.handle
+        handle = self.hooks.handle
         index = ring.index
         heads: list[int] = []
         limit = queue.size
         if index in self._gated:
-            limit = min(limit, self.model.pending(index))  # type: ignore[attr-defined]
+            limit = min(limit, self._pending(index))
         try:
             if ring.resubmit:
                 pending, ring.resubmit = ring.resubmit, []
@@ -995,7 +981,7 @@ class VhostUserBackend:
         """Chains are pending that the model takes now (a gated ring: only while it wants them)."""
         if not queue.avail_pending():
             return False
-        return ring.index not in self._gated or self.model.pending(ring.index) > 0  # type: ignore[attr-defined]
+        return ring.index not in self._gated or self._pending(ring.index) > 0
 
     def _publish(self, ring: _Ring, n: int) -> None:
         queue = ring.queue
@@ -1008,6 +994,10 @@ class VhostUserBackend:
             except BlockingIOError:
                 pass  # counter saturated: the frontend will see it anyway
             self.calls += 1
+
+
+def _nothing_pending(_queue: int) -> int:
+    return 0
 
 
 def _drain(fd: int) -> None:
@@ -1046,6 +1036,7 @@ class VhostUserServer:
     ) -> None:
         self.path = path
         self.model = model
+        self.hooks = ModelHooks.of(model)  # the model's protocols, checked once
         self.poll_us = poll_us
         self.inflight = inflight
         self.connections = 0
@@ -1107,7 +1098,7 @@ class VhostUserServer:
         self.connections += 1
         number = self.connections
         log.info("frontend %d connected", number)
-        backend = VhostUserBackend(self.model, poll_us=self.poll_us, inflight=self.inflight)
+        backend = VhostUserBackend(self.hooks, poll_us=self.poll_us, inflight=self.inflight)
         self.backend = backend
         try:
             why = backend.run(conn, self._stop_fd)
@@ -1177,7 +1168,7 @@ class VhostUserServer:
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"socket": self.path, "connections": self.connections}
-        model_info = getattr(self.model, "info", None)
+        model_info = self.hooks.info
         if model_info is not None:
             out["device"] = model_info()
         backend = self.backend

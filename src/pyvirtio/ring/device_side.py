@@ -21,7 +21,7 @@ says whether to signal the call eventfd (virtio 1.2 §2.7.7.2).
 
 from __future__ import annotations
 
-from pyvirtio.errors import DriverProtocolError, InvalidArgument
+from pyvirtio.errors import ChainError, DriverProtocolError, InvalidArgument
 from pyvirtio.memory import MemoryTable
 from pyvirtio.ring import ordering
 from pyvirtio.spec.ring import (
@@ -40,13 +40,7 @@ from pyvirtio.spec.ring import (
     vring_need_event,
 )
 
-
-class ChainError(DriverProtocolError):
-    """A malformed descriptor chain. ``head`` is the chain's head if it was a valid index."""
-
-    def __init__(self, message: str, head: int | None) -> None:
-        super().__init__(message)
-        self.head = head
+__all__ = ["Chain", "ChainError", "DeviceQueue"]  # ChainError lives in errors.py, re-exported here
 
 
 class Chain:
