@@ -116,13 +116,15 @@ def test_a_ring_starts_on_its_kick_and_stops_at_get_vring_base(conv: Conversatio
             actions = conv.send(c.set_mem_table([vu.MemRegion(GPA, other.size, UVA)], [other.fd]))
         finally:
             other.close()
-        assert [type(a) for a in actions] == [StopRing, StartRing]
-        assert actions[0].ring is actions[1].ring is started.ring
-        assert actions[0].kick == actions[1].kick == started.kick
+        stop, start = actions
+        assert isinstance(stop, StopRing) and isinstance(start, StartRing)
+        assert stop.ring is start.ring is started.ring
+        assert stop.kick == start.kick == started.kick
         # GET_VRING_BASE: the ring stops (its kick is forgotten), then the answer.
         actions = conv.send(c.get_vring_base(0))
-        assert [type(a) for a in actions] == [StopRing, Send]
-        assert actions[0].ring is started.ring and actions[0].kick == started.kick
+        stop, reply = actions
+        assert isinstance(stop, StopRing) and isinstance(reply, Send)
+        assert stop.ring is started.ring and stop.kick == started.kick
         assert started.ring.queue is None and started.ring.kick == -1  # eventfds dropped
         with pytest.raises(OSError):
             os.fstat(started.kick)  # closed by the control plane
