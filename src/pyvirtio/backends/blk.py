@@ -22,6 +22,7 @@ import os
 import struct
 from typing import Any
 
+from pyvirtio.backends.sglist import skip
 from pyvirtio.ring.device_side import Chain
 from pyvirtio.spec import blk as B
 from pyvirtio.spec.common import DEVICE_ID_BLOCK, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
@@ -124,7 +125,7 @@ class Storage:
             want = sum(len(b) for b in bufs)
             done = 0
             while done < want:
-                n = os.pwritev(self.fd, _skip(bufs, done), offset + done)
+                n = os.pwritev(self.fd, skip(bufs, done), offset + done)
                 if n <= 0:
                     raise OSError("short write")
                 done += n
@@ -158,17 +159,6 @@ class Storage:
 
 
 _ZEROES = memoryview(bytes(CHUNK))
-
-
-def _skip(bufs: list[memoryview], n: int) -> list[memoryview]:
-    out = []
-    for b in bufs:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(b[n:])
-        n = 0
-    return out
 
 
 class BlockBackend:
@@ -257,7 +247,7 @@ class BlockBackend:
                 last[status_at] = B.S_IOERR
                 self._bad(queue, chain.head, f"header of {len(raw)} bytes, need 16")
                 return 1
-            data_out = _skip(list(readable), B.OUTHDR_SIZE)
+            data_out = skip(list(readable), B.OUTHDR_SIZE)
         else:
             raw = hdr
             data_out = readable[1:]
