@@ -34,6 +34,7 @@ U64 = struct.Struct("=Q")
 STATE = struct.Struct("=II")
 ADDR = struct.Struct("=IIQQQQ")
 REGION = struct.Struct("=QQQQ")
+CONFIG = struct.Struct("=III")
 
 #: Protocol features a well-behaved test frontend asks for (when offered).
 PROTOCOL = (
@@ -215,6 +216,39 @@ class HostileFrontend:
             self.set(vu.SET_VRING_ENABLE, STATE.pack(index, 1))
         return rd
 
+    # -- the same steps one at a time (for frontends that order them differently) ---------
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG; returns the reply's payload (head + data, or b"" for a refusal)."""
+        return self.call(vu.GET_CONFIG, CONFIG.pack(offset, size, 0) + bytes(size))
+
+    def send_call(self, index: int) -> int:
+        """SET_VRING_CALL with a new eventfd (kept until close); returns it."""
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        old = self.calls.pop(index, None)
+        self.calls[index] = call
+        self.set(vu.SET_VRING_CALL, U64.pack(index), fds=[call])
+        if old is not None:
+            os.close(old)
+        return call
+
+    def send_layout(self, index: int, size: int = 64) -> RawDriver:
+        """A new ring's SET_VRING_NUM, SET_VRING_BASE (0) and SET_VRING_ADDR."""
+        rd = self.add_ring(index, size)
+        self.set(vu.SET_VRING_NUM, STATE.pack(index, size))
+        self.set(vu.SET_VRING_BASE, STATE.pack(index, 0))
+        self.set(vu.SET_VRING_ADDR, ADDR.pack(index, 0, rd.desc_addr, rd.used_addr, rd.avail_addr, 0))
+        return rd
+
+    def send_kick(self, index: int) -> None:
+        """SET_VRING_KICK with a new eventfd (kept until close)."""
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kicks[index] = kick
+        self.set(vu.SET_VRING_KICK, U64.pack(index), fds=[kick])
+
+    def enable(self, index: int, on: bool = True) -> None:
+        self.set(vu.SET_VRING_ENABLE, STATE.pack(index, int(on)))
+
     def start(self, size: int = 64) -> RawDriver:
         """Handshake, memory table and ring 0: ready for requests."""
         self.handshake()
@@ -302,3 +336,40 @@ class BlkBuilder:
                 first + k, addr, length, flags | (0 if last else DESC_F_NEXT), 0 if last else first + k + 1
             )
         return status, data_buf
+
+
+class Chains:
+    """Requests on one ring of a :class:`HostileFrontend`: laid out, published, kicked, awaited in turn."""
+
+    def __init__(self, fe: HostileFrontend, index: int) -> None:
+        self.fe = fe
+        self.index = index
+        self.rd = fe.rings[index]
+        self.next_desc = 0
+        self.done = 0
+
+    def buffer(self, data: bytes | int) -> Buffer:
+        size = data if isinstance(data, int) else len(data)
+        buf = self.fe.pool.allocate(max(size, 1), align=16)
+        buf.view[:] = bytes(len(buf.view)) if isinstance(data, int) else data.ljust(len(buf.view), b"\0")
+        return buf
+
+    def post(self, parts: Sequence[tuple[Buffer, int, bool]]) -> None:
+        """Chain (buffer, length, device-writable) parts, publish and kick; no wait."""
+        rd = self.rd
+        first = self.next_desc
+        rd.chain(first, [(b.addr, n, DESC_F_WRITE if w else 0) for b, n, w in parts])
+        self.next_desc = (first + len(parts)) % rd.size
+        rd.publish(first)
+        self.fe.kick(self.index)
+
+    def wait(self, count: int = 1) -> list[int]:
+        """Wait for the next ``count`` used entries; their used lengths."""
+        self.done += count
+        assert self.fe.wait_used(self.index, self.done), f"ring {self.index}: request not completed"
+        return [self.rd.used_entry(i)[1] for i in range(self.done - count, self.done)]
+
+    def send(self, parts: Sequence[tuple[Buffer, int, bool]]) -> int:
+        """:meth:`post` one chain and wait for it; its used length."""
+        self.post(parts)
+        return self.wait()[0]

@@ -45,12 +45,21 @@ checks its meaning:
   :class:`~pyvirtio.errors.RequestRefused`, a failure ack with NEED_REPLY,
   else a log line.
 
-Tolerance, where it costs nothing and real frontends need it: requests in
-any order the spec allows (GET_CONFIG and GET_QUEUE_NUM before SET_FEATURES
-or without protocol features, SET_VRING_CALL and SET_VRING_ENABLE before
-SET_MEM_TABLE), NEED_REPLY acked even without REPLY_ACK (a frontend that asks
-waits, as libvhost-user and DPDK answer it). GET_CONFIG beyond the model's
-config gets an empty payload (vhost-user.rst's way of saying it failed).
+Tolerance, where it costs nothing and real frontends need it:
+
+* GET_CONFIG past the end of the device's config answers the config
+  followed by zeros up to the size asked (vhost-user.rst: the reply's size
+  MUST match the request's; the codec bounds offset + size at 256 bytes,
+  QEMU's VHOST_USER_MAX_CONFIG_SIZE, and refuses a size field that disagrees
+  with the message's length). SPDK's virtio-user initiator asks 256 bytes at
+  offset 0 whatever the device; the bytes past the config hold nothing to
+  hide. A GET_CONFIG of size 0 gets an empty payload: vhost-user.rst's way
+  of saying it failed;
+* requests in any order the spec allows: GET_CONFIG and GET_QUEUE_NUM before
+  SET_FEATURES or without protocol features (SPDK v18.04), SET_VRING_CALL
+  and SET_VRING_ENABLE before SET_MEM_TABLE (SPDK, DPDK's virtio-user),
+  NEED_REPLY acked even without REPLY_ACK (a frontend that asks waits, as
+  libvhost-user and DPDK answer it).
 
 Ring life cycle (vhost-user.rst, "Ring states"): a ring starts when it has a
 size, addresses and a kick fd (or NOFD: the ring is polled), and, once
@@ -346,16 +355,22 @@ class ControlPlane:
     # -- device status, config, reset -------------------------------------------
 
     def _get_config(self, value: vu.ConfigSpace, _fds: list[int]) -> vu.Outgoing:
+        if value.size == 0:
+            # vhost-user.rst, GET_CONFIG: an empty payload tells the frontend it failed.
+            log.warning("GET_CONFIG of 0 bytes at %d: empty reply", value.offset)
+            return vu.encode_reply(vu.GET_CONFIG, None)
         config = self.hooks.config()
         end = value.offset + value.size
-        if value.size == 0 or end > len(config):
-            # vhost-user.rst, GET_CONFIG: an empty payload tells the frontend it failed.
-            log.warning(
-                "GET_CONFIG of %d bytes at %d: the config has %d bytes", value.size, value.offset, len(config)
+        data = bytes(config[value.offset : end])
+        if len(data) < value.size:
+            # The reply's size MUST match the request's (vhost-user.rst); what lies past
+            # the config reads as zeros (SPDK asks 256 bytes whatever the device).
+            log.debug(
+                "GET_CONFIG of %d bytes at %d: the config has %d bytes, the rest reads as zeros",
+                value.size, value.offset, len(config),
             )
-            return vu.encode_reply(vu.GET_CONFIG, None)
-        space = vu.ConfigSpace(value.offset, value.size, value.flags, bytes(config[value.offset : end]))
-        return vu.encode_reply(vu.GET_CONFIG, space)
+            data += bytes(value.size - len(data))
+        return vu.encode_reply(vu.GET_CONFIG, vu.ConfigSpace(value.offset, value.size, value.flags, data))
 
     def _set_config(self, value: vu.ConfigSpace, _fds: list[int]) -> None:
         setter = self.hooks.set_config
