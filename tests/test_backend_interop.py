@@ -11,6 +11,7 @@ answered it wrongly or set a ring up wrongly fails the test.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -316,3 +317,45 @@ def test_the_raw_helpers_see_a_broken_ring(served: Served, fe: HostileFrontend) 
     fe.timeout = 0.3
     with pytest.raises(AssertionError, match="not completed"):
         served.io(fe)
+
+
+# -- SET_FEATURES with bits never offered (QEMU 7.2's vhost-user-scsi-pci) ----------------------
+
+
+def unoffered_device_bits(offered: int) -> int:
+    """A device-type bit in 0..23 and one in 50..63 that the back end did not offer."""
+    low = next(b for b in range(24) if not offered >> b & 1)
+    high = next(b for b in range(63, 49, -1) if not offered >> b & 1)
+    return 1 << low | 1 << high
+
+
+def test_unoffered_device_bits_are_ignored_and_logged_once(
+    served: Served, fe: HostileFrontend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pyvirtio.backends")
+    offered = fe.u64(vu.GET_FEATURES)
+    extra = unoffered_device_bits(offered)
+    fe.protocol = fe.u64(vu.GET_PROTOCOL_FEATURES) & ((1 << vu.PROTOCOL_F_MQ) | (1 << vu.PROTOCOL_F_REPLY_ACK))
+    fe.send(vu.SET_PROTOCOL_FEATURES, U64.pack(fe.protocol))
+    fe.set(vu.SET_OWNER)
+    fe.features = (offered & WANTED) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+    assert fe.ack(vu.SET_FEATURES, U64.pack(fe.features | extra)) == 0  # accepted, not dropped
+    assert fe.ack(vu.SET_FEATURES, U64.pack(fe.features | extra)) == 0  # again: not logged again
+    conn = served.server.info()["connection"]
+    assert conn["acked_features"] == fe.features  # masked off: the device never sees them
+    assert conn["ignored_features"] == extra
+    logged = [r for r in caplog.records if "were not offered: ignored" in r.getMessage()]
+    assert len(logged) == 1 and f"0x{extra:x}" in logged[0].getMessage()
+    fe.set_mem_table()
+    for i in served.rings:
+        fe.setup_ring(i)
+    served.io(fe)
+
+
+@pytest.mark.parametrize("bit", [24, 31, 34, 40, 45])
+def test_unoffered_transport_bits_are_still_a_violation(served: Served, fe: HostileFrontend, bit: int) -> None:
+    before = served.server.finished
+    offered = fe.u64(vu.GET_FEATURES)
+    assert not offered >> bit & 1
+    fe.send(vu.SET_FEATURES, U64.pack((offered & WANTED) | 1 << bit))
+    dropped(fe, served, before, f"SET_FEATURES acks features 0x{1 << bit:x} that were not offered")

@@ -36,7 +36,8 @@ checks its meaning:
   §2.7), ring addresses outside the memory table or misaligned (§2.7: 16, 2
   and 4 bytes), a memory region that is not a regular file large enough for
   it, ADD/REM_MEM_REG or the inflight requests without their protocol
-  feature, features acked that were not offered): a protocol violation, the connection is dropped;
+  feature, transport or ring feature bits acked that were not offered): a
+  protocol violation, the connection is dropped;
 * an unknown or unsupported request: a failure ack when it has NEED_REPLY,
   otherwise a violation (the frontend would wait for an answer that cannot
   come);
@@ -47,6 +48,13 @@ checks its meaning:
 
 Tolerance, where it costs nothing and real frontends need it:
 
+* device-type feature bits (virtio 1.2 §2.2: bits 0-23 and 50-63 of the
+  vhost-user u64) acked without being offered are masked off (the device
+  and the model see only what was offered) and logged once per connection:
+  QEMU 7.2's vhost-user-scsi-pci acks the guest's view of the device, e.g.
+  VIRTIO_SCSI_F_CHANGE whether it was offered or not, and libvhost-user and
+  DPDK accept that. Transport and ring bits (24 and up) not offered stay a
+  violation: they change how the rings work;
 * GET_CONFIG past the end of the device's config answers the config
   followed by zeros up to the size asked (vhost-user.rst: the reply's size
   MUST match the request's; the codec bounds offset + size at 256 bytes,
@@ -111,6 +119,7 @@ from pyvirtio.spec.ring import (
 log = logging.getLogger("pyvirtio.backends")
 
 __all__ = [
+    "DEVICE_FEATURE_BITS",
     "MAX_MEM_SLOTS",
     "OFFERED_PROTOCOL_FEATURES",
     "Action",
@@ -131,6 +140,9 @@ OFFERED_PROTOCOL_FEATURES = (
 )
 #: GET_MAX_MEM_SLOTS answer (qemu-storage-daemon's value).
 MAX_MEM_SLOTS = 32
+#: virtio 1.2 §2.2: bits 0-23 and 50-127 belong to the device type (24-40: queue and
+#: negotiation mechanisms, 41-49: reserved). The vhost-user u64 carries bits 0-63.
+DEVICE_FEATURE_BITS = ((1 << 24) - 1) | (((1 << 64) - 1) & ~((1 << 50) - 1))
 _MAX_STATUS = 0xFF
 
 
@@ -189,6 +201,8 @@ class ControlPlane:
         self.num_queues = hooks.num_queues
         self.offered_features = int(hooks.features()) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self.acked_features = 0
+        #: Device-type bits acked without being offered, masked off (see the module docstring).
+        self.ignored_features = 0
         self.protocol_features = 0
         self.owner = False
         self.status = 0
@@ -289,6 +303,7 @@ class ControlPlane:
         return {
             "offered_features": self.offered_features,
             "acked_features": self.acked_features,
+            "ignored_features": self.ignored_features,
             "protocol_features": vu.protocol_feature_names(self.protocol_features),
             "offered_protocol_features": vu.protocol_feature_names(self.offered_protocol_features),
             "owner": self.owner,
@@ -319,8 +334,19 @@ class ControlPlane:
 
     def _set_features(self, value: int, _fds: list[int]) -> None:
         extra = value & ~self.offered_features
+        if extra & ~DEVICE_FEATURE_BITS:
+            raise ProtocolViolation(
+                f"SET_FEATURES acks features 0x{extra & ~DEVICE_FEATURE_BITS:x} that were not offered"
+            )
         if extra:
-            raise ProtocolViolation(f"SET_FEATURES acks features 0x{extra:x} that were not offered")
+            if not self.ignored_features:
+                log.warning(
+                    "SET_FEATURES acks device feature bits 0x%x that were not offered: ignored "
+                    "(logged once per connection)",
+                    extra,
+                )
+            self.ignored_features |= extra
+            value &= ~extra
         self.acked_features = value
         negotiated = self.hooks.negotiated
         if negotiated is not None:
