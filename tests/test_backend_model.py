@@ -52,7 +52,7 @@ def test_the_shipped_models_declare_what_they_have() -> None:
         assert n.negotiated is not None and n.reset is not None and n.set_config is None
         s = ModelHooks.of(scsi)
         assert s.gated == frozenset({S.EVENT_QUEUE}) and s.queue_num == 4
-        assert s.set_config is not None and s.reset is not None
+        assert s.set_config is not None and s.reset is not None and s.negotiated is not None  # CHANGE
     finally:
         storage.close()
         net.close()

@@ -146,6 +146,26 @@ class Storage:
                 os.pwrite(self.fd, chunk[:n], offset + pos)
                 pos += n
 
+    def resize(self, size: int) -> None:
+        """Change the size to ``size`` bytes (whole sectors); what lies beyond a new, smaller end is gone.
+
+        A RAM disk drops (zeroes) the bytes past the end, so a later growth reads
+        zeroes there; a file is truncated or extended. A read-only storage cannot
+        change. The models built over it keep their own view of the size (the
+        scsi LUN resizes through :meth:`~pyvirtio.backends.scsi_target.ScsiLun.resize`).
+        """
+        size -= size % SECTOR
+        if size <= 0:
+            raise ValueError(f"a storage needs at least one {SECTOR}-byte sector, got {size} bytes")
+        if self.readonly:
+            raise ValueError("a read-only storage cannot be resized")
+        if self.chunks is not None:
+            if size < self.size:
+                self.zero(size, self.size - size)
+        else:
+            os.ftruncate(self.fd, size)
+        self.size = size
+
     def flush(self) -> None:
         if self.fd >= 0:
             os.fsync(self.fd)

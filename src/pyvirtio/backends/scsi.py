@@ -34,6 +34,13 @@ and wakes it through ``wake_fd`` (an eventfd), so the frontend's posted
 buffers stay posted until then. Events that find the queue too long are
 dropped and the next event carries VIRTIO_SCSI_T_EVENTS_MISSED.
 
+Parameter changes (VIRTIO_SCSI_F_CHANGE, offered): :meth:`ScsiBackend.resize_lun`
+changes a LUN's capacity; the LUN holds CAPACITY DATA HAS CHANGED for its
+next command, and a driver that negotiated the feature gets a
+VIRTIO_SCSI_T_PARAM_CHANGE event (reason: ASC 2Ah | ASCQ 09h << 8) at once
+(virtio 1.2 §5.6.6.3: "the same event SHOULD also be reported as a unit
+attention condition").
+
 Distrust, as in the blk model: every header length, LUN address and buffer
 length is checked here, every CDB field by the target emulation; a bad
 request ends with a virtio response code (BAD_TARGET, INCORRECT_LUN,
@@ -127,6 +134,8 @@ class ScsiBackend:
         self.check_conditions = 0
         self.tmfs: list[tuple[int, int, int, int]] = []  # (subtype, target, lun, tag)
         self.events_sent = 0
+        #: The driver negotiated VIRTIO_SCSI_F_CHANGE: parameter changes are sent as events.
+        self.change_events = False
         for (t, lun), unit in (luns or {}).items():
             self._check_address(t, lun)
             self._luns[(t, lun)] = unit
@@ -134,7 +143,17 @@ class ScsiBackend:
     # -- device model interface ------------------------------------------------------
 
     def features(self) -> int:
-        return (1 << F_VERSION_1) | (1 << F_RING_EVENT_IDX) | (1 << F_RING_INDIRECT_DESC) | (1 << S.F_HOTPLUG)
+        return (
+            (1 << F_VERSION_1)
+            | (1 << F_RING_EVENT_IDX)
+            | (1 << F_RING_INDIRECT_DESC)
+            | (1 << S.F_HOTPLUG)
+            | (1 << S.F_CHANGE)
+        )
+
+    def negotiated(self, features: int) -> None:
+        """The driver's features: PARAM_CHANGE events only if it took VIRTIO_SCSI_F_CHANGE."""
+        self.change_events = bool(features >> S.F_CHANGE & 1)
 
     def config(self) -> bytes:
         cfg = bytearray(S.CONFIG_SIZE)
@@ -169,6 +188,7 @@ class ScsiBackend:
         """Device reset: default sizes, no pending events (virtio 1.2 §5.6.4)."""
         self.cdb_size = S.CDB_SIZE
         self.sense_size = S.SENSE_SIZE
+        self.change_events = False  # features are negotiated again after a reset
         with self._lock:
             self._events.clear()
             self._events_missed = False
@@ -180,6 +200,7 @@ class ScsiBackend:
             "max_lun": self.max_lun,
             "luns": {f"{t}:{lun}": unit.info() for (t, lun), unit in sorted(self._luns.items())},
             "events_sent": self.events_sent,
+            "change_events": self.change_events,
             "errors": self.errors,
         }
 
@@ -242,6 +263,24 @@ class ScsiBackend:
                     other.pending_ua.append(T.ASC_REPORTED_LUNS_CHANGED)
         self._push_event(S.T_TRANSPORT_RESET, target, lun, S.EVT_RESET_REMOVED)
         return unit
+
+    def resize_lun(self, target: int, lun: int, size: int) -> int:
+        """Give LUN target:lun ``size`` bytes (thread-safe); returns its new number of blocks.
+
+        The LUN reports CAPACITY DATA HAS CHANGED (2Ah/09h) as a unit attention
+        on its next command, as a real target does; if the driver negotiated
+        VIRTIO_SCSI_F_CHANGE, a VIRTIO_SCSI_T_PARAM_CHANGE event with that ASC /
+        ASCQ in ``reason`` tells it at once (virtio 1.2 §5.6.6.3).
+        """
+        with self._lock:
+            unit = self._luns.get((target, lun))
+            if unit is None:
+                raise ValueError(f"no LUN {target}:{lun}")
+            blocks = unit.resize(size)
+        if self.change_events:
+            asc, ascq = T.ASC_CAPACITY_CHANGED
+            self._push_event(S.T_PARAM_CHANGE, target, lun, asc | ascq << 8)
+        return blocks
 
     def push_event(self, event: int, target: int, lun: int, reason: int) -> None:
         """Queue any event for the frontend (tests: ASYNC_NOTIFY, PARAM_CHANGE...)."""
@@ -461,6 +500,10 @@ class ScsiLoopback(LoopbackTransport):
         )
         self.backend = backend
         backend.on_event = self._deliver
+
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
+        self.backend.negotiated(features)
 
     def read_config(self, offset: int, length: int) -> bytes:
         self.config = bytearray(self.backend.config())

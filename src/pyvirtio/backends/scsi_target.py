@@ -21,7 +21,9 @@ anything else with CHECK CONDITION / LOGICAL UNIT NOT SUPPORTED (SPC-4
 §4.6.4).
 
 Unit attentions (SAM-5 §5.14): a new LUN holds POWER ON, RESET; a LUN
-reset, an I_T nexus loss and a change of the target's LUN list add theirs.
+reset, an I_T nexus loss, a change of the target's LUN list and a change of
+capacity (:meth:`ScsiLun.resize`: CAPACITY DATA HAS CHANGED, 2Ah/09h) add
+theirs.
 The first command other than INQUIRY / REPORT LUNS / REQUEST SENSE receives
 the oldest as CHECK CONDITION, UNIT ATTENTION; REQUEST SENSE
 returns it as its data.
@@ -121,6 +123,23 @@ class ScsiLun:
     @property
     def capacity(self) -> int:
         return self.num_blocks * self.block_size
+
+    def resize(self, size: int) -> int:
+        """Give the LUN ``size`` bytes (whole blocks); returns the new number of blocks.
+
+        The storage follows (a RAM disk forgets what lies beyond the new end, a
+        file is truncated or extended), and the LUN holds a CAPACITY DATA HAS
+        CHANGED unit attention for its next command (SBC-3 §4.6). Telling the
+        frontend at once (a PARAM_CHANGE event) is the host's business:
+        :meth:`~pyvirtio.backends.scsi.ScsiBackend.resize_lun`.
+        """
+        blocks = size // self.block_size
+        if blocks <= 0:
+            raise ValueError(f"{size} bytes hold no {self.block_size}-byte block")
+        self.storage.resize(blocks * self.block_size)
+        self.num_blocks = blocks
+        self.pending_ua.append(T.ASC_CAPACITY_CHANGED)
+        return blocks
 
     def info(self) -> dict[str, Any]:
         return {
