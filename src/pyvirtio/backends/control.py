@@ -61,8 +61,10 @@ Tolerance, where it costs nothing and real frontends need it:
   QEMU's VHOST_USER_MAX_CONFIG_SIZE, and refuses a size field that disagrees
   with the message's length). SPDK's virtio-user initiator asks 256 bytes at
   offset 0 whatever the device; the bytes past the config hold nothing to
-  hide. A GET_CONFIG of size 0 gets an empty payload: vhost-user.rst's way
-  of saying it failed;
+  hide. A GET_CONFIG of size 0, or to a device whose config the frontend
+  keeps (:class:`~pyvirtio.backends.model.OptionalConfigSpace`: CONFIG is
+  then not offered, as by SPDK's vhost-user-scsi targets), gets an empty
+  payload: vhost-user.rst's way of saying it failed;
 * requests in any order the spec allows: GET_CONFIG and GET_QUEUE_NUM before
   SET_FEATURES or without protocol features (SPDK v18.04), SET_VRING_CALL
   and SET_VRING_ENABLE before SET_MEM_TABLE (SPDK, DPDK's virtio-user),
@@ -129,7 +131,7 @@ __all__ = [
     "StopRing",
 ]
 
-#: Protocol features the back ends offer.
+#: Protocol features the back ends offer (CONFIG only to a model that keeps its config).
 OFFERED_PROTOCOL_FEATURES = (
     (1 << vu.PROTOCOL_F_MQ)
     | (1 << vu.PROTOCOL_F_REPLY_ACK)
@@ -197,6 +199,8 @@ class ControlPlane:
         offered = OFFERED_PROTOCOL_FEATURES
         if inflight:  # INFLIGHT_SHMFD (backends/inflight.py): offered only when asked for
             offered |= 1 << vu.PROTOCOL_F_INFLIGHT_SHMFD
+        if not hooks.config_space:  # the frontend keeps the config (SPDK's vhost-user-scsi targets)
+            offered &= ~(1 << vu.PROTOCOL_F_CONFIG)
         self.offered_protocol_features = offered
         self.num_queues = hooks.num_queues
         self.offered_features = int(hooks.features()) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
@@ -381,6 +385,9 @@ class ControlPlane:
     # -- device status, config, reset -------------------------------------------
 
     def _get_config(self, value: vu.ConfigSpace, _fds: list[int]) -> vu.Outgoing:
+        if not self.hooks.config_space:
+            log.warning("GET_CONFIG: the frontend keeps this device's config (no PROTOCOL_F_CONFIG): empty reply")
+            return vu.encode_reply(vu.GET_CONFIG, None)
         if value.size == 0:
             # vhost-user.rst, GET_CONFIG: an empty payload tells the frontend it failed.
             log.warning("GET_CONFIG of 0 bytes at %d: empty reply", value.offset)
@@ -399,6 +406,8 @@ class ControlPlane:
         return vu.encode_reply(vu.GET_CONFIG, vu.ConfigSpace(value.offset, value.size, value.flags, data))
 
     def _set_config(self, value: vu.ConfigSpace, _fds: list[int]) -> None:
+        if not self.hooks.config_space:
+            raise RequestRefused("the frontend keeps this device's config (no PROTOCOL_F_CONFIG)")
         setter = self.hooks.set_config
         if setter is None:
             raise RequestRefused("the device config is read-only")

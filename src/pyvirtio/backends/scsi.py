@@ -34,6 +34,12 @@ and wakes it through ``wake_fd`` (an eventfd), so the frontend's posted
 buffers stay posted until then. Events that find the queue too long are
 dropped and the next event carries VIRTIO_SCSI_T_EVENTS_MISSED.
 
+Config space: the back end serves ``virtio_scsi_config`` (GET/SET_CONFIG,
+PROTOCOL_F_CONFIG) unless built with ``config_space=False``: then, as SPDK's
+vhost-user-scsi targets do, CONFIG is not offered and the frontend builds
+the config itself (num_queues from GET_QUEUE_NUM minus 2, cdb_size 32,
+sense_size 96...); requests use the default sizes.
+
 Parameter changes (VIRTIO_SCSI_F_CHANGE, offered): :meth:`ScsiBackend.resize_lun`
 changes a LUN's capacity; the LUN holds CAPACITY DATA HAS CHANGED for its
 next command, and a driver that negotiated the feature gets a
@@ -104,6 +110,7 @@ class ScsiBackend:
         max_sectors: int = 0xFFFF,
         cmd_per_lun: int = 128,
         sense_format: str = "fixed",
+        config_space: bool = True,
     ) -> None:
         if request_queues < 1:
             raise ValueError("a virtio-scsi device needs at least one request queue")
@@ -118,6 +125,9 @@ class ScsiBackend:
         self.seg_max = seg_max
         self.max_sectors = max_sectors
         self.cmd_per_lun = cmd_per_lun
+        #: False: the frontend keeps the virtio-scsi config (no PROTOCOL_F_CONFIG offered), as
+        #: SPDK's vhost-user-scsi targets and QEMU's vhost-user-scsi frontend expect.
+        self.config_space = config_space
         self.cdb_size = S.CDB_SIZE
         self.sense_size = S.SENSE_SIZE
         self._lock = threading.Lock()
@@ -196,6 +206,7 @@ class ScsiBackend:
     def info(self) -> dict[str, Any]:
         return {
             "request_queues": self.request_queues,
+            "config_space": self.config_space,
             "max_target": self.max_target,
             "max_lun": self.max_lun,
             "luns": {f"{t}:{lun}": unit.info() for (t, lun), unit in sorted(self._luns.items())},
