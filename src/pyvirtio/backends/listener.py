@@ -402,7 +402,7 @@ class VhostUserServer:
             self.close()
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"socket": self.path, "connections": self.connections}
+        out: dict[str, Any] = {"socket": self.path, "connections": self.connections, "finished": self.finished}
         model_info = self.hooks.info
         if model_info is not None:
             out["device"] = model_info()
