@@ -358,31 +358,31 @@ class ScsiTarget:
         if lba + blocks > unit.num_blocks:
             raise _illegal(T.ASC_LBA_OUT_OF_RANGE, f"blocks {lba}+{blocks} beyond {unit.num_blocks}")
 
-    def _read(self, cmd: ScsiCommand, unit: ScsiLun) -> None:
+    def _transfer(self, cmd: ScsiCommand, unit: ScsiLun) -> tuple[int, int]:
+        """(byte offset, bytes) of a READ / WRITE, its range and length checked against the LUN."""
         lba, blocks = self._rw_fields(cmd.cdb)
         self._check_range(unit, lba, blocks)
         if unit.max_transfer_blocks and blocks > unit.max_transfer_blocks:
             raise _illegal(why=f"{blocks} blocks > maximum transfer {unit.max_transfer_blocks}")
-        n = blocks * unit.block_size
+        return lba * unit.block_size, blocks * unit.block_size
+
+    def _read(self, cmd: ScsiCommand, unit: ScsiLun) -> None:
+        offset, n = self._transfer(cmd, unit)
         if n > cmd.din_len:
             raise ScsiOverrun(f"{n} bytes to read, data-in buffer of {cmd.din_len}")
         if n:
-            unit.storage.readinto(take(cmd.data_in, n), lba * unit.block_size)
+            unit.storage.readinto(take(cmd.data_in, n), offset)
         cmd.din_written = n
 
     def _write(self, cmd: ScsiCommand, unit: ScsiLun) -> None:
-        lba, blocks = self._rw_fields(cmd.cdb)
         if unit.readonly:
             raise ScsiCheckCondition(T.DATA_PROTECT, T.ASC_WRITE_PROTECTED)
-        self._check_range(unit, lba, blocks)
-        if unit.max_transfer_blocks and blocks > unit.max_transfer_blocks:
-            raise _illegal(why=f"{blocks} blocks > maximum transfer {unit.max_transfer_blocks}")
-        n = blocks * unit.block_size
+        offset, n = self._transfer(cmd, unit)
         if n > cmd.dout_len:
             raise ScsiOverrun(f"{n} bytes to write, data-out buffer of {cmd.dout_len}")
         cmd.dout_used = n
         if n:
-            unit.storage.writefrom(take(cmd.data_out, n), lba * unit.block_size)
+            unit.storage.writefrom(take(cmd.data_out, n), offset)
 
     def _sync_cache(self, cmd: ScsiCommand, unit: ScsiLun) -> None:
         cdb = cmd.cdb
