@@ -53,7 +53,7 @@ Tolerance, where it costs nothing and real frontends need it:
   and the model see only what was offered) and logged once per connection:
   QEMU 7.2's vhost-user-scsi-pci acks the guest's view of the device, e.g.
   VIRTIO_SCSI_F_CHANGE whether it was offered or not, and libvhost-user and
-  DPDK accept that. Transport and ring bits (24 and up) not offered stay a
+  DPDK accept that. Transport and ring bits (24 to 49) not offered stay a
   violation: they change how the rings work;
 * GET_CONFIG past the end of the device's config answers the config
   followed by zeros up to the size asked (vhost-user.rst: the reply's size
