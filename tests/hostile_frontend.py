@@ -8,7 +8,10 @@ out of order, unknown codes, fds that are not eventfds. Its memory is a
 virtual address) and its rings are :class:`~pyvirtio.testing.hostile.RawDriver`
 objects, which write descriptors and avail entries verbatim: loops, bad
 addresses, nested tables. :class:`BlkBuilder` lays out virtio-blk requests
-(header, data, status) in that memory, with any header size or flags.
+(header, data, status) in that memory, with any header size or flags;
+:class:`Chains` posts requests on a ring in turn, and :func:`blk_io`,
+:func:`scsi_io` and :func:`net_io` do one real exchange with a blk, scsi or
+(loopback) net back end and check what comes back.
 
 Nothing here validates anything; the tests assert what the back end does.
 """
@@ -25,6 +28,8 @@ from collections.abc import Sequence
 from pyvirtio.memory import Buffer, MemoryPool
 from pyvirtio.protocol import vhost_user as vu
 from pyvirtio.spec import blk as B
+from pyvirtio.spec import scsi as S
+from pyvirtio.spec import t10 as T
 from pyvirtio.spec.common import F_RING_INDIRECT_DESC, F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
 from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
 from pyvirtio.testing.hostile import RawDriver
@@ -34,6 +39,7 @@ U64 = struct.Struct("=Q")
 STATE = struct.Struct("=II")
 ADDR = struct.Struct("=IIQQQQ")
 REGION = struct.Struct("=QQQQ")
+CONFIG = struct.Struct("=III")
 
 #: Protocol features a well-behaved test frontend asks for (when offered).
 PROTOCOL = (
@@ -215,6 +221,39 @@ class HostileFrontend:
             self.set(vu.SET_VRING_ENABLE, STATE.pack(index, 1))
         return rd
 
+    # -- the same steps one at a time (for frontends that order them differently) ---------
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG; returns the reply's payload (head + data, or b"" for a refusal)."""
+        return self.call(vu.GET_CONFIG, CONFIG.pack(offset, size, 0) + bytes(size))
+
+    def send_call(self, index: int) -> int:
+        """SET_VRING_CALL with a new eventfd (kept until close); returns it."""
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        old = self.calls.pop(index, None)
+        self.calls[index] = call
+        self.set(vu.SET_VRING_CALL, U64.pack(index), fds=[call])
+        if old is not None:
+            os.close(old)
+        return call
+
+    def send_layout(self, index: int, size: int = 64) -> RawDriver:
+        """A new ring's SET_VRING_NUM, SET_VRING_BASE (0) and SET_VRING_ADDR."""
+        rd = self.add_ring(index, size)
+        self.set(vu.SET_VRING_NUM, STATE.pack(index, size))
+        self.set(vu.SET_VRING_BASE, STATE.pack(index, 0))
+        self.set(vu.SET_VRING_ADDR, ADDR.pack(index, 0, rd.desc_addr, rd.used_addr, rd.avail_addr, 0))
+        return rd
+
+    def send_kick(self, index: int) -> None:
+        """SET_VRING_KICK with a new eventfd (kept until close)."""
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kicks[index] = kick
+        self.set(vu.SET_VRING_KICK, U64.pack(index), fds=[kick])
+
+    def enable(self, index: int, on: bool = True) -> None:
+        self.set(vu.SET_VRING_ENABLE, STATE.pack(index, int(on)))
+
     def start(self, size: int = 64) -> RawDriver:
         """Handshake, memory table and ring 0: ready for requests."""
         self.handshake()
@@ -302,3 +341,97 @@ class BlkBuilder:
                 first + k, addr, length, flags | (0 if last else DESC_F_NEXT), 0 if last else first + k + 1
             )
         return status, data_buf
+
+
+class Chains:
+    """Requests on one ring of a :class:`HostileFrontend`: laid out, published, kicked, awaited in turn."""
+
+    def __init__(self, fe: HostileFrontend, index: int) -> None:
+        self.fe = fe
+        self.index = index
+        self.rd = fe.rings[index]
+        self.next_desc = 0
+        self.done = 0
+
+    def buffer(self, data: bytes | int) -> Buffer:
+        size = data if isinstance(data, int) else len(data)
+        buf = self.fe.pool.allocate(max(size, 1), align=16)
+        buf.view[:] = bytes(len(buf.view)) if isinstance(data, int) else data.ljust(len(buf.view), b"\0")
+        return buf
+
+    def post(self, parts: Sequence[tuple[Buffer, int, bool]]) -> None:
+        """Chain (buffer, length, device-writable) parts, publish and kick; no wait."""
+        rd = self.rd
+        first = self.next_desc
+        rd.chain(first, [(b.addr, n, DESC_F_WRITE if w else 0) for b, n, w in parts])
+        self.next_desc = (first + len(parts)) % rd.size
+        rd.publish(first)
+        self.fe.kick(self.index)
+
+    def wait(self, count: int = 1) -> list[int]:
+        """Wait for the next ``count`` used entries; their used lengths."""
+        self.done += count
+        assert self.fe.wait_used(self.index, self.done), f"ring {self.index}: request not completed"
+        return [self.rd.used_entry(i)[1] for i in range(self.done - count, self.done)]
+
+    def send(self, parts: Sequence[tuple[Buffer, int, bool]]) -> int:
+        """:meth:`post` one chain and wait for it; its used length."""
+        self.post(parts)
+        return self.wait()[0]
+
+
+# -- real I/O on each device type: a request that must come back right -----------------------
+
+
+def blk_io(fe: HostileFrontend) -> None:
+    rq = Chains(fe, 0)
+    data = os.urandom(4096)
+    status = rq.buffer(b"\xee")
+    rq.send([(rq.buffer(B.OUTHDR.pack(B.T_OUT, 0, 8)), 16, False), (rq.buffer(data), 4096, False), (status, 1, True)])
+    assert bytes(status.view) == bytes([B.S_OK])
+    back = rq.buffer(4096)
+    used = rq.send([(rq.buffer(B.OUTHDR.pack(B.T_IN, 0, 8)), 16, False), (back, 4096, True), (status, 1, True)])
+    assert used == 4097 and bytes(status.view) == bytes([B.S_OK])
+    assert bytes(back.view) == data
+
+
+def scsi_command(rq: Chains, cdb: bytes, *, data_out: bytes | None = None, data_in: int = 0) -> tuple[int, bytes]:
+    """One command on LUN 0:0, retried once after a UNIT ATTENTION; (SCSI status, data-in)."""
+    for _attempt in range(2):
+        parts = [(rq.buffer(S.CMD_REQ_HDR.pack(S.lun_address(0, 0), 1, 0, 0, 0) + cdb.ljust(S.CDB_SIZE, b"\0")),
+                  19 + S.CDB_SIZE, False)]
+        if data_out is not None:
+            parts.append((rq.buffer(data_out), len(data_out), False))
+        resp = rq.buffer(12 + S.SENSE_SIZE)
+        parts.append((resp, 12 + S.SENSE_SIZE, True))
+        din = rq.buffer(data_in) if data_in else None
+        if din is not None:
+            parts.append((din, data_in, True))
+        rq.send(parts)
+        sense_len, _resid, _q, status, response = S.CMD_RESP_HDR.unpack_from(resp.view)
+        assert response == S.S_OK, response
+        sense = T.parse_sense(bytes(resp.view[12 : 12 + sense_len]))
+        if status == T.CHECK_CONDITION and sense is not None and sense.key == T.UNIT_ATTENTION:
+            continue  # a fresh LUN's POWER ON, RESET: initiators retry
+        return status, bytes(din.view) if din is not None else b""
+    raise AssertionError("UNIT ATTENTION twice")
+
+
+def scsi_io(fe: HostileFrontend) -> None:
+    rq = Chains(fe, S.FIRST_REQUEST_QUEUE)
+    data = os.urandom(4096)
+    status, _ = scsi_command(rq, bytes([T.WRITE_10, 0]) + T.BE32.pack(16) + b"\0" + T.BE16.pack(8), data_out=data)
+    assert status == T.GOOD
+    status, back = scsi_command(rq, bytes([T.READ_10, 0]) + T.BE32.pack(16) + b"\0" + T.BE16.pack(8), data_in=4096)
+    assert status == T.GOOD and back == data
+
+
+def net_io(fe: HostileFrontend) -> None:
+    rx, tx = Chains(fe, 0), Chains(fe, 1)
+    inbox = rx.buffer(2048)
+    rx.post([(inbox, 2048, True)])  # waits: nothing to receive yet
+    frame = b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + os.urandom(64)
+    tx.send([(tx.buffer(bytes(12) + frame), 12 + len(frame), False)])
+    (got,) = rx.wait()
+    assert got == 12 + len(frame)
+    assert bytes(inbox.view[12:got]) == frame  # loopback: what went out comes back

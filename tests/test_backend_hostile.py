@@ -272,12 +272,18 @@ def test_status_beyond_8_bits(case: Case) -> None:
     case.dropped(r"does not fit in 8 bits")
 
 
-def test_get_config_beyond_the_config_is_refused_with_an_empty_payload(case: Case) -> None:
+def test_get_config_past_the_config_reads_zeros(case: Case) -> None:
     case.fe.handshake()
     ok = case.fe.call(vu.GET_CONFIG, struct.pack("=III", 0, 8, 0) + bytes(8))
     assert struct.unpack("=IIIQ", ok) == (0, 8, 0, CAPACITY // 512)
-    assert case.fe.call(vu.GET_CONFIG, struct.pack("=III", 0, 100, 0) + bytes(100)) == b""
-    assert case.fe.call(vu.GET_CONFIG, struct.pack("=III", 56, 8, 0) + bytes(8)) == b""
+    config = case.server.model.config()
+    assert len(config) == B.CONFIG_SIZE_V11
+    past = case.fe.call(vu.GET_CONFIG, struct.pack("=III", 0, 100, 0) + bytes(100))
+    assert past == struct.pack("=III", 0, 100, 0) + config + bytes(100 - len(config))
+    tail = case.fe.call(vu.GET_CONFIG, struct.pack("=III", 56, 8, 0) + bytes(8))
+    assert tail == struct.pack("=III", 56, 8, 0) + config[56:] + bytes(8 - len(config[56:]))
+    # Size 0: nothing to answer, an empty payload (vhost-user.rst's refusal).
+    assert case.fe.call(vu.GET_CONFIG, struct.pack("=III", 0, 0, 0)) == b""
     # SET_CONFIG: the blk model's config is read-only, a failure ack.
     assert case.fe.ack(vu.SET_CONFIG, struct.pack("=III", 32, 1, 0) + b"\1") == 1
     assert case.fe.is_open()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -75,3 +76,44 @@ def test_file_storage_round_trip(tmp_path):
     with open(path, "rb") as f:
         f.seek(4096)
         assert f.read(1024) == bytes(512) + b"b" * 512
+
+
+def _read(disk: Storage, offset: int, length: int) -> bytes:
+    out = memoryview(bytearray(b"\xee" * length))
+    disk.readinto([out], offset)
+    return bytes(out)
+
+
+def test_ram_disk_resize_forgets_what_lies_past_a_smaller_end():
+    disk = Storage(size=3 * CHUNK)
+    try:
+        disk.writefrom([memoryview(b"\x07" * (3 * CHUNK))], 0)
+        disk.resize(CHUNK + 1000)  # whole sectors only: CHUNK + 512
+        assert disk.size == CHUNK + 512
+        assert disk.chunks is not None and sorted(disk.chunks) == [0, 1]  # the third chunk is given back
+        disk.resize(3 * CHUNK)
+        assert _read(disk, CHUNK, 1024) == b"\x07" * 512 + bytes(512)  # kept, then gone
+        assert _read(disk, 2 * CHUNK, 512) == bytes(512)
+    finally:
+        disk.close()
+
+
+def test_file_resize_and_the_refusals(tmp_path):
+    path = tmp_path / "grow.img"
+    disk = Storage(size=1 << 20, path=str(path))
+    try:
+        disk.resize(3 << 20)
+        assert path.stat().st_size == 3 << 20 and disk.size == 3 << 20
+        disk.resize(1 << 19)
+        assert path.stat().st_size == 1 << 19
+        with pytest.raises(ValueError, match="at least one 512-byte sector"):
+            disk.resize(100)
+    finally:
+        disk.close()
+    ro = Storage(path=str(path), readonly=True)
+    try:
+        with pytest.raises(ValueError, match="read-only"):
+            ro.resize(1 << 20)
+        assert path.stat().st_size == 1 << 19
+    finally:
+        ro.close()

@@ -14,7 +14,12 @@ fault they are"):
   :class:`TransportTimeout`.
 
 :class:`DriverProtocolError` is the mirror of DeviceProtocolError for the
-embedded back ends: the *frontend* (driver) broke the rules.
+embedded back ends: the *frontend* (driver) broke the rules
+(:class:`ProtocolViolation`: the connection is dropped; :class:`ChainError`:
+a malformed descriptor chain), or asked for something the device declines
+(:class:`RequestRefused`: a failure ack, the connection stays). The SCSI
+target emulation answers a command it cannot execute with
+:class:`ScsiCheckCondition` or :class:`ScsiOverrun`.
 """
 
 from __future__ import annotations
@@ -106,3 +111,39 @@ class TransportTimeout(TransportError, TimeoutError):
 
 class DriverProtocolError(PyvirtioError):
     """The frontend (driver) broke the virtio or vhost-user rules."""
+
+
+class ProtocolViolation(DriverProtocolError):
+    """The frontend broke the vhost-user or virtio rules: the back end drops the connection."""
+
+
+class ChainError(DriverProtocolError):
+    """A malformed descriptor chain. ``head`` is the chain's head if it was a valid index."""
+
+    def __init__(self, message: str, head: int | None) -> None:
+        super().__init__(message)
+        self.head = head
+
+
+class RequestRefused(PyvirtioError):
+    """A well-formed request the back end declines (SET_CONFIG of a read-only field...).
+
+    The frontend gets a failure ack when it asked for one; the connection stays.
+    """
+
+
+class ScsiCheckCondition(PyvirtioError):
+    """A SCSI command ends in CHECK CONDITION with this sense key / ASC / ASCQ.
+
+    An ordinary SCSI answer (initiators probe what a target supports), raised by
+    the target emulation and turned into a response by the virtio-scsi framing.
+    """
+
+    def __init__(self, key: int, code: tuple[int, int], why: str = "") -> None:
+        super().__init__(why)
+        self.key = key
+        self.asc, self.ascq = code
+
+
+class ScsiOverrun(DriverProtocolError):
+    """The CDB asks for more data than the frontend's buffers hold (VIRTIO_SCSI_S_OVERRUN)."""

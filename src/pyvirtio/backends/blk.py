@@ -22,6 +22,7 @@ import os
 import struct
 from typing import Any
 
+from pyvirtio.backends.sglist import skip
 from pyvirtio.ring.device_side import Chain
 from pyvirtio.spec import blk as B
 from pyvirtio.spec.common import DEVICE_ID_BLOCK, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
@@ -124,7 +125,7 @@ class Storage:
             want = sum(len(b) for b in bufs)
             done = 0
             while done < want:
-                n = os.pwritev(self.fd, _skip(bufs, done), offset + done)
+                n = os.pwritev(self.fd, skip(bufs, done), offset + done)
                 if n <= 0:
                     raise OSError("short write")
                 done += n
@@ -145,6 +146,26 @@ class Storage:
                 os.pwrite(self.fd, chunk[:n], offset + pos)
                 pos += n
 
+    def resize(self, size: int) -> None:
+        """Change the size to ``size`` bytes (whole sectors); what lies beyond a new, smaller end is gone.
+
+        A RAM disk drops (zeroes) the bytes past the end, so a later growth reads
+        zeroes there; a file is truncated or extended. A read-only storage cannot
+        change. The models built over it keep their own view of the size (the
+        scsi LUN resizes through :meth:`~pyvirtio.backends.scsi_target.ScsiLun.resize`).
+        """
+        size -= size % SECTOR
+        if size <= 0:
+            raise ValueError(f"a storage needs at least one {SECTOR}-byte sector, got {size} bytes")
+        if self.readonly:
+            raise ValueError("a read-only storage cannot be resized")
+        if self.chunks is not None:
+            if size < self.size:
+                self.zero(size, self.size - size)
+        else:
+            os.ftruncate(self.fd, size)
+        self.size = size
+
     def flush(self) -> None:
         if self.fd >= 0:
             os.fsync(self.fd)
@@ -158,17 +179,6 @@ class Storage:
 
 
 _ZEROES = memoryview(bytes(CHUNK))
-
-
-def _skip(bufs: list[memoryview], n: int) -> list[memoryview]:
-    out = []
-    for b in bufs:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(b[n:])
-        n = 0
-    return out
 
 
 class BlockBackend:
@@ -249,6 +259,7 @@ class BlockBackend:
             data_in.append(last[:status_at])
         readable = chain.readable
         hdr = readable[0] if readable else None
+        raw: bytes | memoryview
         if hdr is None or len(hdr) < B.OUTHDR_SIZE:
             # A header split over several descriptors is allowed (ANY_LAYOUT), gather it.
             raw = chain.read_all()[: B.OUTHDR_SIZE]
@@ -256,7 +267,7 @@ class BlockBackend:
                 last[status_at] = B.S_IOERR
                 self._bad(queue, chain.head, f"header of {len(raw)} bytes, need 16")
                 return 1
-            data_out = _skip(list(readable), B.OUTHDR_SIZE)
+            data_out = skip(list(readable), B.OUTHDR_SIZE)
         else:
             raw = hdr
             data_out = readable[1:]

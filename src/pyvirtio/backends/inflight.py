@@ -106,10 +106,9 @@ class QueueInflight:
         behind = (used_idx - h16[7]) & 0xFFFF
         if behind:
             # Died after publishing used entries, before clearing their flags.
-            used32 = queue._used32
             start = h16[7]
             for k in range(min(behind, size)):
-                head = used32[1 + 2 * ((start + k) & (size - 1))]
+                head = queue.used_id(start + k)
                 if head < self.desc_num:
                     b[HEADER_SIZE + ENTRY_SIZE * head] = 0
             h16[7] = used_idx

@@ -21,7 +21,7 @@ says whether to signal the call eventfd (virtio 1.2 §2.7.7.2).
 
 from __future__ import annotations
 
-from pyvirtio.errors import DriverProtocolError, InvalidArgument
+from pyvirtio.errors import ChainError, DriverProtocolError, InvalidArgument
 from pyvirtio.memory import MemoryTable
 from pyvirtio.ring import ordering
 from pyvirtio.spec.ring import (
@@ -40,13 +40,7 @@ from pyvirtio.spec.ring import (
     vring_need_event,
 )
 
-
-class ChainError(DriverProtocolError):
-    """A malformed descriptor chain. ``head`` is the chain's head if it was a valid index."""
-
-    def __init__(self, message: str, head: int | None) -> None:
-        super().__init__(message)
-        self.head = head
+__all__ = ["Chain", "ChainError", "DeviceQueue"]  # ChainError lives in errors.py, re-exported here
 
 
 class Chain:
@@ -186,6 +180,16 @@ class DeviceQueue:
             raise ChainError(f"queue {self.index}: avail head {head} out of range", None)
         return self._walk(head)
 
+    def walk(self, head: int) -> Chain:
+        """The chain at ``head``, checked as :meth:`pop` checks it, the avail ring left alone.
+
+        For a back end resubmitting what a predecessor popped (inflight I/O
+        tracking): the head comes from shared memory, so it is range-checked.
+        """
+        if not 0 <= head < self.size:
+            raise ChainError(f"queue {self.index}: head {head} out of range", None)
+        return self._walk(head)
+
     def _walk(self, head: int) -> Chain:
         d64 = self._desc64  # native byte order: little-endian (x86-64, ring/ordering.py)
         cached = self._chains.get(head)
@@ -290,6 +294,10 @@ class DeviceQueue:
         self._used32[slot] = head
         self._used32[slot + 1] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def used_id(self, position: int) -> int:
+        """The id written in used ring entry ``position`` (taken modulo the ring size)."""
+        return int(self._used32[1 + 2 * (position & (self.size - 1))])
 
     def flush_used(self) -> bool:
         """Publish the used entries added so far; True if the driver must be signalled."""

@@ -1,0 +1,764 @@
+"""The vhost-user control plane of the embedded back ends, as a sans-I/O state machine.
+
+Theory of operation
+-------------------
+:class:`ControlPlane` holds what a frontend negotiated on one connection
+(features, protocol features, owner, status, the memory table, each ring's
+configuration, the inflight area) and decides what each request means. It
+takes decoded :class:`~pyvirtio.protocol.vhost_user.Message` records (with
+their fds) from :meth:`ControlPlane.receive` and returns *actions* for the
+connection to carry out, in order:
+
+* :class:`Send` a reply (the ack, the value asked for, an fd to pass);
+* :class:`StartRing`: a ring's queue was built; watch its kick fd (or poll
+  the ring) and look for work at once (work may be queued before the kick);
+* :class:`StopRing`: a ring's queue was released; stop watching its kick fd
+  and forget it.
+
+It never touches the socket, never polls, never writes an eventfd: the
+connection (:mod:`pyvirtio.backends.listener`) and the data path
+(:mod:`pyvirtio.backends.datapath`) do. What it does itself is what the
+decisions need at once: it maps the frontend's memory through
+:mod:`pyvirtio.memory` (the only module that creates mmaps; ring addresses
+are checked against the table when they arrive), builds and releases
+:class:`~pyvirtio.ring.device_side.DeviceQueue` objects, and owns (and
+closes) every fd a message brought. A frontend that broke the rules makes
+:meth:`~ControlPlane.receive` raise :class:`~pyvirtio.errors.ProtocolViolation`;
+the connection then drops, and :meth:`~ControlPlane.close` releases
+everything and returns the last actions.
+
+Distrust (docs/architecture.md, "distrust of the device"; here the frontend
+is the one not trusted). The codec checks each message's syntax; this module
+checks its meaning:
+
+* a request not allowed now (a ring index >= ``num_queues``, ring requests
+  before SET_OWNER, a ring size not a power of two or > 32768 (virtio 1.2
+  §2.7), ring addresses outside the memory table or misaligned (§2.7: 16, 2
+  and 4 bytes), a memory region that is not a regular file large enough for
+  it, ADD/REM_MEM_REG or the inflight requests without their protocol
+  feature, transport or ring feature bits acked that were not offered): a
+  protocol violation, the connection is dropped;
+* an unknown or unsupported request: a failure ack when it has NEED_REPLY,
+  otherwise a violation (the frontend would wait for an answer that cannot
+  come);
+* a well-formed request the device declines (SET_CONFIG on a read-only
+  config, an inflight area of an impossible size):
+  :class:`~pyvirtio.errors.RequestRefused`, a failure ack with NEED_REPLY,
+  else a log line.
+
+Tolerance, where it costs nothing and real frontends need it:
+
+* device-type feature bits (virtio 1.2 §2.2: bits 0-23 and 50-63 of the
+  vhost-user u64) acked without being offered are masked off (the device
+  and the model see only what was offered) and logged once per connection:
+  QEMU 7.2's vhost-user-scsi-pci acks the guest's view of the device, e.g.
+  VIRTIO_SCSI_F_CHANGE whether it was offered or not, and libvhost-user and
+  DPDK accept that. Transport and ring bits (24 to 49) not offered stay a
+  violation: they change how the rings work;
+* GET_CONFIG past the end of the device's config answers the config
+  followed by zeros up to the size asked (vhost-user.rst: the reply's size
+  MUST match the request's; the codec bounds offset + size at 256 bytes,
+  QEMU's VHOST_USER_MAX_CONFIG_SIZE, and refuses a size field that disagrees
+  with the message's length). SPDK's virtio-user initiator asks 256 bytes at
+  offset 0 whatever the device; the bytes past the config hold nothing to
+  hide. A GET_CONFIG of size 0, or to a device whose config the frontend
+  keeps (:class:`~pyvirtio.backends.model.OptionalConfigSpace`: CONFIG is
+  then not offered, as by SPDK's vhost-user-scsi targets), gets an empty
+  payload: vhost-user.rst's way of saying it failed;
+* requests in any order the spec allows: GET_CONFIG and GET_QUEUE_NUM before
+  SET_FEATURES or without protocol features (SPDK v18.04), SET_VRING_CALL
+  and SET_VRING_ENABLE before SET_MEM_TABLE (SPDK, DPDK's virtio-user),
+  NEED_REPLY acked even without REPLY_ACK (a frontend that asks waits, as
+  libvhost-user and DPDK answer it).
+
+Ring life cycle (vhost-user.rst, "Ring states"): a ring starts when it has a
+size, addresses and a kick fd (or NOFD: the ring is polled), and, once
+VHOST_USER_F_PROTOCOL_FEATURES was negotiated, SET_VRING_ENABLE(1); it stops
+at GET_VRING_BASE (its eventfds are dropped too, as libvhost-user and DPDK
+do), SET_VRING_ENABLE(0), RESET_OWNER and RESET_DEVICE, and stops and
+restarts around anything that changes what its queue translated
+(SET_MEM_TABLE, REM_MEM_REG, a new SET_VRING_ADDR or kick, SET_INFLIGHT_FD).
+
+Memory: each region is mapped with :class:`~pyvirtio.memory.Region` after
+checking that its fd is a regular file (memfd, hugetlbfs, tmpfs) at least
+``mmap_offset + memory_size`` long, and sealed against shrinking when the
+memfd allows sealing. A frontend that truncates an *unsealed* file after
+handing it over can still make an access fault (SIGBUS); pure Python cannot
+catch that, so it is a documented limit, as for every mmap-based back end.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from pyvirtio.backends.inflight import InflightArea
+from pyvirtio.backends.model import ModelHooks
+from pyvirtio.backends.ringstate import RingState, close_fd
+from pyvirtio.errors import DriverProtocolError, ProtocolViolation, PyvirtioError, RequestRefused
+from pyvirtio.memory import PAGE_SIZE, MemoryTable, Region
+from pyvirtio.protocol import vhost_user as vu
+from pyvirtio.ring.device_side import DeviceQueue
+from pyvirtio.spec.common import (
+    F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+)
+from pyvirtio.spec.ring import (
+    AVAIL_ALIGN,
+    DESC_ALIGN,
+    MAX_QUEUE_SIZE,
+    USED_ALIGN,
+    is_power_of_two,
+)
+
+log = logging.getLogger("pyvirtio.backends")
+
+__all__ = [
+    "DEVICE_FEATURE_BITS",
+    "MAX_MEM_SLOTS",
+    "OFFERED_PROTOCOL_FEATURES",
+    "Action",
+    "ControlPlane",
+    "Send",
+    "StartRing",
+    "StopRing",
+]
+
+#: Protocol features the back ends offer (CONFIG only to a model that keeps its config).
+OFFERED_PROTOCOL_FEATURES = (
+    (1 << vu.PROTOCOL_F_MQ)
+    | (1 << vu.PROTOCOL_F_REPLY_ACK)
+    | (1 << vu.PROTOCOL_F_CONFIG)
+    | (1 << vu.PROTOCOL_F_RESET_DEVICE)
+    | (1 << vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS)
+    | (1 << vu.PROTOCOL_F_STATUS)
+)
+#: GET_MAX_MEM_SLOTS answer (qemu-storage-daemon's value).
+MAX_MEM_SLOTS = 32
+#: virtio 1.2 §2.2: bits 0-23 and 50-127 belong to the device type (24-40: queue and
+#: negotiation mechanisms, 41-49: reserved). The vhost-user u64 carries bits 0-63.
+DEVICE_FEATURE_BITS = ((1 << 24) - 1) | (((1 << 64) - 1) & ~((1 << 50) - 1))
+_MAX_STATUS = 0xFF
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``out`` (a reply, with the fds it carries) to the frontend."""
+
+    out: vu.Outgoing
+
+
+@dataclass(frozen=True, slots=True)
+class StartRing:
+    """``ring``'s queue exists now: watch ``kick`` (-1: poll the ring) and look for work at once."""
+
+    ring: RingState
+    kick: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopRing:
+    """``ring``'s queue was released: stop watching ``kick`` (as given to StartRing) and forget the ring."""
+
+    ring: RingState
+    kick: int
+
+
+Action: TypeAlias = Send | StartRing | StopRing
+_Handler: TypeAlias = Callable[[Any, list[int]], vu.Outgoing | None]
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return True  # no /proc: cannot tell, accept
+
+
+def _seal_shrink(fd: int) -> None:
+    """Forbid shrinking a memfd that allows sealing, so the mapping cannot fault later."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EBUSY):
+            raise
+
+
+class ControlPlane:
+    """The vhost-user state of one connection (see the module docstring). One object per connection."""
+
+    def __init__(self, hooks: ModelHooks, *, inflight: bool = False) -> None:
+        self.hooks = hooks
+        offered = OFFERED_PROTOCOL_FEATURES
+        if inflight:  # INFLIGHT_SHMFD (backends/inflight.py): offered only when asked for
+            offered |= 1 << vu.PROTOCOL_F_INFLIGHT_SHMFD
+        if not hooks.config_space:  # the frontend keeps the config (SPDK's vhost-user-scsi targets)
+            offered &= ~(1 << vu.PROTOCOL_F_CONFIG)
+        self.offered_protocol_features = offered
+        self.num_queues = hooks.num_queues
+        self.offered_features = int(hooks.features()) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        self.acked_features = 0
+        #: Device-type bits acked without being offered, masked off (see the module docstring).
+        self.ignored_features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.status = 0
+        self.memory = MemoryTable(ProtocolViolation)
+        self.rings = [RingState(i) for i in range(self.num_queues)]
+        self._inflight: InflightArea | None = None  # the area of SET_INFLIGHT_FD
+        self._offered: InflightArea | None = None  # the last one created for GET_INFLIGHT_FD
+        self._actions: list[Action] = []
+        self._closed = False
+        self._handlers: dict[int, _Handler] = {
+            vu.GET_FEATURES: self._get_features,
+            vu.SET_FEATURES: self._set_features,
+            vu.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            vu.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            vu.SET_OWNER: self._set_owner,
+            vu.RESET_OWNER: self._reset_owner,
+            vu.GET_QUEUE_NUM: self._get_queue_num,
+            vu.SET_MEM_TABLE: self._set_mem_table,
+            vu.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            vu.ADD_MEM_REG: self._add_mem_reg,
+            vu.REM_MEM_REG: self._rem_mem_reg,
+            vu.SET_VRING_NUM: self._set_vring_num,
+            vu.SET_VRING_ADDR: self._set_vring_addr,
+            vu.SET_VRING_BASE: self._set_vring_base,
+            vu.GET_VRING_BASE: self._get_vring_base,
+            vu.SET_VRING_KICK: self._set_vring_kick,
+            vu.SET_VRING_CALL: self._set_vring_call,
+            vu.SET_VRING_ERR: self._set_vring_err,
+            vu.SET_VRING_ENABLE: self._set_vring_enable,
+            vu.GET_CONFIG: self._get_config,
+            vu.SET_CONFIG: self._set_config,
+            vu.SET_STATUS: self._set_status,
+            vu.GET_STATUS: self._get_status,
+            vu.RESET_DEVICE: self._reset_device,
+            vu.GET_INFLIGHT_FD: self._get_inflight_fd,
+            vu.SET_INFLIGHT_FD: self._set_inflight_fd,
+        }
+
+    # -- the interface --------------------------------------------------------------
+
+    def receive(self, msg: vu.Message) -> list[Action]:
+        """Act on one request; returns what the connection must do, in order.
+
+        Takes ownership of ``msg.fds``: the ones kept are closed by :meth:`close`,
+        the others now. Raises :class:`ProtocolViolation` when the frontend broke
+        the rules (the connection must then be dropped, and :meth:`close` called).
+        """
+        fds = list(msg.fds)  # handlers pop the fds they keep; the rest are closed
+        name = vu.request_name(msg.request)
+        try:
+            handler = self._handlers.get(msg.request)
+            if handler is None:
+                if msg.need_reply and not msg.is_reply:
+                    log.warning("%s is not supported: failure ack", name)
+                    self._send(vu.encode_ack(msg.request, False))
+                    return self._take()
+                raise ProtocolViolation(f"{name} is not supported (and no NEED_REPLY to refuse it)")
+            try:
+                value = vu.decode_request(msg)
+            except DriverProtocolError as exc:
+                raise ProtocolViolation(str(exc)) from None
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("<- %s %r fds=%s", name, value, msg.fds)
+            try:
+                reply = handler(value, fds)
+            except RequestRefused as exc:
+                log.warning("%s refused: %s", name, exc)
+                if msg.need_reply:
+                    self._send(vu.encode_ack(msg.request, False))
+                return self._take()
+            if reply is not None:
+                self._send(reply)
+            elif msg.need_reply:
+                # Acked whenever asked, as libvhost-user and DPDK do, even if
+                # REPLY_ACK was not negotiated: a frontend that asks waits.
+                self._send(vu.encode_ack(msg.request, True))
+            return self._take()
+        finally:
+            for fd in fds:
+                close_fd(fd)
+
+    def close(self) -> list[Action]:
+        """Stop every ring, release fds and mappings; returns the last actions (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            for ring in self.rings:
+                self._stop_ring(ring)
+                ring.close_fds()
+            self._drop_inflight()
+            self.memory.close()
+        return self._take()
+
+    def running(self) -> list[RingState]:
+        """The rings whose queue exists."""
+        return [r for r in self.rings if r.queue is not None]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "offered_features": self.offered_features,
+            "acked_features": self.acked_features,
+            "ignored_features": self.ignored_features,
+            "protocol_features": vu.protocol_feature_names(self.protocol_features),
+            "offered_protocol_features": vu.protocol_feature_names(self.offered_protocol_features),
+            "owner": self.owner,
+            "status": self.status,
+            "regions": len(self.memory),
+            "running_queues": [r.index for r in self.rings if r.queue is not None],
+            "rings": [r.describe() for r in self.rings if r.num or r.addr is not None or r.queue is not None],
+        }
+
+    def _send(self, out: vu.Outgoing) -> None:
+        self._actions.append(Send(out))
+
+    def _take(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
+
+    # -- feature negotiation ----------------------------------------------------
+
+    def _has_protocol(self, bit: int) -> bool:
+        return bool(self.protocol_features >> bit & 1)
+
+    @property
+    def _protocol_features_negotiated(self) -> bool:
+        return bool(self.acked_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1)
+
+    def _get_features(self, _value: None, _fds: list[int]) -> vu.Outgoing:
+        return vu.encode_reply(vu.GET_FEATURES, self.offered_features)
+
+    def _set_features(self, value: int, _fds: list[int]) -> None:
+        extra = value & ~self.offered_features
+        if extra & ~DEVICE_FEATURE_BITS:
+            raise ProtocolViolation(
+                f"SET_FEATURES acks features 0x{extra & ~DEVICE_FEATURE_BITS:x} that were not offered"
+            )
+        if extra:
+            if not self.ignored_features:
+                log.warning(
+                    "SET_FEATURES acks device feature bits 0x%x that were not offered: ignored "
+                    "(logged once per connection)",
+                    extra,
+                )
+            self.ignored_features |= extra
+            value &= ~extra
+        self.acked_features = value
+        negotiated = self.hooks.negotiated
+        if negotiated is not None:
+            negotiated(value)  # models whose work depends on features (net: MRG_RXBUF)
+
+    def _get_protocol_features(self, _value: None, _fds: list[int]) -> vu.Outgoing:
+        return vu.encode_reply(vu.GET_PROTOCOL_FEATURES, self.offered_protocol_features)
+
+    def _set_protocol_features(self, value: int, _fds: list[int]) -> None:
+        extra = value & ~self.offered_protocol_features
+        if extra:
+            raise ProtocolViolation(
+                f"SET_PROTOCOL_FEATURES acks {vu.protocol_feature_names(extra)}, which were not offered"
+            )
+        self.protocol_features = value
+
+    def _set_owner(self, _value: None, _fds: list[int]) -> None:
+        self.owner = True
+
+    def _reset_owner(self, _value: None, _fds: list[int]) -> None:
+        self._reset(drop_memory=True)
+        self.owner = False
+
+    def _get_queue_num(self, _value: None, _fds: list[int]) -> vu.Outgoing:
+        # Net models answer queue *pairs* (QEMU's and DPDK's convention): ModelHooks.queue_num.
+        return vu.encode_reply(vu.GET_QUEUE_NUM, self.hooks.queue_num)
+
+    def _need_owner(self, what: str) -> None:
+        if not self.owner:
+            raise ProtocolViolation(f"{what} before SET_OWNER")
+
+    # -- device status, config, reset -------------------------------------------
+
+    def _get_config(self, value: vu.ConfigSpace, _fds: list[int]) -> vu.Outgoing:
+        if not self.hooks.config_space:
+            log.warning("GET_CONFIG: the frontend keeps this device's config (no PROTOCOL_F_CONFIG): empty reply")
+            return vu.encode_reply(vu.GET_CONFIG, None)
+        if value.size == 0:
+            # vhost-user.rst, GET_CONFIG: an empty payload tells the frontend it failed.
+            log.warning("GET_CONFIG of 0 bytes at %d: empty reply", value.offset)
+            return vu.encode_reply(vu.GET_CONFIG, None)
+        config = self.hooks.config()
+        end = value.offset + value.size
+        data = bytes(config[value.offset : end])
+        if len(data) < value.size:
+            # The reply's size MUST match the request's (vhost-user.rst); what lies past
+            # the config reads as zeros (SPDK asks 256 bytes whatever the device).
+            log.debug(
+                "GET_CONFIG of %d bytes at %d: the config has %d bytes, the rest reads as zeros",
+                value.size, value.offset, len(config),
+            )
+            data += bytes(value.size - len(data))
+        return vu.encode_reply(vu.GET_CONFIG, vu.ConfigSpace(value.offset, value.size, value.flags, data))
+
+    def _set_config(self, value: vu.ConfigSpace, _fds: list[int]) -> None:
+        if not self.hooks.config_space:
+            raise RequestRefused("the frontend keeps this device's config (no PROTOCOL_F_CONFIG)")
+        setter = self.hooks.set_config
+        if setter is None:
+            raise RequestRefused("the device config is read-only")
+        if value.offset + value.size > len(self.hooks.config()):
+            raise RequestRefused(f"{value.size} bytes at {value.offset} are beyond the device config")
+        try:
+            setter(value.offset, value.data)
+        except (ValueError, PyvirtioError) as exc:
+            raise RequestRefused(str(exc)) from None
+
+    def _set_status(self, value: int, _fds: list[int]) -> None:
+        if value > _MAX_STATUS:
+            raise ProtocolViolation(f"SET_STATUS 0x{value:x} does not fit in 8 bits")
+        self.status = value
+
+    def _get_status(self, _value: None, _fds: list[int]) -> vu.Outgoing:
+        return vu.encode_reply(vu.GET_STATUS, self.status)
+
+    def _reset_device(self, _value: None, _fds: list[int]) -> None:
+        self._reset(drop_memory=False)
+
+    def _reset(self, *, drop_memory: bool) -> None:
+        """Back to the state after connect (vhost-user.rst, RESET_DEVICE); the owner stays."""
+        for ring in self.rings:
+            self._stop_ring(ring)
+            ring.close_fds()
+        self.rings = [RingState(i) for i in range(self.num_queues)]
+        self.acked_features = 0
+        self.status = 0
+        self._drop_inflight()  # what was in flight is abandoned by a reset
+        if drop_memory:
+            self.memory.close()
+        reset = self.hooks.reset
+        if reset is not None:
+            reset()
+
+    # -- inflight tracking (INFLIGHT_SHMFD, backends/inflight.py) ----------------
+
+    def _get_inflight_fd(self, value: vu.InflightInfo, _fds: list[int]) -> vu.Outgoing:
+        self._need_owner("GET_INFLIGHT_FD")
+        if not self._has_protocol(vu.PROTOCOL_F_INFLIGHT_SHMFD):
+            raise ProtocolViolation("GET_INFLIGHT_FD without PROTOCOL_F_INFLIGHT_SHMFD")
+        if not 1 <= value.num_queues <= 0xFFFF or not 1 <= value.queue_size <= MAX_QUEUE_SIZE:
+            raise RequestRefused(f"an inflight area for {value.num_queues} queues of {value.queue_size}")
+        # A new zeroed area; the frontend keeps it and sends it back with SET_INFLIGHT_FD
+        # (our mapping of it is dropped then: the one attached is the frontend's).
+        self._drop_offered()
+        area = InflightArea.create(value.num_queues, value.queue_size)
+        self._offered = area
+        return vu.encode_reply(vu.GET_INFLIGHT_FD, area.info, fds=(area.fd,))
+
+    def _drop_offered(self) -> None:
+        if self._offered is not None:
+            self._offered.close()
+            self._offered = None
+
+    def _set_inflight_fd(self, value: vu.InflightInfo, fds: list[int]) -> None:
+        self._need_owner("SET_INFLIGHT_FD")
+        if not self._has_protocol(vu.PROTOCOL_F_INFLIGHT_SHMFD):
+            raise ProtocolViolation("SET_INFLIGHT_FD without PROTOCOL_F_INFLIGHT_SHMFD")
+        area = InflightArea.attach(fds.pop(), value, ProtocolViolation)
+        self._drop_offered()
+        running = self.running()
+        for ring in running:
+            self._stop_ring(ring)
+        self._drop_inflight()
+        self._inflight = area
+        for ring in running:
+            self._try_start(ring)
+
+    def _drop_inflight(self) -> None:
+        for ring in self.rings:
+            ring.inflight = None
+            ring.resubmit = []
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
+        self._drop_offered()
+
+    def _track(self, ring: RingState, queue: DeviceQueue) -> None:
+        """A ring starts with an inflight area: recover what a previous back end left in flight."""
+        area = self._inflight
+        tracker = None if area is None else area.queue(ring.index)
+        if tracker is None:
+            return
+        if tracker.desc_num < ring.num:
+            raise ProtocolViolation(
+                f"ring {ring.index} of {ring.num} descriptors: the inflight area tracks {tracker.desc_num}"
+            )
+        heads = tracker.recover(queue)
+        ring.inflight = tracker
+        ring.resubmit = heads
+        if heads:
+            # vhost-user.rst: the ring resumes after what was popped (completed + in flight).
+            queue.last_avail = (queue.used_idx + len(heads)) & 0xFFFF
+            log.info("ring %d: resubmitting %d request(s) left in flight", ring.index, len(heads))
+
+    # -- memory -----------------------------------------------------------------
+
+    def _map_region(self, region: vu.MemRegion, fd: int) -> Region:
+        """Check and map one region; takes ownership of ``fd`` (closed on failure)."""
+        try:
+            size = region.memory_size
+            offset = region.mmap_offset
+            if size == 0:
+                raise ProtocolViolation("memory region of size 0")
+            for what, start in (("guest", region.guest_phys_addr), ("frontend", region.userspace_addr)):
+                if start + size > 1 << 64:
+                    raise ProtocolViolation(f"memory region at {what} address 0x{start:x}+{size} wraps")
+            if offset % PAGE_SIZE:
+                raise ProtocolViolation(f"memory region mmap_offset 0x{offset:x} is not page aligned")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolViolation("memory region fd is not a regular file (memfd, tmpfs, hugetlbfs)")
+            if st.st_size < offset + size:
+                raise ProtocolViolation(
+                    f"memory region of {size} bytes at offset {offset} exceeds its file ({st.st_size} bytes)"
+                )
+            _seal_shrink(fd)
+            try:
+                mapped = Region(fd, size, fd_offset=offset, guest_addr=region.guest_phys_addr, owns_fd=True)
+            except (OSError, ValueError, OverflowError) as exc:
+                raise ProtocolViolation(f"cannot map memory region: {exc}") from None
+        except BaseException:
+            close_fd(fd)
+            raise
+        return mapped
+
+    def _add_mapping(self, table: MemoryTable, region: vu.MemRegion, fd: int) -> None:
+        mapped = self._map_region(region, fd)
+        try:
+            table.add(mapped, region.guest_phys_addr, region.userspace_addr)
+        except BaseException:
+            mapped.close()
+            raise
+
+    def _set_mem_table(self, value: vu.MemTable, fds: list[int]) -> None:
+        self._need_owner("SET_MEM_TABLE")
+        table = MemoryTable(ProtocolViolation)
+        try:
+            taken = fds[:]
+            fds.clear()
+            for i, region in enumerate(value.regions):
+                fd = taken[i]
+                taken[i] = -1
+                self._add_mapping(table, region, fd)
+        except BaseException:
+            for fd in taken:
+                if fd >= 0:
+                    close_fd(fd)
+            table.close()
+            raise
+        old = self.memory
+        try:
+            self._remap_rings(table)
+        except BaseException:
+            if self.memory is not table:
+                table.close()  # never installed
+            raise
+        finally:
+            if self.memory is not old:
+                old.close()  # replaced, whether or not the rings could restart in the new table
+
+    def _get_max_mem_slots(self, _value: None, _fds: list[int]) -> vu.Outgoing:
+        return vu.encode_reply(vu.GET_MAX_MEM_SLOTS, MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, value: vu.MemRegion, fds: list[int]) -> None:
+        self._need_owner("ADD_MEM_REG")
+        if not self._has_protocol(vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS):
+            raise ProtocolViolation("ADD_MEM_REG without PROTOCOL_F_CONFIGURE_MEM_SLOTS")
+        fd = fds.pop()
+        if len(self.memory) >= MAX_MEM_SLOTS:
+            close_fd(fd)
+            raise ProtocolViolation(f"ADD_MEM_REG beyond {MAX_MEM_SLOTS} memory slots")
+        self._add_mapping(self.memory, value, fd)
+
+    def _rem_mem_reg(self, value: vu.MemRegion, _fds: list[int]) -> None:
+        self._need_owner("REM_MEM_REG")
+        if not self._has_protocol(vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS):
+            raise ProtocolViolation("REM_MEM_REG without PROTOCOL_F_CONFIGURE_MEM_SLOTS")
+        # Rings are stopped first so that none keeps a view into the region.
+        running = self.running()
+        for ring in running:
+            self._stop_ring(ring)
+        mapping = self.memory.remove(value.guest_phys_addr, value.memory_size)
+        if mapping.owned:
+            mapping.region.close()
+        for ring in running:
+            self._try_start(ring)
+
+    def _remap_rings(self, table: MemoryTable) -> None:
+        """Install a new memory table; running rings are re-translated into it."""
+        running = self.running()
+        for ring in running:
+            self._stop_ring(ring)
+        self.memory = table
+        for ring in running:
+            self._try_start(ring)
+
+    # -- ring configuration -----------------------------------------------------
+
+    def _ring(self, index: int, what: str) -> RingState:
+        self._need_owner(what)
+        if not 0 <= index < self.num_queues:
+            raise ProtocolViolation(f"{what} for ring {index}: the device has {self.num_queues}")
+        return self.rings[index]
+
+    def _set_vring_num(self, value: vu.VringState, _fds: list[int]) -> None:
+        ring = self._ring(value.index, "SET_VRING_NUM")
+        num = value.num
+        if not is_power_of_two(num) or num > MAX_QUEUE_SIZE:
+            # virtio 1.2 §2.7: a split queue's size is a power of 2, at most 32768.
+            raise ProtocolViolation(
+                f"SET_VRING_NUM {num} for ring {ring.index}: not a power of 2 up to 32768"
+            )
+        if ring.queue is not None:
+            raise ProtocolViolation(f"SET_VRING_NUM on running ring {ring.index}")
+        ring.num = num
+
+    def _set_vring_addr(self, value: vu.VringAddr, _fds: list[int]) -> None:
+        ring = self._ring(value.index, "SET_VRING_ADDR")
+        if not len(self.memory):
+            raise ProtocolViolation("SET_VRING_ADDR before SET_MEM_TABLE")
+        # virtio 1.2 §2.7: descriptor table 16-, avail 2-, used ring 4-byte aligned.
+        for what, addr, align in (
+            ("descriptor table", value.desc, DESC_ALIGN),
+            ("avail ring", value.avail, AVAIL_ALIGN),
+            ("used ring", value.used, USED_ALIGN),
+        ):
+            if addr % align:
+                raise ProtocolViolation(
+                    f"ring {ring.index}: {what} address 0x{addr:x} not {align}-byte aligned"
+                )
+        running = ring.queue is not None
+        if running:
+            self._stop_ring(ring)
+        ring.addr = value
+        if ring.num:
+            self._make_queue(ring).release()  # check the addresses now, not at first kick
+        if running:
+            self._try_start(ring)
+
+    def _set_vring_base(self, value: vu.VringState, _fds: list[int]) -> None:
+        ring = self._ring(value.index, "SET_VRING_BASE")
+        if value.num > 0xFFFF:
+            raise ProtocolViolation(
+                f"SET_VRING_BASE {value.num} for ring {ring.index}: a split ring index is 16 bits"
+            )
+        if ring.queue is not None:
+            raise ProtocolViolation(f"SET_VRING_BASE on running ring {ring.index}")
+        ring.base = value.num
+
+    def _get_vring_base(self, value: vu.VringState, _fds: list[int]) -> vu.Outgoing:
+        ring = self._ring(value.index, "GET_VRING_BASE")
+        # vhost-user.rst: stop the ring; like libvhost-user and DPDK, its
+        # eventfds are dropped too (the frontend sends new ones to restart).
+        self._stop_ring(ring)
+        ring.close_fds()
+        return vu.encode_reply(vu.GET_VRING_BASE, vu.VringState(ring.index, ring.base))
+
+    def _vring_fd(self, value: vu.VringFile, fds: list[int], what: str) -> tuple[RingState, int]:
+        ring = self._ring(value.index, what)
+        if value.nofd:
+            return ring, -1
+        fd = fds.pop()
+        if not _is_eventfd(fd):
+            close_fd(fd)
+            raise ProtocolViolation(f"{what} for ring {ring.index}: the fd is not an eventfd")
+        os.set_blocking(fd, False)  # a full counter must never block the back end
+        return ring, fd
+
+    def _set_vring_kick(self, value: vu.VringFile, fds: list[int]) -> None:
+        ring, fd = self._vring_fd(value, fds, "SET_VRING_KICK")
+        self._stop_ring(ring)
+        if ring.kick >= 0:
+            close_fd(ring.kick)
+        ring.kick = fd
+        ring.kick_polled = fd < 0
+        self._try_start(ring)
+
+    def _set_vring_call(self, value: vu.VringFile, fds: list[int]) -> None:
+        ring, fd = self._vring_fd(value, fds, "SET_VRING_CALL")
+        if ring.call >= 0:
+            close_fd(ring.call)
+        ring.call = fd
+
+    def _set_vring_err(self, value: vu.VringFile, fds: list[int]) -> None:
+        ring, fd = self._vring_fd(value, fds, "SET_VRING_ERR")
+        if ring.err >= 0:
+            close_fd(ring.err)
+        ring.err = fd
+
+    def _set_vring_enable(self, value: vu.VringState, _fds: list[int]) -> None:
+        ring = self._ring(value.index, "SET_VRING_ENABLE")
+        if value.num > 1:
+            raise ProtocolViolation(f"SET_VRING_ENABLE {value.num} for ring {ring.index}: must be 0 or 1")
+        ring.enabled = bool(value.num)
+        if ring.enabled:
+            self._try_start(ring)
+        else:
+            self._stop_ring(ring)
+
+    # -- ring start / stop -------------------------------------------------------
+
+    def _make_queue(self, ring: RingState) -> DeviceQueue:
+        addr = ring.addr
+        assert addr is not None
+        features = self.acked_features
+        try:
+            return DeviceQueue.from_addresses(
+                self.memory,
+                ring.num,
+                addr.desc,
+                addr.avail,
+                addr.used,
+                user_addresses=True,
+                index=ring.index,
+                event_idx=bool(features >> F_RING_EVENT_IDX & 1),
+                indirect=bool(features >> F_RING_INDIRECT_DESC & 1),
+                last_avail=ring.base,
+                max_chain=ring.num,  # virtio 1.2 §2.7.5.3.1, indirect chains included
+            )
+        except DriverProtocolError as exc:
+            raise ProtocolViolation(f"ring {ring.index}: {exc}") from None
+
+    def _try_start(self, ring: RingState) -> None:
+        """Start the ring if it has everything it needs (vhost-user.rst, "Starting and stopping rings")."""
+        if ring.queue is not None or not ring.num or ring.addr is None:
+            return
+        if ring.kick < 0 and not ring.kick_polled:
+            return
+        # Without VHOST_USER_F_PROTOCOL_FEATURES a ring starts enabled; with it,
+        # it starts disabled and waits for SET_VRING_ENABLE(1).
+        if self._protocol_features_negotiated and not ring.enabled:
+            return
+        if not len(self.memory):
+            raise ProtocolViolation(f"ring {ring.index} started without a memory table")
+        ring.queue = self._make_queue(ring)
+        if self._inflight is not None:
+            self._track(ring, ring.queue)
+        log.debug("ring %d started: size %d, base %d", ring.index, ring.num, ring.base)
+        self._actions.append(StartRing(ring, ring.kick))  # work may have been queued before the kick fd
+
+    def _stop_ring(self, ring: RingState) -> None:
+        queue = ring.queue
+        if queue is None:
+            return
+        ring.base = queue.last_avail
+        queue.release()
+        ring.queue = None
+        ring.inflight = None  # heads still flagged are found again at the next start
+        ring.resubmit = []
+        self._actions.append(StopRing(ring, ring.kick))
+        log.debug("ring %d stopped at %d", ring.index, ring.base)
