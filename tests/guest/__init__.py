@@ -26,3 +26,8 @@ and hostile devices) for tests, fuzzers and benchmarks alike.
 
 How to run it, how long it takes: docs/testing.md.
 """
+
+import pytest
+
+# The shared test classes assert; pytest rewrites their asserts only if told before the import.
+pytest.register_assert_rewrite("guest.disks")
