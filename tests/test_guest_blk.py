@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from guest.disks import EXERCISE_SH, DiskOutcome, DiskTests, disk_files, prepare_disk
+from guest.disks import EXERCISE_SH, DiskOutcome, DiskTests, disk_files, prepare_disk, tag_fixture
 from guest.harness import BLK_MODULES, Guest
 from guest.kernel import Kernel
 
@@ -57,10 +57,7 @@ def disks(guest_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield DiskOutcome(run, g, images, cpus=2)
 
 
-@pytest.fixture(params=list(DISKS))
-def tag(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
+tag = tag_fixture(DISKS)
 
 
 class TestBlkGuest(DiskTests):

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from guest.disks import EXERCISE_SH, DiskOutcome, DiskTests, disk_files, prepare_disk
+from guest.disks import EXERCISE_SH, DiskOutcome, DiskTests, disk_files, prepare_disk, tag_fixture
 from guest.harness import SCSI_MODULES, Guest
 from guest.kernel import Kernel
 
@@ -66,10 +66,7 @@ def disks(guest_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield DiskOutcome(run, g, images, cpus=2)
 
 
-@pytest.fixture(params=list(LUNS))
-def tag(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
+tag = tag_fixture(LUNS)
 
 
 class TestScsiGuest(DiskTests):

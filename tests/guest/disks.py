@@ -21,15 +21,18 @@ reads the backing file: what the guest wrote must be there, exactly where
 it was written (the neighbouring sectors untouched), the discarded blocks
 zero (the embedded back ends promise zeroes after a discard), the guard
 blocks intact. A test module subclasses :class:`DiskTests` and provides the
-``disks`` fixture (a :class:`DiskOutcome`).
+``disks`` fixture (a :class:`DiskOutcome`) and ``tag = tag_fixture(tags)``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from .harness import Guest
 from .qemu import GuestRun
@@ -132,6 +135,17 @@ class DiskOutcome:
         return f"{self.run.describe()}\n{self.guest.backend_report()}"
 
 
+def tag_fixture(tags: Iterable[str]) -> Callable[[pytest.FixtureRequest], str]:
+    """The ``tag`` fixture of a test module: one parameter per disk tag (``tag = tag_fixture(DISKS)``)."""
+
+    @pytest.fixture(name="tag", params=list(tags))
+    def tag(request: pytest.FixtureRequest) -> str:
+        value: str = request.param
+        return value
+
+    return tag
+
+
 class DiskTests:
     """Tests for every disk of a ``disks`` fixture (:class:`DiskOutcome`), parametrised by ``tag``."""
 
@@ -183,4 +197,14 @@ class DiskTests:
             assert served.faults() == [], disks.context()
 
 
-__all__ = ["BLOCK", "EXERCISE_SH", "Disk", "DiskOutcome", "DiskTests", "disk_files", "prepare_disk", "sha"]
+__all__ = [
+    "BLOCK",
+    "EXERCISE_SH",
+    "Disk",
+    "DiskOutcome",
+    "DiskTests",
+    "disk_files",
+    "prepare_disk",
+    "sha",
+    "tag_fixture",
+]
