@@ -141,6 +141,29 @@ def test_a_cached_kernel_is_used_without_apt(tmp_path: Path, monkeypatch: pytest
     assert debian_kernel().version == "6.1.0-9-amd64"
 
 
+def fake_tool(directory: Path, name: str, script: str) -> None:
+    directory.mkdir(exist_ok=True)
+    (directory / name).write_text(f"#!/bin/sh\n{script}\n")
+    (directory / name).chmod(0o755)
+
+
+def test_a_failed_download_falls_back_to_the_newest_cached_kernel(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """apt names a newer kernel than the cache holds, but cannot download it (offline): the cached one is used,
+    unless a version was pinned."""
+    cache, bin_dir = tmp_path / "cache", tmp_path / "bin"
+    fake_kernel(cache, {"m": []}, version="6.1.0-9-amd64")
+    fake_tool(bin_dir, "apt-cache", "echo 'linux-image-amd64'; echo '  Depends: linux-image-6.1.0-99-amd64'")
+    fake_tool(bin_dir, "apt-get", "echo 'E: Failed to fetch' >&2; exit 100")
+    fake_tool(bin_dir, "dpkg-deb", "exit 1")
+    monkeypatch.setenv("PYVIRTIO_GUEST_CACHE", str(cache))
+    monkeypatch.delenv("PYVIRTIO_GUEST_KERNEL", raising=False)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert debian_kernel().version == "6.1.0-9-amd64"
+    with pytest.raises(GuestUnavailable, match="Failed to fetch"):
+        debian_kernel("6.1.0-99-amd64")
+
+
 def test_nothing_cached_and_no_apt_is_a_missing_piece(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYVIRTIO_GUEST_CACHE", str(tmp_path))
     monkeypatch.delenv("PYVIRTIO_GUEST_KERNEL", raising=False)

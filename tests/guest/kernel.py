@@ -18,7 +18,8 @@ update``) into a cache directory keyed by the kernel version, and reads the
   of an unpacked package.
 
 Once cached, nothing needs the network or apt: if apt cannot name the current
-package (no apt, no lists) the newest cached kernel is used.
+package (no apt, no lists), or names one that cannot be downloaded, the newest
+cached kernel is used.
 ``PYVIRTIO_GUEST_KERNEL`` (a version such as ``6.1.0-57-amd64``) pins one.
 The cache is ``$PYVIRTIO_GUEST_CACHE``, else ``$XDG_CACHE_HOME/pyvirtio-guest``
 (``~/.cache/pyvirtio-guest``), else a directory under the temporary directory;
@@ -153,6 +154,7 @@ def debian_kernel(version: str | None = None) -> Kernel:
     """The current Debian kernel (or ``version``), from the cache or fetched into it."""
     root = cache_root()
     version = version or os.environ.get("PYVIRTIO_GUEST_KERNEL") or None
+    pinned = version is not None
     if version is None:
         try:
             version = current_version()
@@ -164,10 +166,15 @@ def debian_kernel(version: str | None = None) -> Kernel:
     directory = root / version
     if (directory / "index.json").exists():
         return Kernel(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with _locked(directory):
-        if not (directory / "index.json").exists():
-            _fetch(version, directory)
+    try:
+        with _locked(directory):
+            if not (directory / "index.json").exists():
+                _fetch(version, directory)
+    except GuestUnavailable:
+        cached = _cached_versions(root)
+        if not cached or pinned:
+            raise
+        return Kernel(root / cached[-1])  # offline after apt learnt of a newer kernel: use the newest we have
     return Kernel(directory)
 
 
@@ -203,9 +210,11 @@ def _fetch(version: str, directory: Path) -> None:
             raise GuestUnavailable(f"{tool} is not installed ({pkg}); it fetches the guest kernel")
     package = f"linux-image-{version}"
     with tempfile.TemporaryDirectory(dir=directory, prefix="dl") as tmp:
-        proc = subprocess.run(
-            ["apt-get", "download", "-q", package], cwd=tmp, capture_output=True, text=True, timeout=600, check=False
-        )
+        try:
+            proc = subprocess.run(["apt-get", "download", "-q", package], cwd=tmp, capture_output=True, text=True,
+                                  timeout=240, check=False)
+        except subprocess.TimeoutExpired:
+            raise GuestUnavailable(f"apt-get download {package} took more than 240 s") from None
         debs = [p for p in Path(tmp).iterdir() if p.suffix == ".deb"]
         if proc.returncode != 0 or len(debs) != 1:
             raise GuestUnavailable(
