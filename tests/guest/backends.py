@@ -15,7 +15,6 @@ frontend (a QEMU message it rejected, a dropped connection).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -81,8 +80,7 @@ def start_serve(name: str, device: str, directory: Path, *args: str, startup_tim
     log = directory / f"{name}.log"
     argv = serve_argv(device, socket, *args)
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                env=os.environ.copy())
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
     served = Served(name, proc, socket, log, argv)
     deadline = time.monotonic() + startup_timeout
     while not socket.exists():

@@ -34,7 +34,6 @@ SCSI_MODULES = (*VIRTIO_PCI_MODULES, "virtio_scsi", "sd_mod")
 NET_MODULES = (*VIRTIO_PCI_MODULES, "virtio_net")
 
 
-
 def require_guest() -> Kernel:
     """The kernel, after checking QEMU and busybox; :class:`GuestUnavailable` names a missing piece."""
     qemu_binary()
