@@ -1,0 +1,114 @@
+"""One guest test session: back ends started, a guest booted against them, everything stopped.
+
+:class:`Guest` ties the pieces together for a test: :meth:`Guest.serve`
+starts a ``pyvirtio serve`` back end (:mod:`guest.backends`),
+:meth:`Guest.boot` builds an initramfs from a script, a module list and data
+files (:mod:`guest.initramfs`) and runs QEMU with the given device arguments
+(:mod:`guest.qemu`), and :meth:`Guest.close` (or leaving the ``with`` block)
+stops every back end by its PID and records its exit status. Nothing in here
+knows about a particular device type: the tests say which modules, devices
+and checks they want, so the PCI transport's guest stage (pyvirtio itself
+inside the guest, against QEMU's emulated devices) uses the same class with
+other modules (``uio_pci_generic``, 9p) and other devices.
+
+:func:`require_guest` checks the pieces a guest run needs (QEMU, a static
+busybox, the Debian kernel) and raises :class:`GuestUnavailable` naming the
+missing one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from .backends import Served, start_serve
+from .initramfs import build_initramfs, busybox_path
+from .kernel import GuestUnavailable, Kernel, debian_kernel
+from .qemu import GuestRun, qemu_binary, run_guest
+
+#: Modules of the virtio-pci transport (the guest's own driver of the PCI function).
+VIRTIO_PCI_MODULES = ("virtio_pci",)
+BLK_MODULES = (*VIRTIO_PCI_MODULES, "virtio_blk")
+SCSI_MODULES = (*VIRTIO_PCI_MODULES, "virtio_scsi", "sd_mod")
+NET_MODULES = (*VIRTIO_PCI_MODULES, "virtio_net")
+
+
+def require_guest() -> Kernel:
+    """The kernel, after checking QEMU and busybox; :class:`GuestUnavailable` names a missing piece."""
+    qemu_binary()
+    busybox_path()
+    return debian_kernel()
+
+
+class Guest:
+    """Back ends and guest runs of one test, stopped together (see the module docstring)."""
+
+    def __init__(self, kernel: Kernel, workdir: Path) -> None:
+        self.kernel = kernel
+        self.workdir = workdir
+        self.backends: dict[str, Served] = {}
+        #: Exit status of each back end, filled by :meth:`close`.
+        self.exit_status: dict[str, int | None] = {}
+        self.runs: list[GuestRun] = []
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def serve(self, name: str, device: str, *args: str) -> Served:
+        """Start ``pyvirtio serve DEVICE ARGS`` as back end ``name`` (also its QEMU chardev id)."""
+        if name in self.backends:
+            raise ValueError(f"back end {name!r} started twice")
+        served = start_serve(name, device, self.workdir, *args)
+        self.backends[name] = served
+        return served
+
+    def boot(
+        self,
+        script: str,
+        devices: Sequence[str] = (),
+        *,
+        modules: Sequence[str] = (),
+        files: Mapping[str, bytes] | None = None,
+        smp: int = 1,
+        memory_mb: int = 512,
+        timeout: float = 150.0,
+    ) -> GuestRun:
+        """Build an initramfs running ``script`` (see :mod:`guest.initramfs`) and boot it with ``devices``."""
+        n = len(self.runs)
+        rundir = self.workdir / f"run{n}"
+        rundir.mkdir(parents=True, exist_ok=True)
+        initrd = rundir / "initramfs.cpio"
+        build_initramfs(initrd, self.kernel, script, modules=modules, files=files)
+        run = run_guest(self.kernel, initrd, rundir, devices, memory_mb=memory_mb, smp=smp, timeout=timeout)
+        self.runs.append(run)
+        return run
+
+    def close(self) -> None:
+        """Stop every back end by PID (SIGTERM, then SIGKILL) and record its exit status."""
+        for name, served in self.backends.items():
+            if name not in self.exit_status:
+                self.exit_status[name] = served.stop()
+
+    def backend_report(self) -> str:
+        """Each back end's exit status and the tail of its log (for failure messages)."""
+        parts = []
+        for name, served in self.backends.items():
+            status = self.exit_status.get(name, "running")
+            parts.append(f"--- back end {name} ({' '.join(served.argv[3:])}), exit {status} ---\n"
+                         + "\n".join(served.log_text().splitlines()[-30:]))
+        return "\n".join(parts)
+
+
+__all__ = [
+    "BLK_MODULES",
+    "NET_MODULES",
+    "SCSI_MODULES",
+    "VIRTIO_PCI_MODULES",
+    "Guest",
+    "GuestUnavailable",
+    "require_guest",
+]
