@@ -39,7 +39,6 @@ feature support). A device status of IOERR or UNSUPP raises
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 import threading
 import time
@@ -175,7 +174,7 @@ class VirtioBlk:
         has = device.has_feature
         self.block_size = cfg["blk_size"] if has(B.F_BLK_SIZE) else SECTOR
         if self.block_size < SECTOR or self.block_size % SECTOR:
-            device._fail()
+            device.fail()
             raise DeviceProtocolError(f"device block size {self.block_size} is not a non-zero multiple of 512")
         self.capacity = cfg["capacity"] * SECTOR
         self.readonly = has(B.F_RO)
@@ -195,7 +194,7 @@ class VirtioBlk:
         self.max_write_zeroes_seg = cfg.get("max_write_zeroes_seg", 0) or 1
         nq = self.max_queues if num_queues is None else num_queues
         if not 1 <= nq <= self.max_queues:
-            device._fail()
+            device.fail()
             raise InvalidArgument(f"num_queues must be 1..{self.max_queues}, got {nq}")
         device.start(nq, 0, queue_size=queue_size)
         self.num_queues = nq
@@ -782,11 +781,11 @@ class VirtioBlk:
         if getattr(ctx, "reader_loop", None) is loop:
             return
 
+        ack = self.device.transport.ack_queue
+        index = ctx.vq.index
+
         def on_readable() -> None:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
+            ack(index)
             try:
                 self.process_completions()
             except Exception:  # errors are delivered to the requests themselves

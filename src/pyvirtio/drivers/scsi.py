@@ -70,17 +70,20 @@ from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.drivers._checks import check_data, check_range
 from pyvirtio.drivers._queues import ThreadQueues
 from pyvirtio.errors import (
-    BlockIOError,
     DeviceProtocolError,
     InvalidArgument,
+    LunNotFound,
     QueueFull,
     QueueStateError,
+    ScsiError,
     TransportTimeout,
 )
 from pyvirtio.memory import Buffer
 from pyvirtio.spec import scsi as S
 from pyvirtio.spec import t10 as T
 from pyvirtio.spec.common import DEVICE_ID_SCSI, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC
+
+__all__ = ["LunNotFound", "ScsiError"]  # the rest of the module's names are public too (re-exports listed)
 
 BE16, BE32, BE64 = T.BE16, T.BE32, T.BE64
 
@@ -106,65 +109,6 @@ _TMF_NAMES = {**S.RESPONSE_NAMES, S.S_OK: "FUNCTION_COMPLETE"}
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
-
-
-# -- errors -----------------------------------------------------------------------------
-
-
-class ScsiError(BlockIOError):
-    """A SCSI command failed: a virtio response other than OK, a SCSI status other than GOOD.
-
-    ``response`` / ``response_name`` are the virtio-scsi response, ``status`` /
-    ``status_name`` the SCSI status, and for CHECK CONDITION ``sense`` (a
-    :class:`~pyvirtio.spec.t10.Sense`), ``key`` / ``key_name``, ``asc``, ``ascq``
-    and ``asc_name``.
-    """
-
-    def __init__(
-        self,
-        op: str,
-        target: int,
-        lun: int,
-        *,
-        response: int = S.S_OK,
-        status: int = T.GOOD,
-        sense: T.Sense | None = None,
-        offset: int = 0,
-        length: int = 0,
-        detail: str = "",
-    ) -> None:
-        status_name = T.STATUS_NAMES.get(status, f"status 0x{status:02x}")
-        super().__init__(op, offset, length, status, status_name)
-        self.target = target
-        self.lun = lun
-        self.response = response
-        self.response_name = S.RESPONSE_NAMES.get(response, f"response {response}")
-        self.sense = sense
-        self.key = sense.key if sense else None
-        self.key_name = sense.key_name if sense else None
-        self.asc = sense.asc if sense else None
-        self.ascq = sense.ascq if sense else None
-        self.asc_name = sense.asc_name if sense else None
-        where = f"{op} on {target}:{lun}" + (f" at offset {offset} length {length}" if length else "")
-        if detail:
-            why = detail
-        elif response != S.S_OK:
-            why = f"virtio response {self.response_name}"
-        elif sense is not None:
-            why = (
-                f"{status_name}, {sense.key_name} ({sense.key:#x}), {sense.asc_name} "
-                f"(ASC {sense.asc:#04x} ASCQ {sense.ascq:#04x})"
-            )
-        else:
-            why = status_name
-        self.args = (f"{where} failed: {why}",)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class LunNotFound(ScsiError):
-    """The target or LUN does not exist (BAD_TARGET, INCORRECT_LUN, LOGICAL UNIT NOT SUPPORTED)."""
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -420,7 +364,7 @@ class VirtioScsi:
         self.cdb_size = cfg.get("cdb_size", S.CDB_SIZE)
         self.sense_size = cfg.get("sense_size", S.SENSE_SIZE)
         if not 16 <= self.cdb_size <= MAX_CDB_SIZE or self.sense_size > MAX_SENSE_SIZE:
-            device._fail()
+            device.fail()
             raise DeviceProtocolError(
                 f"device config cdb_size {self.cdb_size} / sense_size {self.sense_size} out of range "
                 f"(16..{MAX_CDB_SIZE} / 0..{MAX_SENSE_SIZE})"
@@ -434,13 +378,13 @@ class VirtioScsi:
         transport_queues = device.transport.max_queues()
         self.max_queues = min(cfg.get("num_queues", 1) or 1, transport_queues - S.FIRST_REQUEST_QUEUE)
         if self.max_queues < 1:
-            device._fail()
+            device.fail()
             raise DeviceProtocolError(
                 f"the device has {transport_queues} queues; virtio-scsi needs control, event and a request queue"
             )
         nq = self.max_queues if num_queues is None else num_queues
         if not 1 <= nq <= self.max_queues:
-            device._fail()
+            device.fail()
             raise InvalidArgument(f"num_queues must be 1..{self.max_queues}, got {nq}")
         device.start(nq, S.FIRST_REQUEST_QUEUE, queue_size=queue_size)
         self.num_queues = nq
@@ -885,11 +829,11 @@ class VirtioScsi:
         if getattr(ctx, "reader_loop", None) is loop:
             return
 
+        ack = self.device.transport.ack_queue
+        index = ctx.vq.index
+
         def on_readable() -> None:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
+            ack(index)
             with contextlib.suppress(Exception):  # errors are delivered to the requests themselves
                 self._reap(ctx)
             self._arm(ctx)
@@ -943,10 +887,8 @@ class VirtioScsi:
         """Reap event buffers (waiting up to ``timeout`` s for one), act on them, re-post them."""
         raw: list[tuple[int, bytes, int]] = []
         with self._mgmt() as (_cq, eq):
-            fd = eq.fd
-            if fd is not None:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(fd)  # drained here, so event_fd is level-meaningful for select
+            # Acknowledged here, so that event_fd is level-meaningful for select.
+            self.device.transport.ack_queue(eq.index)
             done = eq.reap()
             if not done and timeout > 0:
                 done = eq.wait(timeout)
