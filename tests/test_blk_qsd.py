@@ -24,6 +24,7 @@ import pytest
 pytest.register_assert_rewrite("blk_checks", "peers")
 
 from blk_checks import (  # noqa: E402
+    QSD_ID,
     check_all_ops,
     check_argument_errors,
     check_asyncio,
@@ -88,8 +89,7 @@ def test_info_cli_json(qsd_null: Qsd) -> None:
 
 def test_all_ops_null(qsd_null: Qsd) -> None:
     with VirtioBlk.open(qsd_null.target) as blk:
-        check_all_ops(blk, stores=False)
-        assert blk.get_id()  # qsd answers GET_ID with its export's serial
+        check_all_ops(blk, stores=False, ident=QSD_ID)
 
 
 def test_batch_null(qsd_null: Qsd) -> None:
@@ -130,7 +130,7 @@ def test_raw_file_contents(qsd_raw: Qsd) -> None:
     assert qsd_raw.image is not None
     model = bytearray(qsd_raw.size)
     with VirtioBlk.open(qsd_raw.target) as blk:
-        check_all_ops(blk, stores=True)
+        check_all_ops(blk, stores=True, ident=QSD_ID, discard_zeroes=False)
         # check_all_ops leaves its own data behind: take it into the model.
         model[:] = blk.read(0, 1 << 20) + bytes(qsd_raw.size - (1 << 20))
         write_patterns(blk, model)
