@@ -36,6 +36,7 @@ from blk_checks import (  # noqa: E402
 from peers import Qsd, read_file  # noqa: E402
 from pyvirtio.drivers.blk import VirtioBlk  # noqa: E402
 from pyvirtio.errors import ConnectionLost, InvalidArgument, QueueFull  # noqa: E402
+from pyvirtio.spec import blk as B  # noqa: E402
 
 pytest_plugins = ["peers"]
 
@@ -328,3 +329,28 @@ def test_bounce_buffers_stay_in_device_memory(qsd_null: Qsd) -> None:
             blk.pool.free(hog)
         assert blk.read(0, 8 << 20) == bytes(8 << 20)
         blk.device.transport.check_alive()
+
+
+WCE_OFFSET = next(off for name, off, _fmt in B.CONFIG_FIELDS if name == "wce")
+
+
+def test_write_config_wce_over_vhost_user(qsd_raw: Qsd) -> None:
+    """SET_CONFIG reaches qemu-storage-daemon: CONFIG_WCE's ``wce`` byte is the one field it takes.
+
+    qsd turns the export's write cache on and off with it and reports the new value in
+    GET_CONFIG. (GET_CONFIG on qsd copies from the start of the config whatever the
+    offset asked, so the config is read whole, as the driver does.)
+    """
+    with VirtioBlk.open(qsd_raw.target, extra_features=1 << B.F_CONFIG_WCE) as blk:
+        assert blk.device.has_feature(B.F_CONFIG_WCE)
+
+        def wce() -> int:
+            return B.parse_config(blk.device.read_config(0, B.CONFIG_SIZE_V11))["wce"]
+
+        start = wce()
+        for value in (1 - start, start):
+            blk.device.write_config(WCE_OFFSET, bytes([value]))
+            assert wce() == value
+        blk.write(0, b"w" * 4096)  # the device still works after the writes
+        blk.flush()
+        assert blk.read(0, 4096) == b"w" * 4096
