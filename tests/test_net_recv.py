@@ -65,11 +65,11 @@ def test_recv_returns_each_frame_and_gives_its_buffer_back(served: str) -> None:
         frames = [_frame(net, 1000 + n) for n in range(ring)]
         for f in frames:
             net.send(f)
-        got: list[bytes] = []
+        back: list[bytes] = []
         deadline = time.monotonic() + 10
-        while len(got) < ring and time.monotonic() < deadline:
-            got += [bytes(v) for v in net.recv_batch(ring)]
-        assert got == frames
+        while len(back) < ring and time.monotonic() < deadline:
+            back += [bytes(v) for v in net.recv_batch(ring)]
+        assert back == frames
 
 
 def test_recv_merges_a_frame_spread_over_buffers(served: str) -> None:
