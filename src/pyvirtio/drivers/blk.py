@@ -204,16 +204,6 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
 
         return open_driver(cls, target, DEVICE_ID_BLOCK, kw)
 
-    def close(self) -> None:
-        self._close_queues()
-        self.device.close()
-
-    def __enter__(self) -> VirtioBlk:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def info(self) -> dict[str, Any]:
         out = self.device.info()
         out["blk"] = {

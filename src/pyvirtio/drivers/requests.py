@@ -47,7 +47,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, cast
 
 from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.drivers.queues import ThreadQueues
@@ -164,6 +164,17 @@ class RequestEngine(Generic[R]):
     def _close_queues(self) -> None:
         if hasattr(self, "_queues"):
             self._queues.close()
+
+    def close(self) -> None:
+        """Free the queues' memory and close the device (the driver adds what it holds)."""
+        self._close_queues()
+        self.device.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- memory -----------------------------------------------------------------
 

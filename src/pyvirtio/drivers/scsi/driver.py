@@ -251,12 +251,6 @@ class VirtioScsi(ScsiRequestQueues):
                 self.free(buf)
         self._ctrl = self._event_bufs = None
 
-    def __enter__(self) -> VirtioScsi:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def info(self) -> dict[str, Any]:
         out = self.device.info()
         out["scsi"] = {
