@@ -23,7 +23,7 @@ from pyvirtio.ring.fixed import FixedChains
 
 def run(sock: str, trim: bool, seconds: float, qd: int = 32) -> float:
     with VirtioBlk.open(f"vhost-user:{sock}", queue_size=256, num_queues=1) as blk:
-        ring = blk._ctx().vq.ring
+        ring = blk.thread_queue().vq.ring
         pool = blk.pool
         hdr, st, data = pool.allocate(16 * qd), pool.allocate(qd), pool.allocate(4096 * qd, align=4096)
         fx = FixedChains(

@@ -62,7 +62,7 @@ def test_write_and_read_back_and_the_queue_is_held_meanwhile(dev: Dev) -> None:
     assert blk.read(3 * 8192, 8192) == bytes([3]) * 8192  # the general API again
     with pytest.raises(QueueStateError, match="closed"):
         io.read(0)
-    ring = blk._ctx().vq.ring
+    ring = blk.thread_queue().vq.ring
     assert ring.check_free_list() == ring.num_free == ring.size  # every descriptor back
 
 

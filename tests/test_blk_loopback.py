@@ -226,7 +226,7 @@ def test_device_error_status(loop: Loop, status: int, name: str) -> None:
 
     # Nothing leaked on the way: the device works again, the data is intact.
     loop.transport.default_handler = loop.backend.handle
-    ctx = blk._ctx()
+    ctx = blk.thread_queue()
     assert ctx.inflight == 0 and len(ctx.free_slots) == ctx.nslots
     assert blk.read(4096, 8192) == pattern(4096, 8192, 1)
 
@@ -236,7 +236,7 @@ def test_transfers_limited_to_device_memory() -> None:
         blk = lp.blk
         assert blk.max_transfer == 2 << 20
         with pytest.raises(InvalidArgument, match="largest transfer"):
-            blk.read(0, (2 << 20) + 512)
+            blk.read_request(0, (2 << 20) + 512)
         blk.write(0, b"\x11" * (2 << 20))
         hog = blk.pool.allocate(3 << 20)
         try:
@@ -313,7 +313,7 @@ def test_random_io_matches_model(ops: list[tuple[Any, ...]]) -> None:
                 assert blk.submit(reqs) == len(reqs)
                 blk.wait(reqs)
                 for (s, n), r in zip(op[1], reqs, strict=True):
-                    assert r._user == bytes(model[s * 512 : (s + n) * 512])
+                    assert r.result == bytes(model[s * 512 : (s + n) * 512])
                 continue
             (s, n) = op[1]
             off, length = s * 512, n * 512
@@ -400,17 +400,17 @@ def test_the_queue_of_an_ended_thread_goes_to_a_thread_that_finds_none_free() ->
 
         def ends_holding_its_queue() -> None:
             blk.write(0, pattern(0, 4096, 1))
-            first.append(blk._ctx().vq.index)
+            first.append(blk.thread_queue().vq.index)
 
         _in_thread(ends_holding_its_queue)
         assert blk.read(0, 4096) == pattern(0, 4096, 1)  # this thread takes the other, free queue
-        assert blk._ctx().vq.index != first[0]
+        assert blk.thread_queue().vq.index != first[0]
         taken: list[int] = []
 
         def finds_none_free() -> None:
             blk.write(8192, pattern(8192, 4096, 2))
             assert blk.read(8192, 4096) == pattern(8192, 4096, 2)
-            taken.append(blk._ctx().vq.index)
+            taken.append(blk.thread_queue().vq.index)
             blk.release_queue()
 
         _in_thread(finds_none_free)

@@ -121,32 +121,6 @@ def test_hexdump_matches_hexdump_c() -> None:
     ]
 
 
-class FakeBlk:
-    block_size = 4096
-    capacity = 1 << 20
-    max_transfer = 3 << 20
-    max_discard_sectors = 32768
-    max_discard_seg = 1
-    discard_alignment = 1
-    max_write_zeroes_sectors = 1000
-    max_write_zeroes_seg = 2
-
-
-def test_request_steps() -> None:
-    blk = FakeBlk()
-    assert cli_blk.transfer_step(blk, 1 << 20) == 1 << 20
-    assert cli_blk.transfer_step(blk, 5000) == 4096  # block aligned
-    assert cli_blk.transfer_step(blk, 16 << 20) == 3 << 20  # capped by the device
-    with pytest.raises(InvalidArgument, match="smaller than the block size"):
-        cli_blk.transfer_step(blk, 512)
-    assert cli_blk.range_step(blk, "discard") == 16 << 20
-    assert cli_blk.range_step(blk, "write-zeroes") == (2000 * 512) // 4096 * 4096
-    cli_blk.check_range(blk, "read", 0, 4096)
-    for off, n, why in ((0, 0, "positive"), (512, 4096, "block size"), (1 << 20, 4096, "capacity")):
-        with pytest.raises(InvalidArgument, match=why):
-            cli_blk.check_range(blk, "read", off, n)
-
-
 # -- argument errors and failures without a device -----------------------------------------
 
 

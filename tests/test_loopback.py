@@ -220,3 +220,21 @@ def test_close_releases_everything() -> None:
     assert tr.closed
     with pytest.raises(ConnectionLost):
         tr.check_alive()
+
+
+def test_ack_queue_consumes_the_signal(harness: type[Harness]) -> None:
+    import select
+
+    h = harness(num_queues=2)
+    fd = h.tr.queue_fd(1)
+    assert fd is not None
+    h.tr.signal(1)
+    h.tr.signal(1)
+    assert select.select([fd], [], [], 0)[0] == [fd]
+    h.tr.ack_queue(1)  # both signals taken at once (an eventfd counter)
+    assert select.select([fd], [], [], 0)[0] == []
+    h.tr.ack_queue(1)  # nothing to acknowledge: not an error
+    h.tr.ack_queue(7)  # nor a queue that does not exist
+    h.tr.signal(1)
+    assert select.select([fd], [], [], 0)[0] == [fd]  # the next signal is seen again
+    assert h.tr.has_config()

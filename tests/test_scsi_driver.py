@@ -285,7 +285,7 @@ def test_argument_checks(scsi: VirtioScsi) -> None:
 def test_batch_submit_one_kick(scsi: VirtioScsi) -> None:
     disk = scsi.disk(0, 0)
     writes = [disk.write_request(i * 4096, bytes([i]) * 4096) for i in range(16)]
-    ctx = scsi._ctx()
+    ctx = scsi.thread_queue()
     kicks = ctx.vq.kicks
     assert scsi.submit(writes) == 16
     assert ctx.vq.kicks - kicks <= 1
@@ -501,7 +501,7 @@ def test_each_thread_gets_its_own_request_queue(scsi: VirtioScsi) -> None:
             data = bytes([k]) * 4096
             disk.write(k * 4096, data)
             result[f"ok{k}"] = disk.read(k * 4096, 4096) == data
-            result[f"q{k}"] = scsi._ctx().vq.index
+            result[f"q{k}"] = scsi.thread_queue().vq.index
             ready.wait(5)
             release.wait(5)
             scsi.release_queue()
@@ -602,7 +602,7 @@ def test_bench_loop(scsi: VirtioScsi, rw: str) -> None:
         assert stats.reads and stats.writes
     summary = stats.summary()
     assert summary["latency_us"]["p50"] > 0 and summary["iops"] > 0
-    assert scsi._ctx().inflight == 0
+    assert scsi.thread_queue().inflight == 0
 
 
 def test_bench_argument_checks(scsi: VirtioScsi) -> None:

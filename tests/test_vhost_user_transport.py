@@ -114,6 +114,25 @@ def test_lost_peer_is_sticky(qsd_null: Qsd) -> None:
         t.close()
 
 
+def test_ack_queue_and_has_config(qsd_null: Qsd) -> None:
+    """The driver side of a queue's call eventfd: readable when signalled, quiet once acknowledged."""
+    import select
+
+    with VirtioBlk.open(qsd_null.target) as blk:
+        t = blk.device.transport
+        assert t.has_config()  # qemu-storage-daemon offers PROTOCOL_F_CONFIG
+        fd = t.queue_fd(0)
+        assert fd is not None
+        blk.read(0, 4096)
+        os.eventfd_write(fd, 1)  # as the back end signals a completion
+        assert select.select([fd], [], [], 0)[0] == [fd]
+        t.ack_queue(0)
+        assert select.select([fd], [], [], 0)[0] == []
+        t.ack_queue(0)  # nothing pending: not an error
+        t.ack_queue(99)  # no such queue: nothing to acknowledge
+        assert blk.read(0, 4096) == bytes(4096)
+
+
 # -- connecting to nothing -------------------------------------------------------------
 
 

@@ -18,6 +18,17 @@ the queues. Its life follows virtio 1.2 §3.1.1:
 Status bits accumulate as in the seed: a non-zero status write is OR-ed into
 the current status.
 
+Config space: read and written through the transport, unless the device
+has none the transport can reach (``transport.has_config()`` False: a
+vhost-user back end without PROTOCOL_F_CONFIG). A driver that knows what the
+config must hold then keeps it here (:meth:`VirtioDevice.keep_config`, QEMU's
+way for vhost-user-scsi): reads are served from the kept bytes and writes go
+through the driver's check, never to the back end.
+
+Reconnect: a :class:`~pyvirtio.transport.base.ReconnectingTransport` can lose
+its device and get it back; the device checks for that protocol once, when
+it is built, and :meth:`VirtioDevice.recover` drives it.
+
 Queue ownership (the seed's acquire/release, with the calling thread as the
 owner): a queue is used by one thread at a time. :meth:`acquire` /
 :meth:`find_and_acquire` / :meth:`release`; only the owner may release, and
@@ -41,16 +52,11 @@ from pyvirtio.errors import (
     OwnershipError,
     PyvirtioError,
     QueueStateError,
+    ReconnectFailed,
 )
 from pyvirtio.memory import DEFAULT_REGION_SIZE, MemoryPool
 from pyvirtio.ring.split import Completion, SplitQueue
-from pyvirtio.spec import blk as spec_blk
-from pyvirtio.spec import net as spec_net
-from pyvirtio.spec import scsi as spec_scsi
 from pyvirtio.spec.common import (
-    DEVICE_ID_BLOCK,
-    DEVICE_ID_NET,
-    DEVICE_ID_SCSI,
     DEVICE_TYPE_NAMES,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
@@ -60,18 +66,14 @@ from pyvirtio.spec.common import (
     STATUS_DRIVER_OK,
     STATUS_FAILED,
     STATUS_FEATURES_OK,
-    feature_names,
     status_names,
 )
+from pyvirtio.spec.features import device_feature_names
 from pyvirtio.spec.ring import is_power_of_two
-from pyvirtio.transport.base import QueueSetup, Transport
-from pyvirtio.transport.vhost_user import ReconnectFailed
+from pyvirtio.transport.base import QueueSetup, ReconnectingTransport, Transport
 
-_DEVICE_FEATURE_NAMES: dict[int, dict[int, str]] = {
-    DEVICE_ID_BLOCK: spec_blk.FEATURE_NAMES,
-    DEVICE_ID_SCSI: spec_scsi.FEATURE_NAMES,
-    DEVICE_ID_NET: spec_net.FEATURE_NAMES,
-}
+#: Writes to a config the frontend keeps: ``check(offset, data)`` raises to refuse one.
+ConfigWriteCheck = Callable[[int, bytes], None]
 
 
 class Virtqueue:
@@ -82,12 +84,24 @@ class Virtqueue:
     :meth:`reap` (polling) or :meth:`wait` (blocking on the interrupt).
     """
 
-    __slots__ = ("ring", "index", "_transport", "_owner", "add", "add_buffers", "kicks", "generation", "_device")
+    __slots__ = (
+        "ring",
+        "index",
+        "_transport",
+        "_reconnecting",
+        "_owner",
+        "add",
+        "add_buffers",
+        "kicks",
+        "generation",
+        "_device",
+    )
 
     def __init__(self, ring: SplitQueue, transport: Transport, device: VirtioDevice | None = None) -> None:
         self.ring = ring
         self.index = ring.index
         self._transport = transport
+        self._reconnecting = device.reconnecting if device is not None else _reconnecting(transport)
         self._device = device
         self._owner: int | None = None
         # add() is only reachable after start(), which checks the owner.
@@ -95,13 +109,13 @@ class Virtqueue:
         self.add_buffers = ring.add_buffers
         self.kicks = 0
         #: The transport connection (generation) this queue runs on; see VirtioDevice.recover.
-        self.generation = _generation(transport)
+        self.generation = 0 if self._reconnecting is None else self._reconnecting.generation
 
     def check_alive(self) -> None:
         """Raise ConnectionLost if the device is gone, or if this queue still waits to be restored after a reconnect."""
-        t = self._transport
-        t.check_alive()
-        if self.generation != _generation(t):
+        self._transport.check_alive()
+        r = self._reconnecting
+        if r is not None and self.generation != r.generation:
             raise ConnectionLost(f"queue {self.index} has not been restored since the back end reconnected")
 
     def _check_owner(self) -> None:
@@ -198,6 +212,12 @@ class VirtioDevice:
     ) -> None:
         self.name = name
         self.transport = transport
+        #: The transport as a ReconnectingTransport, if it is one (checked once, here).
+        self.reconnecting: ReconnectingTransport | None = _reconnecting(transport)
+        self._kept_config: bytearray | None = None  # keep_config: the frontend holds the config
+        self._config_check: ConfigWriteCheck | None = None
+        #: Where the config space lives: "device", or "frontend (<why>)" after keep_config.
+        self.config_source = "device"
         self.pool = pool if pool is not None else MemoryPool(pool_size, name=f"pyvirtio-{name}")
         self._own_pool = pool is None
         self.offered_features = 0
@@ -225,11 +245,15 @@ class VirtioDevice:
         self.set_status(bit)
         status = self.status
         if not status & bit:
-            self._fail()
+            self.fail()
             raise NegotiationError(f"{self.name}: {what}: device did not accept status {status_names(bit)[0]}")
 
-    def _fail(self) -> None:
-        """virtio 1.2 §3.1.1: on an unrecoverable error the driver sets FAILED."""
+    def fail(self) -> None:
+        """Set FAILED (virtio 1.2 §3.1.1: the driver gave up on the device); never raises.
+
+        Drivers call it when the device's config or answers make it unusable,
+        before they raise the error that says why.
+        """
         try:
             self.set_status(STATUS_FAILED)
         except PyvirtioError:
@@ -245,7 +269,7 @@ class VirtioDevice:
         offered = self.transport.get_features()
         self.offered_features = offered
         if not offered >> F_VERSION_1 & 1:
-            self._fail()
+            self.fail()
             raise NegotiationError(f"{self.name}: device does not offer VERSION_1 (legacy devices are not supported)")
         negotiated = requested & offered
         self.transport.set_features(negotiated)
@@ -258,8 +282,9 @@ class VirtioDevice:
 
     def feature_names(self, features: int | None = None) -> list[str]:
         """Names of ``features`` (default: negotiated) for this device type."""
-        table = _DEVICE_FEATURE_NAMES.get(self.transport.device_type())
-        return feature_names(self.negotiated_features if features is None else features, table)
+        return device_feature_names(
+            self.transport.device_type(), self.negotiated_features if features is None else features
+        )
 
     # -- queues ---------------------------------------------------------------
 
@@ -279,9 +304,9 @@ class VirtioDevice:
         if queue_size is not None and (not is_power_of_two(queue_size)):
             raise InvalidArgument(f"queue size must be a power of two, got {queue_size}")
         self.fixed_queues = fixed_queues
-        plan = getattr(self.transport, "plan_queues", None)
-        if plan is not None:
-            plan(total)  # vhost-user sizes its inflight area (INFLIGHT_SHMFD) by the queues really used
+        if self.reconnecting is not None:
+            # vhost-user sizes its inflight area (INFLIGHT_SHMFD) by the queues really used.
+            self.reconnecting.plan_queues(total)
         self.transport.set_memory(self.pool)
         event_idx = self.has_feature(F_RING_EVENT_IDX)
         indirect = self.has_feature(F_RING_INDIRECT_DESC)
@@ -365,7 +390,8 @@ class VirtioDevice:
     @property
     def can_reconnect(self) -> bool:
         """Does the transport reconnect to a lost device (a reconnect policy is set)?"""
-        return getattr(self.transport, "reconnect_policy", None) is not None
+        r = self.reconnecting
+        return r is not None and r.reconnect_policy is not None
 
     def recover(self, vq: Virtqueue, restart: Callable[[bool], int] | None = None) -> float:
         """Bring queue ``vq`` back after the transport lost the device; returns the seconds it took.
@@ -382,7 +408,7 @@ class VirtioDevice:
         Requests in flight are not failed: each one not completed is
         resubmitted exactly once, and completions still in the used ring are
         reaped as usual afterwards. Raises ConnectionLost
-        (:class:`~pyvirtio.transport.vhost_user.ReconnectFailed`) when the
+        (:class:`~pyvirtio.errors.ReconnectFailed`) when the
         transport cannot reconnect; the caller then fails its requests.
         """
         start, deadline = self._recover_start()
@@ -421,23 +447,29 @@ class VirtioDevice:
                     raise
 
     def _recover_start(self) -> tuple[float, float]:
-        policy = getattr(self.transport, "reconnect_policy", None)
+        r = self.reconnecting
+        policy = None if r is None else r.reconnect_policy
         if policy is None:
             raise ConnectionLost(f"{self.name}: the device was lost and reconnect is off")
         start = time.monotonic()
         return start, start + float(policy.timeout)
 
+    def _reconnecting_transport(self) -> ReconnectingTransport:
+        t = self.reconnecting
+        if t is None:
+            raise ConnectionLost(f"{self.name}: the device was lost and its transport cannot reconnect")
+        return t
+
     def _reconnect(self, caller: Virtqueue, deadline: float) -> bool:
         """Reconnect if nobody has yet (True if this call did) and restore the queues nobody owns."""
-        t: Any = self.transport
-        made = bool(t.reconnect(deadline))
+        made = self._reconnecting_transport().reconnect(deadline)
         if made:
             self._restore_unowned(caller)
         return made
 
     def _restore_own(self, vq: Virtqueue, restart: Callable[[bool], int] | None, made: bool) -> None:
         """Restart the caller's own queue on the new connection; resume the device if the caller reconnected."""
-        t: Any = self.transport
+        t = self._reconnecting_transport()
         if vq.generation != t.generation:
             t.restart_queue(vq.index, (restart or vq.ring.restart_base)(not t.device_resubmits))
             vq.generation = t.generation
@@ -445,7 +477,7 @@ class VirtioDevice:
             t.resume()
 
     def _restore_unowned(self, caller: Virtqueue) -> None:
-        t: Any = self.transport
+        t = self._reconnecting_transport()
         with self._lock:  # nobody can acquire a queue while it is restored
             for other in self._queues:
                 if other is caller or other._owner is not None or other.ring.broken is not None:
@@ -509,35 +541,65 @@ class VirtioDevice:
     def read_config(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument(f"bad config range {offset}+{length}")
+        kept = self._kept_config
+        if kept is not None:
+            if offset + length > len(kept):
+                raise InvalidArgument(f"config read {offset}+{length} outside the {len(kept)}-byte config")
+            return bytes(kept[offset : offset + length])
         return self.transport.read_config(offset, length)
 
     def write_config(self, offset: int, data: bytes) -> None:
         if offset < 0:
             raise InvalidArgument(f"bad config offset {offset}")
+        kept = self._kept_config
+        if kept is not None:
+            # The back end has no config space: nothing is sent to it.
+            if offset + len(data) > len(kept):
+                raise InvalidArgument(f"config write {offset}+{len(data)} outside the {len(kept)}-byte config")
+            if self._config_check is not None:
+                self._config_check(offset, bytes(data))
+            kept[offset : offset + len(data)] = data
+            return
         self.transport.write_config(offset, data)
+
+    def keep_config(self, config: bytes, check_write: ConfigWriteCheck | None, why: str) -> None:
+        """From now on the config space is ``config``, held here (the transport has none: see the module docstring).
+
+        ``check_write(offset, data)`` is called for every :meth:`write_config`
+        and raises (InvalidArgument) to refuse it; None refuses nothing.
+        ``why`` is shown in :meth:`info` (``config``).
+        """
+        self._kept_config = bytearray(config)
+        self._config_check = check_write
+        self.config_source = f"frontend ({why})"
+
+    @property
+    def config_kept(self) -> bool:
+        """Is the config space held in the frontend (:meth:`keep_config`)?"""
+        return self._kept_config is not None
 
     # -- info (seed: virtio_dev_dump_json_info) ---------------------------------
 
     def info(self) -> dict[str, Any]:
         dtype = self.transport.device_type()
-        table = _DEVICE_FEATURE_NAMES.get(dtype)
         virtio: dict[str, Any] = {
             "vq_count": len(self._queues),
             "vq_size": self._queues[0].size if self._queues else self.transport.get_queue_size(0),
         }
         virtio.update(self.transport.info())
+        if self._kept_config is not None:
+            virtio["config"] = self.config_source
         return {
             "name": self.name,
             "device_type": DEVICE_TYPE_NAMES.get(dtype, str(dtype)),
             "status": status_names(self.status),
-            "offered_features": feature_names(self.offered_features, table),
-            "negotiated_features": feature_names(self.negotiated_features, table),
+            "offered_features": device_feature_names(dtype, self.offered_features),
+            "negotiated_features": device_feature_names(dtype, self.negotiated_features),
             "fixed_queues": self.fixed_queues,
             "virtio": virtio,
         }
 
 
-def _generation(transport: Transport) -> int:
-    """The transport's connection generation (0 for transports that never reconnect)."""
-    generation: int = getattr(transport, "generation", 0)
-    return generation
+def _reconnecting(transport: Transport) -> ReconnectingTransport | None:
+    """``transport`` as a ReconnectingTransport, or None if it cannot reconnect."""
+    return transport if isinstance(transport, ReconnectingTransport) else None

@@ -9,9 +9,16 @@ fault they are"):
   :class:`QueueStateError`;
 * the device's: :class:`DeviceProtocolError` (a malformed reply or ring
   entry), :class:`QueueBroken`, :class:`NegotiationError`,
-  :class:`BlockIOError`;
+  :class:`BlockIOError` and its SCSI forms :class:`ScsiError` and
+  :class:`LunNotFound`, :class:`NetControlError`;
 * the transport's: :class:`TransportError`, :class:`ConnectionLost`,
-  :class:`TransportTimeout`.
+  :class:`ReconnectFailed`, :class:`TransportTimeout`.
+
+Every exception class of the drivers, the device layer and the transports
+lives here (the driver modules re-export theirs under the old names).
+:class:`ScsiError` names SCSI status, sense key and ASC from
+:mod:`pyvirtio.spec.t10` / :mod:`pyvirtio.spec.scsi` (pure data, the only
+modules this one imports).
 
 :class:`DriverProtocolError` is the mirror of DeviceProtocolError for the
 embedded back ends: the *frontend* (driver) broke the rules
@@ -23,6 +30,9 @@ target emulation answers a command it cannot execute with
 """
 
 from __future__ import annotations
+
+from pyvirtio.spec import scsi as _S
+from pyvirtio.spec import t10 as _T
 
 
 class PyvirtioError(Exception):
@@ -91,6 +101,66 @@ class BlockIOError(DeviceError, OSError):
         self.status_name = status_name
 
 
+class ScsiError(BlockIOError):
+    """A SCSI command failed: a virtio response other than OK, a SCSI status other than GOOD.
+
+    ``response`` / ``response_name`` are the virtio-scsi response, ``status`` /
+    ``status_name`` the SCSI status, and for CHECK CONDITION ``sense`` (a
+    :class:`~pyvirtio.spec.t10.Sense`), ``key`` / ``key_name``, ``asc``, ``ascq``
+    and ``asc_name``.
+    """
+
+    def __init__(
+        self,
+        op: str,
+        target: int,
+        lun: int,
+        *,
+        response: int = _S.S_OK,
+        status: int = _T.GOOD,
+        sense: _T.Sense | None = None,
+        offset: int = 0,
+        length: int = 0,
+        detail: str = "",
+    ) -> None:
+        status_name = _T.STATUS_NAMES.get(status, f"status 0x{status:02x}")
+        super().__init__(op, offset, length, status, status_name)
+        self.target = target
+        self.lun = lun
+        self.response = response
+        self.response_name = _S.RESPONSE_NAMES.get(response, f"response {response}")
+        self.sense = sense
+        self.key = sense.key if sense else None
+        self.key_name = sense.key_name if sense else None
+        self.asc = sense.asc if sense else None
+        self.ascq = sense.ascq if sense else None
+        self.asc_name = sense.asc_name if sense else None
+        where = f"{op} on {target}:{lun}" + (f" at offset {offset} length {length}" if length else "")
+        if detail:
+            why = detail
+        elif response != _S.S_OK:
+            why = f"virtio response {self.response_name}"
+        elif sense is not None:
+            why = (
+                f"{status_name}, {sense.key_name} ({sense.key:#x}), {sense.asc_name} "
+                f"(ASC {sense.asc:#04x} ASCQ {sense.ascq:#04x})"
+            )
+        else:
+            why = status_name
+        self.args = (f"{where} failed: {why}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class LunNotFound(ScsiError):
+    """The target or LUN does not exist (BAD_TARGET, INCORRECT_LUN, LOGICAL UNIT NOT SUPPORTED)."""
+
+
+class NetControlError(DeviceError):
+    """The device answered a virtio-net control command with VIRTIO_NET_ERR (or not at all)."""
+
+
 # -- the transport's fault ----------------------------------------------------
 
 
@@ -100,6 +170,10 @@ class TransportError(PyvirtioError):
 
 class ConnectionLost(TransportError, ConnectionError):
     """The peer went away; pending and later requests fail with this."""
+
+
+class ReconnectFailed(ConnectionLost):
+    """The device did not come back within the reconnect policy, or came back unable to resume."""
 
 
 class TransportTimeout(TransportError, TimeoutError):

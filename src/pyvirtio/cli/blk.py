@@ -6,7 +6,10 @@ must be multiples of the device's block size. Large reads and writes are
 split into requests of at most ``--chunk`` bytes (default 1 MiB, never more
 than the device's largest transfer); discard and write-zeroes ranges are
 split by the device's per-request limits. The whole range is checked before
-the first request is sent, so a bad range never half-completes.
+the first request is sent, so a bad range never half-completes. All of that
+is the driver's (:class:`~pyvirtio.drivers.block.BlockDevice`: ``read_iter``,
+``write_from``, ``fill``, ``discard``, ``write_zeroes``); this module parses
+arguments and moves bytes between files and the device.
 """
 
 from __future__ import annotations
@@ -15,23 +18,21 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pyvirtio.cli.common import (
     DEFAULT_CHUNK,
     UsageError,
     add_target_arguments,
-    align_down,
     byte_arg,
-    chunks,
     hexdump,
     open_blk,
     size_arg,
     stdout_is_tty,
 )
-from pyvirtio.errors import InvalidArgument
 
-SECTOR = 512
+if TYPE_CHECKING:
+    from pyvirtio.drivers.blk import VirtioBlk
 
 READ_HELP = """\
 Read LENGTH bytes at OFFSET.
@@ -111,60 +112,13 @@ def _chunk_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
-# -- checks ---------------------------------------------------------------------
-
-
-def check_range(blk: Any, op: str, offset: int, length: int) -> None:
-    """The whole range's checks, done before the first request is sent."""
-    if length <= 0:
-        raise InvalidArgument(f"{op}: length must be positive")
-    bs = blk.block_size
-    if offset % bs or length % bs:
-        raise InvalidArgument(
-            f"{op}: offset {offset} and length {length} must be multiples of the block size {bs}"
-        )
-    if offset + length > blk.capacity:
-        raise InvalidArgument(f"{op}: {offset}+{length} is beyond the device capacity {blk.capacity}")
-
-
-def transfer_step(blk: Any, chunk: int) -> int:
-    """The bytes per read / write request: --chunk, capped by the device, block aligned."""
-    step = align_down(min(chunk, blk.max_transfer), blk.block_size)
-    if step <= 0:
-        raise InvalidArgument(f"--chunk {chunk} is smaller than the block size {blk.block_size}")
-    return step
-
-
-def range_step(blk: Any, op: str) -> int:
-    """The bytes per discard / write-zeroes request under the device's limits."""
-    if op == "discard":
-        per_seg, nseg = blk.max_discard_sectors, blk.max_discard_seg
-        align = blk.discard_alignment * SECTOR
-    else:
-        per_seg, nseg = blk.max_write_zeroes_sectors, blk.max_write_zeroes_seg
-        align = SECTOR
-    unit = _lcm(blk.block_size, align)
-    step = align_down(per_seg * nseg * SECTOR, unit)
-    if step <= 0:
-        raise InvalidArgument(f"{op}: the device's limits allow no aligned request")
-    return step
-
-
-def _lcm(a: int, b: int) -> int:
-    import math
-
-    return a * b // math.gcd(a, b)
-
-
 # -- commands -----------------------------------------------------------------
 
 
 def cmd_read(args: argparse.Namespace) -> int:
     blk = open_blk(args, num_queues=1)
     try:
-        check_range(blk, "read", args.offset, args.length)
-        step = transfer_step(blk, args.chunk)
-        pieces = _read_pieces(blk, args.offset, args.length, step)
+        pieces = blk.read_iter(args.offset, args.length, args.chunk)  # the whole range is checked here
         if args.output not in (None, "-"):
             with open(args.output, "wb") as out:
                 _copy(pieces, out)
@@ -181,11 +135,6 @@ def cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_pieces(blk: Any, offset: int, length: int, step: int) -> Iterator[bytes]:
-    for off, n in chunks(offset, length, step):
-        yield blk.read(off, n)
-
-
 def _copy(pieces: Iterator[bytes], out: IO[bytes]) -> None:
     for piece in pieces:
         out.write(piece)
@@ -196,29 +145,19 @@ def cmd_write(args: argparse.Namespace) -> int:
         raise UsageError("blk write: --pattern needs --length")
     blk = open_blk(args, num_queues=1)
     try:
-        step = transfer_step(blk, args.chunk)
         if args.pattern is not None:
-            check_range(blk, "write", args.offset, args.length)
-            _check_writable(blk)
-            block = bytes([args.pattern]) * step
-            for off, n in chunks(args.offset, args.length, step):
-                blk.write(off, block[:n])
+            blk.fill(args.offset, args.length, args.pattern, args.chunk)
             total = args.length
         else:
-            total = _write_file(blk, args, step)
+            total = _write_file(blk, args)
         print(f"wrote {total} bytes at offset {args.offset}")
     finally:
         blk.close()
     return 0
 
 
-def _check_writable(blk: Any) -> None:
-    if blk.readonly:
-        raise InvalidArgument("write: the device is read-only (VIRTIO_BLK_F_RO)")
-
-
-def _write_file(blk: Any, args: argparse.Namespace, step: int) -> int:
-    _check_writable(blk)
+def _write_file(blk: VirtioBlk, args: argparse.Namespace) -> int:
+    blk.check_writable("write")  # before the input is opened
     if args.input == "-":
         src: IO[bytes] = sys.stdin.buffer
         close = False
@@ -229,29 +168,7 @@ def _write_file(blk: Any, args: argparse.Namespace, step: int) -> int:
         length = args.length
         if length is None and not (args.input == "-") and os.path.isfile(args.input):
             length = os.fstat(src.fileno()).st_size
-        if length is not None:
-            check_range(blk, "write", args.offset, length)
-        offset = args.offset
-        total = 0
-        while length is None or total < length:
-            want = step if length is None else min(step, length - total)
-            data = _read_exact(src, want)
-            if not data:
-                break
-            if len(data) % blk.block_size:
-                raise InvalidArgument(
-                    f"write: the input ends {total + len(data)} bytes in, not a multiple of the block size "
-                    f"{blk.block_size}"
-                )
-            blk.write(offset + total, data)
-            total += len(data)
-            if len(data) < want:
-                break
-        if length is not None and total < length:
-            raise InvalidArgument(f"write: the input ended after {total} of {length} bytes")
-        if total == 0:
-            raise InvalidArgument("write: the input is empty")
-        return total
+        return blk.write_from(args.offset, lambda n: _read_exact(src, n), length, args.chunk)
     finally:
         if close:
             src.close()
@@ -279,31 +196,24 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return 0
 
 
-def _range_op(args: argparse.Namespace, op: str) -> int:
+def cmd_discard(args: argparse.Namespace) -> int:
     blk = open_blk(args, num_queues=1)
     try:
-        check_range(blk, op, args.offset, args.length)
-        if blk.readonly:
-            raise InvalidArgument(f"{op}: the device is read-only (VIRTIO_BLK_F_RO)")
-        step = range_step(blk, op)
-        for off, n in chunks(args.offset, args.length, step):
-            if op == "discard":
-                blk.discard(off, n)
-            else:
-                blk.write_zeroes(off, n, unmap=args.unmap)
+        blk.discard(args.offset, args.length)  # split by the device's limits, checked as a whole first
     finally:
         blk.close()
-    done = "discarded" if op == "discard" else "zeroed"
-    print(f"{done} {args.length} bytes at offset {args.offset}")
+    print(f"discarded {args.length} bytes at offset {args.offset}")
     return 0
 
 
-def cmd_discard(args: argparse.Namespace) -> int:
-    return _range_op(args, "discard")
-
-
 def cmd_write_zeroes(args: argparse.Namespace) -> int:
-    return _range_op(args, "write-zeroes")
+    blk = open_blk(args, num_queues=1)
+    try:
+        blk.write_zeroes(args.offset, args.length, unmap=args.unmap)
+    finally:
+        blk.close()
+    print(f"zeroed {args.length} bytes at offset {args.offset}")
+    return 0
 
 
 def cmd_get_id(args: argparse.Namespace) -> int:

@@ -263,7 +263,7 @@ class BlkEngine:
         size = blk.capacity - offset if size is None else size
         if offset < 0 or offset % bs or size < bs or offset + size > blk.capacity:
             raise InvalidArgument(f"region {offset}+{size} does not fit the device ({blk.capacity} bytes) with bs {bs}")
-        ctx = blk._ctx()
+        ctx = blk.thread_queue()
         max_qd = ctx.vq.size // 3
         if not 1 <= iodepth <= max_qd:
             raise InvalidArgument(f"iodepth must be 1..{max_qd} for a queue of {ctx.vq.size} descriptors")

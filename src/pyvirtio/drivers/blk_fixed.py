@@ -36,7 +36,8 @@ from pyvirtio.spec import blk as B
 from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
 
 if TYPE_CHECKING:
-    from pyvirtio.drivers.blk import VirtioBlk, _QueueCtx
+    from pyvirtio.drivers.blk import VirtioBlk
+    from pyvirtio.drivers.requests import QueueContext
 
 _STATUS = 16  # status byte offset in the header allocation
 
@@ -50,9 +51,9 @@ class FixedIO:
             raise InvalidArgument(f"fixed_io: a buffer of {n} bytes is not a multiple of {blk.block_size}")
         if n > blk.max_transfer or (blk.size_max and n > blk.size_max):
             raise InvalidArgument(f"fixed_io: a buffer of {n} bytes is larger than one request may be")
-        if not blk._in_device_memory(buf):
+        if not blk.in_device_memory(buf):
             raise InvalidArgument(f"fixed_io: {buf!r} is not in the shared memory the device knows")
-        ctx: _QueueCtx = blk._ctx()
+        ctx: QueueContext = blk.thread_queue()
         if ctx.held is not None or ctx.inflight:
             raise QueueStateError(f"queue {ctx.vq.index} is busy: close its FixedIO / wait for its requests first")
         self.blk = blk
@@ -95,7 +96,7 @@ class FixedIO:
             raise OwnershipError("a FixedIO is used by the thread that opened it")
         blk = self.blk
         name = "read" if op == B.T_IN else "write"
-        blk._check_range(name, offset, self.length)
+        blk.check_range(name, offset, self.length)
         fixed = self._fixed
         write = op == B.T_OUT
         if write != self._writing:  # the data descriptor's direction and the bound on the used length

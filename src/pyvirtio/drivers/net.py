@@ -73,9 +73,9 @@ from typing import Any, NamedTuple
 
 from pyvirtio.device import VirtioDevice
 from pyvirtio.errors import (
-    DeviceError,
     DeviceProtocolError,
     InvalidArgument,
+    NetControlError,
     OwnershipError,
     TransportError,
     TransportTimeout,
@@ -134,10 +134,6 @@ class NetHdr(NamedTuple):
 
     def pack(self) -> bytes:
         return N.HDR.pack(*self)
-
-
-class NetControlError(DeviceError):
-    """The device answered a control command with VIRTIO_NET_ERR (or not at all)."""
 
 
 def parse_mac(text: str | bytes) -> bytes:
@@ -291,20 +287,20 @@ class VirtioNet:
         self.config = cfg
         self.max_pairs = (_cfg_int(cfg, "max_virtqueue_pairs") or 1) if has(N.F_MQ) else 1
         if has(N.F_MQ) and not N.CTRL_MQ_VQ_PAIRS_MIN <= self.max_pairs <= N.CTRL_MQ_VQ_PAIRS_MAX:
-            device._fail()
+            device.fail()
             raise DeviceProtocolError(f"device reports max_virtqueue_pairs {self.max_pairs}")
         # The config may claim more pairs than the device has queues: trust the queues.
         fit = (device.transport.max_queues() - (1 if self.has_ctrl else 0)) // 2
         if fit < 1:
-            device._fail()
+            device.fail()
             raise DeviceProtocolError(f"device has {device.transport.max_queues()} queues: not one rx/tx pair")
         self.max_pairs = min(self.max_pairs, fit)
         pairs = self.max_pairs if queue_pairs is None else queue_pairs
         if not 1 <= pairs <= self.max_pairs:
-            device._fail()
+            device.fail()
             raise InvalidArgument(f"queue_pairs must be 1..{self.max_pairs} for this device, got {pairs}")
         if pairs > 1 and not (has(N.F_MQ) and self.has_ctrl):
-            device._fail()
+            device.fail()
             raise InvalidArgument("more than one queue pair needs VIRTIO_NET_F_MQ and a control queue")
         self.num_pairs = pairs
         self.active_pairs = 1
@@ -313,7 +309,7 @@ class VirtioNet:
         self.link_status: int | None = _cfg_int(cfg, "status") if has(N.F_STATUS) else None
         self.max_frame = (self.mtu or DEFAULT_MTU) + ETH_VLAN_HLEN
         if not self.mrg_rxbuf and rx_buf_size < HDR_SIZE + self.max_frame:
-            device._fail()
+            device.fail()
             raise InvalidArgument(
                 f"rx_buf_size {rx_buf_size} cannot hold a {self.max_frame}-byte frame without MRG_RXBUF"
             )
@@ -401,7 +397,7 @@ class VirtioNet:
         try:
             data = self.device.read_config(0, length)
         except TransportError as exc:
-            self.device._fail()
+            self.device.fail()
             raise DeviceProtocolError(f"{self.device.name}: cannot read the net config: {exc}") from None
         return N.parse_config(data)
 
@@ -870,12 +866,10 @@ class VirtioNet:
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        ack = self.device.transport.ack_queue
 
         def ready() -> None:
-            try:
-                os.eventfd_read(fd)
-            except (BlockingIOError, OSError):
-                pass
+            ack(index)
             if not fut.done():
                 fut.set_result(None)
 

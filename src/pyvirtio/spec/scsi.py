@@ -126,3 +126,22 @@ def lun_address(target: int, lun: int) -> bytes:
 
 def parse_config(data: bytes) -> dict[str, int]:
     return unpack_fields(CONFIG_FIELDS, data)
+
+
+def decode_lun_address(lun8: bytes | memoryview) -> tuple[int, int]:
+    """(target, LUN) of a virtio-scsi LUN field (the inverse of :func:`lun_address`; flat or peripheral LUN)."""
+    target = lun8[1]
+    method = lun8[2] >> 6
+    lun = (lun8[2] & 0x3F) << 8 | lun8[3] if method == 1 else lun8[3]
+    return target, lun
+
+
+def pack_config(fields: dict[str, int]) -> bytes:
+    """A ``virtio_scsi_config`` from named fields (missing ones 0): the inverse of :func:`parse_config`."""
+    unknown = set(fields) - {name for name, _off, _fmt in CONFIG_FIELDS}
+    if unknown:
+        raise ValueError(f"not virtio-scsi config fields: {', '.join(sorted(unknown))}")
+    out = bytearray(CONFIG_SIZE)
+    for name, off, fmt in CONFIG_FIELDS:
+        struct.pack_into(fmt, out, off, fields.get(name, 0))
+    return bytes(out)

@@ -6,8 +6,21 @@ destruct_dev, dump_json_info), plus what a driver needs that the seed left
 out: the shared memory the device may access, blocking waits on a queue's
 interrupt, and a file descriptor for event loops.
 
-Implementations: :mod:`.loopback` (an in-process device) and
-:mod:`.vhost_user` (a vhost-user back end over a Unix socket).
+Implementations: :mod:`.loopback` (an in-process device),
+:mod:`.vhost_user` (a vhost-user back end over a Unix socket) and
+:mod:`.vhost_user_net` (a vhost-user-net back end plus the frontend's share
+of the net device).
+
+Two optional capabilities are protocols of their own or explicit methods,
+so that callers never reach for them with ``getattr``:
+
+* :meth:`Transport.has_config`: does the device have a config space the
+  transport can reach? A vhost-user back end without PROTOCOL_F_CONFIG has
+  none (SPDK's vhost-user-scsi target): the driver then keeps the config
+  itself (:meth:`~pyvirtio.device.VirtioDevice.keep_config`), as QEMU does.
+* :class:`ReconnectingTransport`: a transport that can lose its device and
+  get it back (vhost-user with a :class:`ReconnectPolicy`). The device
+  layer checks for it once, with ``isinstance``, when it is built.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from pyvirtio.errors import InvalidArgument
 from pyvirtio.memory import MemoryPool
 
 
@@ -29,6 +43,41 @@ class QueueSetup:
     avail_addr: int
     used_addr: int
     last_avail: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """How long a lost device is waited for (a :class:`ReconnectingTransport`'s policy).
+
+    Attempts are retried with exponential backoff from ``delay`` to
+    ``max_delay`` seconds until ``timeout`` seconds have passed since the
+    loss, or ``attempts`` attempts have failed (None: no count limit). In
+    vhost-user server mode an attempt is waiting for the back end to connect.
+    """
+
+    timeout: float = 30.0
+    attempts: int | None = None
+    delay: float = 0.01
+    max_delay: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.delay <= 0 or self.max_delay < self.delay:
+            raise InvalidArgument(f"bad reconnect policy {self!r}")
+        if self.attempts is not None and self.attempts < 1:
+            raise InvalidArgument(f"reconnect attempts must be positive, got {self.attempts}")
+
+    @classmethod
+    def from_arg(cls, value: ReconnectPolicy | bool | float | None) -> ReconnectPolicy | None:
+        """None/False: off; True: the defaults; a number: that timeout in seconds."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, ReconnectPolicy):
+            return value
+        if isinstance(value, int | float):
+            return cls(timeout=float(value))
+        raise InvalidArgument(f"reconnect must be a ReconnectPolicy, a bool or seconds, not {value!r}")
 
 
 @runtime_checkable
@@ -86,6 +135,26 @@ class Transport(Protocol):
         """A file descriptor that becomes readable when queue ``index`` is signalled, if any."""
         ...
 
+    def ack_queue(self, index: int) -> None:
+        """Acknowledge queue ``index``'s signal: :meth:`queue_fd` stays readable until this is called.
+
+        Event-loop readers call it when the fd turns readable, before they
+        reap (a signal that arrives meanwhile makes the fd readable again);
+        nothing to acknowledge is not an error. :meth:`wait_queue`
+        acknowledges the signal it returns for by itself.
+        """
+        ...
+
+    def has_config(self) -> bool:
+        """Does the device have a config space this transport can read and write?
+
+        False for a vhost-user back end without PROTOCOL_F_CONFIG: then
+        :meth:`read_config` and :meth:`write_config` raise
+        :class:`~pyvirtio.errors.TransportError`, and a driver that can keeps the
+        config in the frontend instead.
+        """
+        ...
+
     def check_alive(self) -> None:
         """Raise :class:`~pyvirtio.errors.ConnectionLost` if the device is known to be gone."""
         ...
@@ -94,4 +163,43 @@ class Transport(Protocol):
 
     def info(self) -> dict[str, Any]:
         """Transport fields for the info dump (seed: dump_json_info)."""
+        ...
+
+
+@runtime_checkable
+class ReconnectingTransport(Transport, Protocol):
+    """A transport that can lose its device and reconnect to it (vhost-user).
+
+    Each successful reconnect starts a new :attr:`generation`; a queue set
+    up on an older one is *stale* until :meth:`restart_queue` starts it on
+    the new connection. :class:`~pyvirtio.device.VirtioDevice` drives this
+    (``recover``); drivers only see ConnectionLost or added latency.
+    """
+
+    #: None: a lost device is final (the data path fails its requests).
+    reconnect_policy: ReconnectPolicy | None
+    #: Successful reconnects so far.
+    generation: int
+    #: The current back end took over the previous one's inflight area and resubmits by itself.
+    device_resubmits: bool
+
+    def reconnect(self, deadline: float | None = None) -> bool:
+        """Make sure a working connection is up; True if this call made a new one.
+
+        Raises :class:`~pyvirtio.errors.ReconnectFailed` when reconnecting is
+        off, the policy's limit (or ``deadline``, a ``time.monotonic()``
+        value) is reached, or the new device cannot resume.
+        """
+        ...
+
+    def restart_queue(self, index: int, base: int) -> None:
+        """Start existing queue ``index`` on the current connection at ring index ``base``."""
+        ...
+
+    def resume(self) -> None:
+        """After a reconnect, once the queues are restarted: let the device run (DRIVER_OK)."""
+        ...
+
+    def plan_queues(self, count: int) -> None:
+        """The driver will start ``count`` queues (before ``set_memory``; sizes state kept across reconnects)."""
         ...

@@ -167,6 +167,18 @@ class LoopbackTransport:
     def queue_fd(self, index: int) -> int | None:
         return self._calls.get(index)
 
+    def ack_queue(self, index: int) -> None:
+        fd = self._calls.get(index)
+        if fd is None:
+            return
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+
+    def has_config(self) -> bool:
+        return True
+
     def check_alive(self) -> None:
         if self.closed:
             raise ConnectionLost("loopback device is closed")

@@ -71,8 +71,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import (
     ConnectionLost,
@@ -80,24 +79,20 @@ from pyvirtio.errors import (
     DeviceProtocolError,
     InvalidArgument,
     QueueStateError,
+    ReconnectFailed,
     TransportError,
     TransportTimeout,
 )
 from pyvirtio.memory import MemoryPool, Region
 from pyvirtio.protocol import vhost_user as vu
-from pyvirtio.spec import blk as spec_blk
-from pyvirtio.spec import net as spec_net
-from pyvirtio.spec import scsi as spec_scsi
 from pyvirtio.spec.common import (
     DEVICE_ID_BLOCK,
-    DEVICE_ID_NET,
-    DEVICE_ID_SCSI,
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VHOST_USER_F_PROTOCOL_FEATURES,
-    feature_names,
 )
-from pyvirtio.transport.base import QueueSetup
+from pyvirtio.spec.features import device_feature_names
+from pyvirtio.transport.base import QueueSetup, ReconnectingTransport, ReconnectPolicy
 
 #: Protocol features the frontend uses when the back end offers them.
 WANTED_PROTOCOL_FEATURES = (
@@ -111,45 +106,6 @@ WANTED_PROTOCOL_FEATURES = (
 
 _RECV_CHUNK = 4096
 _CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
-
-
-class ReconnectFailed(ConnectionLost):
-    """The back end did not come back within the reconnect policy, or came back unable to resume."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReconnectPolicy:
-    """How long a lost back end is waited for.
-
-    Attempts are retried with exponential backoff from ``delay`` to
-    ``max_delay`` seconds until ``timeout`` seconds have passed since the
-    loss, or ``attempts`` attempts have failed (None: no count limit). In
-    server mode an attempt is waiting for the back end to connect.
-    """
-
-    timeout: float = 30.0
-    attempts: int | None = None
-    delay: float = 0.01
-    max_delay: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.timeout <= 0 or self.delay <= 0 or self.max_delay < self.delay:
-            raise InvalidArgument(f"bad reconnect policy {self!r}")
-        if self.attempts is not None and self.attempts < 1:
-            raise InvalidArgument(f"reconnect attempts must be positive, got {self.attempts}")
-
-    @classmethod
-    def from_arg(cls, value: ReconnectPolicy | bool | float | None) -> ReconnectPolicy | None:
-        """None/False: off; True: the defaults; a number: that timeout in seconds."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, ReconnectPolicy):
-            return value
-        if isinstance(value, int | float):
-            return cls(timeout=float(value))
-        raise InvalidArgument(f"reconnect must be a ReconnectPolicy, a bool or seconds, not {value!r}")
 
 
 class _Queue:
@@ -194,7 +150,7 @@ class VhostUserTransport:
         self.queue_size = queue_size
         self.timeout = timeout
         self.server = server
-        self.reconnect_policy = ReconnectPolicy.from_arg(reconnect)
+        self.reconnect_policy: ReconnectPolicy | None = ReconnectPolicy.from_arg(reconnect)
         self._wanted = protocol_features
         self._codec = vu.FrontendCodec()
         self._reader = vu.MessageReader(DeviceProtocolError)
@@ -209,9 +165,9 @@ class VhostUserTransport:
         self._inflight: tuple[vu.InflightInfo, int] | None = None
         self._planned_queues = 0  # how many queues the driver will start (plan_queues), 0: unknown
         #: The back end of this connection took the previous one's inflight area and resubmits itself.
-        self.device_resubmits = False
+        self.device_resubmits: bool = False
         #: Successful reconnects so far; queues set up on an older one are stale.
-        self.generation = 0
+        self.generation: int = 0
         self.reconnects = 0
         self._listener: socket.socket | None = None
         self._listener_inode: tuple[int, int] | None = None
@@ -496,7 +452,7 @@ class VhostUserTransport:
         if missing:
             raise ReconnectFailed(
                 f"the vhost-user back end at {self.path} came back without features the driver negotiated: "
-                f"{', '.join(feature_names(missing, _FEATURE_NAMES.get(self._device_type)))} (0x{missing:x}); "
+                f"{', '.join(device_feature_names(self._device_type, missing))} (0x{missing:x}); "
                 "cannot resume"
             )
         if self.num_queues < needed_queues:
@@ -546,6 +502,10 @@ class VhostUserTransport:
 
     def device_type(self) -> int:
         return self._device_type
+
+    def has_config(self) -> bool:
+        """PROTOCOL_F_CONFIG negotiated: GET_CONFIG / SET_CONFIG reach the back end's config space."""
+        return self._has(vu.PROTOCOL_F_CONFIG)
 
     def read_config(self, offset: int, length: int) -> bytes:
         if not self._has(vu.PROTOCOL_F_CONFIG):
@@ -768,6 +728,29 @@ class VhostUserTransport:
         q = self._queues.get(index)
         return None if q is None else q.call
 
+    def ack_queue(self, index: int) -> None:
+        """Consume queue ``index``'s call eventfd (its counter back to 0: not readable until the next signal)."""
+        q = self._queues.get(index)
+        if q is None:
+            return
+        try:
+            os.eventfd_read(q.call)
+        except BlockingIOError:
+            pass
+
+    def enable_queue(self, index: int, enabled: bool) -> bool:
+        """SET_VRING_ENABLE for a set-up queue; False (nothing sent) when rings cannot be disabled.
+
+        Without VHOST_USER_F_PROTOCOL_FEATURES every ring runs from its start
+        (vhost-user.rst, "Ring states"): there is no message to send.
+        """
+        if not self._has_protocol_features_bit():
+            return False
+        if index not in self._queues:
+            raise QueueStateError(f"queue {index} is not set up")
+        self._call(self._codec.set_vring_enable(index, enabled, need_reply=self._ack))
+        return True
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -807,12 +790,6 @@ class VhostUserTransport:
         }
 
 
-_FEATURE_NAMES: dict[int, dict[int, str]] = {
-    DEVICE_ID_BLOCK: spec_blk.FEATURE_NAMES,
-    DEVICE_ID_SCSI: spec_scsi.FEATURE_NAMES,
-    DEVICE_ID_NET: spec_net.FEATURE_NAMES,
-}
-
 _REPLY_CARRIERS = frozenset(
     {
         vu.GET_FEATURES,
@@ -829,6 +806,12 @@ _REPLY_CARRIERS = frozenset(
 )
 
 
+
+
+if TYPE_CHECKING:
+
+    def _declares_reconnecting(t: VhostUserTransport) -> ReconnectingTransport:
+        return t  # mypy checks that VhostUserTransport is a ReconnectingTransport
 
 
 __all__ = ["ReconnectFailed", "ReconnectPolicy", "VhostUserTransport", "WANTED_PROTOCOL_FEATURES"]

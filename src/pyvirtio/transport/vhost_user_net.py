@@ -99,9 +99,10 @@ class VhostUserNetTransport:
         self.inner = inner
         self.pairs = pairs
         self.ctrl_index = 2 * pairs
-        self.has_config = bool(inner.protocol_features >> vu.PROTOCOL_F_CONFIG & 1)
+        #: The back end answers GET_CONFIG (else the config is made here).
+        self.backend_config = inner.has_config()
         offered = inner.get_features() & ~(FRONTEND_FEATURES | UNSUPPORTED_CTRL)
-        if not self.has_config:
+        if not self.backend_config:
             offered &= ~CONFIG_FEATURES
         if pairs == 1:
             offered &= ~(1 << N.F_MQ)
@@ -150,7 +151,7 @@ class VhostUserNetTransport:
             self._apply_pairs(1)  # only pair 0 runs until VQ_PAIRS_SET (virtio 1.2 §5.1.6.5.5)
 
     def _config(self) -> bytearray:
-        if self.has_config:
+        if self.backend_config:
             cfg = bytearray(self.inner.read_config(0, N.CONFIG_SIZE))
         else:
             cfg = bytearray(N.CONFIG_SIZE)
@@ -241,6 +242,13 @@ class VhostUserNetTransport:
     def queue_fd(self, index: int) -> int | None:
         return None if index == self.ctrl_index else self.inner.queue_fd(index)
 
+    def ack_queue(self, index: int) -> None:
+        if index != self.ctrl_index:  # the control queue has no signal: it completes during the kick
+            self.inner.ack_queue(index)
+
+    def has_config(self) -> bool:
+        return True  # the back end's, or one made here (see the module docstring)
+
     def check_alive(self) -> None:
         self.inner.check_alive()
 
@@ -254,7 +262,7 @@ class VhostUserNetTransport:
         out = self.inner.info()
         out["net"] = {
             "control_queue": "emulated by the frontend",
-            "config": "back end" if self.has_config else "emulated by the frontend",
+            "config": "back end" if self.backend_config else "emulated by the frontend",
             "pairs": self.pairs,
             "backend_pairs": self.backend_pairs,
             "active_pairs": self.active_pairs,
@@ -343,11 +351,8 @@ class VhostUserNetTransport:
         return [i for i in range(self.ctrl_index) if self.inner.queue_fd(i) is not None]
 
     def _set_ring_enabled(self, index: int, enabled: bool) -> None:
-        inner = self.inner
-        if not inner._has_protocol_features_bit():
+        if not self.inner.enable_queue(index, enabled):
             return  # without PROTOCOL_FEATURES rings cannot be disabled (vhost-user.rst)
-        # VhostUserTransport has no public per-ring enable yet (requested: enable_queue(index, enabled)).
-        inner._call(inner._codec.set_vring_enable(index, enabled, need_reply=inner._ack))
         if enabled:
             self._enabled.add(index)
         else:

@@ -1,5 +1,8 @@
 """Per-thread queues of a driver (blk, scsi): one queue for each thread that does I/O.
 
+Used by the request engine (:mod:`pyvirtio.drivers.requests`); its contexts
+are :class:`~pyvirtio.drivers.requests.QueueContext` objects.
+
 A thread gets a queue of its own on its first request (the core's ownership
 rules: only the owner may use a queue) and keeps it until it calls
 ``release_queue``. A thread that ends without releasing its queue would
@@ -18,14 +21,17 @@ from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.errors import OwnershipError, QueueStateError
 
 
-class _Ctx(Protocol):
+class QueueState(Protocol):
+    """What this module needs of a queue context."""
+
     vq: Virtqueue
     inflight: int
+    held: object | None  # a FixedIO / bench engine holding the queue (it is never taken over)
 
     def close(self) -> None: ...
 
 
-C = TypeVar("C", bound=_Ctx)
+C = TypeVar("C", bound=QueueState)
 
 
 class ThreadQueues(Generic[C]):
@@ -69,7 +75,7 @@ class ThreadQueues(Generic[C]):
         me = threading.current_thread()
         with self._lock:
             for key, (ctx, thread) in list(self._owners.items()):
-                if thread.is_alive() or getattr(ctx, "held", None) is not None:
+                if thread.is_alive() or ctx.held is not None:
                     continue  # (a queue held by a FixedIO stays with it)
                 self.device.take_over(ctx.vq.index, thread.ident)
                 del self._owners[key]
