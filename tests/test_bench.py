@@ -13,8 +13,9 @@ import pytest
 
 from pyvirtio import VirtioDevice
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
+from pyvirtio.bench.stats import LatencyLog, Stats, bucket
 from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
-from pyvirtio.drivers.blk_engine import BlkEngine, Stats
+from pyvirtio.drivers.blk_engine import BlkEngine
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken
 
 pytest_plugins = ["peers"]
@@ -307,12 +308,10 @@ def test_engine_argument_checks(loop_blk):
 
 def test_stats_percentiles_and_merge():
     a, b = Stats(), Stats()
-    from pyvirtio.drivers.blk_engine import _bucket
-
     for ns in range(1000, 101000, 1000):
-        a.hist[_bucket(ns)] += 1
+        a.hist[bucket(ns)] += 1
     a.lat_max_ns = 100000
-    b.hist[_bucket(5000)] += 1
+    b.hist[bucket(5000)] += 1
     b.lat_max_ns = 5000
     a.merge(b)
     assert sum(a.hist) == 101
@@ -371,11 +370,9 @@ def test_latency_chunks_bucket_like_the_python_path():
     """The NumPy loop's latency chunks (pass times minus submission times) give the exact histogram."""
     import random
 
-    from pyvirtio.drivers.blk_engine import _bucket, _LatencyLog
-
     rng = random.Random(7)
     stats = Stats()
-    log = _LatencyLog(stats, max_batch=64)
+    log = LatencyLog(stats, max_batch=64)
     expect = [0] * len(stats.hist)
     lats = []
     t = 10**9
@@ -388,7 +385,7 @@ def test_latency_chunks_bucket_like_the_python_path():
         log.pass_n.append(n)
         log.pos += n
         for s in subs:
-            expect[min(_bucket(t - s), len(expect) - 1)] += 1
+            expect[min(bucket(t - s), len(expect) - 1)] += 1
             lats.append(t - s)
         if log.pos >= log.CHUNK:
             log.flush()

@@ -42,9 +42,9 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from pyvirtio.bench.stats import LatencyLog, Stats, have_numpy
 from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
 from pyvirtio.errors import ConnectionLost, InvalidArgument, QueueBroken
 from pyvirtio.ring import ordering
@@ -56,179 +56,6 @@ NUMPY_MIN_DEPTH = 64
 #: At most this many bytes of data buffers for the fused loop's spare slots.
 SPARE_BYTES = 4 << 20
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")
-_SUB = 16  # histogram sub-buckets per power of two
-_NBUCKETS = 64 * _SUB
-
-
-def _bucket(ns: int) -> int:
-    if ns < _SUB:
-        return max(ns, 0)
-    e = ns.bit_length() - 5
-    return (e + 1) * _SUB + ((ns >> e) & (_SUB - 1))
-
-
-def _bucket_value(b: int) -> float:
-    if b < _SUB:
-        return float(b)
-    e = b // _SUB - 1
-    return float(((_SUB + b % _SUB) << e) + (1 << e) / 2)
-
-
-@dataclass
-class Stats:
-    """Counters and the latency histogram of one run (mergeable across queues)."""
-
-    ios: int = 0
-    reads: int = 0
-    writes: int = 0
-    bytes: int = 0
-    errors: int = 0
-    verify_errors: int = 0
-    lat_sum_ns: int = 0
-    lat_max_ns: int = 0
-    hist: list[int] = field(default_factory=lambda: [0] * _NBUCKETS)
-    seconds: float = 0.0
-    kicks: int = 0
-    passes: int = 0
-    error: str | None = None
-    reconnects: int = 0
-    pause_total_ns: int = 0
-    pause_max_ns: int = 0
-
-    def merge(self, other: Stats) -> None:
-        self.ios += other.ios
-        self.reads += other.reads
-        self.writes += other.writes
-        self.bytes += other.bytes
-        self.errors += other.errors
-        self.verify_errors += other.verify_errors
-        self.lat_sum_ns += other.lat_sum_ns
-        self.lat_max_ns = max(self.lat_max_ns, other.lat_max_ns)
-        self.hist = [a + b for a, b in zip(self.hist, other.hist, strict=True)]
-        self.seconds = max(self.seconds, other.seconds)
-        self.kicks += other.kicks
-        self.passes += other.passes
-        self.error = self.error or other.error
-        self.reconnects += other.reconnects
-        self.pause_total_ns += other.pause_total_ns
-        self.pause_max_ns = max(self.pause_max_ns, other.pause_max_ns)
-
-    def percentile(self, p: float) -> float:
-        total = sum(self.hist)
-        if not total:
-            return 0.0
-        want = total * p / 100.0
-        seen = 0
-        for b, c in enumerate(self.hist):
-            seen += c
-            if seen >= want and c:
-                return min(_bucket_value(b), float(self.lat_max_ns))
-        return float(self.lat_max_ns)
-
-    def summary(self) -> dict[str, Any]:
-        secs = self.seconds or 1e-9
-        n = max(self.ios, 1)
-        return {
-            "ios": self.ios,
-            "reads": self.reads,
-            "writes": self.writes,
-            "seconds": round(self.seconds, 3),
-            "iops": round(self.ios / secs),
-            "bandwidth_bytes_per_s": round(self.bytes / secs),
-            "mb_per_s": round(self.bytes / secs / 1e6, 2),
-            "latency_us": {
-                "mean": round(self.lat_sum_ns / n / 1e3, 2),
-                "p50": round(self.percentile(50) / 1e3, 2),
-                "p99": round(self.percentile(99) / 1e3, 2),
-                "p99.9": round(self.percentile(99.9) / 1e3, 2),
-                "max": round(self.lat_max_ns / 1e3, 2),
-            },
-            "errors": self.errors,
-            "verify_errors": self.verify_errors,
-            "kicks": self.kicks,
-            "reconnects": self.reconnects,
-            "pause_ms": {
-                "total": round(self.pause_total_ns / 1e6, 3),
-                "max": round(self.pause_max_ns / 1e6, 3),
-            },
-        }
-
-    def add_pause(self, ns: int) -> None:
-        """Count one reconnect that stopped completions for ``ns`` nanoseconds."""
-        self.reconnects += 1
-        self.pause_total_ns += ns
-        self.pause_max_ns = max(self.pause_max_ns, ns)
-
-
-class _LatencyLog:
-    """Raw latencies, bucketed into a Stats histogram in bulk (NumPy if present).
-
-    The Python loops append latencies to ``raw``. The NumPy loop spends one
-    array operation per pass: it copies the submission times of the slots it
-    reaped into ``sub_buf`` (a ``take``) and notes the pass's time and count
-    in ``pass_t`` / ``pass_n``; :meth:`flush` turns that into latencies
-    (each pass's time, repeated, minus the submission times). The loop
-    flushes in a pass that found nothing to do once :data:`IDLE_CHUNK`
-    requests are buffered (a short job, done while the device is busy with a
-    full ring), and at :data:`CHUNK` in any pass.
-    """
-
-    __slots__ = ("stats", "raw", "sub_buf", "pass_t", "pass_n", "pos")
-
-    #: Requests per NumPy chunk (the buffer's size: flushed in any pass).
-    CHUNK = 16384
-    #: Requests after which an idle pass of the NumPy loop flushes: a flush of
-    #: 16k requests took ~0.25 ms, long enough for qemu-storage-daemon to empty
-    #: a ring of 256 and go to sleep (kicks per run matched flushes per run).
-    IDLE_CHUNK = 2048
-
-    def __init__(self, stats: Stats, max_batch: int = 0) -> None:
-        self.stats = stats
-        self.raw: list[int] = []
-        self.pass_t: list[int] = []
-        self.pass_n: list[int] = []
-        self.pos = 0
-        self.sub_buf: Any = None
-        if max_batch:
-            import numpy as np
-
-            self.sub_buf = np.empty(self.CHUNK + max_batch, dtype=np.int64)
-
-    def flush(self) -> None:
-        stats = self.stats
-        if self.raw:
-            if _have_numpy():
-                import numpy as np
-
-                self._add_array(np.asarray(self.raw, dtype=np.int64))
-            else:
-                hist = stats.hist
-                for lat in self.raw:
-                    hist[_bucket(lat)] += 1
-                stats.lat_sum_ns += sum(self.raw)
-                stats.lat_max_ns = max(stats.lat_max_ns, max(self.raw))
-            self.raw = []
-        if self.pos:
-            import numpy as np
-
-            lat = np.repeat(np.asarray(self.pass_t, dtype=np.int64), self.pass_n) - self.sub_buf[: self.pos]
-            self.pass_t.clear()
-            self.pass_n.clear()
-            self.pos = 0
-            self._add_array(lat)
-
-    def _add_array(self, lat: Any) -> None:
-        import numpy as np
-
-        stats = self.stats
-        stats.lat_sum_ns += int(lat.sum())
-        stats.lat_max_ns = max(stats.lat_max_ns, int(lat.max()))
-        lat = np.maximum(lat, 0)
-        # _bucket in array form: with e = max(bit_length - 5, 0) the bucket is 16 e + (lat >> e).
-        e = np.maximum(np.frexp(lat)[1] - 5, 0)
-        idx = (e << 4) + (lat >> e)
-        counts = np.bincount(np.minimum(idx, _NBUCKETS - 1), minlength=_NBUCKETS)
-        stats.hist = (np.asarray(stats.hist, dtype=np.int64) + counts).tolist()
 
 
 class BlkEngine:
@@ -269,11 +96,11 @@ class BlkEngine:
             raise InvalidArgument(f"iodepth must be 1..{max_qd} for a queue of {ctx.vq.size} descriptors")
         if mode not in ("auto", "python", "numpy"):
             raise InvalidArgument("mode must be auto, python or numpy")
-        have_numpy = _have_numpy()
-        if mode == "numpy" and not have_numpy:
+        numpy_ok = have_numpy()
+        if mode == "numpy" and not numpy_ok:
             raise InvalidArgument("mode numpy needs numpy installed (pip install 'pyvirtio[fast]')")
         if mode == "auto":
-            mode = "numpy" if have_numpy and iodepth >= NUMPY_MIN_DEPTH and not verify else "python"
+            mode = "numpy" if numpy_ok and iodepth >= NUMPY_MIN_DEPTH and not verify else "python"
         if verify and mode == "numpy":
             raise InvalidArgument("verify runs in the python mode")
         self.mode = mode
@@ -432,7 +259,7 @@ class BlkEngine:
         interval: float,
     ) -> Stats:
         stats = Stats()
-        lats = _LatencyLog(stats)
+        lats = LatencyLog(stats)
         raw = lats.raw
         fixed = self.fixed
         transport = self.blk.device.transport
@@ -522,7 +349,7 @@ class BlkEngine:
                             nwrites += 1
                         free.append(s)
                     ios += len(done)
-                    if len(raw) >= _LatencyLog.CHUNK:
+                    if len(raw) >= LatencyLog.CHUNK:
                         lats.flush()
                         raw = lats.raw
                     if t >= deadline or (stop is not None and stop.is_set()):
@@ -582,7 +409,7 @@ class BlkEngine:
         the completions reported are exact.
         """
         stats = Stats()
-        lats = _LatencyLog(stats)
+        lats = LatencyLog(stats)
         raw = lats.raw
         fixed = self.fixed
         ring = fixed.ring
@@ -723,7 +550,7 @@ class BlkEngine:
                             self._snapshot(stats, ios, ios if all_write else 0, errors, 0, kicks, passes, t - t0, lats)
                             raw = lats.raw
                             progress(stats)
-                        elif len(raw) >= _LatencyLog.CHUNK:
+                        elif len(raw) >= LatencyLog.CHUNK:
                             lats.flush()
                             raw = lats.raw
                         next_event = min(deadline, next_progress, t + 10_000_000)
@@ -862,7 +689,7 @@ class BlkEngine:
         kicks: int,
         passes: int,
         elapsed_ns: int,
-        lats: _LatencyLog | None = None,
+        lats: LatencyLog | None = None,
     ) -> None:
         if lats is not None:
             lats.flush()
@@ -908,7 +735,7 @@ class BlkEngine:
         import numpy as np
 
         stats = Stats()
-        lats = _LatencyLog(stats, max_batch=self.fixed.nslots)
+        lats = LatencyLog(stats, max_batch=self.fixed.nslots)
         sub_buf = lats.sub_buf
         pass_t = lats.pass_t
         pass_n = lats.pass_n
@@ -1072,7 +899,7 @@ class BlkEngine:
                         last = (last + n) & 0xFFFF
                         outstanding -= n
                         slots = ids if ident else slot_of_np[ids]
-                        take(sub_t, slots, out=sub_buf[lp : lp + n], mode="wrap")  # latencies: see _LatencyLog
+                        take(sub_t, slots, out=sub_buf[lp : lp + n], mode="wrap")  # latencies: see LatencyLog
                         pass_t.append(t)
                         pass_n.append(n)
                         lp += n
@@ -1171,14 +998,6 @@ class BlkEngine:
                 if data != pack_pattern(self.first_block + b, self.seed, self.bs):
                     bad += 1
         return bad
-
-
-def _have_numpy() -> bool:
-    try:
-        import numpy  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 __all__ = ["BlkEngine", "NUMPY_MIN_DEPTH", "RW_MODES", "Stats"]

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyvirtio.drivers.blk_engine import Stats, _LatencyLog
+from pyvirtio.bench.stats import LatencyLog, Stats
 from pyvirtio.drivers.net import HDR_SIZE, VirtioNet, parse_mac
 from pyvirtio.errors import ConnectionLost, DeviceProtocolError, InvalidArgument, QueueBroken
 from pyvirtio.ring import ordering
@@ -429,7 +429,7 @@ class NetEngine:
         want_head = (net.mac + self.dst) if self.swapped else (self.dst + net.mac)
         body = bytes(self.frame[12:SEQ_OFF]), bytes(self.frame[SEQ_OFF + 8 :])
         stats = NetStats()
-        lats = _LatencyLog(stats)
+        lats = LatencyLog(stats)
         raw = lats.raw
         sent_at: dict[int, int] = {}
         perf = time.perf_counter_ns
@@ -502,7 +502,7 @@ class NetEngine:
     @staticmethod
     def _fill(
         stats: NetStats, frames: int, size: int, kicks: int, passes: int, elapsed_ns: int,
-        nbytes: int | None = None, lats: _LatencyLog | None = None,
+        nbytes: int | None = None, lats: LatencyLog | None = None,
     ) -> None:
         if lats is not None:
             lats.flush()

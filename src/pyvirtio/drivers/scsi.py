@@ -1608,7 +1608,7 @@ class ScsiBench:
         stop: threading.Event | None = None,
         progress: Callable[[Any], None] | None = None,
     ) -> Any:
-        from pyvirtio.drivers.blk_engine import Stats, _bucket
+        from pyvirtio.bench.stats import Stats, bucket
 
         stats = Stats()
         hist = stats.hist
@@ -1646,7 +1646,7 @@ class ScsiBench:
                     stats.lat_sum_ns += lat
                     if lat > stats.lat_max_ns:
                         stats.lat_max_ns = lat
-                    hist[_bucket(lat)] += 1
+                    hist[bucket(lat)] += 1
                     if req.exception() is not None:
                         stats.errors += 1
                         if stats.error is None:

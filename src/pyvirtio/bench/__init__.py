@@ -1,0 +1,1 @@
+"""Benchmark engines (fio-like block load, packet load) and their shared statistics."""
