@@ -13,9 +13,9 @@ import pytest
 
 from pyvirtio import VirtioDevice
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
+from pyvirtio.bench.block import BlkEngine
 from pyvirtio.bench.stats import LatencyLog, Stats, bucket
 from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
-from pyvirtio.drivers.blk_engine import BlkEngine
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken
 
 pytest_plugins = ["peers"]

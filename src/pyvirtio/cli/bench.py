@@ -26,8 +26,8 @@ import threading
 import time
 from typing import Any
 
+from pyvirtio.bench.block import RW_MODES, BlkEngine, Stats
 from pyvirtio.drivers.blk import VirtioBlk
-from pyvirtio.drivers.blk_engine import RW_MODES, BlkEngine, Stats
 from pyvirtio.errors import InvalidArgument, TransportError
 
 MAX_QUEUE_SIZE = 1024  # QEMU's VIRTQUEUE_MAX_SIZE: the largest ring every back end takes

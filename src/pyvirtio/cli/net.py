@@ -135,8 +135,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_send(args: argparse.Namespace) -> int:
+    from pyvirtio.bench.net import udp_frame
     from pyvirtio.drivers.net import parse_mac
-    from pyvirtio.drivers.net_engine import udp_frame
 
     with _open(args) as net:
         frames = [udp_frame(args.size, parse_mac(args.dst_mac), net.mac, seq=i) for i in range(min(args.count, 256))]
@@ -205,7 +205,7 @@ def run_recv(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from pyvirtio.drivers.net_engine import NetStats, run_pairs
+    from pyvirtio.bench.net import NetStats, run_pairs
 
     if args.runtime <= 0:
         raise InvalidArgument("--runtime must be positive")

@@ -1527,7 +1527,7 @@ class ScsiBench:
     Each slot owns a ``bs``-byte Buffer in shared memory (zero copy); a loop
     reaps every completion at once, records its latency and posts the slot's
     next command, one kick per pass. Returns a
-    :class:`pyvirtio.drivers.blk_engine.Stats`, so the report is the blk bench's.
+    :class:`pyvirtio.bench.stats.Stats`, so the report is the blk bench's.
     """
 
     def __init__(
