@@ -13,7 +13,7 @@ import pytest
 
 from pyvirtio import VirtioDevice
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
-from pyvirtio.bench.block import BlkEngine
+from pyvirtio.bench.block import BlockEngine
 from pyvirtio.bench.stats import LatencyLog, Stats, bucket
 from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken
@@ -150,7 +150,7 @@ def loop_blk():
 @pytest.mark.parametrize("mode", ["python", "numpy"])
 @pytest.mark.parametrize("rw", ["randread", "read", "randwrite", "write", "randrw"])
 def test_engine_modes(loop_blk, mode, rw):
-    e = BlkEngine(loop_blk, rw=rw, iodepth=16, mode=mode, rwmixread=50, seed=1)
+    e = BlockEngine(loop_blk, rw=rw, iodepth=16, mode=mode, rwmixread=50, seed=1)
     st = e.run(0.2)
     e.close()
     assert st.ios > 0 and st.errors == 0
@@ -164,12 +164,12 @@ def test_engine_modes(loop_blk, mode, rw):
 
 
 def test_engine_verify_catches_corruption(loop_blk):
-    e = BlkEngine(loop_blk, rw="randwrite", iodepth=4, verify=True, seed=3, size=64 * 4096)
+    e = BlockEngine(loop_blk, rw="randwrite", iodepth=4, verify=True, seed=3, size=64 * 4096)
     st = e.run(0.2)
     assert st.verify_errors == 0 and st.writes > 0
     e.close()
     # Corrupt one written block behind the driver's back: a verify read-back finds it.
-    e2 = BlkEngine(loop_blk, rw="randread", iodepth=4, verify=True, seed=3, size=64 * 4096)
+    e2 = BlockEngine(loop_blk, rw="randread", iodepth=4, verify=True, seed=3, size=64 * 4096)
     e2.prefill()
     loop_blk.write(5 * 4096, b"\xee" * 4096)
     st2 = e2.run(0.3)
@@ -211,7 +211,7 @@ def test_engine_validates_used_entries(mode):
             q.add_used(63, written)
 
     with blk_completing(complete) as blk:
-        e = BlkEngine(blk, iodepth=4, mode=mode)
+        e = BlockEngine(blk, iodepth=4, mode=mode)
         with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
@@ -254,7 +254,7 @@ def test_engine_rejects_bad_completions(mode, lie, reason):
                 q.add_used(c.head, written)
 
     with blk_completing(complete) as blk:
-        e = BlkEngine(blk, iodepth=4, mode=mode)
+        e = BlockEngine(blk, iodepth=4, mode=mode)
         with pytest.raises(DeviceProtocolError, match=reason):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
@@ -272,7 +272,7 @@ def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth):
             q.add_used(c.head, written)
 
     with blk_completing(complete) as blk:
-        e = BlkEngine(blk, iodepth=iodepth, mode=mode)
+        e = BlockEngine(blk, iodepth=iodepth, mode=mode)
         assert e.spares > 0
         st = e.run(0.2)
         e.close()
@@ -290,7 +290,7 @@ def test_engine_rejects_the_completion_of_a_spare_slot(mode):
             q.add_used(spare_head[0] if i == 0 else c.head, 1)
 
     with blk_completing(complete) as blk:
-        e = BlkEngine(blk, iodepth=4, mode=mode)
+        e = BlockEngine(blk, iodepth=4, mode=mode)
         spare_head.append(e.fixed.heads[e.qd])  # the first spare: published only after a completion
         with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
             e.run(1.0)
@@ -299,11 +299,11 @@ def test_engine_rejects_the_completion_of_a_spare_slot(mode):
 
 def test_engine_argument_checks(loop_blk):
     with pytest.raises(InvalidArgument):
-        BlkEngine(loop_blk, bs=1000)
+        BlockEngine(loop_blk, bs=1000)
     with pytest.raises(InvalidArgument):
-        BlkEngine(loop_blk, iodepth=1000)
+        BlockEngine(loop_blk, iodepth=1000)
     with pytest.raises(InvalidArgument):
-        BlkEngine(loop_blk, rw="sideways")
+        BlockEngine(loop_blk, rw="sideways")
 
 
 def test_stats_percentiles_and_merge():

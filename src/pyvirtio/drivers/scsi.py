@@ -547,6 +547,9 @@ class VirtioScsi:
     def _ctx(self) -> _QueueCtx:
         return self._queues.get()
 
+    def thread_queue(self) -> _QueueCtx:
+        return self._ctx()
+
     def release_queue(self) -> None:
         """Give the calling thread's queue back (it must have nothing in flight).
 
