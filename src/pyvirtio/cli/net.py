@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import struct
 import sys
 import time
 from typing import Any, BinaryIO
 
 from pyvirtio.cli.common import add_target_arguments, print_json, print_table, size_arg
+from pyvirtio.cli.serving import add_serve_options, serve_model, setup_logging
 from pyvirtio.errors import InvalidArgument, TransportTimeout
 
 BENCH_MODES = ("tx", "rx", "echo")
@@ -255,58 +255,44 @@ def run_bench(args: argparse.Namespace) -> int:
 # -- pyvirtio serve net --------------------------------------------------------------
 
 
-def add_serve_parser(devices: Any, common: Any) -> None:
-    """``pyvirtio serve net``; ``common(parser)`` adds serve's shared options (queues, log level, poll)."""
+def add_serve_parser(devices: Any) -> None:
+    """``pyvirtio serve net`` (registered by :mod:`pyvirtio.cli.serve`)."""
     p = devices.add_parser(
         "net",
         help="a virtio-net device: loopback (echo) or bridged to a TAP device",
         description="Serve a vhost-user-net device until SIGINT/SIGTERM. loopback: every frame sent is "
         "received back (--swap-mac swaps source and destination); tap: bridged to a Linux TAP device.",
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (created)")
+    add_serve_options(p, queues_help="queue pairs (default 1)")
     p.add_argument("--mode", choices=("loopback", "tap"), default="loopback")
     p.add_argument("--tap", default=None, metavar="NAME", help="TAP device name (default pyvirtio%%d)")
     p.add_argument("--swap-mac", action="store_true", help="loopback: swap source and destination MAC")
     p.add_argument("--mac", type=_mac_arg, default="02:70:79:76:00:01", help="the device's MAC")
     p.add_argument("--mtu", type=int, default=1500)
-    common(p)
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from pyvirtio.backends.net import NetBackend
-    from pyvirtio.backends.server import DEFAULT_POLL_US, VhostUserServer
-    from pyvirtio.cli.serve import _install_signals, _restore_signals
     from pyvirtio.drivers.net import parse_mac
 
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper()),
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    log = logging.getLogger("pyvirtio.backends")
+    log = setup_logging(args.log_level)
     try:
         model = NetBackend(args.mode, pairs=args.queues, mac=parse_mac(args.mac), mtu=args.mtu,
                            swap_mac=args.swap_mac, tap=args.tap)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
+
+    def announce() -> None:
+        log.info("virtio-net %s%s, %d pair(s) on %s", args.mode,
+                 f" ({model.tap_name})" if model.tap_name else "", args.queues, args.socket)
+        if model.tap_name:
+            print(f"tap device: {model.tap_name}", file=sys.stderr, flush=True)
+
     try:
-        poll_us = DEFAULT_POLL_US if args.poll_us is None else args.poll_us
-        server = VhostUserServer(args.socket, model, poll_us=poll_us)
-        server.listen()
-        previous = _install_signals(server.stop)
-        try:
-            log.info("virtio-net %s%s, %d pair(s) on %s", args.mode,
-                     f" ({model.tap_name})" if model.tap_name else "", args.queues, args.socket)
-            if model.tap_name:
-                print(f"tap device: {model.tap_name}", file=sys.stderr, flush=True)
-            server.serve()
-        finally:
-            _restore_signals(previous)
-            server.close()
+        return serve_model(args, model, announce)
     finally:
         model.close()
-    return 0
 
 
 __all__ = ["add_serve_parser", "register", "write_pcap_header", "write_pcap_record"]
