@@ -152,10 +152,14 @@ class BlockEngine:
         self.spares = min(iodepth, max_qd - iodepth, max(1, SPARE_BYTES // bs)) if self.fused or mode == "numpy" else 0
         nslots = iodepth + self.spares
         initial_write = not self.reads_only and self.rwmixread == 0
-        self.data = fmt.allocate(bs * nslots, 4096)
+        fmt.layout(nslots, bs, initial_write)  # headers and statuses first, then the data (as measured)
         try:
-            chains = fmt.layout(nslots, bs, self.data.addr, initial_write)
-            self.fixed = FixedChains(vq.ring, chains)
+            self.data = fmt.allocate(bs * nslots, 4096)
+        except BaseException:
+            fmt.close()
+            raise
+        try:
+            self.fixed = FixedChains(vq.ring, fmt.chains(self.data.addr))
         except BaseException:
             fmt.close()
             fmt.free(self.data)

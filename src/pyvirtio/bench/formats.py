@@ -22,8 +22,8 @@ once per run, so the engine's loops never ask which device they drive:
   [req, data, resp(W)]. A command is good if the virtio response is OK, the
   SCSI status GOOD and the residual 0 (the status qualifier is not looked at).
 
-What the loops use, per format (set up by :meth:`CommandFormat.layout` and
-:meth:`CommandFormat.bind`):
+What the loops use, per format (set up by :meth:`CommandFormat.layout`,
+:meth:`~CommandFormat.chains` and :meth:`~CommandFormat.bind`):
 
 ``lba[lba_k * s + lba_o] = address``
     stores slot ``s``'s address (``lba_size`` bytes per unit). For blk
@@ -166,11 +166,12 @@ class CommandFormat(ABC):
     # -- requests -------------------------------------------------------------
 
     @abstractmethod
-    def layout(self, nslots: int, bs: int, data_addr: int, write: bool) -> list[Chain]:
-        """Allocate and fill ``nslots`` headers and statuses; the chains, all reads or all writes.
+    def layout(self, nslots: int, bs: int, write: bool) -> None:
+        """Allocate and fill ``nslots`` headers and statuses of ``bs``-byte requests, all reads or all writes."""
 
-        Slot s moves ``bs`` bytes at ``data_addr + bs * s``.
-        """
+    @abstractmethod
+    def chains(self, data_addr: int) -> list[Chain]:
+        """The chain of every slot (after :meth:`layout`); slot s moves the bytes at ``data_addr + bs * s``."""
 
     @abstractmethod
     def bind(self, fixed: FixedChains) -> None:
@@ -219,8 +220,8 @@ class BlkFormat(CommandFormat):
     def free(self, buf: Buffer) -> None:
         self.blk.free(buf)
 
-    def layout(self, nslots: int, bs: int, data_addr: int, write: bool) -> list[Chain]:
-        self.bs, self.nslots = bs, nslots
+    def layout(self, nslots: int, bs: int, write: bool) -> None:
+        self.bs, self.nslots, self._write = bs, nslots, write
         self.hdrs = self._own(16 * nslots, 64)
         self.status_buf = self._own(nslots, 64)
         h32 = self.hdrs.view.cast("I")
@@ -229,13 +230,16 @@ class BlkFormat(CommandFormat):
         self._h32 = h32
         self.lba, self.lba_k, self.lba_o = self.hdrs.view.cast("Q"), 2, 1  # the sector: le64 at offset 8
         self.status, self.unset = self.status_buf.view, 0xFF
+
+    def chains(self, data_addr: int) -> list[Chain]:
+        bs, write = self.bs, self._write
         return [
             [
                 (self.hdrs.addr + 16 * s, 16, False),
                 (data_addr + bs * s, bs, not write),
                 (self.status_buf.addr + s, 1, True),
             ]
-            for s in range(nslots)
+            for s in range(self.nslots)
         ]
 
     def bind(self, fixed: FixedChains) -> None:
@@ -360,15 +364,14 @@ class ScsiFormat(CommandFormat):
     def _resp_word(self, s: int) -> int:
         return self.stride * s + self.resp_off + 4
 
-    def layout(self, nslots: int, bs: int, data_addr: int, write: bool) -> list[Chain]:
+    def layout(self, nslots: int, bs: int, write: bool) -> None:
         if bs // self.block_size > 0xFFFFFFFF:
             raise InvalidArgument(f"bs {bs} is more blocks than one READ(16) moves")
-        self.bs, self.nslots = bs, nslots
+        self.bs, self.nslots, self._write = bs, nslots, write
         stride = self.stride
         self.slots = self._own(stride * nslots, 64)
         view = self.slots.view
         self._view = view
-        self.data_addr = data_addr
         lun8 = S.lun_address(self.disk.target, self.disk.lun)
         cdb = bytearray(self.scsi.cdb_size)
         cdb[0] = T.WRITE_16 if write else T.READ_16
@@ -382,7 +385,10 @@ class ScsiFormat(CommandFormat):
         self.lba, self.lba_k, self.lba_o = _BigEndianSlots(view, _LBA_OFF, stride), 1, 0
         self.status = _ResponseSlots(view.cast("Q"), stride // 8, self._resp_word(0) // 8)
         self.unset = _RESP_UNSET
-        return [self._chain(s, write) for s in range(nslots)]
+
+    def chains(self, data_addr: int) -> list[Chain]:
+        self.data_addr = data_addr
+        return [self._chain(s, self._write) for s in range(self.nslots)]
 
     def _chain(self, s: int, write: bool) -> Chain:
         req = self.slots.addr + self.stride * s
