@@ -118,6 +118,26 @@ def test_bench_without_target_uses_the_embedded_backend():
     assert "back end: embedded pyvirtio RAM back end" in out.stdout
 
 
+#: The keys of ``pyvirtio bench --json`` (docs/benchmarks.md; bench/compare.py reads "iops").
+REPORT_KEYS = {
+    "ios", "reads", "writes", "seconds", "iops", "bandwidth_bytes_per_s", "mb_per_s", "latency_us", "errors",
+    "verify_errors", "kicks", "reconnects", "pause_ms", "backend", "rw", "rwmixread", "bs", "iodepth", "queues",
+    "queue_size", "runtime", "engine", "device_signals", "verify", "reconnect", "device", "first_error",
+}
+
+
+@pytest.mark.timeout(60)
+def test_bench_report_keys_and_figures_agree():
+    r = _json(bench("--runtime", "0.5", "--size", "8M", "--rw", "randrw", "--bs", "8k", "--iodepth", "4", "--json"))
+    assert set(r) == REPORT_KEYS
+    assert set(r["latency_us"]) == {"mean", "p50", "p99", "p99.9", "max"}
+    assert r["device"] == {"type": "blk", "capacity": 8 << 20, "block_size": 512}
+    assert r["ios"] == r["reads"] + r["writes"] and r["reads"] and r["writes"]
+    assert r["bandwidth_bytes_per_s"] == pytest.approx(r["ios"] * 8192 / r["seconds"], rel=0.01)
+    assert r["rwmixread"] == 70 and r["queue_size"] == 256 and r["engine"] == "python"
+    assert r["errors"] == 0 and r["first_error"] is None and r["reconnects"] == 0 and r["reconnect"] is None
+
+
 @pytest.mark.timeout(60)
 def test_bench_device_signals_off():
     r = _json(bench("--runtime", "0.3", "--size", "4M", "--device-signals", "off", "--json"))
@@ -130,8 +150,17 @@ def test_bench_embedded_verify_read_workload_prefills():
 
 
 def test_bench_bad_arguments_exit_cleanly():
-    out = bench("--iodepth", "0", "--runtime", "1")
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    for args, needle in (
+        (("--iodepth", "0"), "--iodepth: '0' must be at least 1"),
+        (("--queues", "-1"), "--queues: '-1' must be at least 1"),
+        (("--runtime", "0"), "--runtime: '0' must be more than 0 seconds"),
+        (("--bs", "4q"), "--bs: invalid size"),
+        (("--lun", "zero"), "expected TARGET:LUN"),
+    ):
+        out = bench(*args)
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = bench("--rwmixread", "101", "--runtime", "0.2", "--size", "4M", "--rw", "randrw")
+    assert out.returncode == 1 and out.stderr == "pyvirtio: error: rwmixread must be 0..100\n"
     out = bench("vhost-user:/nonexistent/sock", "--runtime", "1")
     assert out.returncode == 1 and out.stderr.startswith("pyvirtio: error:") and "Traceback" not in out.stderr
 
@@ -357,7 +386,8 @@ def test_bench_on_a_scsi_lun(tmp_path):
             assert server.poll() is None and time.monotonic() < deadline, "serve scsi did not start"
             time.sleep(0.05)
         r = _json(bench(sock, "--lun", "0:1", "--runtime", "0.5", "--iodepth", "4", "--json"))
-        assert r["ios"] > 0 and r["errors"] == 0
+        assert r["ios"] > 100 and r["errors"] == 0 and r["writes"] == 0 and r["lun"] == "0:1"
+        assert r["device"] == {"type": "scsi", "capacity": 8 << 20, "block_size": 512}
         out = bench(sock, "--lun", "0:9", "--runtime", "0.5")
         assert out.returncode == 1 and out.stderr.startswith("pyvirtio: error:")
     finally:

@@ -351,3 +351,98 @@ def test_bench_lun_exit_status_when_commands_fail(tmp_path: Path, capsys: pytest
     r = json.loads(capsys.readouterr().out)
     assert status == 1
     assert 0 < r["errors"] < r["ios"] and "MEDIUM ERROR" in r["first_error"]
+
+
+class ScsiServeProcess:
+    """``pyvirtio serve scsi`` over one file-backed LUN, in a child process that can be crashed and restarted."""
+
+    def __init__(self, sock: Path, image: Path) -> None:
+        self.sock, self.image = sock, image
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ScsiServeProcess:
+        with contextlib.suppress(FileNotFoundError):
+            self.sock.unlink()  # left by a crash
+        argv = [sys.executable, "-m", "pyvirtio", "serve", "scsi", "--socket", str(self.sock), "--lun", str(self.image)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not self.sock.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "serve scsi did not start"
+            time.sleep(0.01)
+        return self
+
+    def restart(self) -> int:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        return self.start().pid
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+
+@pytest.mark.timeout(90)
+def test_bench_lun_reconnect_verify_across_a_restart(tmp_path: Path) -> None:
+    """--reconnect on a LUN: the run goes on, every block checks; the new back end's UNIT ATTENTION is one error."""
+    from peers_restart import run_bench_across_restarts
+
+    image = tmp_path / "lun.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    serve = ScsiServeProcess(tmp_path / "scsi.sock", image).start()
+    try:
+        args = ("--lun", "0:0", "--rw", "randrw", "--verify", "--seed", "3", "--iodepth", "8", "--json")
+        done = run_bench_across_restarts(str(serve.sock), serve.pid, serve.restart, *args, restarts=1)
+    finally:
+        serve.stop()
+    r = json.loads(done.stdout)
+    assert r["reconnects"] == 1 and r["verify_errors"] == 0 and r["writes"] > 100
+    # SAM-5: after a power on every initiator's first command gets UNIT ATTENTION, counted like any failure.
+    assert r["errors"] == 1 and "UNIT ATTENTION" in r["first_error"] and done.returncode == 1
+    data = image.read_bytes()
+    blocks = [data[b * 4096 : (b + 1) * 4096] for b in range(len(data) // 4096)]
+    assert all(got in (bytes(4096), pack_pattern(b, 3, 4096)) for b, got in enumerate(blocks))
+
+
+@pytest.mark.timeout(60)
+def test_bench_lun_server_mode_with_serve_scsi_client(tmp_path: Path) -> None:
+    """``pyvirtio bench --server --lun`` listens; ``pyvirtio serve scsi --client`` connects to it."""
+    sock = tmp_path / "front.sock"
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "pyvirtio", "bench", str(sock), "--server", "--lun", "0:0", "--runtime", "0.5",
+         "--iodepth", "4", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    serve = None
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert bench.poll() is None and time.monotonic() < deadline, "bench --server did not listen"
+            time.sleep(0.02)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "pyvirtio", "serve", "scsi", "--socket", str(sock), "--client", "--lun", "4M"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        out, err = bench.communicate(timeout=40)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.communicate()
+        if serve is not None:
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(10) == 0  # a client stops on SIGTERM like a server
+    assert bench.returncode == 0, err
+    r = json.loads(out)
+    assert r["lun"] == "0:0" and r["ios"] > 50 and r["errors"] == 0 and r["device"]["capacity"] == 4 << 20

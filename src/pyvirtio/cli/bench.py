@@ -15,6 +15,8 @@ is the same command with the first LUN found as default.
 requests in flight are resubmitted once the new one is connected, and the
 report adds the number of reconnects and the pause (total and longest time
 without completions); with ``--verify`` every block is still checked.
+On a LUN the new back end reports UNIT ATTENTION (power on) to the first
+command it gets, as SCSI requires: that command counts as one error.
 ``--server`` listens on TARGET's socket for the back end to connect.
 Ctrl-C ends a run early with the report so far.
 """
