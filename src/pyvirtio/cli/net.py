@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, BinaryIO
 
-from pyvirtio.cli.common import add_target_arguments, print_json, print_table, size_arg
+from pyvirtio.cli.common import add_target_arguments, positive_int, print_json, print_table, size_arg
 from pyvirtio.cli.serving import add_serve_options, serve_model, setup_logging
 from pyvirtio.errors import InvalidArgument, TransportTimeout
 
@@ -34,16 +34,6 @@ def _mac_arg(text: str) -> str:
     return text
 
 
-def _count_arg(text: str) -> int:
-    try:
-        n = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"count must be positive, got {n}")
-    return n
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser("net", help="virtio-net: info, send, recv, bench", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,9 +42,9 @@ def register(sub: Any) -> None:
 
     def common(q: argparse.ArgumentParser) -> None:
         add_target_arguments(q)
-        q.add_argument("--queue-pairs", type=_count_arg, default=1, metavar="N",
+        q.add_argument("--queue-pairs", type=positive_int, default=1, metavar="N",
                        help="queue pairs the device gets (default 1)")
-        q.add_argument("--queue-size", type=_count_arg, default=None, metavar="N", help="ring size (default 256)")
+        q.add_argument("--queue-size", type=positive_int, default=None, metavar="N", help="ring size (default 256)")
         q.add_argument("--mac", type=_mac_arg, default=None, help="our MAC (default: the device's or a random one)")
         q.add_argument("--no-mrg-rxbuf", action="store_true", help="do not negotiate mergeable receive buffers")
 
@@ -65,7 +55,7 @@ def register(sub: Any) -> None:
 
     q = cmds.add_parser("send", help="send N frames")
     common(q)
-    q.add_argument("--count", type=_count_arg, default=1)
+    q.add_argument("--count", type=positive_int, default=1)
     q.add_argument("--size", type=size_arg, default=64, help="frame bytes without FCS (default 64)")
     q.add_argument("--dst-mac", type=_mac_arg, default="ff:ff:ff:ff:ff:ff", help="default broadcast")
     q.add_argument("--pair", type=int, default=0, help="queue pair (default 0)")
@@ -74,7 +64,7 @@ def register(sub: Any) -> None:
 
     q = cmds.add_parser("recv", help="receive N frames (optionally into a pcap file)")
     common(q)
-    q.add_argument("--count", type=_count_arg, default=1)
+    q.add_argument("--count", type=positive_int, default=1)
     q.add_argument("--pcap", metavar="FILE", default=None, help="write the frames to a pcap file")
     q.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="give up after this long without the N frames (default 10)")
@@ -87,9 +77,9 @@ def register(sub: Any) -> None:
     q.add_argument("--mode", choices=BENCH_MODES, default="tx")
     q.add_argument("--size", type=size_arg, default=64, help="frame bytes without FCS (default 64)")
     q.add_argument("--runtime", type=float, default=10.0, help="seconds (default 10)")
-    q.add_argument("--queues", type=_count_arg, default=None, metavar="N",
+    q.add_argument("--queues", type=positive_int, default=None, metavar="N",
                    help="queue pairs to load, one thread each (default: --queue-pairs)")
-    q.add_argument("--window", type=_count_arg, default=32, help="echo: frames in flight (default 32)")
+    q.add_argument("--window", type=positive_int, default=32, help="echo: frames in flight (default 32)")
     q.add_argument("--dst-mac", type=_mac_arg, default="02:00:00:00:00:02")
     q.add_argument("--no-swap", action="store_true", help="echo: the peer does not swap MACs")
     q.add_argument("--json", action="store_true", help="one JSON object")
