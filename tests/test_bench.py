@@ -13,8 +13,9 @@ import pytest
 
 from pyvirtio import VirtioDevice
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
+from pyvirtio.bench.block import BlockEngine
+from pyvirtio.bench.stats import LatencyLog, Stats, bucket
 from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
-from pyvirtio.drivers.blk_engine import BlkEngine, Stats
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken
 
 pytest_plugins = ["peers"]
@@ -117,6 +118,26 @@ def test_bench_without_target_uses_the_embedded_backend():
     assert "back end: embedded pyvirtio RAM back end" in out.stdout
 
 
+#: The keys of ``pyvirtio bench --json`` (docs/benchmarks.md; bench/compare.py reads "iops").
+REPORT_KEYS = {
+    "ios", "reads", "writes", "seconds", "iops", "bandwidth_bytes_per_s", "mb_per_s", "latency_us", "errors",
+    "verify_errors", "kicks", "reconnects", "pause_ms", "backend", "rw", "rwmixread", "bs", "iodepth", "queues",
+    "queue_size", "runtime", "engine", "device_signals", "verify", "reconnect", "device", "first_error",
+}
+
+
+@pytest.mark.timeout(60)
+def test_bench_report_keys_and_figures_agree():
+    r = _json(bench("--runtime", "0.5", "--size", "8M", "--rw", "randrw", "--bs", "8k", "--iodepth", "4", "--json"))
+    assert set(r) == REPORT_KEYS
+    assert set(r["latency_us"]) == {"mean", "p50", "p99", "p99.9", "max"}
+    assert r["device"] == {"type": "blk", "capacity": 8 << 20, "block_size": 512}
+    assert r["ios"] == r["reads"] + r["writes"] and r["reads"] and r["writes"]
+    assert r["bandwidth_bytes_per_s"] == pytest.approx(r["ios"] * 8192 / r["seconds"], rel=0.01)
+    assert r["rwmixread"] == 70 and r["queue_size"] == 256 and r["engine"] == "python"
+    assert r["errors"] == 0 and r["first_error"] is None and r["reconnects"] == 0 and r["reconnect"] is None
+
+
 @pytest.mark.timeout(60)
 def test_bench_device_signals_off():
     r = _json(bench("--runtime", "0.3", "--size", "4M", "--device-signals", "off", "--json"))
@@ -129,8 +150,17 @@ def test_bench_embedded_verify_read_workload_prefills():
 
 
 def test_bench_bad_arguments_exit_cleanly():
-    out = bench("--iodepth", "0", "--runtime", "1")
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    for args, needle in (
+        (("--iodepth", "0"), "--iodepth: '0' must be at least 1"),
+        (("--queues", "-1"), "--queues: '-1' must be at least 1"),
+        (("--runtime", "0"), "--runtime: '0' must be more than 0 seconds"),
+        (("--bs", "4q"), "--bs: invalid size"),
+        (("--lun", "zero"), "expected TARGET:LUN"),
+    ):
+        out = bench(*args)
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = bench("--rwmixread", "101", "--runtime", "0.2", "--size", "4M", "--rw", "randrw")
+    assert out.returncode == 1 and out.stderr == "pyvirtio: error: rwmixread must be 0..100\n"
     out = bench("vhost-user:/nonexistent/sock", "--runtime", "1")
     assert out.returncode == 1 and out.stderr.startswith("pyvirtio: error:") and "Traceback" not in out.stderr
 
@@ -149,7 +179,7 @@ def loop_blk():
 @pytest.mark.parametrize("mode", ["python", "numpy"])
 @pytest.mark.parametrize("rw", ["randread", "read", "randwrite", "write", "randrw"])
 def test_engine_modes(loop_blk, mode, rw):
-    e = BlkEngine(loop_blk, rw=rw, iodepth=16, mode=mode, rwmixread=50, seed=1)
+    e = BlockEngine(loop_blk, rw=rw, iodepth=16, mode=mode, rwmixread=50, seed=1)
     st = e.run(0.2)
     e.close()
     assert st.ios > 0 and st.errors == 0
@@ -163,12 +193,12 @@ def test_engine_modes(loop_blk, mode, rw):
 
 
 def test_engine_verify_catches_corruption(loop_blk):
-    e = BlkEngine(loop_blk, rw="randwrite", iodepth=4, verify=True, seed=3, size=64 * 4096)
+    e = BlockEngine(loop_blk, rw="randwrite", iodepth=4, verify=True, seed=3, size=64 * 4096)
     st = e.run(0.2)
     assert st.verify_errors == 0 and st.writes > 0
     e.close()
     # Corrupt one written block behind the driver's back: a verify read-back finds it.
-    e2 = BlkEngine(loop_blk, rw="randread", iodepth=4, verify=True, seed=3, size=64 * 4096)
+    e2 = BlockEngine(loop_blk, rw="randread", iodepth=4, verify=True, seed=3, size=64 * 4096)
     e2.prefill()
     loop_blk.write(5 * 4096, b"\xee" * 4096)
     st2 = e2.run(0.3)
@@ -210,7 +240,7 @@ def test_engine_validates_used_entries(mode):
             q.add_used(63, written)
 
     with blk_completing(complete) as blk:
-        e = BlkEngine(blk, iodepth=4, mode=mode)
+        e = BlockEngine(blk, iodepth=4, mode=mode)
         with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
@@ -253,7 +283,7 @@ def test_engine_rejects_bad_completions(mode, lie, reason):
                 q.add_used(c.head, written)
 
     with blk_completing(complete) as blk:
-        e = BlkEngine(blk, iodepth=4, mode=mode)
+        e = BlockEngine(blk, iodepth=4, mode=mode)
         with pytest.raises(DeviceProtocolError, match=reason):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
@@ -271,7 +301,7 @@ def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth):
             q.add_used(c.head, written)
 
     with blk_completing(complete) as blk:
-        e = BlkEngine(blk, iodepth=iodepth, mode=mode)
+        e = BlockEngine(blk, iodepth=iodepth, mode=mode)
         assert e.spares > 0
         st = e.run(0.2)
         e.close()
@@ -289,7 +319,7 @@ def test_engine_rejects_the_completion_of_a_spare_slot(mode):
             q.add_used(spare_head[0] if i == 0 else c.head, 1)
 
     with blk_completing(complete) as blk:
-        e = BlkEngine(blk, iodepth=4, mode=mode)
+        e = BlockEngine(blk, iodepth=4, mode=mode)
         spare_head.append(e.fixed.heads[e.qd])  # the first spare: published only after a completion
         with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
             e.run(1.0)
@@ -298,21 +328,19 @@ def test_engine_rejects_the_completion_of_a_spare_slot(mode):
 
 def test_engine_argument_checks(loop_blk):
     with pytest.raises(InvalidArgument):
-        BlkEngine(loop_blk, bs=1000)
+        BlockEngine(loop_blk, bs=1000)
     with pytest.raises(InvalidArgument):
-        BlkEngine(loop_blk, iodepth=1000)
+        BlockEngine(loop_blk, iodepth=1000)
     with pytest.raises(InvalidArgument):
-        BlkEngine(loop_blk, rw="sideways")
+        BlockEngine(loop_blk, rw="sideways")
 
 
 def test_stats_percentiles_and_merge():
     a, b = Stats(), Stats()
-    from pyvirtio.drivers.blk_engine import _bucket
-
     for ns in range(1000, 101000, 1000):
-        a.hist[_bucket(ns)] += 1
+        a.hist[bucket(ns)] += 1
     a.lat_max_ns = 100000
-    b.hist[_bucket(5000)] += 1
+    b.hist[bucket(5000)] += 1
     b.lat_max_ns = 5000
     a.merge(b)
     assert sum(a.hist) == 101
@@ -358,7 +386,8 @@ def test_bench_on_a_scsi_lun(tmp_path):
             assert server.poll() is None and time.monotonic() < deadline, "serve scsi did not start"
             time.sleep(0.05)
         r = _json(bench(sock, "--lun", "0:1", "--runtime", "0.5", "--iodepth", "4", "--json"))
-        assert r["ios"] > 0 and r["errors"] == 0
+        assert r["ios"] > 100 and r["errors"] == 0 and r["writes"] == 0 and r["lun"] == "0:1"
+        assert r["device"] == {"type": "scsi", "capacity": 8 << 20, "block_size": 512}
         out = bench(sock, "--lun", "0:9", "--runtime", "0.5")
         assert out.returncode == 1 and out.stderr.startswith("pyvirtio: error:")
     finally:
@@ -371,11 +400,9 @@ def test_latency_chunks_bucket_like_the_python_path():
     """The NumPy loop's latency chunks (pass times minus submission times) give the exact histogram."""
     import random
 
-    from pyvirtio.drivers.blk_engine import _bucket, _LatencyLog
-
     rng = random.Random(7)
     stats = Stats()
-    log = _LatencyLog(stats, max_batch=64)
+    log = LatencyLog(stats, max_batch=64)
     expect = [0] * len(stats.hist)
     lats = []
     t = 10**9
@@ -388,7 +415,7 @@ def test_latency_chunks_bucket_like_the_python_path():
         log.pass_n.append(n)
         log.pos += n
         for s in subs:
-            expect[min(_bucket(t - s), len(expect) - 1)] += 1
+            expect[min(bucket(t - s), len(expect) - 1)] += 1
             lats.append(t - s)
         if log.pos >= log.CHUNK:
             log.flush()

@@ -258,7 +258,7 @@ def test_blk_commands_roundtrip(qsd_raw: Qsd, tmp_path: Path) -> None:
     res = cli("blk", "flush", t)
     assert res.returncode == 0 and res.stdout == b"flushed\n"
     res = cli("blk", "get-id", t)
-    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+    assert res.returncode == 0 and res.stdout == b"vhost_user_blk\n", res.stderr  # qemu-storage-daemon's id
 
     # Errors: one line, exit 1, nothing sent.
     assert_one_line_error(cli("blk", "read", t, "--offset", "100", "--length", "512"), "block size 512")

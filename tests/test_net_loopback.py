@@ -30,9 +30,9 @@ pytest.register_assert_rewrite("testpmd")
 from peers import missing_peer  # noqa: E402
 from pyvirtio.backends.net import NetBackend  # noqa: E402
 from pyvirtio.backends.server import VhostUserServer  # noqa: E402
+from pyvirtio.bench.net import NetEngine  # noqa: E402
 from pyvirtio.device import VirtioDevice  # noqa: E402
 from pyvirtio.drivers.net import NetHdr, VirtioNet, inet_checksum  # noqa: E402
-from pyvirtio.drivers.net_engine import NetEngine  # noqa: E402
 from pyvirtio.errors import InvalidArgument, OwnershipError  # noqa: E402
 from pyvirtio.spec import net as N  # noqa: E402
 from pyvirtio.spec.common import DEVICE_ID_NET, F_RING_EVENT_IDX, F_VERSION_1  # noqa: E402

@@ -20,8 +20,8 @@ import pytest
 # Before importing it, so that pytest rewrites the asserts in the helper module.
 pytest.register_assert_rewrite("testpmd")
 
+from pyvirtio.bench.net import NetEngine  # noqa: E402
 from pyvirtio.drivers.net import NetControlError, VirtioNet  # noqa: E402
-from pyvirtio.drivers.net_engine import NetEngine  # noqa: E402
 from pyvirtio.errors import InvalidArgument  # noqa: E402
 from pyvirtio.spec import net as N  # noqa: E402
 from testpmd import assert_swapped_echo, echo_frames, payload_frames  # noqa: E402

@@ -7,7 +7,7 @@ limits and provisioning), every I/O command with the data read back
 limits, WRITE SAME(16) with UNMAP, SYNCHRONIZE CACHE), sense decoding in both
 formats, UNIT ATTENTION retries, absent targets and LUNs, task management,
 hot-plug events (added, removed, parameter change, events missed), several
-threads with a queue each, asyncio, and the benchmark loop.
+threads with a queue each, asyncio (the benchmark on a LUN: tests/test_bench_scsi.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pyvirtio.backends.server import VhostUserServer
 from pyvirtio.drivers.scsi import (
     UA_RETRIES,
     LunNotFound,
-    ScsiBench,
     ScsiError,
     ScsiEvent,
     ScsiRequest,
@@ -580,39 +579,6 @@ def test_config_sizes_other_than_the_defaults(tmp_path: Path) -> None:
         server.stop()
         assert server.wait(10)
         backend.close()
-
-
-# -- bench ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("rw", ["randread", "randrw", "write"])
-def test_bench_loop(scsi: VirtioScsi, rw: str) -> None:
-    bench = ScsiBench(scsi.disk(0, 1), rw=rw, bs=8192, iodepth=8, seed=1)
-    try:
-        stats = bench.run(0.3)
-    finally:
-        bench.close()
-    assert stats.ios > 50 and stats.errors == 0
-    assert stats.bytes == stats.ios * 8192
-    if rw == "randread":
-        assert stats.writes == 0
-    elif rw == "write":
-        assert stats.reads == 0
-    else:
-        assert stats.reads and stats.writes
-    summary = stats.summary()
-    assert summary["latency_us"]["p50"] > 0 and summary["iops"] > 0
-    assert scsi.thread_queue().inflight == 0
-
-
-def test_bench_argument_checks(scsi: VirtioScsi) -> None:
-    disk = scsi.disk(0, 1)
-    with pytest.raises(InvalidArgument):
-        ScsiBench(disk, bs=512)  # below the 4 KiB block
-    with pytest.raises(InvalidArgument):
-        ScsiBench(disk, iodepth=1000)
-    with pytest.raises(InvalidArgument, match="write-protected"):
-        ScsiBench(scsi.disk(3, 0), rw="randwrite")
 
 
 def test_scsi_request_reports_its_own_error() -> None:

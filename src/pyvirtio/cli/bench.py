@@ -1,14 +1,22 @@
-"""``pyvirtio bench``: a fio-like block benchmark on a virtio-blk device.
+"""``pyvirtio bench``: a fio-like block benchmark on a virtio-blk device or a virtio-scsi LUN.
 
 With a TARGET it drives that device; without one it starts pyvirtio's
 embedded RAM back end (``pyvirtio serve blk``) in a child process, benchmarks
 it and stops it, so the command works on a machine with nothing else
 installed. The report names the back end it ran against.
 
+``--lun T:L`` benchmarks that LUN of a virtio-scsi device (TARGET is then a
+vhost-user-scsi socket, e.g. ``pyvirtio serve scsi``) with the same engine,
+options and report (READ(16) / WRITE(16) commands; a command is good if its
+response is OK, its status GOOD and its residual 0). ``pyvirtio scsi bench``
+is the same command with the first LUN found as default.
+
 ``--reconnect [SECONDS]`` keeps the run going when the back end restarts:
 requests in flight are resubmitted once the new one is connected, and the
 report adds the number of reconnects and the pause (total and longest time
 without completions); with ``--verify`` every block is still checked.
+On a LUN the new back end reports UNIT ATTENTION (power on) to the first
+command it gets, as SCSI requires: that command counts as one error.
 ``--server`` listens on TARGET's socket for the back end to connect.
 Ctrl-C ends a run early with the report so far.
 """
@@ -22,45 +30,36 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from pyvirtio.drivers.blk import VirtioBlk
-from pyvirtio.drivers.blk_engine import RW_MODES, BlkEngine, Stats
+from pyvirtio.bench.block import MODES, RW_MODES, run_queues
+from pyvirtio.bench.stats import Stats
+from pyvirtio.cli.common import lun_arg, positive_int, seconds_arg, size_arg
 from pyvirtio.errors import InvalidArgument, TransportError
 
 MAX_QUEUE_SIZE = 1024  # QEMU's VIRTQUEUE_MAX_SIZE: the largest ring every back end takes
 
 
-def register(sub: Any) -> None:
-    from pyvirtio.cli.common import parse_size
-
-    p = sub.add_parser(
-        "bench",
-        help="benchmark a virtio-blk device (the embedded RAM back end if no TARGET)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("target", nargs="?", help="vhost-user:PATH or a socket path; omit for the embedded back end")
+def add_bench_options(p: argparse.ArgumentParser) -> None:
+    """The workload and report options of ``pyvirtio bench`` and ``pyvirtio scsi bench``."""
     p.add_argument("--rw", choices=RW_MODES, default="randread")
     p.add_argument("--rwmixread", type=int, default=70, help="percentage of reads for randrw/rw (default 70)")
-    p.add_argument("--bs", type=parse_size, default=4096, help="block size (default 4k)")
-    p.add_argument("--iodepth", type=int, default=32, help="requests in flight per queue (default 32)")
-    p.add_argument("--runtime", type=float, default=10.0, help="seconds (default 10)")
-    p.add_argument("--queues", type=int, default=1, help="queues, one thread each (default 1)")
-    p.add_argument("--queue-size", type=int, default=None, help="ring size (default: fits iodepth, at least 256)")
+    p.add_argument("--bs", type=size_arg, default=4096, help="block size (default 4k)")
+    p.add_argument("--iodepth", type=positive_int, default=32, help="requests in flight per queue (default 32)")
+    p.add_argument("--runtime", type=seconds_arg, default=10.0, help="seconds (default 10)")
+    p.add_argument("--queues", type=positive_int, default=1, help="queues, one thread each (default 1)")
+    p.add_argument("--queue-size", type=positive_int, default=None,
+                   help="ring size (default: fits iodepth, at least 256)")
     p.add_argument("--verify", action="store_true", help="write a per-block pattern and check it on read-back")
-    p.add_argument("--mode", choices=("auto", "python", "numpy"), default="auto", help="engine loop (default auto)")
-    p.add_argument("--size", type=parse_size, default=1 << 30, help="embedded back end: RAM disk size (default 1G)")
+    p.add_argument("--mode", choices=MODES, default="auto", help="engine loop (default auto)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--event-idx", choices=("on", "off"), default="on",
                    help="negotiate VIRTIO_F_RING_EVENT_IDX (default on)")
     p.add_argument("--device-signals", choices=("on", "off"), default="on",
                    help="let the device signal completions although the engine polls "
                    "(default on: faster against qemu-storage-daemon at every depth measured; see docs/benchmarks.md)")
-    p.add_argument("--lun", default=None, metavar="T:L",
-                   help="benchmark LUN T:L of a virtio-scsi device (TARGET is then a vhost-user-scsi socket)")
     p.add_argument("--reconnect", type=float, nargs="?", const=30.0, default=None, metavar="SECONDS",
                    help="keep running across a back-end restart: reconnect, resubmit what was in flight, "
                    "report the pause (wait up to SECONDS for the back end, default 30)")
@@ -68,10 +67,25 @@ def register(sub: Any) -> None:
                    help="listen on TARGET's socket and let the back end connect (vhost-user server mode)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
-    p.set_defaults(func=run)
 
 
-def _queue_size(args: argparse.Namespace) -> int:
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark a virtio-blk device (the embedded RAM back end if no TARGET) or a virtio-scsi LUN",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", nargs="?", help="vhost-user:PATH or a socket path; omit for the embedded back end")
+    p.add_argument("--lun", type=lun_arg, default=None, metavar="T:L",
+                   help="benchmark LUN T:L of a virtio-scsi device (TARGET is then a vhost-user-scsi socket)")
+    p.add_argument("--size", type=size_arg, default=1 << 30, help="embedded back end: RAM disk size (default 1G)")
+    add_bench_options(p)
+    p.set_defaults(func=run, connect_timeout=5.0, timeout=30.0)
+
+
+def queue_size(args: argparse.Namespace) -> int:
+    """The ring size: --queue-size, or the smallest power of two >= 256 holding 3 descriptors per request."""
     if args.queue_size is not None:
         return int(args.queue_size)
     size = 256
@@ -125,15 +139,15 @@ class EmbeddedBackend:
         os.rmdir(self.dir)
 
 
-def _progress_printer(enabled: bool, total_seconds: float) -> Any:
-    if not enabled:
+def _progress_printer(args: argparse.Namespace) -> Callable[[Stats], None] | None:
+    if args.json or args.no_progress or not sys.stderr.isatty():
         return None
     out = sys.stderr
 
     def show(stats: Stats) -> None:
         secs = stats.seconds or 1e-9
         out.write(
-            f"\r[{secs:5.1f}/{total_seconds:.0f}s] {stats.ios / secs:>10,.0f} IOPS  "
+            f"\r[{secs:5.1f}/{args.runtime:.0f}s] {stats.ios / secs:>10,.0f} IOPS  "
             f"{stats.bytes / secs / 1e6:>9,.1f} MB/s  errors {stats.errors}"
             + (f"  reconnects {stats.reconnects}" if stats.reconnects else "")
             + "   "
@@ -144,149 +158,108 @@ def _progress_printer(enabled: bool, total_seconds: float) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.iodepth < 1 or args.queues < 1 or args.runtime <= 0:
-        raise InvalidArgument("--iodepth, --queues and --runtime must be positive")
+    """``pyvirtio bench``: the embedded back end, a virtio-blk TARGET, or a LUN of one (--lun)."""
     if args.lun is not None:
-        return _scsi_bench(args)
+        if args.target is None:
+            raise InvalidArgument("--lun needs a TARGET (a vhost-user-scsi socket, e.g. from `pyvirtio serve scsi`)")
+        return run_lun(args)
     backend: EmbeddedBackend | None = None
     target = args.target
     if target is None:
         backend = EmbeddedBackend(args.size, args.queues)
         target = f"vhost-user:{backend.socket}"
     try:
-        return _bench(args, target, "embedded pyvirtio RAM back end" if backend else target)
+        return _run_blk(args, target, "embedded pyvirtio RAM back end" if backend else target)
     finally:
         if backend is not None:
             backend.stop()
 
 
-def _scsi_bench(args: argparse.Namespace) -> int:
-    """``--lun T:L``: the same workload on a virtio-scsi LUN (pyvirtio.drivers.scsi.ScsiBench)."""
-    from pyvirtio.cli import scsi as scsi_cli
-
-    if args.target is None:
-        raise InvalidArgument("--lun needs a TARGET (a vhost-user-scsi socket, e.g. from `pyvirtio serve scsi`)")
-    if args.queues != 1 or args.verify or args.mode != "auto":
-        raise InvalidArgument("--lun benchmarks run on one queue, without --verify or --mode")
-    args.lun = scsi_cli.lun_arg(args.lun)
-    for name, default in (("connect_timeout", 5.0), ("timeout", 30.0)):
-        if not hasattr(args, name):
-            setattr(args, name, default)
-    return int(scsi_cli.run_bench(args))
-
-
-def _bench(args: argparse.Namespace, target: str, backend_name: str) -> int:
-    qsize = _queue_size(args)
-    transport_kw: dict[str, Any] = {}
-    if getattr(args, "reconnect", None) is not None:
+def _transport_options(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if args.reconnect is not None:
         if args.reconnect <= 0:
             raise InvalidArgument("--reconnect SECONDS must be positive")
-        transport_kw["reconnect"] = args.reconnect
-    if getattr(args, "server", False):
-        transport_kw["server"] = True
-        transport_kw["connect_timeout"] = args.reconnect or 30.0
+        kw["reconnect"] = args.reconnect
+    if args.server:
+        kw["server"] = True
+        kw["connect_timeout"] = args.reconnect or 30.0
+    return kw
+
+
+def _run_blk(args: argparse.Namespace, target: str, backend_name: str) -> int:
+    from pyvirtio.drivers.blk import VirtioBlk
+
+    qsize = queue_size(args)
     blk = VirtioBlk.open(
-        target, num_queues=args.queues, queue_size=qsize, event_idx=args.event_idx == "on", **transport_kw
+        target, num_queues=args.queues, queue_size=qsize, event_idx=args.event_idx == "on", **_transport_options(args)
     )
     try:
-        if args.queues > blk.num_queues:
-            raise InvalidArgument(f"--queues {args.queues}: the device has {blk.num_queues}")
-        results: list[Stats | BaseException | None] = [None] * args.queues
-        stop = threading.Event()
-        show = _progress_printer(sys.stderr.isatty() and not args.no_progress and not args.json, args.runtime)
-        engines: list[BlkEngine] = []
-        ready = threading.Barrier(args.queues)
-        live: list[Stats] = [Stats() for _ in range(args.queues)]
-
-        def merged_progress(q: int) -> Any:
-            def cb(stats: Stats) -> None:
-                live[q] = stats
-                if q == 0 and show is not None:
-                    total = Stats()
-                    for s in live:
-                        total.merge(s)
-                    total.seconds = stats.seconds
-                    show(total)
-
-            return cb
-
-        def worker(q: int) -> None:
-            try:
-                engine = BlkEngine(
-                    blk,
-                    rw=args.rw,
-                    bs=args.bs,
-                    iodepth=args.iodepth,
-                    rwmixread=args.rwmixread,
-                    verify=args.verify,
-                    seed=None if args.seed is None else args.seed + q,
-                    mode=args.mode,
-                    device_signals=args.device_signals == "on",
-                    **_region(blk, args, q),
-                )
-                engines.append(engine)
-                if args.verify and engine.reads_only:
-                    engine.prefill()
-                ready.wait()
-                results[q] = engine.run(args.runtime, stop=stop, progress=merged_progress(q))
-                engine.close()
-            except BaseException as exc:  # reported by the main thread
-                results[q] = exc
-                stop.set()
-                ready.abort()
-            finally:
-                finished[q].set()
-
-        # Waited for with events: a Thread.join() interrupted by Ctrl-C may return early
-        # afterwards on CPython 3.11 (the thread still running, its result not yet there).
-        finished = [threading.Event() for _ in range(args.queues)]
-        threads = [threading.Thread(target=worker, args=(q,), name=f"bench-q{q}") for q in range(args.queues)]
-        for t in threads:
-            t.start()
-        try:
-            for done in finished:
-                while not done.wait(0.2):
-                    pass
-        except KeyboardInterrupt:
-            stop.set()
-            for done in finished:
-                done.wait()
-        for t in threads:
-            t.join()
-        if show is not None:
-            sys.stderr.write("\n")
-        errors = [
-            r for r in results if isinstance(r, BaseException) and not isinstance(r, threading.BrokenBarrierError)
-        ]
-        if errors:
-            raise errors[0]
-        total = Stats()
-        for r in results:
-            assert isinstance(r, Stats)
-            total.merge(r)
-        report = _report(args, blk, total, backend_name, engines[0].mode if engines else args.mode, qsize)
+        device = {"type": "blk", "capacity": blk.capacity, "block_size": blk.block_size}
+        return _bench(args, blk, device, backend_name, qsize, None)
     finally:
         blk.close()
-    if args.json:
-        print(json.dumps(report))
-    else:
-        _print_report(report)
-    return 1 if total.errors or total.verify_errors else 0
 
 
-def _region(blk: VirtioBlk, args: argparse.Namespace, q: int) -> dict[str, int]:
-    """With --verify each queue gets its own slice of the device, so checks don't race."""
-    if not args.verify or args.queues == 1:
-        return {}
-    per = blk.capacity // args.queues // args.bs * args.bs
-    return {"offset": q * per, "size": per}
+def run_lun(args: argparse.Namespace) -> int:
+    """``bench --lun`` / ``scsi bench``: the same workload on a LUN (the first one found without --lun)."""
+    from pyvirtio.drivers.scsi import VirtioScsi
+    from pyvirtio.spec.common import DEVICE_ID_SCSI
+    from pyvirtio.targets import open_device
+
+    qsize = queue_size(args)
+    kw = {"connect_timeout": args.connect_timeout, "timeout": args.timeout, **_transport_options(args)}
+    dev = open_device(args.target, device_type=DEVICE_ID_SCSI, queue_size=qsize, **kw)
+    try:
+        scsi = VirtioScsi(
+            dev,
+            num_queues=args.queues,
+            queue_size=qsize,
+            event_idx=args.event_idx == "on",
+            timeout=args.timeout,
+            targets=None if args.lun is None else [args.lun[0]],
+        )
+    except BaseException:
+        dev.close()
+        raise
+    try:
+        if args.lun is None:
+            if not scsi.luns:
+                raise InvalidArgument(f"{args.target} has no LUN to benchmark")
+            t, lun = min(scsi.luns)
+        else:
+            t, lun = args.lun
+        disk = scsi.disk(t, lun)
+        scsi.release_queue()  # the scan's: the bench threads take a queue each
+        device = {"type": "scsi", "capacity": disk.capacity, "block_size": disk.block_size}
+        return _bench(args, disk, device, args.target, qsize, f"{t}:{lun}")
+    finally:
+        scsi.close()
 
 
-def _report(
-    args: argparse.Namespace, blk: VirtioBlk, total: Stats, backend: str, mode: str, qsize: int
-) -> dict[str, Any]:
-    out = total.summary()
-    out.update(
+def _bench(
+    args: argparse.Namespace, target: Any, device: dict[str, Any], backend: str, qsize: int, lun: str | None
+) -> int:
+    show = _progress_printer(args)
+    result = run_queues(
+        target,
+        args.runtime,
+        queues=args.queues,
+        seed=args.seed,
+        verify=args.verify,
+        bs=args.bs,
+        progress=show,
+        rw=args.rw,
+        iodepth=args.iodepth,
+        rwmixread=args.rwmixread,
+        mode=args.mode,
+        device_signals=args.device_signals == "on",
+    )
+    if show is not None:
+        sys.stderr.write("\n")
+    total = result.stats
+    report = total.summary()
+    report.update(
         {
             "backend": backend,
             "rw": args.rw,
@@ -296,32 +269,42 @@ def _report(
             "queues": args.queues,
             "queue_size": qsize,
             "runtime": args.runtime,
-            "engine": mode,
+            "engine": result.mode,
             "device_signals": args.device_signals == "on",
             "verify": args.verify,
-            "reconnect": getattr(args, "reconnect", None),
-            "device": {"capacity": blk.capacity, "block_size": blk.block_size},
+            "reconnect": args.reconnect,
+            "device": device,
+            "first_error": total.error,
         }
     )
-    return out
+    if lun is not None:
+        report["lun"] = lun
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 1 if total.errors or total.verify_errors else 0
 
 
-def _print_report(r: dict[str, Any]) -> None:
+def print_report(r: dict[str, Any]) -> None:
+    """The human form of a bench report (the dict ``--json`` prints)."""
     lat = r["latency_us"]
     mix = f", rwmixread={r['rwmixread']}" if r.get("rwmixread") is not None else ""
+    lun = f" lun={r['lun']}" if r.get("lun") else ""
     print(f"pyvirtio bench: {r['rw']}{mix} bs={r['bs']} iodepth={r['iodepth']} queues={r['queues']} "
-          f"runtime={r['seconds']}s engine={r['engine']}")
+          f"runtime={r['seconds']}s engine={r['engine']}{lun}")
     print(f"  back end: {r['backend']}")
     print(f"  IOPS: {r['iops']:,}   bandwidth: {r['mb_per_s']:,} MB/s   ios: {r['ios']:,} "
           f"(reads {r['reads']:,}, writes {r['writes']:,})")
     print(f"  latency (us): mean {lat['mean']}  p50 {lat['p50']}  p99 {lat['p99']}  "
           f"p99.9 {lat['p99.9']}  max {lat['max']}")
     verify = f"   verify errors: {r['verify_errors']}" if r["verify"] else ""
-    print(f"  errors: {r['errors']}{verify}")
+    first = f" (first: {r['first_error']})" if r.get("first_error") else ""
+    print(f"  errors: {r['errors']}{first}{verify}")
     if r.get("reconnect") is not None or r.get("reconnects"):
         pause = r["pause_ms"]
         print(f"  reconnects: {r['reconnects']}   paused: {pause['total']:,} ms in total, "
               f"longest {pause['max']:,} ms")
 
 
-__all__ = ["register", "run"]
+__all__ = ["add_bench_options", "print_report", "queue_size", "register", "run", "run_lun"]

@@ -83,6 +83,37 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for a count of at least 1."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def seconds_arg(text: str) -> float:
+    """argparse ``type=`` for a duration of more than 0 seconds."""
+    value = positive_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def lun_arg(text: str) -> tuple[int, int]:
+    """argparse ``type=`` for ``T:L`` (target 0..255, LUN 0..16383)."""
+    try:
+        t_text, l_text = text.split(":")
+        target, lun = int(t_text, 0), int(l_text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid LUN {text!r}: expected TARGET:LUN, e.g. 0:1") from None
+    if not 0 <= target <= 255 or not 0 <= lun <= 16383:
+        raise argparse.ArgumentTypeError(f"LUN {text!r} out of range (target 0..255, LUN 0..16383)")
+    return target, lun
+
+
 def format_size(n: int) -> str:
     """``1073741824`` -> ``'1 GiB'``; exact binary units only, otherwise bytes."""
     for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -281,10 +312,13 @@ __all__ = [
     "error_line",
     "format_size",
     "hexdump",
+    "lun_arg",
     "open_blk",
     "parse_size",
+    "positive_int",
     "print_json",
     "print_table",
     "run",
+    "seconds_arg",
     "size_arg",
 ]

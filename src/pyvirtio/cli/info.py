@@ -14,8 +14,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pyvirtio.cli.common import UsageError, add_target_arguments, format_size, open_blk, print_json, print_table
-from pyvirtio.cli.scsi import lun_arg, render_scsi, scsi_info
+from pyvirtio.cli.common import (
+    UsageError,
+    add_target_arguments,
+    format_size,
+    lun_arg,
+    open_blk,
+    print_json,
+    print_table,
+)
+from pyvirtio.cli.scsi import render_scsi, scsi_info
 
 
 def register(subparsers: Any) -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import struct
 import sys
 import time
 from typing import Any, BinaryIO
 
-from pyvirtio.cli.common import add_target_arguments, print_json, print_table, size_arg
+from pyvirtio.cli.common import add_target_arguments, positive_int, print_json, print_table, size_arg
+from pyvirtio.cli.serving import add_serve_options, serve_model, setup_logging
 from pyvirtio.errors import InvalidArgument, TransportTimeout
 
 BENCH_MODES = ("tx", "rx", "echo")
@@ -34,16 +34,6 @@ def _mac_arg(text: str) -> str:
     return text
 
 
-def _count_arg(text: str) -> int:
-    try:
-        n = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"count must be positive, got {n}")
-    return n
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser("net", help="virtio-net: info, send, recv, bench", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,9 +42,9 @@ def register(sub: Any) -> None:
 
     def common(q: argparse.ArgumentParser) -> None:
         add_target_arguments(q)
-        q.add_argument("--queue-pairs", type=_count_arg, default=1, metavar="N",
+        q.add_argument("--queue-pairs", type=positive_int, default=1, metavar="N",
                        help="queue pairs the device gets (default 1)")
-        q.add_argument("--queue-size", type=_count_arg, default=None, metavar="N", help="ring size (default 256)")
+        q.add_argument("--queue-size", type=positive_int, default=None, metavar="N", help="ring size (default 256)")
         q.add_argument("--mac", type=_mac_arg, default=None, help="our MAC (default: the device's or a random one)")
         q.add_argument("--no-mrg-rxbuf", action="store_true", help="do not negotiate mergeable receive buffers")
 
@@ -65,7 +55,7 @@ def register(sub: Any) -> None:
 
     q = cmds.add_parser("send", help="send N frames")
     common(q)
-    q.add_argument("--count", type=_count_arg, default=1)
+    q.add_argument("--count", type=positive_int, default=1)
     q.add_argument("--size", type=size_arg, default=64, help="frame bytes without FCS (default 64)")
     q.add_argument("--dst-mac", type=_mac_arg, default="ff:ff:ff:ff:ff:ff", help="default broadcast")
     q.add_argument("--pair", type=int, default=0, help="queue pair (default 0)")
@@ -74,7 +64,7 @@ def register(sub: Any) -> None:
 
     q = cmds.add_parser("recv", help="receive N frames (optionally into a pcap file)")
     common(q)
-    q.add_argument("--count", type=_count_arg, default=1)
+    q.add_argument("--count", type=positive_int, default=1)
     q.add_argument("--pcap", metavar="FILE", default=None, help="write the frames to a pcap file")
     q.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="give up after this long without the N frames (default 10)")
@@ -87,9 +77,9 @@ def register(sub: Any) -> None:
     q.add_argument("--mode", choices=BENCH_MODES, default="tx")
     q.add_argument("--size", type=size_arg, default=64, help="frame bytes without FCS (default 64)")
     q.add_argument("--runtime", type=float, default=10.0, help="seconds (default 10)")
-    q.add_argument("--queues", type=_count_arg, default=None, metavar="N",
+    q.add_argument("--queues", type=positive_int, default=None, metavar="N",
                    help="queue pairs to load, one thread each (default: --queue-pairs)")
-    q.add_argument("--window", type=_count_arg, default=32, help="echo: frames in flight (default 32)")
+    q.add_argument("--window", type=positive_int, default=32, help="echo: frames in flight (default 32)")
     q.add_argument("--dst-mac", type=_mac_arg, default="02:00:00:00:00:02")
     q.add_argument("--no-swap", action="store_true", help="echo: the peer does not swap MACs")
     q.add_argument("--json", action="store_true", help="one JSON object")
@@ -135,8 +125,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_send(args: argparse.Namespace) -> int:
+    from pyvirtio.bench.net import udp_frame
     from pyvirtio.drivers.net import parse_mac
-    from pyvirtio.drivers.net_engine import udp_frame
 
     with _open(args) as net:
         frames = [udp_frame(args.size, parse_mac(args.dst_mac), net.mac, seq=i) for i in range(min(args.count, 256))]
@@ -205,7 +195,7 @@ def run_recv(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from pyvirtio.drivers.net_engine import NetStats, run_pairs
+    from pyvirtio.bench.net import NetStats, run_pairs
 
     if args.runtime <= 0:
         raise InvalidArgument("--runtime must be positive")
@@ -255,58 +245,44 @@ def run_bench(args: argparse.Namespace) -> int:
 # -- pyvirtio serve net --------------------------------------------------------------
 
 
-def add_serve_parser(devices: Any, common: Any) -> None:
-    """``pyvirtio serve net``; ``common(parser)`` adds serve's shared options (queues, log level, poll)."""
+def add_serve_parser(devices: Any) -> None:
+    """``pyvirtio serve net`` (registered by :mod:`pyvirtio.cli.serve`)."""
     p = devices.add_parser(
         "net",
         help="a virtio-net device: loopback (echo) or bridged to a TAP device",
         description="Serve a vhost-user-net device until SIGINT/SIGTERM. loopback: every frame sent is "
         "received back (--swap-mac swaps source and destination); tap: bridged to a Linux TAP device.",
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (created)")
+    add_serve_options(p, queues_help="queue pairs (default 1)")
     p.add_argument("--mode", choices=("loopback", "tap"), default="loopback")
     p.add_argument("--tap", default=None, metavar="NAME", help="TAP device name (default pyvirtio%%d)")
     p.add_argument("--swap-mac", action="store_true", help="loopback: swap source and destination MAC")
     p.add_argument("--mac", type=_mac_arg, default="02:70:79:76:00:01", help="the device's MAC")
     p.add_argument("--mtu", type=int, default=1500)
-    common(p)
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from pyvirtio.backends.net import NetBackend
-    from pyvirtio.backends.server import DEFAULT_POLL_US, VhostUserServer
-    from pyvirtio.cli.serve import _install_signals, _restore_signals
     from pyvirtio.drivers.net import parse_mac
 
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper()),
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    log = logging.getLogger("pyvirtio.backends")
+    log = setup_logging(args.log_level)
     try:
         model = NetBackend(args.mode, pairs=args.queues, mac=parse_mac(args.mac), mtu=args.mtu,
                            swap_mac=args.swap_mac, tap=args.tap)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
+
+    def announce() -> None:
+        log.info("virtio-net %s%s, %d pair(s) on %s", args.mode,
+                 f" ({model.tap_name})" if model.tap_name else "", args.queues, args.socket)
+        if model.tap_name:
+            print(f"tap device: {model.tap_name}", file=sys.stderr, flush=True)
+
     try:
-        poll_us = DEFAULT_POLL_US if args.poll_us is None else args.poll_us
-        server = VhostUserServer(args.socket, model, poll_us=poll_us)
-        server.listen()
-        previous = _install_signals(server.stop)
-        try:
-            log.info("virtio-net %s%s, %d pair(s) on %s", args.mode,
-                     f" ({model.tap_name})" if model.tap_name else "", args.queues, args.socket)
-            if model.tap_name:
-                print(f"tap device: {model.tap_name}", file=sys.stderr, flush=True)
-            server.serve()
-        finally:
-            _restore_signals(previous)
-            server.close()
+        return serve_model(args, model, announce)
     finally:
         model.close()
-    return 0
 
 
 __all__ = ["add_serve_parser", "register", "write_pcap_header", "write_pcap_record"]

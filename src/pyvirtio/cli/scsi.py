@@ -4,8 +4,8 @@
     every target and LUN found (REPORT LUNS, INQUIRY, VPD, READ CAPACITY):
     vendor / product, capacity, block size, UNMAP support.
 ``pyvirtio scsi bench TARGET [--lun T:L] --rw ... --bs ... --iodepth ... --runtime ...``
-    a fio-like load on one LUN (the first one found by default): IOPS, MB/s,
-    latency mean / p50 / p99 / max, errors.
+    ``pyvirtio bench --lun`` (:mod:`pyvirtio.cli.bench`: same engine, options
+    and report), with the first LUN found as default.
 ``pyvirtio scsi reset TARGET --lun T:L``
     LOGICAL UNIT RESET on the control queue.
 
@@ -17,36 +17,21 @@ wanted; LUNs without an address go to target 0, LUN 0, 1, 2...
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
-import threading
 from typing import Any
 
+from pyvirtio.cli.bench import add_bench_options, run_lun
 from pyvirtio.cli.common import (
     UsageError,
     add_target_arguments,
     format_size,
+    lun_arg,
     parse_size,
     print_json,
     print_table,
     size_arg,
 )
+from pyvirtio.cli.serving import add_serve_options, serve_model, setup_logging
 from pyvirtio.errors import InvalidArgument
-
-MAX_QUEUE_SIZE = 1024
-
-
-def lun_arg(text: str) -> tuple[int, int]:
-    """argparse ``type=`` for ``T:L`` (target 0..255, LUN 0..16383)."""
-    try:
-        t_text, l_text = text.split(":")
-        target, lun = int(t_text, 0), int(l_text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid LUN {text!r}: expected TARGET:LUN, e.g. 0:1") from None
-    if not 0 <= target <= 255 or not 0 <= lun <= 16383:
-        raise argparse.ArgumentTypeError(f"LUN {text!r} out of range (target 0..255, LUN 0..16383)")
-    return target, lun
 
 
 def register(subparsers: Any) -> None:
@@ -60,19 +45,13 @@ def register(subparsers: Any) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=run_scan)
 
-    b = sub.add_parser("bench", help="benchmark one LUN", description="A fio-like load on one LUN.")
+    b = sub.add_parser("bench", help="benchmark one LUN (pyvirtio bench --lun)",
+                       description="A fio-like load on one LUN: pyvirtio bench --lun, with the first LUN found "
+                       "as default.")
     add_target_arguments(b)
     b.add_argument("--lun", type=lun_arg, default=None, metavar="T:L", help="the LUN (default: the first found)")
-    b.add_argument("--rw", choices=("read", "write", "randread", "randwrite", "randrw", "rw"), default="randread")
-    b.add_argument("--rwmixread", type=int, default=70, help="percentage of reads for randrw/rw (default 70)")
-    b.add_argument("--bs", type=size_arg, default=4096, help="block size (default 4k)")
-    b.add_argument("--iodepth", type=int, default=32, help="commands in flight (default 32)")
-    b.add_argument("--runtime", type=float, default=10.0, help="seconds (default 10)")
-    b.add_argument("--queue-size", type=int, default=None, help="ring size (default: fits iodepth, at least 256)")
-    b.add_argument("--seed", type=int, default=None)
-    b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--no-progress", action="store_true", help="no live progress line")
-    b.set_defaults(func=run_bench)
+    add_bench_options(b)
+    b.set_defaults(func=run_lun)
 
     r = sub.add_parser("reset", help="LOGICAL UNIT RESET", description="Send LOGICAL UNIT RESET to one LUN.")
     add_target_arguments(r)
@@ -155,99 +134,6 @@ def run_reset(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- bench ------------------------------------------------------------------------------
-
-
-def _queue_size(args: argparse.Namespace) -> int:
-    if args.queue_size is not None:
-        return int(args.queue_size)
-    size = 256
-    while size < 4 * args.iodepth and size < MAX_QUEUE_SIZE:
-        size *= 2
-    return size
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from pyvirtio.drivers.scsi import ScsiBench
-
-    if args.iodepth < 1 or args.runtime <= 0:
-        raise InvalidArgument("--iodepth and --runtime must be positive")
-    qsize = _queue_size(args)
-    scsi = open_scsi(args, num_queues=1, queue_size=qsize, targets=None if args.lun is None else [args.lun[0]])
-    try:
-        if args.lun is None:
-            if not scsi.luns:
-                raise InvalidArgument(f"{args.target} has no LUN to benchmark")
-            target, lun = min(scsi.luns)
-        else:
-            target, lun = args.lun
-        disk = scsi.disk(target, lun)
-        bench = ScsiBench(
-            disk, rw=args.rw, bs=args.bs, iodepth=args.iodepth, rwmixread=args.rwmixread, seed=args.seed
-        )
-        show = None
-        if sys.stderr.isatty() and not args.no_progress and not args.json:
-
-            def show(stats: Any) -> None:
-                secs = stats.seconds or 1e-9
-                sys.stderr.write(
-                    f"\r[{secs:5.1f}/{args.runtime:.0f}s] {stats.ios / secs:>10,.0f} IOPS  "
-                    f"{stats.bytes / secs / 1e6:>9,.1f} MB/s  errors {stats.errors}   "
-                )
-                sys.stderr.flush()
-
-        stop = threading.Event()
-        try:
-            stats = bench.run(args.runtime, stop=stop, progress=show)
-        except KeyboardInterrupt:
-            stop.set()
-            raise
-        finally:
-            bench.close()
-        if show is not None:
-            sys.stderr.write("\n")
-        report = stats.summary()
-        report.update(
-            {
-                "backend": args.target,
-                "lun": f"{target}:{lun}",
-                "rw": args.rw,
-                "rwmixread": args.rwmixread if args.rw in ("randrw", "rw") else None,
-                "bs": args.bs,
-                "iodepth": args.iodepth,
-                "queues": 1,
-                "queue_size": qsize,
-                "runtime": args.runtime,
-                "engine": bench.mode,
-                "device": {"type": "scsi", "capacity": disk.capacity, "block_size": disk.block_size},
-                "first_error": stats.error,
-            }
-        )
-    finally:
-        scsi.close()
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_report(report)
-    return 1 if stats.errors else 0
-
-
-def print_report(r: dict[str, Any]) -> None:
-    lat = r["latency_us"]
-    mix = f", rwmixread={r['rwmixread']}" if r.get("rwmixread") is not None else ""
-    print(
-        f"pyvirtio scsi bench: {r['rw']}{mix} bs={r['bs']} iodepth={r['iodepth']} lun={r['lun']} "
-        f"runtime={r['seconds']}s"
-    )
-    print(f"  back end: {r['backend']}")
-    print(
-        f"  IOPS: {r['iops']:,}   bandwidth: {r['mb_per_s']:,} MB/s   ios: {r['ios']:,} "
-        f"(reads {r['reads']:,}, writes {r['writes']:,})"
-    )
-    print(f"  latency (us): mean {lat['mean']}  p50 {lat['p50']}  p99 {lat['p99']}  max {lat['max']}")
-    print(f"  errors: {r['errors']}" + (f" (first: {r['first_error']})" if r.get("first_error") else ""))
-
-
 # -- info (called by pyvirtio.cli.info) ----------------------------------------------------
 
 
@@ -308,8 +194,8 @@ def parse_lun_spec(text: str) -> tuple[tuple[int, int] | None, int | None, str |
     return address, size, None
 
 
-def add_serve_parser(devices: Any, common: Any) -> None:
-    """``pyvirtio serve scsi``; ``common(parser)`` adds serve's shared options (log level, poll)."""
+def add_serve_parser(devices: Any) -> None:
+    """``pyvirtio serve scsi`` (registered by :mod:`pyvirtio.cli.serve`)."""
     p = devices.add_parser(
         "scsi",
         help="a virtio-scsi device with one or more LUNs over RAM or files",
@@ -317,29 +203,21 @@ def add_serve_parser(devices: Any, common: Any) -> None:
         "--lun [T:L=]SIZE_OR_FILE, repeated: a RAM disk of SIZE bytes (e.g. 64M) or an existing file; "
         "LUNs without T:L go to target 0, LUN 0, 1, 2...",
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (created)")
+    add_serve_options(p)
     p.add_argument("--lun", action="append", required=True, metavar="[T:L=]SIZE_OR_FILE",
                    help="a LUN: RAM size or file (repeat for more LUNs)")
     p.add_argument("--block-size", type=size_arg, default=512, help="logical block size (default 512)")
     p.add_argument("--readonly", action="store_true", help="every LUN write-protected")
     p.add_argument("--sense-format", choices=("fixed", "descriptor"), default="fixed",
                    help="sense data format of CHECK CONDITION (default fixed)")
-    common(p)
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from pyvirtio.backends.blk import Storage
     from pyvirtio.backends.scsi import ScsiBackend, ScsiLun
-    from pyvirtio.backends.server import DEFAULT_POLL_US, VhostUserServer
-    from pyvirtio.cli.serve import _install_signals, _restore_signals
 
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper()),
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    log = logging.getLogger("pyvirtio.backends")
+    log = setup_logging(args.log_level)
     units: dict[tuple[int, int], ScsiLun] = {}
     storages: list[Storage] = []
     model: ScsiBackend | None = None
@@ -362,22 +240,16 @@ def run_serve(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise InvalidArgument(f"--lun {text}: {exc}") from None
         model = ScsiBackend(units, request_queues=args.queues, sense_format=args.sense_format)
-        poll_us = DEFAULT_POLL_US if args.poll_us is None else args.poll_us
-        server = VhostUserServer(args.socket, model, poll_us=poll_us)
-        server.listen()
-        previous = _install_signals(server.stop)
-        try:
+
+        def announce() -> None:
             for (t, lun), unit in sorted(units.items()):
                 log.info("LUN %d:%d: %s, %d bytes, block %d", t, lun, unit.storage.path or "RAM disk",
                          unit.capacity, unit.block_size)
             log.info("virtio-scsi: %d LUN(s), %d request queue(s) on %s", len(units), args.queues, args.socket)
-            server.serve()
-        finally:
-            _restore_signals(previous)
-            server.close()
+
+        return serve_model(args, model, announce)
     finally:
         if model is not None:
             model.close()
         for storage in storages:
             storage.close()  # idempotent: those of LUNs never attached
-    return 0

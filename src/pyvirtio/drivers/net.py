@@ -461,7 +461,8 @@ class VirtioNet:
 
     # -- queue pairs and threads ----------------------------------------------
 
-    def _pair(self, index: int) -> _Pair:
+    def queue_pair(self, index: int) -> _Pair:
+        """Queue pair ``index`` (its rx and tx queues), acquired for the calling thread on first use."""
         try:
             p = self._pairs[index]
         except (IndexError, TypeError):
@@ -482,7 +483,7 @@ class VirtioNet:
 
     def release_pair(self, index: int) -> None:
         """Let another thread use queue pair ``index`` (frames the caller holds are recycled first)."""
-        p = self._pair(index)
+        p = self.queue_pair(index)
         self._recycle(p.rx)
         with self._pair_lock:
             self.device.release(p.rx.index)
@@ -573,11 +574,11 @@ class VirtioNet:
 
     def reclaim_tx(self, pair: int = 0) -> int:
         """Take back the transmit slots the device has finished with; returns how many."""
-        return self._reclaim(self._pair(pair).tx)
+        return self._reclaim(self.queue_pair(pair).tx)
 
     def tx_free(self, pair: int = 0) -> int:
         """Frames that can be queued on ``pair`` now (after reclaiming)."""
-        tx = self._pair(pair).tx
+        tx = self.queue_pair(pair).tx
         self._reclaim(tx)
         return len(tx.free)
 
@@ -592,7 +593,7 @@ class VirtioNet:
         ``hdr``: one :class:`NetHdr` for every frame, or one per frame (None:
         a zero header). Every frame is checked before any is queued.
         """
-        p = self._pair(pair)
+        p = self.queue_pair(pair)
         tx = p.tx
         max_frame = self.max_frame
         for i, f in enumerate(frames):
@@ -673,7 +674,7 @@ class VirtioNet:
         """Wait until the device has taken every queued frame of ``pair``."""
         tmo = self.timeout if timeout == -1.0 else timeout
         deadline = None if tmo is None else time.monotonic() + tmo
-        p = self._pair(pair)
+        p = self.queue_pair(pair)
         while len(p.tx.free) < p.tx.nslots:
             if not self._reclaim(p.tx):
                 if deadline is not None and time.monotonic() > deadline:
@@ -699,7 +700,7 @@ class VirtioNet:
 
     def release_rx(self, pair: int = 0) -> None:
         """Give the buffers of the frames last received on ``pair`` back to the device now."""
-        self._recycle(self._pair(pair).rx)
+        self._recycle(self.queue_pair(pair).rx)
 
     def recv_batch(
         self, max_n: int = 64, pair: int = 0, *, with_headers: bool = False
@@ -708,7 +709,7 @@ class VirtioNet:
 
         With ``with_headers`` each item is ``(frame, NetHdr)``.
         """
-        p = self._pair(pair)
+        p = self.queue_pair(pair)
         rx = p.rx
         self._recycle(rx)
         if max_n < 1:
@@ -810,7 +811,7 @@ class VirtioNet:
             spins += 1
             if spins < 200:
                 continue
-            p = self._pair(pair)
+            p = self.queue_pair(pair)
             ring = p.rx.vq.ring
             try:
                 if ring.enable_interrupts():
@@ -828,7 +829,7 @@ class VirtioNet:
             got = self.recv_batch(max_n, pair)
             if got:
                 return got
-            p = self._pair(pair)
+            p = self.queue_pair(pair)
             ring = p.rx.vq.ring
             if ring.enable_interrupts():
                 ring.disable_interrupts()
@@ -847,7 +848,7 @@ class VirtioNet:
             n = self.send_batch(frames[done:], pair, hdr)
             done += n
             if done < len(frames) and not n:
-                p = self._pair(pair)
+                p = self.queue_pair(pair)
                 ring = p.tx.vq.ring
                 if ring.enable_interrupts():
                     ring.disable_interrupts()

@@ -7,15 +7,15 @@
 * :mod:`.driver`: :class:`VirtioScsi` (negotiation, the config, kept in the
   frontend when the back end has none, events, task management);
 * :mod:`.disk`: :class:`ScsiDisk`, one LUN as a block device (the block
-  facade, :mod:`pyvirtio.drivers.block`);
-* :mod:`.bench`: :class:`ScsiBench` (``pyvirtio scsi bench``).
+  facade, :mod:`pyvirtio.drivers.block`).
+
+The LUN benchmark is the block engine's (:mod:`pyvirtio.bench.block`).
 
 CDB builders and the decoding of what commands return are spec data:
 :mod:`pyvirtio.spec.t10_cdb` (sense: :mod:`pyvirtio.spec.t10`). The errors
 (:class:`ScsiError`, :class:`LunNotFound`) live in :mod:`pyvirtio.errors`.
 """
 
-from pyvirtio.drivers.scsi.bench import RW_MODES, ScsiBench
 from pyvirtio.drivers.scsi.disk import ScsiDisk
 from pyvirtio.drivers.scsi.driver import (
     DRIVER_FEATURES,
@@ -37,12 +37,10 @@ __all__ = [
     "MAX_ATTEMPTS",
     "MAX_CDB_SIZE",
     "MAX_SENSE_SIZE",
-    "RW_MODES",
     "UA_RETRIES",
     "LunInfo",
     "LunNotFound",
     "LunScanner",
-    "ScsiBench",
     "ScsiDisk",
     "ScsiError",
     "ScsiEvent",

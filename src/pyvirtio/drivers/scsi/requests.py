@@ -79,7 +79,6 @@ class ScsiRequest:
     waiter: Any = field(default=None, repr=False)
     _bounce: list[Buffer] = field(default_factory=list, repr=False)
     _segs: Chain = field(default_factory=list, repr=False)
-    _cookie: int = 0  # free for the submitter (ScsiBench keeps its slot number here)
 
     @property
     def name(self) -> str:

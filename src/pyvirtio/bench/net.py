@@ -27,7 +27,7 @@ near 1-2 Mpps), so the tx and rx loops do *no per-frame work at all*:
 Echo runs a closed loop of ``window`` frames in flight through the general
 API (``send_batch`` / ``recv_batch``), each frame carrying a sequence
 number; its round-trip time goes into the log-linear latency histogram of
-:class:`~pyvirtio.drivers.blk_engine.Stats`, and every echoed frame is
+:class:`~pyvirtio.bench.stats.Stats`, and every echoed frame is
 checked against what was sent (payload byte-exact, MACs swapped or not).
 """
 
@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyvirtio.drivers.blk_engine import Stats, _LatencyLog
+from pyvirtio.bench.stats import LatencyLog, Stats
 from pyvirtio.drivers.net import HDR_SIZE, VirtioNet, parse_mac
 from pyvirtio.errors import ConnectionLost, DeviceProtocolError, InvalidArgument, QueueBroken
 from pyvirtio.ring import ordering
@@ -112,7 +112,7 @@ class NetEngine:
         self.dst = parse_mac(dst_mac)
         self.swapped = swapped
         self.frame = udp_frame(size, self.dst, net.mac)
-        net._pair(pair)  # acquire the pair for this thread now
+        net.queue_pair(pair)  # acquire the pair for this thread now
 
     # -- transmit ---------------------------------------------------------------
 
@@ -121,7 +121,7 @@ class NetEngine:
         progress: Callable[[NetStats], None] | None = None,
     ) -> NetStats:
         net = self.net
-        p = net._pair(self.pair)
+        p = net.queue_pair(self.pair)
         tx = p.tx
         net.flush_tx(self.pair)
         fixed = tx.fixed
@@ -239,14 +239,14 @@ class NetEngine:
             elapsed = perf() - t0
             stats.path = "generic"  # type: ignore[attr-defined]
         self._fill(stats, frames, fsize, kicks, passes, elapsed)
-        tx = net._pair(self.pair).tx
+        tx = net.queue_pair(self.pair).tx
         stats.drained = tx.nslots - len(tx.free)  # type: ignore[attr-defined]
         net.flush_tx(self.pair, timeout=5.0)
         return stats
 
     def _sync_tx(self, avail: int, last: int, kick_from: int, outstanding: int) -> None:
         """Write the loop's ring state back so the general driver calls can take over."""
-        tx = self.net._pair(self.pair).tx
+        tx = self.net.queue_pair(self.pair).tx
         fixed = tx.fixed
         ring = fixed.ring
         size = ring.size
@@ -279,9 +279,8 @@ class NetEngine:
         import numpy as np
 
         net = self.net
-        p = net._pair(self.pair)
-        rx = p.rx
-        net._recycle(rx)
+        net.release_rx(self.pair)  # every receive buffer posted
+        rx = net.queue_pair(self.pair).rx
         fixed = rx.fixed
         ring = fixed.ring
         if ring.broken is not None:
@@ -429,7 +428,7 @@ class NetEngine:
         want_head = (net.mac + self.dst) if self.swapped else (self.dst + net.mac)
         body = bytes(self.frame[12:SEQ_OFF]), bytes(self.frame[SEQ_OFF + 8 :])
         stats = NetStats()
-        lats = _LatencyLog(stats)
+        lats = LatencyLog(stats)
         raw = lats.raw
         sent_at: dict[int, int] = {}
         perf = time.perf_counter_ns
@@ -502,7 +501,7 @@ class NetEngine:
     @staticmethod
     def _fill(
         stats: NetStats, frames: int, size: int, kicks: int, passes: int, elapsed_ns: int,
-        nbytes: int | None = None, lats: _LatencyLog | None = None,
+        nbytes: int | None = None, lats: LatencyLog | None = None,
     ) -> None:
         if lats is not None:
             lats.flush()

@@ -1,0 +1,484 @@
+"""Command formats: what one block request of the benchmark looks like on the ring.
+
+Theory of operation. The block engine (:mod:`pyvirtio.bench.block`) keeps
+``iodepth`` requests of one shape in flight: a device-readable header, ``bs``
+bytes of data and a device-writable status, pre-linked once per *slot*
+(:class:`~pyvirtio.ring.fixed.FixedChains`). Per request it only stores an
+address into the slot's header, resets the slot's status, and at completion
+tests that status; for mixed workloads it also flips a slot between read and
+write. A :class:`CommandFormat` is the device-specific part of that, chosen
+once per run, so the engine's loops never ask which device they drive:
+
+* **virtio-blk** (:class:`BlkFormat`, virtio 1.2 §5.2.6): a 16-byte header
+  ``{le32 type, le32 ioprio, le64 sector}``, the data, one status byte. The
+  address is the sector (512 bytes); a request is good if its status is
+  VIRTIO_BLK_S_OK. Read = [header, data(W), status(W)], write = [header,
+  data, status(W)].
+* **virtio-scsi** (:class:`ScsiFormat`, virtio 1.2 §5.6.6): a
+  ``virtio_scsi_cmd_req`` (LUN, tag, task attribute, a READ(16) / WRITE(16)
+  CDB with a big-endian LBA in the LUN's blocks), the data, a
+  ``virtio_scsi_cmd_resp``. Device-readable parts come first (§2.7.4.2), so
+  the order differs by direction: read = [req, resp(W), data(W)], write =
+  [req, data, resp(W)]. A command is good if the virtio response is OK, the
+  SCSI status GOOD and the residual 0 (the status qualifier is not looked at).
+
+What the loops use, per format (set up by :meth:`CommandFormat.layout`,
+:meth:`~CommandFormat.chains` and :meth:`~CommandFormat.bind`):
+
+``lba[lba_k * s + lba_o] = address``
+    stores slot ``s``'s address (``lba_size`` bytes per unit). For blk
+    ``lba`` is a memoryview of the headers (the sector word); for scsi an
+    object whose ``__setitem__`` writes the big-endian LBA.
+``status[s]`` / ``status[s] = unset``
+    nonzero if slot ``s``'s last request failed (or was never completed);
+    ``unset`` marks a request in flight. For blk a memoryview of the status
+    bytes; for scsi an object reading the response word.
+``set_direction(s, write)``
+    turns slot ``s`` into a read or a write (header, descriptors, the bytes
+    the device may write).
+:meth:`CommandFormat.numpy_views`
+    the same as NumPy arrays and vector operations for the NumPy loop.
+
+A device whose status test needs Python code (scsi) pays for a Python
+``__getitem__`` per request; blk's loops run as before, with memoryviews.
+:class:`SlotDescriptors` is the one place that writes a FixedChains' chains
+after they were linked (the ring module has no public call for it).
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pyvirtio.device import VirtioDevice, Virtqueue
+from pyvirtio.drivers.blk import VirtioBlk
+from pyvirtio.drivers.scsi import ScsiDisk
+from pyvirtio.errors import InvalidArgument
+from pyvirtio.memory import Buffer
+from pyvirtio.ring.fixed import FixedChains
+from pyvirtio.spec import blk as B
+from pyvirtio.spec import scsi as S
+from pyvirtio.spec import t10 as T
+from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
+
+Chain = list[tuple[int, int, bool]]
+
+class SlotDescriptors:
+    """Rewrites descriptors of a FixedChains' slots (address, length, flags) after linking.
+
+    Reaches into the split ring's descriptor table and the FixedChains'
+    per-slot descriptor lists: the one place in the bench that does.
+    """
+
+    def __init__(self, fixed: FixedChains) -> None:
+        ring = fixed.ring
+        self.fixed = fixed
+        self.addr = ring._desc64  # [2 d]: address of descriptor d
+        self.length = ring._desc32  # [4 d + 2]: its length
+        self.flags = ring._desc16  # [8 d + 6]: its flags
+        #: Descriptor numbers of each slot's chain, in chain order.
+        self.of_slot: list[list[int]] = [list(d) for d in fixed._descs]
+        #: Device-writable bytes of each slot's chain (FixedChains' bound for used lengths).
+        self.wlen = fixed.wlen
+
+    def numpy(self) -> dict[str, Any]:
+        """The same tables as NumPy arrays (``wlen1``: writable bytes + 1, the NumPy path's bound)."""
+        import numpy as np
+
+        ring = self.fixed.ring
+        return {
+            "addr": np.frombuffer(ring._desc64, dtype="<u8"),
+            "length": np.frombuffer(ring._desc32, dtype="<u4"),
+            "flags": np.frombuffer(ring._desc16, dtype="<u2"),
+            "wlen1": self.fixed._arrays()["wlen1"],
+        }
+
+
+@dataclass
+class NumpyViews:
+    """A format's per-slot fields as NumPy arrays (one element per slot) and vector operations."""
+
+    #: Slot addresses (store ``address``: sectors for blk, LBAs for scsi).
+    lba: Any
+    #: Per-slot status (nonzero: failed), reset to ``unset`` when a request is posted.
+    status: Any
+    unset: int
+    #: ``count_bad(status[slots])``: how many of those slots failed.
+    count_bad: Callable[[Any], Any]
+    #: ``set_directions(slots, write_mask)``: turn slots into reads / writes (mixed workloads).
+    set_directions: Callable[[Any, Any], None]
+
+
+class CommandFormat(ABC):
+    """One device's block request format, bound to the calling thread's queue (see the module docstring)."""
+
+    kind: str
+    device: VirtioDevice
+    vq: Virtqueue
+    block_size: int
+    capacity: int
+    readonly: bool
+    max_transfer: int
+    #: Bytes per address unit in a request header.
+    lba_size: int
+    # Set by layout():
+    lba: Any
+    lba_k: int
+    lba_o: int
+    status: Any
+    unset: int
+
+    def __init__(self) -> None:
+        self._bufs: list[Buffer] = []
+        self.bs = 0
+        self.nslots = 0
+
+    # -- memory ---------------------------------------------------------------
+
+    @abstractmethod
+    def allocate(self, size: int, align: int) -> Buffer:
+        """A buffer in the device's shared memory (thread-safe)."""
+
+    @abstractmethod
+    def free(self, buf: Buffer) -> None:
+        """Give back a buffer from :meth:`allocate`."""
+
+    def _own(self, size: int, align: int) -> Buffer:
+        buf = self.allocate(size, align)
+        self._bufs.append(buf)
+        return buf
+
+    def close(self) -> None:
+        """Free the headers and statuses (the chains must have been detached)."""
+        bufs, self._bufs = self._bufs, []
+        for buf in bufs:
+            self.free(buf)
+
+    # -- requests -------------------------------------------------------------
+
+    @abstractmethod
+    def layout(self, nslots: int, bs: int, write: bool) -> None:
+        """Allocate and fill ``nslots`` headers and statuses of ``bs``-byte requests, all reads or all writes."""
+
+    @abstractmethod
+    def chains(self, data_addr: int) -> list[Chain]:
+        """The chain of every slot (after :meth:`layout`); slot s moves the bytes at ``data_addr + bs * s``."""
+
+    @abstractmethod
+    def bind(self, fixed: FixedChains) -> None:
+        """Learn where the linked chains are (for :meth:`set_direction`)."""
+
+    @abstractmethod
+    def set_direction(self, s: int, write: bool) -> None:
+        """Make slot s a write (True) or a read: header, descriptors, writable bytes."""
+
+    @abstractmethod
+    def numpy_views(self) -> NumpyViews:
+        """The per-slot fields as NumPy arrays, for the NumPy loop (after :meth:`bind`)."""
+
+    @abstractmethod
+    def describe(self, s: int) -> str:
+        """Why slot s's last request failed, in words (slow path: first error of a run)."""
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Read through the driver's general API (verify's read-back)."""
+
+
+# -- virtio-blk ----------------------------------------------------------------------------
+
+
+class BlkFormat(CommandFormat):
+    """virtio-blk requests on the calling thread's queue of a :class:`VirtioBlk`."""
+
+    kind = "blk"
+    lba_size = B.SECTOR_SIZE
+
+    def __init__(self, blk: VirtioBlk) -> None:
+        super().__init__()
+        self.blk = blk
+        self.device = blk.device
+        self.vq = blk.thread_queue().vq
+        self.block_size = blk.block_size
+        self.capacity = blk.capacity
+        self.readonly = blk.readonly
+        # One data descriptor per request: at most size_max bytes.
+        self.max_transfer = min(blk.max_transfer, blk.size_max) if blk.size_max else blk.max_transfer
+
+    def allocate(self, size: int, align: int) -> Buffer:
+        return self.blk.allocate(size, align=align)
+
+    def free(self, buf: Buffer) -> None:
+        self.blk.free(buf)
+
+    def layout(self, nslots: int, bs: int, write: bool) -> None:
+        self.bs, self.nslots, self._write = bs, nslots, write
+        self.hdrs = self._own(16 * nslots, 64)
+        self.status_buf = self._own(nslots, 64)
+        h32 = self.hdrs.view.cast("I")
+        for s in range(nslots):
+            h32[4 * s] = B.T_OUT if write else B.T_IN
+        self._h32 = h32
+        self.lba, self.lba_k, self.lba_o = self.hdrs.view.cast("Q"), 2, 1  # the sector: le64 at offset 8
+        self.status, self.unset = self.status_buf.view, 0xFF
+
+    def chains(self, data_addr: int) -> list[Chain]:
+        bs, write = self.bs, self._write
+        return [
+            [
+                (self.hdrs.addr + 16 * s, 16, False),
+                (data_addr + bs * s, bs, not write),
+                (self.status_buf.addr + s, 1, True),
+            ]
+            for s in range(self.nslots)
+        ]
+
+    def bind(self, fixed: FixedChains) -> None:
+        self._descs = SlotDescriptors(fixed)
+        self._data_desc = [d[1] for d in self._descs.of_slot]
+
+    def set_direction(self, s: int, write: bool) -> None:
+        self._descs.flags[8 * self._data_desc[s] + 6] = DESC_F_NEXT if write else DESC_F_NEXT | DESC_F_WRITE
+        self._descs.wlen[s] = 1 if write else self.bs + 1
+        self._h32[4 * s] = B.T_OUT if write else B.T_IN
+
+    def numpy_views(self) -> NumpyViews:
+        import numpy as np
+
+        nslots, bs = self.nslots, self.bs
+        t = self._descs.numpy()
+        flags, wlen1 = t["flags"], t["wlen1"]
+        hdr_type = np.frombuffer(self.hdrs.view, dtype="<u4").reshape(nslots, 4)[:, 0]
+        data_flags = np.asarray(self._data_desc, dtype=np.int64) * 8 + 6
+        read_flags = DESC_F_NEXT | DESC_F_WRITE
+        where = np.where
+
+        def set_directions(slots: Any, w: Any) -> None:
+            hdr_type[slots] = where(w, B.T_OUT, B.T_IN)
+            flags[data_flags[slots]] = where(w, DESC_F_NEXT, read_flags)
+            wlen1[slots] = where(w, 2, bs + 2)  # writable bytes + 1
+
+        return NumpyViews(
+            lba=np.frombuffer(self.hdrs.view, dtype="<u8").reshape(nslots, 2)[:, 1],
+            status=np.frombuffer(self.status_buf.view, dtype=np.uint8),
+            unset=0xFF,
+            count_bad=np.count_nonzero,
+            set_directions=set_directions,
+        )
+
+    def describe(self, s: int) -> str:
+        kind, _prio, sector = B.OUTHDR.unpack_from(self.hdrs.view, 16 * s)
+        st = self.status[s]
+        name = "never written" if st == 0xFF else B.STATUS_NAMES.get(st, f"unknown status {st}")
+        return f"{B.REQUEST_TYPE_NAMES.get(kind, str(kind))} at sector {sector}: {name}"
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.blk.read(offset, length)
+
+
+# -- virtio-scsi ---------------------------------------------------------------------------
+
+_BE64 = struct.Struct(">Q")
+#: The response word (resid, status qualifier, status, response as one le64) without the qualifier.
+_RESP_MASK = 0xFFFF_0000_FFFF_FFFF
+#: Response byte 0xFF: "in flight" (no virtio-scsi response code is 0xFF).
+_RESP_UNSET = 0xFF << 56
+_CDB_OFF = 19  # offset of the CDB in virtio_scsi_cmd_req
+_LBA_OFF = _CDB_OFF + 2  # READ(16) / WRITE(16): big-endian LBA in CDB bytes 2..9 (SBC-4 §5.16, §5.44)
+
+
+class _BigEndianSlots:
+    """``lba[s] = v``: the big-endian 64-bit field of slot s (scsi's LBA in the CDB)."""
+
+    __slots__ = ("_view", "_base", "_stride", "_pack")
+
+    def __init__(self, view: memoryview, base: int, stride: int) -> None:
+        self._view, self._base, self._stride, self._pack = view, base, stride, _BE64.pack_into
+
+    def __setitem__(self, s: int, value: int) -> None:
+        self._pack(self._view, self._base + self._stride * s, value)
+
+    def __getitem__(self, s: int) -> int:
+        return int(_BE64.unpack_from(self._view, self._base + self._stride * s)[0])
+
+
+class _ResponseSlots:
+    """``status[s]``: slot s's response word without the qualifier (0: good); ``status[s] = v`` sets it."""
+
+    __slots__ = ("_words", "_k", "_o")
+
+    def __init__(self, words: memoryview, k: int, o: int) -> None:
+        self._words, self._k, self._o = words, k, o
+
+    def __getitem__(self, s: int) -> int:
+        return int(self._words[self._k * s + self._o]) & _RESP_MASK
+
+    def __setitem__(self, s: int, value: int) -> None:
+        self._words[self._k * s + self._o] = value
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+class ScsiFormat(CommandFormat):
+    """READ(16) / WRITE(16) commands to one LUN, on the calling thread's request queue."""
+
+    kind = "scsi"
+
+    def __init__(self, disk: ScsiDisk) -> None:
+        super().__init__()
+        scsi = disk.scsi
+        self.disk = disk
+        self.scsi = scsi
+        self.device = scsi.device
+        self.vq = scsi.thread_queue().vq
+        self.block_size = self.lba_size = disk.block_size
+        self.capacity = disk.capacity
+        self.readonly = disk.readonly
+        self.max_transfer = disk.max_transfer
+        self.req_size = 19 + scsi.cdb_size
+        self.resp_size = 12 + scsi.sense_size
+        # Slot layout: the request, then the response at 4 mod 8, so that its
+        # resid / qualifier / status / response bytes are one aligned le64.
+        self.resp_off = _align(self.req_size, 8) + 4
+        self.stride = _align(self.resp_off + self.resp_size, 64)
+
+    def allocate(self, size: int, align: int) -> Buffer:
+        return self.scsi.allocate(size, align)  # thread-safe: several bench threads share the pool
+
+    def free(self, buf: Buffer) -> None:
+        self.scsi.free(buf)
+
+    def _resp_word(self, s: int) -> int:
+        return self.stride * s + self.resp_off + 4
+
+    def layout(self, nslots: int, bs: int, write: bool) -> None:
+        if bs // self.block_size > 0xFFFFFFFF:
+            raise InvalidArgument(f"bs {bs} is more blocks than one READ(16) moves")
+        self.bs, self.nslots, self._write = bs, nslots, write
+        stride = self.stride
+        self.slots = self._own(stride * nslots, 64)
+        view = self.slots.view
+        self._view = view
+        lun8 = S.lun_address(self.disk.target, self.disk.lun)
+        cdb = bytearray(self.scsi.cdb_size)
+        cdb[0] = T.WRITE_16 if write else T.READ_16
+        cdb[10:14] = (bs // self.block_size).to_bytes(4, "big")  # transfer length, in blocks
+        tag_base = (self.vq.index << 48) | (0xBE << 40)  # apart from the driver's tags (index << 48 | n)
+        for s in range(nslots):
+            base = stride * s
+            S.CMD_REQ_HDR.pack_into(view, base, lun8, tag_base | s, S.S_SIMPLE, 0, 0)
+            view[base + _CDB_OFF : base + self.req_size] = cdb
+            S.CMD_RESP_HDR.pack_into(view, base + self.resp_off, 0, 0, 0, 0, 0xFF)
+        self.lba, self.lba_k, self.lba_o = _BigEndianSlots(view, _LBA_OFF, stride), 1, 0
+        self.status = _ResponseSlots(view.cast("Q"), stride // 8, self._resp_word(0) // 8)
+        self.unset = _RESP_UNSET
+
+    def chains(self, data_addr: int) -> list[Chain]:
+        self.data_addr = data_addr
+        return [self._chain(s, self._write) for s in range(self.nslots)]
+
+    def _chain(self, s: int, write: bool) -> Chain:
+        req = self.slots.addr + self.stride * s
+        resp = (req + self.resp_off, self.resp_size, True)
+        data = (self.data_addr + self.bs * s, self.bs, not write)
+        return [(req, self.req_size, False), data, resp] if write else [(req, self.req_size, False), resp, data]
+
+    def bind(self, fixed: FixedChains) -> None:
+        self._descs = SlotDescriptors(fixed)
+        self._d1 = [d[1] for d in self._descs.of_slot]
+        self._d2 = [d[2] for d in self._descs.of_slot]
+
+    def set_direction(self, s: int, write: bool) -> None:
+        t = self._descs
+        d1, d2 = self._d1[s], self._d2[s]
+        resp = self.slots.addr + self.stride * s + self.resp_off
+        data = self.data_addr + self.bs * s
+        first, second = (data, self.bs), (resp, self.resp_size)
+        if not write:
+            first, second = second, first
+        t.addr[2 * d1], t.length[4 * d1 + 2] = first
+        t.addr[2 * d2], t.length[4 * d2 + 2] = second
+        t.flags[8 * d1 + 6] = DESC_F_NEXT if write else DESC_F_NEXT | DESC_F_WRITE
+        t.flags[8 * d2 + 6] = DESC_F_WRITE  # the last part is device-writable either way
+        t.wlen[s] = self.resp_size if write else self.resp_size + self.bs
+        self._view[self.stride * s + _CDB_OFF] = T.WRITE_16 if write else T.READ_16
+
+    def numpy_views(self) -> NumpyViews:
+        import numpy as np
+
+        nslots, bs, stride, rs = self.nslots, self.bs, self.stride, self.resp_size
+        view = self._view
+        t = self._descs.numpy()
+        addr, length, flags, wlen1 = t["addr"], t["length"], t["flags"], t["wlen1"]
+        d1 = np.asarray(self._d1, dtype=np.int64)
+        d2 = np.asarray(self._d2, dtype=np.int64)
+        slot_addr = self.slots.addr + stride * np.arange(nslots, dtype=np.uint64)
+        resp_addr = slot_addr + np.uint64(self.resp_off)
+        data_addr = self.data_addr + bs * np.arange(nslots, dtype=np.uint64)
+        opcode = np.ndarray((nslots,), dtype=np.uint8, buffer=view, offset=_CDB_OFF, strides=(stride,))
+        flags[8 * d2 + 6] = DESC_F_WRITE
+        where = np.where
+        mask = np.uint64(_RESP_MASK)
+        count_nonzero = np.count_nonzero
+
+        def set_directions(slots: Any, w: Any) -> None:
+            a1, a2 = 2 * d1[slots], 2 * d2[slots]
+            ra, da = resp_addr[slots], data_addr[slots]
+            addr[a1] = where(w, da, ra)
+            addr[a2] = where(w, ra, da)
+            length[2 * a1 + 2] = where(w, bs, rs)
+            length[2 * a2 + 2] = where(w, rs, bs)
+            flags[4 * a1 + 6] = where(w, DESC_F_NEXT, DESC_F_NEXT | DESC_F_WRITE)
+            wlen1[slots] = where(w, rs + 1, rs + bs + 1)
+            opcode[slots] = where(w, T.WRITE_16, T.READ_16)
+
+        def count_bad(words: Any) -> Any:
+            return count_nonzero(words & mask)
+
+        return NumpyViews(
+            lba=np.ndarray((nslots,), dtype=">u8", buffer=view, offset=_LBA_OFF, strides=(stride,)),
+            status=np.ndarray((nslots,), dtype="<u8", buffer=view, offset=self._resp_word(0), strides=(stride,)),
+            unset=_RESP_UNSET,
+            count_bad=count_bad,
+            set_directions=set_directions,
+        )
+
+    def describe(self, s: int) -> str:
+        base = self.stride * s
+        view = self._view
+        op = "WRITE(16)" if view[base + _CDB_OFF] == T.WRITE_16 else "READ(16)"
+        lba = _BE64.unpack_from(view, base + _LBA_OFF)[0]
+        sense_len, resid, _qual, status, response = S.CMD_RESP_HDR.unpack_from(view, base + self.resp_off)
+        where = f"{op} at LBA {lba} of LUN {self.disk.target}:{self.disk.lun}"
+        if response == 0xFF:
+            return f"{where}: the device wrote no response"
+        if response != S.S_OK:
+            return f"{where}: response {S.RESPONSE_NAMES.get(response, str(response))}"
+        if status != T.GOOD:
+            start = base + self.resp_off + 12
+            sense = T.parse_sense(view[start : start + min(sense_len, self.scsi.sense_size)])
+            why = T.STATUS_NAMES.get(status, f"status 0x{status:02x}")
+            return f"{where}: {why}" + (f" ({sense})" if sense is not None else "")
+        return f"{where}: short transfer, residual {resid} bytes"
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.disk.read(offset, length)
+
+
+def command_format(target: VirtioBlk | ScsiDisk | CommandFormat) -> CommandFormat:
+    """The format for ``target``: a VirtioBlk, one LUN (``scsi.disk(t, l)``), or a format already."""
+    if isinstance(target, CommandFormat):
+        return target
+    if isinstance(target, VirtioBlk):
+        return BlkFormat(target)
+    if isinstance(target, ScsiDisk):
+        return ScsiFormat(target)
+    raise InvalidArgument(f"cannot benchmark a {type(target).__name__}: a VirtioBlk or a ScsiDisk")
+
+
+__all__ = ["BlkFormat", "CommandFormat", "NumpyViews", "ScsiFormat", "SlotDescriptors", "command_format"]
