@@ -2,7 +2,7 @@
 
 virtio 1.2 §2.7.8: a used element holds the head id of a chain the driver
 made available and the number of bytes the device wrote into it. The
-device is not trusted (ARCHITECTURE.md), so each rule gets a test in which
+device is not trusted (docs/architecture.md), so each rule gets a test in which
 :class:`pyvirtio.testing.HostileDevice` writes the bad entry straight into
 the used ring. Each violation must raise DeviceProtocolError with a clear
 message, mark the queue broken (all later work refused with QueueBroken),

@@ -4,12 +4,16 @@ Layers (bottom up): :mod:`pyvirtio.spec` (constants and layouts),
 :mod:`pyvirtio.memory` (shared memfd memory), :mod:`pyvirtio.ring` (split
 virtqueues, driver and device side), :mod:`pyvirtio.transport` (how a device
 is reached), :class:`VirtioDevice` (lifecycle, features, queues), and the
-device drivers in :mod:`pyvirtio.drivers`.
+device drivers in :mod:`pyvirtio.drivers`; beside the transports, the
+embedded back ends in :mod:`pyvirtio.backends`; above the drivers, the
+benchmark engines in :mod:`pyvirtio.bench`. What may import what, the rules
+of the house and the mapping from SPDK's lib/virtio: docs/architecture.md.
 """
 
 from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.drivers.blk import VirtioBlk
-from pyvirtio.drivers.scsi import ScsiError, VirtioScsi
+from pyvirtio.drivers.net import VirtioNet
+from pyvirtio.drivers.scsi import ScsiDisk, VirtioScsi
 from pyvirtio.errors import (
     BlockIOError,
     ConnectionLost,
@@ -17,13 +21,16 @@ from pyvirtio.errors import (
     DeviceProtocolError,
     DriverProtocolError,
     InvalidArgument,
+    LunNotFound,
     NegotiationError,
     OwnershipError,
     PyvirtioError,
     QueueBroken,
     QueueFull,
     QueueStateError,
+    ReconnectFailed,
     RequestTooLarge,
+    ScsiError,
     TransportError,
     TransportTimeout,
 )
@@ -44,6 +51,7 @@ __all__ = [
     "DeviceQueue",
     "DriverProtocolError",
     "InvalidArgument",
+    "LunNotFound",
     "LoopbackTransport",
     "MemoryPool",
     "MemoryTable",
@@ -53,15 +61,18 @@ __all__ = [
     "QueueBroken",
     "QueueFull",
     "QueueStateError",
+    "ReconnectFailed",
     "Region",
     "RequestTooLarge",
     "SplitQueue",
+    "ScsiDisk",
+    "ScsiError",
     "TransportError",
     "TransportTimeout",
-    "ScsiError",
     "Virtqueue",
     "VirtioBlk",
     "VirtioDevice",
+    "VirtioNet",
     "VirtioScsi",
     "__version__",
 ]

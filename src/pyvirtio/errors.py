@@ -1,7 +1,7 @@
 """Exceptions, grouped by whose fault they are.
 
 Every error pyvirtio raises on purpose derives from :class:`PyvirtioError`,
-and falls into one of three families (ARCHITECTURE.md, "errors say whose
+and falls into one of three families (docs/architecture.md, "errors say whose
 fault they are"):
 
 * the caller's: :class:`InvalidArgument` (also a :class:`ValueError`),

@@ -22,7 +22,7 @@ regions received from a frontend, with bounds-checked translation of guest
 physical addresses and frontend virtual addresses to memoryviews. Nothing
 outside the regions can ever be reached through it.
 
-Only this module creates mmaps (ARCHITECTURE.md, rules of the house).
+Only this module creates mmaps (docs/architecture.md, rules of the house).
 """
 
 from __future__ import annotations
