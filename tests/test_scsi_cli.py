@@ -154,3 +154,19 @@ def test_parse_lun_spec() -> None:
     assert parse_lun_spec("/tmp/a.img") == (None, None, "/tmp/a.img")
     assert parse_lun_spec("0:3=file:/x=y.img") == ((0, 3), None, "/x=y.img")
     assert parse_lun_spec("ram:1G") == (None, 1 << 30, None)
+
+
+def test_serve_without_config_space(tmp_path: Path) -> None:
+    """``serve scsi --no-config`` is SPDK's vhost-user-scsi shape: the driver keeps the config itself."""
+    server = Serve(tmp_path / "nocfg.sock", "--lun", "1M", "--lun", "0:3=2M", "--queues", "2", "--no-config")
+    try:
+        info = json.loads(cli("info", server.sock, "--type", "scsi", "--json").stdout)
+        scsi = info["scsi"]
+        assert scsi["config_source"].startswith("frontend") and "PROTOCOL_F_CONFIG" in scsi["config_source"]
+        assert (scsi["num_queues"], scsi["cdb_size"], scsi["sense_size"], scsi["max_target"]) == (2, 32, 96, 255)
+        got = {(d["target"], d["lun"]): d["capacity"] for d in scsi["luns"]}
+        assert got == {(0, 0): 1 << 20, (0, 3): 2 << 20}
+        text = cli("info", server.sock, "--type", "scsi")
+        assert text.returncode == 0 and "frontend" in text.stdout
+    finally:
+        assert server.stop() == 0

@@ -164,6 +164,7 @@ def render_scsi(scsi: dict[str, Any]) -> None:
             ("seg_max", str(scsi["seg_max"] or "-")),
             ("max_sectors", str(scsi["max_sectors"] or "-")),
             ("hotplug", "yes" if scsi["hotplug"] else "no"),
+            ("config", scsi.get("config_source", "device")),
         ],
     )
     print()
@@ -210,6 +211,9 @@ def add_serve_parser(devices: Any) -> None:
     p.add_argument("--readonly", action="store_true", help="every LUN write-protected")
     p.add_argument("--sense-format", choices=("fixed", "descriptor"), default="fixed",
                    help="sense data format of CHECK CONDITION (default fixed)")
+    p.add_argument("--no-config", action="store_true",
+                   help="do not offer PROTOCOL_F_CONFIG (as SPDK's vhost-user-scsi target): "
+                   "the frontend keeps the virtio-scsi config itself")
     p.set_defaults(func=run_serve)
 
 
@@ -239,7 +243,9 @@ def run_serve(args: argparse.Namespace) -> int:
                 units[address] = ScsiLun(storage, block_size=args.block_size)
             except ValueError as exc:
                 raise InvalidArgument(f"--lun {text}: {exc}") from None
-        model = ScsiBackend(units, request_queues=args.queues, sense_format=args.sense_format)
+        model = ScsiBackend(
+            units, request_queues=args.queues, sense_format=args.sense_format, config_space=not args.no_config
+        )
 
         def announce() -> None:
             for (t, lun), unit in sorted(units.items()):
