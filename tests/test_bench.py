@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -349,8 +350,8 @@ def test_stats_percentiles_and_merge():
     assert a.percentile(100) <= a.lat_max_ns
 
 
-def _bench_backends() -> list[int]:
-    """PIDs of `pyvirtio serve blk` processes started by `pyvirtio bench` (socket in a pyvirtio-bench- dir)."""
+def _bench_backends(tmpdir: str) -> list[int]:
+    """PIDs of `pyvirtio serve blk` processes whose socket is under ``tmpdir`` (where this test's bench put it)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -360,16 +361,28 @@ def _bench_backends() -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"serve" in argv and any(b"pyvirtio-bench-" in a for a in argv):
+        if b"serve" in argv and any(a.startswith(tmpdir.encode()) for a in argv):
             pids.append(int(entry))
     return pids
 
 
-def test_bench_stops_its_embedded_backend():
-    before = set(_bench_backends())
-    out = bench("--runtime", "0.3", "--size", "4M", "--json")
-    assert out.returncode == 0, out.stderr
-    assert set(_bench_backends()) - before == set()
+def test_bench_stops_its_embedded_backend(tmp_path: Path) -> None:
+    # A private TMPDIR: the back end's socket directory, and so its command line, names it
+    # (other benches running on the machine at the same time are not this one's).
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvirtio", "bench", "--runtime", "1", "--size", "4M", "--json", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 30
+    while not _bench_backends(str(tmp_path)):  # it is there while the bench runs
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["ios"] > 0
+    assert _bench_backends(str(tmp_path)) == []
+    assert list(tmp_path.iterdir()) == []  # its socket directory is gone too
 
 
 @pytest.mark.timeout(60)
