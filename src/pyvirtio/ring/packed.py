@@ -186,7 +186,7 @@ class PackedQueue:
         self.next_avail = 0  # ring slot of the next descriptor the driver writes
         self._avail_bits = _AVAIL  # AVAIL/USED bits of an available descriptor this lap (wrap 1)
         self.next_used = 0  # ring slot where the device writes the next used descriptor
-        self._used_bit = _USED  # USED bit of a used descriptor this lap (wrap 1)
+        self._used_bits = _FLIP  # AVAIL|USED of a used descriptor this lap: both = wrap counter 1
         self.num_free = size  # ring slots not held by a published buffer
         self.outstanding = 0  # buffers published and not yet returned by reap()
         self._navail = 0  # descriptors made available, free-running (kick windows)
@@ -246,7 +246,7 @@ class PackedQueue:
     @property
     def used_wrap(self) -> int:
         """The wrap counter the next used descriptor must carry."""
-        return 1 if self._used_bit else 0
+        return 1 if self._used_bits else 0
 
     # -- request building -------------------------------------------------------
 
@@ -516,26 +516,42 @@ class PackedQueue:
         """Completions ready to reap (used descriptors are counted up to the first malformed one)."""
         count = len(self._stash)
         d16 = self._desc16
-        pos, ub = self.next_used, self._used_bit
+        size = self.size
+        pos, ub = self.next_used, self._used_bits
         left = self.outstanding - count
         oldest = self._oldest_id
-        while left > 0 and d16[8 * pos + 7] & _USED == ub:
+        while left > 0 and d16[8 * pos + 7] & _FLIP == ub:
             bid = d16[8 * pos + 6]
-            if bid >= self.size or self._tokens[bid] is _IDLE:
+            if bid >= size or self._tokens[bid] is _IDLE:
                 break
-            batch = [bid]
-            if self.in_order:
-                batch = [(oldest + k) % self.size for k in range((bid - oldest) % self.size + 1)]
-                oldest = (bid + 1) % self.size
+            batch = [(oldest + k) % size for k in range((bid - oldest) % size + 1)] if self.in_order else [bid]
             if len(batch) > left:
                 break
+            oldest = (bid + 1) % size
             count += len(batch)
             left -= len(batch)
             pos += sum(self._ndescs[i] for i in batch)
-            if pos >= self.size:
-                pos -= self.size
-                ub ^= _USED
+            if pos >= size:
+                pos -= size
+                ub ^= _FLIP
         return count
+
+    def _not_used(self, pos: int, flags: int, ub: int, left: int, nfree: int, out: list[Completion]) -> None:
+        """The descriptor at ``next_used`` is not used: check it is what the driver left there.
+
+        With buffers in flight the driver wrote this slot in the current lap,
+        so it holds the available flags it wrote (AVAIL = wrap, USED = !wrap)
+        or a used descriptor (both = wrap). Anything else is the device's: a
+        used descriptor with the wrong wrap counter, or AVAIL/USED garbage.
+        With nothing in flight the slot may hold anything of an earlier lap.
+        """
+        if left and flags & _FLIP != ub ^ _USED:
+            self._used_at(pos, ub, nfree)
+            self._break(
+                f"descriptor at {pos} has flags 0x{flags:04x}: neither available nor used with the "
+                f"current wrap counter {1 if ub else 0} (a wrong wrap counter, or AVAIL differing from USED)",
+                out,
+            )
 
     def reap(self, max_n: int = 1 << 16) -> list[Completion]:
         """Reap up to ``max_n`` completions as (token, bytes written) pairs."""
@@ -553,8 +569,10 @@ class PackedQueue:
         d16 = self._desc16
         pos = self.next_used
         flags = d16[8 * pos + 7]
-        ub = self._used_bit
-        if flags & _USED != ub:
+        ub = self._used_bits
+        left = self.outstanding - len(out)
+        if flags & _FLIP != ub:
+            self._not_used(pos, flags, ub, left, 0, out)
             self.outstanding -= len(out)
             return out
         d32 = self._desc32
@@ -563,21 +581,12 @@ class PackedQueue:
         wlen = self._wlen
         free_id = self._free_ids.append
         size = self.size
-        left = self.outstanding - len(out)
-        ab = _AVAIL if ub else 0
         nfree = 0
         while True:
             if not left:
                 self._used_at(pos, ub, nfree)
                 self._break(f"used descriptor at {pos} with no request in flight", out)
-            ordering.read_barrier()  # flags before the rest of the descriptor
-            if flags & _AVAIL != ab:
-                self._used_at(pos, ub, nfree)
-                self._break(
-                    f"used descriptor at {pos} has flags 0x{flags:04x}: AVAIL differs from USED "
-                    "(its wrap counters do not match)",
-                    out,
-                )
+            ordering.read_barrier()  # the flags before the rest of the descriptor
             bid = d16[8 * pos + 6]
             length = d32[4 * pos + 2]
             if bid >= size:
@@ -602,23 +611,23 @@ class PackedQueue:
             pos += nd
             if pos >= size:
                 pos -= size
-                ub ^= _USED
-                ab ^= _AVAIL
+                ub ^= _FLIP
             out.append((token, length))
             left -= 1
             if len(out) >= max_n:
                 break
             flags = d16[8 * pos + 7]
-            if flags & _USED != ub:
+            if flags & _FLIP != ub:
+                self._not_used(pos, flags, ub, left, nfree, out)
                 break
         self._used_at(pos, ub, nfree)
         self.outstanding -= len(out)
         return out
 
     def _used_at(self, pos: int, ub: int, nfree: int) -> None:
-        """Commit the used side: next used slot, its USED bit, ring slots given back."""
+        """Commit the used side: next used slot, its wrap bits, ring slots given back."""
         self.next_used = pos
-        self._used_bit = ub
+        self._used_bits = ub
         self.num_free += nfree
         if self._interrupts and self.event_idx:
             self._drv16[0] = pos | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
@@ -632,24 +641,18 @@ class PackedQueue:
         wlen = self._wlen
         free_id = self._free_ids.append
         size = self.size
-        pos, ub = self.next_used, self._used_bit
+        pos, ub = self.next_used, self._used_bits
         left = self.outstanding - len(out)
         nfree = 0
         while len(out) < max_n:
             flags = d16[8 * pos + 7]
-            if flags & _USED != ub:
+            if flags & _FLIP != ub:
+                self._not_used(pos, flags, ub, left, nfree, out)
                 break
             if not left:
                 self._used_at(pos, ub, nfree)
                 self._break(f"used descriptor at {pos} with no request in flight", out)
             ordering.read_barrier()
-            if flags & _AVAIL != (_AVAIL if ub else 0):
-                self._used_at(pos, ub, nfree)
-                self._break(
-                    f"used descriptor at {pos} has flags 0x{flags:04x}: AVAIL differs from USED "
-                    "(its wrap counters do not match)",
-                    out,
-                )
             bid = d16[8 * pos + 6]
             length = d32[4 * pos + 2]
             if bid >= size:
@@ -677,7 +680,7 @@ class PackedQueue:
                 pos += nd
                 if pos >= size:
                     pos -= size
-                    ub ^= _USED
+                    ub ^= _FLIP
                 left -= 1
                 if i == bid:
                     out.append((token, length))
@@ -715,7 +718,7 @@ class PackedQueue:
         else:
             drv[1] = RING_EVENT_FLAGS_ENABLE
         ordering.full_barrier()
-        return bool(self._stash) or self._desc16[8 * self.next_used + 7] & _USED == self._used_bit
+        return bool(self._stash) or self._desc16[8 * self.next_used + 7] & _FLIP == self._used_bits
 
     @property
     def interrupts_enabled(self) -> bool:
@@ -785,7 +788,7 @@ class PackedQueue:
 
     def _rewrite_in_flight(self) -> None:
         pos = self.next_used
-        bits = _AVAIL if self._used_bit else _USED  # the lap the device's used side is in
+        bits = _AVAIL if self._used_bits else _USED  # the lap the device's used side is in
         d16 = self._desc16
         for bid in self._in_flight_order():
             head = pos
