@@ -101,7 +101,11 @@ class RingMachine(RuleBasedStateMachine):
         self.published: deque[Request] = deque()  # in ring order, not yet popped
         self.popped: dict[int, tuple[Request, Chain]] = {}  # id -> popped, not used (pop order)
         self.unflushed: list[tuple[Request, int]] = []
-        self.completed: deque[tuple[Request, int]] = deque()  # visible to the driver, not reaped
+        # Visible to the driver, not reaped, as the device wrote them: one group per used entry
+        # (IN_ORDER batches several requests in one). A reap takes whole groups; what goes past
+        # its max_n is the driver's stash: completed (descriptors free), not yet returned.
+        self.completed: deque[list[tuple[Request, int]]] = deque()
+        self.stash: deque[tuple[Request, int]] = deque()
         self.in_flight: dict[int, Request] = {}
         self.returned: set[int] = set()
         self.refused = 0
@@ -123,8 +127,12 @@ class RingMachine(RuleBasedStateMachine):
 
     # -- the model ------------------------------------------------------------
 
+    def visible(self) -> int:
+        return len(self.stash) + sum(len(g) for g in self.completed)
+
     def held(self) -> int:
-        held = sum(r.ndescs for r in self.in_flight.values())
+        stashed = {r.token for r, _ in self.stash}
+        held = sum(r.ndescs for r in self.in_flight.values() if r.token not in stashed)
         if self.fmt == "split" and self.open is not None and not self.open.indirect:
             held += len(self.open.layout)  # split takes direct descriptors as they are added
         return held
@@ -138,7 +146,8 @@ class RingMachine(RuleBasedStateMachine):
 
     def _predict(self, k: int) -> tuple[type[Exception] | None, bool]:
         """(error start() raises, goes indirect) for k buffers, once the open request is published."""
-        free = self.size - sum(r.ndescs for r in self.in_flight.values())
+        stashed = {r.token for r, _ in self.stash}
+        free = self.size - sum(r.ndescs for r in self.in_flight.values() if r.token not in stashed)
         if self.open is not None:
             free -= self.open.ndescs
         if self.indirect and k > 1 and (k >= self.threshold or k > free):
@@ -212,9 +221,13 @@ class RingMachine(RuleBasedStateMachine):
     @rule(max_n=st.integers(1, 64))
     def reap(self, max_n: int) -> None:
         got = self.pair.driver.reap(max_n)
-        assert len(got) == min(max_n, len(self.completed))
-        for token, length in got:
-            req, expected = self.completed.popleft()
+        want = [self.stash.popleft() for _ in range(min(max_n, len(self.stash)))]
+        while len(want) < max_n and self.completed:
+            want += self.completed.popleft()
+        self.stash.extend(want[max_n:])
+        del want[max_n:]
+        assert len(got) == len(want)
+        for (token, length), (req, expected) in zip(got, want, strict=True):
             assert (token, length) == (req.token, expected)
             assert token not in self.returned, f"token {token} returned twice"
             self.returned.add(token)
@@ -227,7 +240,7 @@ class RingMachine(RuleBasedStateMachine):
         q = self.pair.driver
         if on:
             pending = q.enable_interrupts()
-            assert pending is bool(self.completed)
+            assert pending is bool(self.visible())
             self.driver_asked = not pending
         else:
             q.disable_interrupts()
@@ -286,7 +299,14 @@ class RingMachine(RuleBasedStateMachine):
             event("an interrupt was due")
             assert signal, "the driver asked for an interrupt and the device used a buffer without one"
             self.driver_asked = False
-        self.completed.extend(self.unflushed)
+        group: list[tuple[Request, int]] = []
+        for k, (req, length) in enumerate(self.unflushed):
+            group.append((req, length))
+            # The devices batch a run of buffers used completely, ending at one that is not (or the last).
+            wlen = sum(n for n, w in req.layout if w)
+            if not self.in_order or length != wlen or k + 1 == len(self.unflushed):
+                self.completed.append(group)
+                group = []
         self.unflushed.clear()
 
     # -- the notification round trips, as rules of their own ---------------------
@@ -301,7 +321,7 @@ class RingMachine(RuleBasedStateMachine):
         self.flush()
         self.kicks(False)
 
-    @precondition(lambda self: bool(self.popped) and not self.completed and not self.unflushed)
+    @precondition(lambda self: bool(self.popped) and not self.visible() and not self.unflushed)
     @rule(data=st.data())
     def interrupt_round_trip(self, data: st.DataObject) -> None:
         """The driver asks for an interrupt, the device uses buffers: the decision must be "signal"."""
@@ -324,7 +344,7 @@ class RingMachine(RuleBasedStateMachine):
             q.check_ids()
         assert q.outstanding == len(self.in_flight)
         assert sorted(q.in_flight_tokens(), key=int) == sorted(self.in_flight)  # type: ignore[call-overload]
-        assert q.pending() == len(self.completed)
+        assert q.pending() == self.visible()
         assert bool(self.pair.device.avail_pending()) == bool(self.published)
         assert q.broken is None
 
@@ -339,7 +359,7 @@ class RingMachine(RuleBasedStateMachine):
             self.unflushed.append((req, chain.writable_len))
         self.device_flush()
         self.reap(64)
-        while self.completed:
+        while self.visible():
             self.reap(64)
         assert not self.in_flight
         assert self.pair.driver.num_free == self.size
