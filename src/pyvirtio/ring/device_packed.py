@@ -30,11 +30,11 @@ unavailable descriptor inside the list, a list longer than the ring, flags
 no driver writes, a duplicate id): nothing was consumed and the queue cannot
 make progress, the back end must treat it as broken.
 
-Used descriptors (:meth:`PackedDeviceQueue.add_used`) are written by
-:meth:`~PackedDeviceQueue.flush_used`: ids and lengths first, then the
-flags of all but the first, then the first's, each step behind a release
-barrier, so a driver polling the first sees the whole batch at once (§2.8.9,
-"Multi-buffer requests"). With VIRTIO_F_IN_ORDER the device uses buffers in
+Used descriptors: :meth:`PackedDeviceQueue.add_used` writes the id and
+length (the slot's flags still say "available", so the driver does not look),
+:meth:`~PackedDeviceQueue.flush_used` the flags: all but the first's, then
+the first's, each step behind a release barrier, so a driver polling the
+first sees the whole batch at once (§2.8.9, "Multi-buffer requests"). With VIRTIO_F_IN_ORDER the device uses buffers in
 the order it popped them and batches as the split side does (§2.8.8): one
 used descriptor per run whose buffers but the last were used completely,
 naming the run's last id, at the run's first slot.
@@ -86,9 +86,9 @@ _W_AVAIL: Final = _AVAIL << 48
 _W_USED: Final = _USED << 48
 _W_CHECK: Final = _KEEP | _W_AVAIL | _W_USED
 
-#: A direct chain as walked: (slot, addr, second word & _KEEP, lap offset) of each
-#: descriptor, its readable and writable buffers.
-_CachedChain = tuple[list[tuple[int, int, int, int]], list[memoryview], list[memoryview]]
+#: A direct chain as walked, by head slot and wrap counter: (2 * slot, addr, second word & _W_CHECK)
+#: of each descriptor, its readable and writable buffers, its length.
+_CachedChain = tuple[list[tuple[int, int, int]], list[memoryview], list[memoryview], int]
 
 
 class PackedDeviceQueue:
@@ -132,18 +132,18 @@ class PackedDeviceQueue:
         self._drv16 = driver_event[:EVENT_SUPPRESS_SIZE].cast("H")  # the driver's: read only
         self._dev16 = device_event[:EVENT_SUPPRESS_SIZE].cast("H")  # ours
         self.last_avail = avail_pos
-        self._avail_wrap = avail_wrap
+        self._avail_want = _AVAIL if avail_wrap else _USED  # AVAIL/USED of an available descriptor now
         self.used_pos = used_pos
-        self._used_wrap = used_wrap
+        self._used_bits = _BOTH if used_wrap else 0  # AVAIL/USED of a used descriptor now
         self._inflight: dict[int, int] = {}  # id -> ring descriptors of a chain popped, not used
         self._order: deque[tuple[int, int]] = deque()  # IN_ORDER: (id, writable bytes) popped, oldest first
-        # add_used entries not yet written: (slot, id, length, flags); IN_ORDER: (descriptors, id,
-        # length, writable bytes), laid out at flush.
-        self._pending: list[tuple[int, int, int, int]] = []
+        # Used descriptors whose id and length are written, not their flags: slot << 16 | flags.
+        # IN_ORDER: add_used collects (descriptors, id, length, writable bytes), laid out at flush.
+        self._pending: list[int] = []
         self._batch: list[tuple[int, int, int, int]] = []
         self._nused = 0  # descriptors made used, free-running (notification windows)
         self._signalled = 0  # _nused at the last notification decision
-        self._chains: dict[int, _CachedChain] = {}  # as the split side: by head slot
+        self._chains: dict[int, _CachedChain] = {}  # as the split side: by head slot | avail bits << 16
 
     @classmethod
     def from_addresses(
@@ -171,7 +171,17 @@ class PackedDeviceQueue:
     @property
     def base(self) -> int:
         """The GET_VRING_BASE value: next avail and next used slot with their wrap counters."""
-        return packed_base(self.last_avail, self._avail_wrap, self.used_pos, self._used_wrap)
+        return packed_base(self.last_avail, self.avail_wrap, self.used_pos, self.used_wrap)
+
+    @property
+    def avail_wrap(self) -> int:
+        """The wrap counter the next available descriptor must carry."""
+        return 1 if self._avail_want == _AVAIL else 0
+
+    @property
+    def used_wrap(self) -> int:
+        """The Device Ring Wrap Counter (§2.8.1)."""
+        return 1 if self._used_bits else 0
 
     @property
     def in_flight(self) -> int:
@@ -182,38 +192,48 @@ class PackedDeviceQueue:
 
     def avail_pending(self) -> int:
         """1 if the next descriptor is available, else 0 (a packed ring keeps no count)."""
-        flags = self._d16[8 * self.last_avail + 7]
-        w = self._avail_wrap
-        return 1 if flags >> 7 & 1 == w and flags >> 15 & 1 != w else 0
+        return 1 if self._d16[8 * self.last_avail + 7] & _BOTH == self._avail_want else 0
 
     def pop(self) -> Chain | None:
         """The next available chain, or None. Raises :class:`ChainError` for a bad one (module docstring)."""
         pos = self.last_avail
-        flags = self._d16[8 * pos + 7]
-        w = self._avail_wrap
-        if flags >> 7 & 1 != w:
-            return None
-        if flags >> 15 & 1 == w:
+        want = self._avail_want
+        bits = self._d16[8 * pos + 7] & _BOTH
+        if bits != want:  # available: AVAIL == the wrap counter != USED (§2.8.1)
+            if bits != (_BOTH if want == _AVAIL else 0):
+                return None
+            flags = self._d16[8 * pos + 7]
             raise ChainError(
                 f"queue {self.index}: descriptor {pos} has flags 0x{flags:04x}: AVAIL and USED equal "
                 "the wrap counter, which no driver writes",
                 None,
             )
         ordering.read_barrier()  # the flags before the rest of the chain
-        cached = self._chains.get(pos)
+        cached = self._chains.get(pos | want << 16)
         if cached is not None:
             d64 = self._d64
-            entries, readable, writable = cached
+            entries, readable, writable, n = cached
             w1 = 0
-            for i, w0, w1k, lap in entries:
-                w1 = d64[2 * i + 1]
-                want = w1k | (_W_AVAIL if w ^ lap else _W_USED)
-                if d64[2 * i] != w0 or w1 & _W_CHECK != want:
+            for j, w0, w1_checked in entries:
+                w1 = d64[j + 1]
+                if d64[j] != w0 or w1 & _W_CHECK != w1_checked:
                     break
             else:
-                # The same descriptors, and all available, as when this chain was checked.
-                return self._take(pos, len(entries), w1 >> 32 & 0xFFFF, Chain(0, readable.copy(), writable.copy()))
-        return self._walk(pos, w)
+                # The same descriptors, all available, as when this list was checked and translated.
+                bid = w1 >> 32 & 0xFFFF
+                inflight = self._inflight
+                if bid not in inflight:  # else _walk reports it
+                    inflight[bid] = n
+                    pos += n
+                    if pos >= self.size:
+                        pos -= self.size
+                        self._avail_want = want ^ _BOTH
+                    self.last_avail = pos
+                    chain = Chain(bid, readable.copy(), writable.copy())
+                    if self.in_order:
+                        self._order.append((bid, chain.writable_len))
+                    return chain
+        return self._walk(pos, 1 if want == _AVAIL else 0)
 
     def _walk(self, head: int, w: int) -> Chain:
         d64 = self._d64
@@ -221,7 +241,7 @@ class PackedDeviceQueue:
         gpa = self.memory.gpa
         readable: list[memoryview] = []
         writable: list[memoryview] = []
-        entries: list[tuple[int, int, int, int]] = []
+        entries: list[tuple[int, int, int, int]] = []  # (slot, addr, second word, lap)
         i = head
         lap = 0
         while True:
@@ -235,7 +255,7 @@ class PackedDeviceQueue:
                     f"(flags 0x{flags:04x})",
                     None,
                 )
-            entries.append((i, addr, w1 & _KEEP, lap))
+            entries.append((i, addr, w1, lap))
             if flags & DESC_F_INDIRECT:
                 return self._walk_indirect(head, w, entries, addr, w1)
             try:
@@ -256,7 +276,12 @@ class PackedDeviceQueue:
             if i == size:
                 i = 0
                 lap = 1
-        self._chains[head] = (entries, readable, writable)
+        self._chains[head | (_AVAIL if w else _USED) << 16] = (
+            [(2 * i, a, x & _W_CHECK) for i, a, x, _lap in entries],
+            readable,
+            writable,
+            len(entries),
+        )
         return self._take(head, len(entries), w1 >> 32 & 0xFFFF, Chain(0, readable.copy(), writable.copy()))
 
     def _take(self, head: int, n: int, bid: int, chain: Chain) -> Chain:
@@ -267,7 +292,7 @@ class PackedDeviceQueue:
         pos = head + n
         if pos >= self.size:
             pos -= self.size
-            self._avail_wrap ^= 1
+            self._avail_want ^= _BOTH
         self.last_avail = pos
         chain.head = bid
         if self.in_order:
@@ -351,17 +376,21 @@ class PackedDeviceQueue:
             self._batch.append((n, head, length, order.popleft()[1]))
             return
         pos = self.used_pos
-        self._pending.append((pos, head, length, (_BOTH if self._used_wrap else 0) | (DESC_F_WRITE if length else 0)))
+        self._d32[4 * pos + 2] = length
+        self._d16[8 * pos + 6] = head
+        self._pending.append(pos << 16 | (self._used_bits | DESC_F_WRITE if length else self._used_bits))
         pos += n
         if pos >= self.size:
             pos -= self.size
-            self._used_wrap ^= 1
+            self._used_bits ^= _BOTH
         self.used_pos = pos
         self._nused += n
 
-    def _in_order_pending(self) -> list[tuple[int, int, int, int]]:
+    def _in_order_pending(self) -> list[int]:
         """IN_ORDER: one used descriptor per run of buffers used completely but its last (§2.8.8)."""
-        out: list[tuple[int, int, int, int]] = []
+        out = self._pending
+        d32 = self._d32
+        d16 = self._d16
         batch = self._batch
         pos = self.used_pos
         start = pos
@@ -370,13 +399,15 @@ class PackedDeviceQueue:
             skip += n
             if length == wlen and k + 1 < len(batch):
                 continue  # may be skipped: the driver assumes all its writable bytes
-            out.append((start, head, length, (_BOTH if self._used_wrap else 0) | (DESC_F_WRITE if length else 0)))
+            d32[4 * start + 2] = length
+            d16[8 * start + 6] = head
+            out.append(start << 16 | (self._used_bits | DESC_F_WRITE if length else self._used_bits))
             pos += skip
             self._nused += skip
             skip = 0
             if pos >= self.size:
                 pos -= self.size
-                self._used_wrap ^= 1
+                self._used_bits ^= _BOTH
             start = pos
         self.used_pos = pos
         batch.clear()
@@ -386,16 +417,14 @@ class PackedDeviceQueue:
         """Publish the used descriptors added so far; True if the driver must be signalled."""
         pending = self._in_order_pending() if self._batch else self._pending
         if pending:
-            d32 = self._d32
             d16 = self._d16
-            for pos, bid, length, _flags in pending:
-                d32[4 * pos + 2] = length
-                d16[8 * pos + 6] = bid
+            ordering.write_barrier()  # ids and lengths before flags
+            for k in range(len(pending) - 1, 0, -1):
+                e = pending[k]
+                d16[8 * (e >> 16) + 7] = e & 0xFFFF
+            e = pending[0]
             ordering.write_barrier()
-            for pos, _bid, _length, flags in pending[1:]:
-                d16[8 * pos + 7] = flags
-            ordering.write_barrier()
-            d16[8 * pending[0][0] + 7] = pending[0][3]  # the first last: the batch appears at once
+            d16[8 * (e >> 16) + 7] = e & 0xFFFF  # the first last: the batch appears at once
             pending.clear()
         count = self._nused - self._signalled
         if not count:
@@ -407,7 +436,7 @@ class PackedDeviceQueue:
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
         if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
-            return packed_need_event(drv[0], self.used_pos, self._used_wrap, count, self.size)
+            return packed_need_event(drv[0], self.used_pos, self.used_wrap, count, self.size)
         return True  # ENABLE; DESC without EVENT_IDX and the reserved value: notify (always safe)
 
     def push_used(self, head: int, length: int) -> bool:
@@ -421,7 +450,7 @@ class PackedDeviceQueue:
         """Ask the driver to kick on new work; True if work is already pending (don't sleep)."""
         dev = self._dev16
         if self.event_idx:
-            dev[0] = self.last_avail | self._avail_wrap << RING_EVENT_WRAP_SHIFT
+            dev[0] = self.last_avail | self.avail_wrap << RING_EVENT_WRAP_SHIFT
             ordering.write_barrier()
             dev[1] = RING_EVENT_FLAGS_DESC
         else:

@@ -337,13 +337,43 @@ class PackedQueue:
                 raise
             self._finish()
             return
+        # _write_chain inlined: the hot path of every engine.
         bid = self._take_id()
-        head = self.next_avail
-        try:
-            pos, bits, wlen, hflags = self._write_chain(head, self._avail_bits, bid, buffers)
-        except InvalidArgument:
-            self._untake_id(bid)
-            raise
+        d64 = self._desc64
+        d32 = self._desc32
+        d16 = self._desc16
+        size = self.size
+        head = pos = self.next_avail
+        bits = head_bits = self._avail_bits
+        hflags = f = 0
+        last = pos
+        wlen = 0
+        for addr, length, writable in buffers:
+            if not (0 <= length <= _U32 and 0 <= addr <= _U64):
+                self._retract(head, head_bits, pos)
+                self._untake_id(bid)
+                raise InvalidArgument(f"bad buffer addr=0x{addr:x} length={length}")
+            d64[2 * pos] = addr
+            d32[4 * pos + 2] = length
+            d16[8 * pos + 6] = bid
+            if writable:
+                wlen += length
+                f = bits | _WN
+            else:
+                f = bits | _NEXT
+            if pos == head:
+                hflags = f
+            else:
+                d16[8 * pos + 7] = f
+            last = pos
+            pos += 1
+            if pos == size:
+                pos = 0
+                bits ^= _FLIP
+        if last == head:
+            hflags ^= _NEXT
+        else:
+            d16[8 * last + 7] = f ^ _NEXT
         self._tokens[bid] = token
         self._ndescs[bid] = n
         self._wlen[bid] = wlen
@@ -354,7 +384,7 @@ class PackedQueue:
         self._navail += n
         self.outstanding += 1
         ordering.write_barrier()  # the chain before its head's flags (§2.8.21.1.1)
-        self._desc16[8 * head + 7] = hflags
+        d16[8 * head + 7] = hflags
 
     def _write_chain(self, pos: int, bits: int, bid: int, buffers: Buffers) -> tuple[int, int, int, int]:
         """Write a direct chain from slot ``pos`` (lap bits ``bits``), all but the head's flags.
@@ -575,6 +605,7 @@ class PackedQueue:
             self._not_used(pos, flags, ub, left, 0, out)
             self.outstanding -= len(out)
             return out
+        weak = not ordering.STRONGLY_ORDERED  # a barrier per descriptor costs a call: only where it is one
         d32 = self._desc32
         tokens = self._tokens
         ndescs = self._ndescs
@@ -586,7 +617,8 @@ class PackedQueue:
             if not left:
                 self._used_at(pos, ub, nfree)
                 self._break(f"used descriptor at {pos} with no request in flight", out)
-            ordering.read_barrier()  # the flags before the rest of the descriptor
+            if weak:
+                ordering.read_barrier()  # the flags before the rest of the descriptor
             bid = d16[8 * pos + 6]
             length = d32[4 * pos + 2]
             if bid >= size:
