@@ -36,12 +36,17 @@ available since the last decision (:func:`~pyvirtio.spec.ring.packed_need_event`
 Interrupts on/off write the driver's (DESC at ``next_used`` with EVENT_IDX).
 
 Validation of used descriptors (the device is not trusted), as in
-:mod:`pyvirtio.ring.split`: a used descriptor with nothing in flight, one
-whose AVAIL flag differs from its USED flag (a used descriptor carries the
-device's wrap counter in both, §2.8.1), an id out of range or not in flight,
-a length above the device-writable bytes the buffer offered (checked when
-VIRTQ_DESC_F_WRITE is set; without it the length is reserved and reported as
-0, §2.8.4). A violation marks the queue broken and raises
+:mod:`pyvirtio.ring.split`. A slot is used when AVAIL and USED both equal
+the used wrap counter (§2.8.1); with buffers in flight the slot at
+``next_used`` was written by the driver this lap, so it must hold either
+that or the available flags the driver wrote: anything else is a used
+descriptor with the wrong wrap counter or AVAIL/USED garbage. (With nothing
+in flight the slot may hold anything of an earlier lap, e.g. the
+unoverwritten tail of a chain, and is not looked at.) Then: a used
+descriptor with nothing in flight, an id out of range or not in flight, a
+length above the device-writable bytes the buffer offered (checked when
+VIRTQ_DESC_F_WRITE is set; without it the length is reserved and reported
+as 0, §2.8.4). A violation marks the queue broken and raises
 :class:`~pyvirtio.errors.DeviceProtocolError` carrying the completions
 validated before it; the bad descriptor's buffer stays in flight.
 
@@ -516,7 +521,7 @@ class PackedQueue:
         return self._req_bufs is not None
 
     def flush(self) -> bool:
-        """Publish the open request; return True if the device must be notified (§2.8.21.3)."""
+        """Publish the open request; return True if the device must be notified (§2.8.21.2)."""
         if self.broken is not None:
             raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
         if self._req_bufs is not None:
@@ -770,7 +775,11 @@ class PackedQueue:
         copies (the device may have overwritten some with used descriptors),
         each head's flags last; a device started at the returned base pops
         exactly those, once. Without ``resubmit`` (the back end tracks its
-        requests itself, INFLIGHT_SHMFD) the ring is left as it is.
+        requests itself, INFLIGHT_SHMFD) the ring is left as it is: note that
+        the slots from ``next_used`` may still hold the descriptors of
+        buffers that completed out of order (the device wrote their used
+        descriptor elsewhere), so a back end must not pop them blindly from
+        that base; it resubmits from its inflight area.
 
         The base is :func:`~pyvirtio.spec.ring.packed_base` with both halves
         at ``next_used`` and its wrap counter: the new device has nothing in
