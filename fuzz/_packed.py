@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fuzz._input import FuzzInput, Seed
-from fuzz.targets import _check_inside, _device_memory, _pool, expect
+from fuzz.targets import _check_inside, _device_memory, _pool, _reap_checked, expect
 from pyvirtio.errors import DeviceProtocolError, DriverProtocolError, QueueBroken, QueueFull, RequestTooLarge
 from pyvirtio.ring.device_side import ChainError, PackedDeviceQueue
 from pyvirtio.ring.packed import PackedQueue
@@ -51,7 +51,7 @@ _DEV_REGION_SIZE = 4096
 
 
 class _Model:
-    """What the driver published, kept by the fuzzer to check PackedQueue.reap."""
+    """What the driver published, kept by the fuzzer to check PackedQueue.reap (as targets._SplitModel)."""
 
     def __init__(self, q: PackedQueue) -> None:
         self.q = q
@@ -76,26 +76,6 @@ class _Model:
             q.check_ids()
         except AssertionError as exc:
             expect(False, f"id bookkeeping: {exc}")
-
-
-def _reap_checked(model: _Model, max_n: int) -> None:
-    q = model.q
-    was_broken = q.broken is not None
-    try:
-        got = q.reap(max_n)
-    except DeviceProtocolError as exc:
-        expect(q.broken is not None, "DeviceProtocolError without marking the queue broken")
-        if was_broken:
-            expect(isinstance(exc, QueueBroken), "a broken queue reported a new violation")
-            expect(not exc.completed, "a broken queue delivered completions")
-        else:
-            expect(not isinstance(exc, QueueBroken), "the first violation was reported as QueueBroken")
-        model.completed(list(exc.completed))
-    else:
-        expect(not was_broken, "a broken queue reaped")
-        expect(len(got) <= max_n, f"{len(got)} completions for max_n {max_n}")
-        model.completed(got)
-    model.check()
 
 
 def target_packed_reap(data: bytes) -> int:
@@ -151,7 +131,7 @@ def target_packed_reap(data: bytes) -> int:
                 for _ in range(1 + fi.below(4)):
                     dev.write_used(fi.below(size), fi.u16(), fi.u32(), fi.u16())
             elif op == 3:
-                _reap_checked(model, fi.u8() or 1 << 16)
+                _reap_checked(model, fi.u8() or 1 << 16)  # type: ignore[arg-type]
                 reaped += 1
             elif op == 4:
                 lost = q.reset()
@@ -180,7 +160,7 @@ def target_packed_reap(data: bytes) -> int:
                 expect((ap, aw) == (up, uw) == (q.next_used, q.used_wrap), f"base 0x{base:08x}")
                 dev.avail_pos, dev.avail_wrap, dev.used_pos, dev.used_wrap = ap, aw, up, uw
                 model.check()
-        _reap_checked(model, 1 << 16)
+        _reap_checked(model, 1 << 16)  # type: ignore[arg-type]
     finally:
         dev.release()
         q.close()

@@ -41,6 +41,14 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
         yield p
 
 
+def publish(p: Pair, n: int, length: int = 4) -> None:
+    """Requests 0 .. n-1 of one device-writable buffer of ``length`` bytes each, published."""
+    w = p.buffer(length * n)
+    for t in range(n):
+        p.driver.submit(t, [(w.addr + length * t, length, True)])
+    p.driver.flush()
+
+
 def pop_all(p: Pair) -> list[Chain]:
     out = []
     while (c := p.device.pop()) is not None:
@@ -180,10 +188,7 @@ def test_split_descriptors_are_used_in_ring_order() -> None:
 def test_split_entry_whose_batch_exceeds_the_used_index() -> None:
     with make("split") as p:
         assert isinstance(p, RingPair)
-        w = p.buffer(16)
-        for t in range(3):
-            p.driver.submit(t, [(w.addr, 4, True)])
-        p.driver.flush()
+        publish(p, 3)
         h = HostileDevice(p.driver)
         h.complete((0, 4), (2, 4))  # head 2 after head 0: a batch {1, 2}, but the index moved by 1 for it
         with pytest.raises(DeviceProtocolError, match="used id 2 completes 2\\+ requests in order") as info:
@@ -197,10 +202,7 @@ def test_split_reordering_device_is_caught() -> None:
     """Head 1 reported alone (one entry, index + 1) before head 0: the batch {0, 1} does not fit."""
     with make("split") as p:
         assert isinstance(p, RingPair)
-        w = p.buffer(16)
-        for t in range(2):
-            p.driver.submit(t, [(w.addr, 4, True)])
-        p.driver.flush()
+        publish(p, 2)
         h = HostileDevice(p.driver)
         h.complete((1, 4))
         with pytest.raises(DeviceProtocolError, match="used id 1 completes 2\\+ requests"):
@@ -211,10 +213,7 @@ def test_split_reordering_device_is_caught() -> None:
 def test_split_batch_entry_in_the_right_place_is_accepted() -> None:
     with make("split") as p:
         assert isinstance(p, RingPair)
-        w = p.buffer(16)
-        for t in range(3):
-            p.driver.submit(t, [(w.addr, 4, True)])
-        p.driver.flush()
+        publish(p, 3)
         h = HostileDevice(p.driver)
         h.write_garbage(0, [(2, 1), (0xDEAD, 0xBEEF), (0xDEAD, 0xBEEF)])  # stale slots after the entry
         h.used_idx = 3
@@ -225,10 +224,7 @@ def test_split_batch_entry_in_the_right_place_is_accepted() -> None:
 def test_packed_reordering_device_is_caught_when_it_reports_the_earlier() -> None:
     with make("packed") as p:
         assert isinstance(p, PackedRingPair)
-        w = p.buffer(16)
-        for t in range(3):
-            p.driver.submit(t, [(w.addr, 4, True)])
-        p.driver.flush()
+        publish(p, 3)
         h = HostilePackedDevice(p.driver)
         h.use(1, 2, ndescs=2)  # names id 1: buffers 0 and 1 are done (0 "completely")
         h.use(0, 2)  # ...then reports 0 as well
@@ -255,10 +251,7 @@ def test_packed_id_not_in_flight_in_order() -> None:
 def test_split_restart_takes_batched_completions_first() -> None:
     with make("split") as p:
         assert isinstance(p, RingPair)
-        w = p.buffer(16)
-        for t in range(4):
-            p.driver.submit(t, [(w.addr, 4, True)])
-        p.driver.flush()
+        publish(p, 4)
         chains = pop_all(p)
         for c in chains[:3]:
             p.device.add_used(c.head, 4)

@@ -14,6 +14,7 @@ interrupt decisions that the two rings return.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from pyvirtio.memory import Buffer, MemoryPool, MemoryTable
 from pyvirtio.ring.device_side import Chain, DeviceQueue, PackedDeviceQueue
@@ -23,19 +24,45 @@ from pyvirtio.spec.ring import PACKED_INITIAL_BASE
 
 
 class _Pair:
-    """What both pairs share: the pool, data buffers, serving, closing."""
+    """What both pairs share (see :class:`RingPair`)."""
 
     driver: SplitQueue | PackedQueue
     device: DeviceQueue | PackedDeviceQueue
+    _driver_class: ClassVar[type[SplitQueue] | type[PackedQueue]]
 
-    def __init__(self, pool: MemoryPool | None, region_size: int, event_idx: bool, indirect: bool) -> None:
+    def __init__(
+        self,
+        size: int = 8,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        pool: MemoryPool | None = None,
+        region_size: int = 1 << 20,
+        indirect_threshold: int = 8,
+        indirect_max: int = 1024,
+        in_order: bool = False,
+    ) -> None:
         self.pool = pool if pool is not None else MemoryPool(region_size, name="pyvirtio-ringpair")
         self._own_pool = pool is None
         self._buffers: list[Buffer] = []
         self.event_idx = event_idx
         self.indirect = indirect
+        self.in_order = in_order
         self.table = MemoryTable.from_pool(self.pool)
         self.closed = False
+        self.driver = self._driver_class(
+            size,
+            self.pool,
+            event_idx=event_idx,
+            indirect=indirect,
+            indirect_threshold=indirect_threshold,
+            indirect_max=indirect_max,
+            in_order=in_order,
+        )
+        self.device = self._new_device()
+
+    def _new_device(self) -> DeviceQueue | PackedDeviceQueue:
+        raise NotImplementedError
 
     @property
     def size(self) -> int:
@@ -97,36 +124,12 @@ class RingPair(_Pair):
     ``pool`` defaults to a private pool of ``region_size`` bytes that
     :meth:`close` frees. ``event_idx``, ``indirect`` and ``in_order`` are the
     negotiated ring features (both sides get them); ``indirect_threshold``
-    and ``indirect_max`` go to the :class:`SplitQueue`.
+    and ``indirect_max`` go to the driver ring.
     """
 
     driver: SplitQueue
     device: DeviceQueue
-
-    def __init__(
-        self,
-        size: int = 8,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        pool: MemoryPool | None = None,
-        region_size: int = 1 << 20,
-        indirect_threshold: int = 8,
-        indirect_max: int = 1024,
-        in_order: bool = False,
-    ) -> None:
-        super().__init__(pool, region_size, event_idx, indirect)
-        self.in_order = in_order
-        self.driver = SplitQueue(
-            size,
-            self.pool,
-            event_idx=event_idx,
-            indirect=indirect,
-            indirect_threshold=indirect_threshold,
-            indirect_max=indirect_max,
-            in_order=in_order,
-        )
-        self.device = self._new_device()
+    _driver_class = SplitQueue
 
     def _new_device(self) -> DeviceQueue:
         d = self.driver
@@ -154,7 +157,7 @@ class RingPair(_Pair):
 
 
 class PackedRingPair(_Pair):
-    """A :class:`PackedQueue` and a :class:`PackedDeviceQueue` over the same memory (see :class:`RingPair`).
+    """A :class:`PackedQueue` and a :class:`PackedDeviceQueue` over the same memory (as :class:`RingPair`).
 
     Sizes need not be powers of two. :meth:`reset_device` takes the ring
     ``base`` a new device starts at (default: a fresh ring).
@@ -162,33 +165,9 @@ class PackedRingPair(_Pair):
 
     driver: PackedQueue
     device: PackedDeviceQueue
+    _driver_class = PackedQueue
 
-    def __init__(
-        self,
-        size: int = 8,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        pool: MemoryPool | None = None,
-        region_size: int = 1 << 20,
-        indirect_threshold: int = 8,
-        indirect_max: int = 1024,
-        in_order: bool = False,
-    ) -> None:
-        super().__init__(pool, region_size, event_idx, indirect)
-        self.in_order = in_order
-        self.driver = PackedQueue(
-            size,
-            self.pool,
-            event_idx=event_idx,
-            indirect=indirect,
-            indirect_threshold=indirect_threshold,
-            indirect_max=indirect_max,
-            in_order=in_order,
-        )
-        self.device = self._new_device()
-
-    def _new_device(self, base: int | None = None) -> PackedDeviceQueue:
+    def _new_device(self, base: int = PACKED_INITIAL_BASE) -> PackedDeviceQueue:
         d = self.driver
         return PackedDeviceQueue.from_addresses(
             self.table,
@@ -199,10 +178,10 @@ class PackedRingPair(_Pair):
             event_idx=self.event_idx,
             indirect=self.indirect,
             in_order=self.in_order,
-            base=PACKED_INITIAL_BASE if base is None else base,
+            base=base,
         )
 
-    def reset_device(self, base: int | None = None) -> None:
+    def reset_device(self, base: int = PACKED_INITIAL_BASE) -> None:
         """Forget the device's state and map the ring again, the new device starting at ``base``."""
         self.device.release()
         self.device = self._new_device(base)
