@@ -87,8 +87,8 @@ _W_USED: Final = _USED << 48
 _W_CHECK: Final = _KEEP | _W_AVAIL | _W_USED
 
 #: A direct chain as walked, by head slot and wrap counter: (2 * slot, addr, second word & _W_CHECK)
-#: of each descriptor, its readable and writable buffers, its length.
-_CachedChain = tuple[list[tuple[int, int, int]], list[memoryview], list[memoryview], int]
+#: of each descriptor, its readable and writable buffers, its length, its writable bytes.
+_CachedChain = tuple[list[tuple[int, int, int]], list[memoryview], list[memoryview], int, int]
 
 
 class PackedDeviceQueue:
@@ -212,7 +212,7 @@ class PackedDeviceQueue:
         cached = self._chains.get(pos | want << 16)
         if cached is not None:
             d64 = self._d64
-            entries, readable, writable, n = cached
+            entries, readable, writable, n, wlen = cached
             w1 = 0
             for j, w0, w1_checked in entries:
                 w1 = d64[j + 1]
@@ -229,10 +229,9 @@ class PackedDeviceQueue:
                         pos -= self.size
                         self._avail_want = want ^ _BOTH
                     self.last_avail = pos
-                    chain = Chain(bid, readable.copy(), writable.copy())
                     if self.in_order:
-                        self._order.append((bid, chain.writable_len))
-                    return chain
+                        self._order.append((bid, wlen))
+                    return Chain(bid, readable.copy(), writable.copy())
         return self._walk(pos, 1 if want == _AVAIL else 0)
 
     def _walk(self, head: int, w: int) -> Chain:
@@ -281,6 +280,7 @@ class PackedDeviceQueue:
             readable,
             writable,
             len(entries),
+            sum(map(len, writable)),
         )
         return self._take(head, len(entries), w1 >> 32 & 0xFFFF, Chain(0, readable.copy(), writable.copy()))
 
@@ -296,7 +296,7 @@ class PackedDeviceQueue:
         self.last_avail = pos
         chain.head = bid
         if self.in_order:
-            self._order.append((bid, chain.writable_len))
+            self._order.append((bid, sum(map(len, chain.writable))))
         return chain
 
     def _bad(self, head: int, w: int, entries: list[tuple[int, int, int, int]], flags: int, why: str) -> Chain:
