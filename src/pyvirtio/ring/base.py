@@ -65,8 +65,14 @@ available chain (a :class:`~pyvirtio.ring.chain.Chain`, its ``head`` being
 the id to report) or None, raising :class:`~pyvirtio.ring.chain.ChainError`
 for a malformed one; ``add_used(head, length)`` then ``flush_used()``, which
 publishes and returns the notify decision; ``enable_notifications()`` /
-``disable_notifications()`` for kick suppression; ``base`` is the
-GET_VRING_BASE value; ``release()`` drops the views before unmapping.
+``disable_notifications()`` for kick suppression (True: work is already
+pending, do not sleep); ``avail_pending()`` is non-zero when a chain is
+available (split: how many; packed keeps no count: 1 or 0); ``base`` is the
+GET_VRING_BASE value (split: the next avail index; packed: both positions
+with their wrap counters, :func:`~pyvirtio.spec.ring.packed_base`), and the
+constructors take it back (``last_avail=`` / ``base=``); ``release()`` drops
+the views before unmapping. With ``in_order`` the device uses buffers in
+the order it popped them and batches used entries (§2.7.9 / §2.8.8).
 """
 
 from __future__ import annotations
