@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fuzz import _packed
 from fuzz import _server as SV
 from fuzz._input import Seed
 from fuzz.targets import _DEV_GPA, _SENDERS, device_ring_layout
@@ -739,6 +740,8 @@ SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "scsi_driver": seeds_scsi_driver,
     "net_driver": seeds_net_driver,
     "server": seeds_server,
+    "packed_reap": _packed.seeds_packed_reap,
+    "packed_device_pop": _packed.seeds_packed_device_pop,
 }
 
 

@@ -64,6 +64,8 @@ TARGET_NAMES = (
     "scsi_driver",
     "net_driver",
     "server",
+    "packed_reap",
+    "packed_device_pop",
 )
 
 

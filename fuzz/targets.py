@@ -886,6 +886,8 @@ TARGETS: dict[str, Callable[[bytes], int]] = {
     "scsi_driver": _late("fuzz._drivers", "target_scsi_driver"),
     "net_driver": _late("fuzz._drivers", "target_net_driver"),
     "server": _late("fuzz._server", "target_server"),
+    "packed_reap": _late("fuzz._packed", "target_packed_reap"),
+    "packed_device_pop": _late("fuzz._packed", "target_packed_device_pop"),
 }
 
 __all__ = ["KNOWN_ISSUES", "TARGETS", "InvariantBroken", "expect", "note_known", "quiet_logs", "strict"]

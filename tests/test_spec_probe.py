@@ -213,6 +213,24 @@ def _groups() -> dict[str, list[Probe]]:
         offset_of("struct vring_used", "ring", ring.USED_OFF_RING),
         size_of("struct vring_used", ring.USED_OFF_RING),
     ]
+    g["packed_ring"] = [
+        # Linux defines AVAIL/USED as bit shifts, pyvirtio as values (virtio 1.2 §2.8.1 writes (1 << 7)).
+        Probe("1 << VRING_PACKED_DESC_F_AVAIL", "(1 << VRING_PACKED_DESC_F_AVAIL)", ring.PACKED_DESC_F_AVAIL),
+        Probe("1 << VRING_PACKED_DESC_F_USED", "(1 << VRING_PACKED_DESC_F_USED)", ring.PACKED_DESC_F_USED),
+        const("VRING_PACKED_EVENT_FLAG_ENABLE", ring.RING_EVENT_FLAGS_ENABLE),
+        const("VRING_PACKED_EVENT_FLAG_DISABLE", ring.RING_EVENT_FLAGS_DISABLE),
+        const("VRING_PACKED_EVENT_FLAG_DESC", ring.RING_EVENT_FLAGS_DESC),
+        const("VRING_PACKED_EVENT_F_WRAP_CTR", ring.RING_EVENT_WRAP_SHIFT),
+        *fields_probes("struct vring_packed_desc", ring.PACKED_DESC.format, ["addr", "len", "id", "flags"]),
+        offset_of("struct vring_packed_desc", "addr", ring.PACKED_DESC_OFF_ADDR),
+        offset_of("struct vring_packed_desc", "len", ring.PACKED_DESC_OFF_LEN),
+        offset_of("struct vring_packed_desc", "id", ring.PACKED_DESC_OFF_ID),
+        offset_of("struct vring_packed_desc", "flags", ring.PACKED_DESC_OFF_FLAGS),
+        *fields_probes("struct vring_packed_desc_event", ring.EVENT_SUPPRESS.format, ["off_wrap", "flags"]),
+        offset_of("struct vring_packed_desc_event", "off_wrap", ring.EVENT_OFF_OFF_WRAP),
+        offset_of("struct vring_packed_desc_event", "flags", ring.EVENT_OFF_FLAGS),
+        size_of("struct vring_packed_desc_event", ring.EVENT_SUPPRESS_SIZE),
+    ]
     g["blk"] = [
         # Every feature bit pyvirtio names, under the header's name for it.
         *named("VIRTIO_BLK_F_", blk, "F_", {b: n.removeprefix("BLK_") for b, n in blk.FEATURE_NAMES.items()}),

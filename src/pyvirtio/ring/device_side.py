@@ -17,13 +17,29 @@ the queue as broken: its choice.
 
 Notification decisions are returned, never performed: :meth:`DeviceQueue.flush_used`
 says whether to signal the call eventfd (virtio 1.2 §2.7.7.2).
+
+VIRTIO_F_IN_ORDER (``in_order``, §2.7.9): the device uses buffers in the order
+it popped them (``add_used`` refuses another order: the back end's bug) and
+batches: :meth:`DeviceQueue.flush_used` writes one used entry for each run of
+buffers in which every buffer but the last was used completely (its length
+is all its device-writable bytes, what the driver assumes of a skipped
+buffer), naming the run's last head, at the run's first used slot, and moves
+the used index by the run's size.
+
+The packed ring's device side is :class:`~pyvirtio.ring.device_packed.PackedDeviceQueue`
+(re-exported here); both implement :class:`~pyvirtio.ring.base.DeviceRing`.
 """
 
 from __future__ import annotations
 
-from pyvirtio.errors import ChainError, DriverProtocolError, InvalidArgument
+from collections import deque
+from typing import ClassVar
+
+from pyvirtio.errors import DriverProtocolError, InvalidArgument
 from pyvirtio.memory import MemoryTable
 from pyvirtio.ring import ordering
+from pyvirtio.ring.chain import Chain, ChainError
+from pyvirtio.ring.device_packed import PackedDeviceQueue
 from pyvirtio.spec.ring import (
     AVAIL_F_NO_INTERRUPT,
     DESC,
@@ -40,49 +56,6 @@ from pyvirtio.spec.ring import (
     vring_need_event,
 )
 
-__all__ = ["Chain", "ChainError", "DeviceQueue"]  # ChainError lives in errors.py, re-exported here
-
-
-class Chain:
-    """One available descriptor chain: device-readable then device-writable buffers."""
-
-    __slots__ = ("head", "readable", "writable")
-
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-
-    @property
-    def readable_len(self) -> int:
-        return sum(len(b) for b in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(len(b) for b in self.writable)
-
-    def read_all(self) -> bytes:
-        return b"".join(self.readable)
-
-    def write(self, data: bytes | memoryview, offset: int = 0) -> int:
-        """Scatter ``data`` into the writable buffers from byte ``offset``; returns bytes written."""
-        done = 0
-        pos = 0
-        total = len(data)
-        for buf in self.writable:
-            if done >= total:
-                break
-            n = len(buf)
-            end = pos + n
-            if offset < end:  # an empty buffer takes nothing and no longer ends the scatter
-                start = max(0, offset - pos)
-                take = min(n - start, total - done)
-                buf[start : start + take] = data[done : done + take]
-                done += take
-            pos = end
-        return done
-
-
 #: A direct chain as walked: (index, first and second 8 bytes) of each descriptor, its
 #: readable and writable buffers.
 _CachedChain = tuple[list[tuple[int, int, int]], list[memoryview], list[memoryview]]
@@ -90,6 +63,8 @@ _CachedChain = tuple[list[tuple[int, int, int]], list[memoryview], list[memoryvi
 
 class DeviceQueue:
     """Device side of a split ring whose three parts are given as memoryviews."""
+
+    format: ClassVar[str] = "split"
 
     def __init__(
         self,
@@ -104,6 +79,7 @@ class DeviceQueue:
         indirect: bool = True,
         last_avail: int = 0,
         max_chain: int | None = None,
+        in_order: bool = False,
     ) -> None:
         if not is_power_of_two(size) or size > MAX_QUEUE_SIZE:
             raise InvalidArgument(f"queue size must be a power of two up to {MAX_QUEUE_SIZE}, got {size}")
@@ -114,6 +90,11 @@ class DeviceQueue:
         self.memory = memory
         self.event_idx = event_idx
         self.indirect = indirect
+        self.in_order = in_order
+        # IN_ORDER: (head, device-writable bytes) of chains popped and not yet used, oldest first,
+        # and the (head, length, writable bytes) added but not yet written.
+        self._popped: deque[tuple[int, int]] | None = deque() if in_order else None
+        self._batch: list[tuple[int, int, int]] = []
         # Longest indirect chain accepted. The spec's limit is the queue size;
         # the default is QEMU's (VIRTQUEUE_MAX_SIZE, 1024), which Linux-style
         # drivers rely on for small rings. Either way a walk stays bounded.
@@ -178,7 +159,15 @@ class DeviceQueue:
         self.last_avail = (last + 1) & 0xFFFF
         if head >= self.size:
             raise ChainError(f"queue {self.index}: avail head {head} out of range", None)
-        return self._walk(head)
+        chain = self._walk(head)
+        if self._popped is not None:
+            self._popped.append((head, chain.writable_len))
+        return chain
+
+    @property
+    def base(self) -> int:
+        """The GET_VRING_BASE value: the next avail index to process."""
+        return self.last_avail
 
     def walk(self, head: int) -> Chain:
         """The chain at ``head``, checked as :meth:`pop` checks it, the avail ring left alone.
@@ -290,6 +279,9 @@ class DeviceQueue:
 
     def add_used(self, head: int, length: int) -> None:
         """Write one used entry (not yet visible: call :meth:`flush_used`)."""
+        if self._popped is not None:
+            self._add_used_in_order(head, length)
+            return
         slot = 1 + 2 * (self.used_idx & (self.size - 1))
         self._used32[slot] = head
         self._used32[slot + 1] = length
@@ -299,8 +291,37 @@ class DeviceQueue:
         """The id written in used ring entry ``position`` (taken modulo the ring size)."""
         return int(self._used32[1 + 2 * (position & (self.size - 1))])
 
+    def _add_used_in_order(self, head: int, length: int) -> None:
+        popped = self._popped
+        assert popped is not None
+        if not popped or popped[0][0] != head:
+            oldest = f"the oldest popped is {popped[0][0]}" if popped else "nothing is popped"
+            raise InvalidArgument(f"queue {self.index} is in order: add_used({head}) but {oldest}")
+        _head, wlen = popped.popleft()
+        self._batch.append((head, length, wlen))
+
+    def _write_batches(self) -> None:
+        """IN_ORDER: one used entry per run whose buffers but the last were used completely (§2.7.9)."""
+        batch = self._batch
+        used32 = self._used32
+        mask = self.size - 1
+        idx = self.used_idx
+        start = 0
+        for k, (head, length, wlen) in enumerate(batch):
+            if length == wlen and k + 1 < len(batch):
+                continue  # may be skipped: the driver assumes all its writable bytes
+            slot = 1 + 2 * (idx & mask)  # the slot of the run's first buffer
+            used32[slot] = head
+            used32[slot + 1] = length
+            idx = (idx + k + 1 - start) & 0xFFFF
+            start = k + 1
+        batch.clear()
+        self.used_idx = idx
+
     def flush_used(self) -> bool:
         """Publish the used entries added so far; True if the driver must be signalled."""
+        if self._batch:
+            self._write_batches()
         new = self.used_idx
         old = self._signalled_from
         ordering.write_barrier()
@@ -338,5 +359,9 @@ class DeviceQueue:
     def release(self) -> None:
         """Drop the views into ring memory (before the memory is unmapped)."""
         self._chains.clear()
+        self._batch.clear()
         for v in (self._avail16, self._used16, self._used32, self._used_bytes, self._desc64, self._desc):
             v.release()
+
+
+__all__ = ["Chain", "ChainError", "DeviceQueue", "PackedDeviceQueue"]

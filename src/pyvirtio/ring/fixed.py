@@ -49,6 +49,8 @@ class FixedChains:
     def __init__(self, ring: SplitQueue, chains: Sequence[Sequence[tuple[int, int, bool]]]) -> None:
         if ring.outstanding or ring._req_head != END:
             raise QueueStateError("FixedChains needs an idle queue")
+        if ring.in_order:
+            raise InvalidArgument("FixedChains lays chains out of ring order: not for a VIRTIO_F_IN_ORDER queue")
         total = sum(len(c) for c in chains)
         if not chains or any(not c for c in chains):
             raise InvalidArgument("every chain needs at least one buffer")

@@ -27,13 +27,28 @@ untouched by the bad entry, and completions validated before it travel on
 the exception so none is lost. A broken queue refuses all work until
 :meth:`~SplitQueue.reset`.
 
-Memory ordering: see :mod:`pyvirtio.ring.ordering`.
+VIRTIO_F_IN_ORDER (``in_order``, virtio 1.2 §2.7.9 "In-order use of
+descriptors"): descriptors are used in ring order (§2.7.5: "starting from
+offset 0 in the table, and wrapping around"; the FIFO free list keeps that
+order, an aborted request gives its descriptors back to the front), so the
+chains in flight lie one after another from the oldest. The device may
+write "a single used ring entry with the id corresponding to the head entry
+of the descriptor chain describing the last buffer in the batch" at the
+batch's first used slot and move the used index by the batch size: the
+driver completes every chain from the oldest up to that head, in order,
+the skipped ones with all their device-writable bytes ("assumed to have been
+used ... completely"), and checks that the batch fits the used index's move
+(a device that skips or reorders names a head whose batch does not fit, or
+one no longer in flight).
+
+Memory ordering: see :mod:`pyvirtio.ring.ordering`. The API and its
+semantics are the ring protocol's (:mod:`pyvirtio.ring.base`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import ClassVar, Final
 
 from pyvirtio.errors import (
     DeviceProtocolError,
@@ -46,6 +61,7 @@ from pyvirtio.errors import (
 )
 from pyvirtio.memory import Buffer, MemoryPool
 from pyvirtio.ring import ordering
+from pyvirtio.ring.base import Completion, RingAddresses
 from pyvirtio.spec.ring import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_INDIRECT,
@@ -54,8 +70,10 @@ from pyvirtio.spec.ring import (
     DESC_SIZE,
     MAX_QUEUE_SIZE,
     USED_F_NO_NOTIFY,
+    avail_size,
     is_power_of_two,
     split_layout,
+    used_size,
     vring_need_event,
 )
 
@@ -64,7 +82,7 @@ _IDLE: Final = object()  # token slot of a descriptor that is not an in-flight h
 _U32: Final = 0xFFFFFFFF
 _U64: Final = 0xFFFFFFFFFFFFFFFF
 
-Completion = tuple[object, int]
+__all__ = ["END", "Completion", "SplitQueue"]
 
 
 class SplitQueue:
@@ -73,8 +91,11 @@ class SplitQueue:
     ``event_idx`` and ``indirect`` say whether VIRTIO_F_RING_EVENT_IDX and
     VIRTIO_F_RING_INDIRECT_DESC were negotiated. ``indirect_threshold`` is
     the number of buffers from which a request always goes indirect;
-    ``indirect_max`` bounds the size of one indirect table.
+    ``indirect_max`` bounds the size of one indirect table. ``in_order``
+    says VIRTIO_F_IN_ORDER was negotiated (see the module docstring).
     """
+
+    format: ClassVar[str] = "split"
 
     def __init__(
         self,
@@ -86,6 +107,7 @@ class SplitQueue:
         indirect: bool = False,
         indirect_threshold: int = 8,
         indirect_max: int = 1024,
+        in_order: bool = False,
     ) -> None:
         if not is_power_of_two(size) or size > MAX_QUEUE_SIZE:
             raise InvalidArgument(f"queue size must be a power of two up to {MAX_QUEUE_SIZE}, got {size}")
@@ -96,6 +118,7 @@ class SplitQueue:
         self.indirect = indirect
         self.indirect_threshold = max(2, indirect_threshold)
         self.indirect_max = indirect_max
+        self.in_order = in_order
         avail_off, used_off, total = split_layout(size)
         self._ring: Buffer = pool.allocate(total, align=4096)
         view = self._ring.view
@@ -149,6 +172,7 @@ class SplitQueue:
         self._req_wlen = 0
         self._req_table: Buffer | None = None
         self._req_table_n = 0
+        self._stash: list[Completion] = []  # IN_ORDER: validated completions beyond a reap's max_n
         self.disable_interrupts()
 
     def reset(self) -> list[object]:
@@ -172,8 +196,20 @@ class SplitQueue:
         self.broken = "closed"
 
     def in_flight_tokens(self) -> list[object]:
-        """Tokens of published chains that have not completed, in no particular order."""
-        return [t for t in self._tokens if t is not _IDLE]
+        """Tokens of published chains not yet returned by :meth:`reap`, in no particular order."""
+        return [t for t, _ in self._stash] + [t for t in self._tokens if t is not _IDLE]
+
+    def addresses(self) -> RingAddresses:
+        """Descriptor table, avail ring, used ring."""
+        size = self.size
+        return RingAddresses(
+            self.desc_addr, self.avail_addr, self.used_addr, DESC_SIZE * size, avail_size(size), used_size(size)
+        )
+
+    @property
+    def request_open(self) -> bool:
+        """A request was started and not yet published or aborted."""
+        return self._req_head != END
 
     # -- a new device behind the same ring (vhost-user reconnect) --------------
 
@@ -207,6 +243,18 @@ class SplitQueue:
         """
         if self.broken is not None:
             raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
+        if self.in_order:
+            # Batched used entries leave stale slots: take the completions now, reap returns them.
+            held = self._stash
+            self._stash = []
+            self.outstanding -= len(held)
+            try:
+                got = self._reap_in_order(1 << 30)
+            except DeviceProtocolError as exc:
+                exc.completed[:0] = held  # nothing validated is lost
+                raise
+            self._stash = held + got
+            self.outstanding += len(self._stash)
         size = self.size
         mask = size - 1
         last = self.last_used
@@ -443,6 +491,10 @@ class SplitQueue:
         if self._req_table is not None:
             self._indirect_tables[head] = self._req_table  # keep it for reuse
             self._req_table = None
+        elif self._req_ndescs and self.in_order:
+            # The newest descriptors go back to the front: the next chain starts where this one did.
+            self.free_head = head
+            self.num_free += self._req_ndescs
         elif self._req_ndescs:
             self._release_chain(head, self._req_last, self._req_ndescs)
         self._req_head = END
@@ -492,13 +544,15 @@ class SplitQueue:
     # -- completions (seed: virtio_recv_pkts) ---------------------------------
 
     def pending(self) -> int:
-        """Used entries the device has published and the driver not yet reaped."""
-        return (self._used16[1] - self.last_used) & 0xFFFF
+        """Completions the device has published and the driver not yet reaped."""
+        return len(self._stash) + ((self._used16[1] - self.last_used) & 0xFFFF)
 
     def reap(self, max_n: int = 1 << 16) -> list[Completion]:
         """Reap up to ``max_n`` used entries as (token, bytes written) pairs."""
         if self.broken is not None:
             raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
+        if self.in_order:
+            return self._reap_in_order(max_n)
         last = self.last_used
         n = (self._used16[1] - last) & 0xFFFF
         if not n:
@@ -534,6 +588,69 @@ class SplitQueue:
             last = (last + 1) & 0xFFFF
             self.last_used = last
             out.append((token, length))
+        self.outstanding -= len(out)
+        if self._interrupts and self.event_idx:
+            self._avail16[self._used_event_i] = last
+        return out
+
+    def _reap_in_order(self, max_n: int) -> list[Completion]:
+        """reap() with VIRTIO_F_IN_ORDER: a used entry completes every chain up to its head (§2.7.9)."""
+        out = self._stash[:max_n]
+        del self._stash[:max_n]
+        last = self.last_used
+        n = (self._used16[1] - last) & 0xFFFF
+        if len(out) >= max_n or not n:
+            self.outstanding -= len(out)
+            return out
+        left = self.outstanding - len(out)
+        if n > left:
+            self._break(f"used index moved by {n} with only {left} requests in flight", out)
+        ordering.read_barrier()
+        used32 = self._used32
+        tokens = self._tokens
+        wlen = self._wlen
+        ndescs = self._ndescs
+        mask = self.size - 1
+        size = self.size
+        oldest = (self.free_tail + 1) & mask  # the first descriptor in ring order that is not free
+        while n and len(out) < max_n:
+            slot = 1 + 2 * (last & mask)
+            head = used32[slot]
+            length = used32[slot + 1]
+            if head >= size:
+                self._break(f"used id {head} is out of range (queue size {size})", out)
+            if tokens[head] is _IDLE:
+                self._break(f"used id {head} is not the head of an in-flight request", out)
+            if length > wlen[head]:
+                self._break(
+                    f"used length {length} for id {head} exceeds the {wlen[head]} device-writable bytes offered",
+                    out,
+                )
+            k = 1
+            h = oldest
+            while h != head:  # the chains in flight follow each other in ring order
+                h = (h + ndescs[h]) & mask
+                k += 1
+                if k > n:
+                    self._break(
+                        f"used id {head} completes {k}+ requests in order but the used index moved by {n}",
+                        out,
+                    )
+            h = oldest
+            for _ in range(k):
+                token = tokens[h]
+                tokens[h] = _IDLE
+                nxt = (h + ndescs[h]) & mask
+                out.append((token, length if h == head else wlen[h]))  # skipped: "used ... completely"
+                self._free_chain(h)
+                h = nxt
+            oldest = h
+            n -= k
+            last = (last + k) & 0xFFFF
+            self.last_used = last
+        if len(out) > max_n:
+            self._stash[:0] = out[max_n:]
+            del out[max_n:]
         self.outstanding -= len(out)
         if self._interrupts and self.event_idx:
             self._avail16[self._used_event_i] = last

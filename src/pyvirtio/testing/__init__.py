@@ -5,6 +5,8 @@
 * :class:`HostileDevice`: writes arbitrary used entries into a driver's ring.
 * :class:`RawDriver`: writes arbitrary descriptors and avail entries for a
   device ring.
+* :class:`PackedRingPair`, :class:`HostilePackedDevice`, :class:`RawPackedDriver`:
+  the same three for packed rings.
 * :func:`open_fd_count`: this process's open file descriptors (leak checks).
 * :mod:`pyvirtio.testing.strategies`: Hypothesis strategies (imported on its
   own, since it needs Hypothesis).
@@ -15,8 +17,8 @@ from __future__ import annotations
 import gc
 import os
 
-from pyvirtio.testing.hostile import HostileDevice, RawDriver
-from pyvirtio.testing.pair import RingPair
+from pyvirtio.testing.hostile import HostileDevice, HostilePackedDevice, RawDriver, RawPackedDriver
+from pyvirtio.testing.pair import PackedRingPair, RingPair
 
 
 def open_fd_count(collect: bool = True) -> int:
@@ -32,4 +34,12 @@ def open_fd_count(collect: bool = True) -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-__all__ = ["HostileDevice", "RawDriver", "RingPair", "open_fd_count"]
+__all__ = [
+    "HostileDevice",
+    "HostilePackedDevice",
+    "PackedRingPair",
+    "RawDriver",
+    "RawPackedDriver",
+    "RingPair",
+    "open_fd_count",
+]

@@ -14,6 +14,10 @@ pool and writes descriptors, indirect tables and avail entries exactly as
 told, with no checks, so that device-side chain validation can be tested
 against loops, bad indices, bad addresses and bad flags.
 
+:class:`HostilePackedDevice` and :class:`RawPackedDriver` are the same two
+for packed rings (:class:`~pyvirtio.ring.packed.PackedQueue`,
+:class:`~pyvirtio.ring.device_packed.PackedDeviceQueue`; virtio 1.2 §2.8).
+
 Neither class validates anything: that is their point.
 """
 
@@ -23,7 +27,8 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from pyvirtio.memory import Buffer, MemoryPool, MemoryTable
-from pyvirtio.ring.device_side import DeviceQueue
+from pyvirtio.ring.device_side import DeviceQueue, PackedDeviceQueue
+from pyvirtio.ring.packed import PackedQueue
 from pyvirtio.ring.split import SplitQueue
 from pyvirtio.spec.ring import (
     AVAIL_F_NO_INTERRUPT,
@@ -32,7 +37,15 @@ from pyvirtio.spec.ring import (
     AVAIL_OFF_RING,
     DESC,
     DESC_F_NEXT,
+    DESC_F_WRITE,
     DESC_SIZE,
+    EVENT_SUPPRESS,
+    EVENT_SUPPRESS_SIZE,
+    PACKED_DESC,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
+    PACKED_DESC_OFF_FLAGS,
+    PACKED_INITIAL_BASE,
     USED_ELEM,
     USED_F_NO_NOTIFY,
     USED_OFF_FLAGS,
@@ -40,6 +53,7 @@ from pyvirtio.spec.ring import (
     USED_OFF_RING,
     avail_event_offset,
     avail_size,
+    packed_layout,
     split_layout,
     used_event_offset,
     used_size,
@@ -255,6 +269,208 @@ class RawDriver:
 
     def close(self) -> None:
         for v in (self._desc, self._avail, self._used):
+            v.release()
+        for buf in self._tables:
+            self.pool.free(buf)
+        self._tables.clear()
+        self.pool.free(self._ring)
+
+
+# -- packed rings ---------------------------------------------------------------------
+
+
+def packed_avail_flags(wrap: int) -> int:
+    """AVAIL/USED bits of a descriptor made available in a lap with driver wrap counter ``wrap``."""
+    return PACKED_DESC_F_AVAIL if wrap else PACKED_DESC_F_USED
+
+
+def packed_used_flags(wrap: int) -> int:
+    """AVAIL/USED bits of a descriptor made used with device wrap counter ``wrap``."""
+    return PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED if wrap else 0
+
+
+class HostilePackedDevice:
+    """Writes used descriptors of its choosing into a driver's packed ring.
+
+    It keeps a device's two cursors (``avail_pos``/``avail_wrap`` for reading
+    what the driver published, ``used_pos``/``used_wrap`` for writing) but
+    checks nothing: :meth:`write_used` puts any id, length and flags at any
+    slot; :meth:`use` writes a well-formed used descriptor at the used cursor
+    and moves it by the number of slots it is told; :meth:`complete_available`
+    plays an honest device.
+    """
+
+    def __init__(self, ring: PackedQueue, pool: MemoryPool | None = None) -> None:
+        pool = pool if pool is not None else ring.pool
+        self.ring = ring
+        self.size = ring.size
+        self._desc = pool.translate(ring.desc_addr, DESC_SIZE * ring.size)
+        self._driver = pool.translate(ring.driver_addr, EVENT_SUPPRESS_SIZE)
+        self._device = pool.translate(ring.device_addr, EVENT_SUPPRESS_SIZE)
+        self.avail_pos, self.avail_wrap = 0, 1
+        self.used_pos, self.used_wrap = 0, 1
+
+    def read(self, pos: int) -> tuple[int, int, int, int]:
+        """The descriptor at ``pos``: (addr, len, id, flags)."""
+        addr, length, id_, flags = PACKED_DESC.unpack_from(self._desc, DESC_SIZE * pos)
+        return int(addr), int(length), int(id_), int(flags)
+
+    def write_used(self, pos: int, id_: int, length: int, flags: int) -> None:
+        """Write descriptor ``pos`` as told: id and length first, flags last."""
+        PACKED_DESC.pack_into(self._desc, DESC_SIZE * pos, 0, length & 0xFFFFFFFF, id_ & 0xFFFF, 0)
+        _U16.pack_into(self._desc, DESC_SIZE * pos + PACKED_DESC_OFF_FLAGS, flags & 0xFFFF)
+
+    def use(self, id_: int, length: int, ndescs: int = 1, *, write: bool = True) -> None:
+        """A well-formed used descriptor at the used cursor (WRITE set if ``write``); skip ``ndescs`` slots."""
+        flags = packed_used_flags(self.used_wrap) | (DESC_F_WRITE if write else 0)
+        self.write_used(self.used_pos, id_, length, flags)
+        self.used_pos += ndescs
+        while self.used_pos >= self.size:
+            self.used_pos -= self.size
+            self.used_wrap ^= 1
+
+    def available(self) -> list[tuple[int, int]]:
+        """Chains the driver made available since the last call, as (id, descriptors); no validation."""
+        out: list[tuple[int, int]] = []
+        while True:
+            _a, _l, _i, flags = self.read(self.avail_pos)
+            w = self.avail_wrap
+            if bool(flags & PACKED_DESC_F_AVAIL) != bool(w) or bool(flags & PACKED_DESC_F_USED) == bool(w):
+                return out
+            n = 1
+            pos = self.avail_pos
+            while flags & DESC_F_NEXT and n < self.size:
+                pos = (pos + 1) % self.size
+                _a, _l, _i, flags = self.read(pos)
+                n += 1
+            out.append((_i, n))
+            self.avail_pos += n
+            while self.avail_pos >= self.size:
+                self.avail_pos -= self.size
+                self.avail_wrap ^= 1
+
+    def complete_available(self, length: int = 0) -> list[int]:
+        """Behave: use every newly available chain with ``length`` bytes, in order; returns the ids."""
+        chains = self.available()
+        for id_, n in chains:
+            self.use(id_, length, n, write=bool(length))
+        return [id_ for id_, _ in chains]
+
+    # -- event suppression ---------------------------------------------------------
+
+    def set_event(self, flags: int, off_wrap: int = 0) -> None:
+        """Write the device's event suppression structure (what the driver's kick decision reads)."""
+        EVENT_SUPPRESS.pack_into(self._device, 0, off_wrap & 0xFFFF, flags & 0xFFFF)
+
+    @property
+    def driver_event(self) -> tuple[int, int]:
+        """The driver's event suppression structure: (off_wrap, flags)."""
+        off_wrap, flags = EVENT_SUPPRESS.unpack_from(self._driver, 0)
+        return int(off_wrap), int(flags)
+
+    def release(self) -> None:
+        for v in (self._desc, self._driver, self._device):
+            v.release()
+
+
+class RawPackedDriver:
+    """A packed ring in ``pool`` whose descriptors and event structures are written verbatim."""
+
+    def __init__(self, pool: MemoryPool, size: int) -> None:
+        self.pool = pool
+        self.size = size
+        driver_off, device_off, total = packed_layout(size)
+        self._ring = pool.allocate(total, align=4096)
+        self._ring.view[:] = bytes(total)
+        self.desc_addr = self._ring.addr
+        self.driver_addr = self._ring.addr + driver_off
+        self.device_addr = self._ring.addr + device_off
+        self._desc = self._ring.view[: DESC_SIZE * size]
+        self._driver = self._ring.view[driver_off : driver_off + EVENT_SUPPRESS_SIZE]
+        self._device = self._ring.view[device_off : device_off + EVENT_SUPPRESS_SIZE]
+        self._tables: list[Buffer] = []
+        self.pos, self.wrap = 0, 1  # where publish() writes next
+
+    def desc(self, i: int, addr: int, length: int, id_: int = 0, flags: int = 0) -> None:
+        """Write descriptor ``i`` (flags included, in one pass: use :meth:`publish` for order)."""
+        PACKED_DESC.pack_into(self._desc, DESC_SIZE * i, addr, length, id_, flags)
+
+    def read(self, i: int) -> tuple[int, int, int, int]:
+        addr, length, id_, flags = PACKED_DESC.unpack_from(self._desc, DESC_SIZE * i)
+        return int(addr), int(length), int(id_), int(flags)
+
+    def publish(self, id_: int, descs: Sequence[tuple[int, int, int]], *, head_flags: int | None = None) -> int:
+        """Make a list of (addr, len, flags) available at the cursor, NEXT linked, id in every one.
+
+        The AVAIL/USED bits come from the cursor's wrap counter; the head is
+        written last (``head_flags`` replaces its flags if given). Returns the head slot.
+        """
+        head = self.pos
+        first = 0
+        for k, (addr, length, flags) in enumerate(descs):
+            more = DESC_F_NEXT if k + 1 < len(descs) else 0
+            f = flags | more | packed_avail_flags(self.wrap)
+            if k:
+                self.desc(self.pos, addr, length, id_, f)
+            else:
+                self.desc(self.pos, addr, length, id_, 0)
+                first = f
+            self.pos += 1
+            if self.pos == self.size:
+                self.pos = 0
+                self.wrap ^= 1
+        _U16.pack_into(
+            self._desc, DESC_SIZE * head + PACKED_DESC_OFF_FLAGS, first if head_flags is None else head_flags
+        )
+        return head
+
+    def table(self, entries: Sequence[tuple[int, int, int]], length: int | None = None) -> tuple[int, int]:
+        """Write an indirect table of (addr, len, flags); returns (addr, byte length) for its descriptor."""
+        nbytes = max(DESC_SIZE * len(entries), DESC_SIZE)
+        buf = self.pool.allocate(nbytes, align=DESC_SIZE)
+        self._tables.append(buf)
+        for k, (addr, ln, flags) in enumerate(entries):
+            PACKED_DESC.pack_into(buf.view, DESC_SIZE * k, addr, ln, 0, flags)
+        return buf.addr, DESC_SIZE * len(entries) if length is None else length
+
+    def set_event(self, flags: int, off_wrap: int = 0) -> None:
+        """Write the driver's event suppression structure (what the device's notify decision reads)."""
+        EVENT_SUPPRESS.pack_into(self._driver, 0, off_wrap & 0xFFFF, flags & 0xFFFF)
+
+    @property
+    def device_event(self) -> tuple[int, int]:
+        off_wrap, flags = EVENT_SUPPRESS.unpack_from(self._device, 0)
+        return int(off_wrap), int(flags)
+
+    def device_queue(
+        self,
+        table: MemoryTable | None = None,
+        *,
+        event_idx: bool = False,
+        indirect: bool = True,
+        in_order: bool = False,
+        index: int = 0,
+        base: int = PACKED_INITIAL_BASE,
+        max_chain: int | None = None,
+    ) -> PackedDeviceQueue:
+        """A PackedDeviceQueue over this ring (``table`` defaults to one over the whole pool)."""
+        memory = table if table is not None else MemoryTable.from_pool(self.pool)
+        return PackedDeviceQueue.from_addresses(
+            memory,
+            self.size,
+            self.desc_addr,
+            self.driver_addr,
+            self.device_addr,
+            index=index,
+            event_idx=event_idx,
+            indirect=indirect,
+            in_order=in_order,
+            base=base,
+            max_chain=max_chain,
+        )
+
+    def close(self) -> None:
+        for v in (self._desc, self._driver, self._device):
             v.release()
         for buf in self._tables:
             self.pool.free(buf)

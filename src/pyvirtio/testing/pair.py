@@ -4,28 +4,31 @@
 :class:`~pyvirtio.ring.split.SplitQueue` (driver side) and a
 :class:`~pyvirtio.ring.device_side.DeviceQueue` (device side) that share the
 ring memory of one :class:`~pyvirtio.memory.MemoryPool`, the way a vhost-user
-back end shares it across processes. No transport and no notifications: the
-test decides when each side runs, and reads the kick / interrupt decisions
-that the two rings return.
+back end shares it across processes. :class:`PackedRingPair` is the same
+with a :class:`~pyvirtio.ring.packed.PackedQueue` and a
+:class:`~pyvirtio.ring.device_packed.PackedDeviceQueue`. No transport and no
+notifications: the test decides when each side runs, and reads the kick /
+interrupt decisions that the two rings return.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from pyvirtio.memory import Buffer, MemoryPool, MemoryTable
-from pyvirtio.ring.device_side import Chain, DeviceQueue
+from pyvirtio.ring.device_side import Chain, DeviceQueue, PackedDeviceQueue
+from pyvirtio.ring.packed import PackedQueue
 from pyvirtio.ring.split import SplitQueue
+from pyvirtio.spec.ring import PACKED_INITIAL_BASE
 
 
-class RingPair:
-    """A :class:`SplitQueue` and a :class:`DeviceQueue` over the same memory.
+class _Pair:
+    """What both pairs share (see :class:`RingPair`)."""
 
-    ``pool`` defaults to a private pool of ``region_size`` bytes that
-    :meth:`close` frees. ``event_idx`` and ``indirect`` are the negotiated
-    ring features (both sides get them); ``indirect_threshold`` and
-    ``indirect_max`` go to the :class:`SplitQueue`.
-    """
+    driver: SplitQueue | PackedQueue
+    device: DeviceQueue | PackedDeviceQueue
+    _driver_class: ClassVar[type[SplitQueue] | type[PackedQueue]]
 
     def __init__(
         self,
@@ -37,39 +40,33 @@ class RingPair:
         region_size: int = 1 << 20,
         indirect_threshold: int = 8,
         indirect_max: int = 1024,
+        in_order: bool = False,
     ) -> None:
         self.pool = pool if pool is not None else MemoryPool(region_size, name="pyvirtio-ringpair")
         self._own_pool = pool is None
         self._buffers: list[Buffer] = []
         self.event_idx = event_idx
         self.indirect = indirect
-        self.driver = SplitQueue(
+        self.in_order = in_order
+        self.table = MemoryTable.from_pool(self.pool)
+        self.closed = False
+        self.driver = self._driver_class(
             size,
             self.pool,
             event_idx=event_idx,
             indirect=indirect,
             indirect_threshold=indirect_threshold,
             indirect_max=indirect_max,
+            in_order=in_order,
         )
-        self.table = MemoryTable.from_pool(self.pool)
         self.device = self._new_device()
-        self.closed = False
+
+    def _new_device(self) -> DeviceQueue | PackedDeviceQueue:
+        raise NotImplementedError
 
     @property
     def size(self) -> int:
         return self.driver.size
-
-    def _new_device(self) -> DeviceQueue:
-        d = self.driver
-        return DeviceQueue.from_addresses(
-            self.table,
-            d.size,
-            d.desc_addr,
-            d.avail_addr,
-            d.used_addr,
-            event_idx=self.event_idx,
-            indirect=self.indirect,
-        )
 
     def sync_memory(self) -> None:
         """Let the device see regions the pool added since the pair was built."""
@@ -108,11 +105,6 @@ class RingPair:
             done += 1
         return done, self.device.flush_used()
 
-    def reset_device(self) -> None:
-        """Forget the device's state and map the ring again (after ``driver.reset()``)."""
-        self.device.release()
-        self.device = self._new_device()
-
     def close(self) -> None:
         if self.closed:
             return
@@ -125,7 +117,76 @@ class RingPair:
         if self._own_pool:
             self.pool.close()
 
+
+class RingPair(_Pair):
+    """A :class:`SplitQueue` and a :class:`DeviceQueue` over the same memory.
+
+    ``pool`` defaults to a private pool of ``region_size`` bytes that
+    :meth:`close` frees. ``event_idx``, ``indirect`` and ``in_order`` are the
+    negotiated ring features (both sides get them); ``indirect_threshold``
+    and ``indirect_max`` go to the driver ring.
+    """
+
+    driver: SplitQueue
+    device: DeviceQueue
+    _driver_class = SplitQueue
+
+    def _new_device(self) -> DeviceQueue:
+        d = self.driver
+        return DeviceQueue.from_addresses(
+            self.table,
+            d.size,
+            d.desc_addr,
+            d.avail_addr,
+            d.used_addr,
+            event_idx=self.event_idx,
+            indirect=self.indirect,
+            in_order=self.in_order,
+        )
+
+    def reset_device(self) -> None:
+        """Forget the device's state and map the ring again (after ``driver.reset()``)."""
+        self.device.release()
+        self.device = self._new_device()
+
     def __enter__(self) -> RingPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PackedRingPair(_Pair):
+    """A :class:`PackedQueue` and a :class:`PackedDeviceQueue` over the same memory (as :class:`RingPair`).
+
+    Sizes need not be powers of two. :meth:`reset_device` takes the ring
+    ``base`` a new device starts at (default: a fresh ring).
+    """
+
+    driver: PackedQueue
+    device: PackedDeviceQueue
+    _driver_class = PackedQueue
+
+    def _new_device(self, base: int = PACKED_INITIAL_BASE) -> PackedDeviceQueue:
+        d = self.driver
+        return PackedDeviceQueue.from_addresses(
+            self.table,
+            d.size,
+            d.desc_addr,
+            d.driver_addr,
+            d.device_addr,
+            event_idx=self.event_idx,
+            indirect=self.indirect,
+            in_order=self.in_order,
+            base=base,
+        )
+
+    def reset_device(self, base: int = PACKED_INITIAL_BASE) -> None:
+        """Forget the device's state and map the ring again, the new device starting at ``base``."""
+        self.device.release()
+        self.device = self._new_device(base)
+
+    def __enter__(self) -> PackedRingPair:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,6 +17,23 @@ def queue_sizes(min_size: int = 1, max_size: int = MAX_QUEUE_SIZE) -> st.SearchS
     return st.sampled_from([1 << e for e in exps])
 
 
+def packed_queue_sizes(min_size: int = 1, max_size: int = MAX_QUEUE_SIZE) -> st.SearchStrategy[int]:
+    """Any packed-ring size in [min_size, max_size] (virtio 1.2 §2.8: not only powers of two).
+
+    Small and odd sizes most of the time, the edges (1, 2, powers of two and
+    their neighbours) often, anything in range sometimes.
+    """
+    edges = sorted(
+        {n for e in range(16) for n in ((1 << e) - 1, 1 << e, (1 << e) + 1) if min_size <= n <= max_size}
+        | {min_size, max_size}
+    )
+    return st.one_of(
+        st.integers(min_size, min(max_size, max(min_size, 17))),
+        st.sampled_from(edges),
+        st.integers(min_size, max_size),
+    )
+
+
 def buffer_layouts(max_buffers: int = 8, max_len: int = 64) -> st.SearchStrategy[list[tuple[int, bool]]]:
     """A request's buffers as (length, device-writable), readable ones first (virtio 1.2 §2.7.4.2)."""
 

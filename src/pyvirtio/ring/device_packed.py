@@ -1,0 +1,471 @@
+"""The device's view of a packed virtqueue (virtio 1.2 §2.8), for back ends and tests.
+
+Theory of operation. The device keeps two cursors over the one descriptor
+ring, each with its wrap counter (both start at slot 0, counter 1, §2.8.1):
+``last_avail``, where it reads the next available chain, and ``used_pos``,
+where it writes the next used descriptor. A descriptor is available when its
+AVAIL flag equals the avail wrap counter and its USED flag does not. A chain
+is the run of descriptors linked by VIRTQ_DESC_F_NEXT; its buffer id sits in
+the last one (§2.8.6). Using a buffer writes one descriptor at ``used_pos``
+(id, bytes written, both wrap flags = the used wrap counter) and moves
+``used_pos`` on by the number of descriptors the chain held, so the device
+remembers, per id in flight, how many that was.
+
+Nothing the driver wrote is trusted (as in :mod:`pyvirtio.ring.device_side`):
+each descriptor is read once into locals; a chain walk stops after ``size``
+descriptors; every descriptor of a chain must itself be available (§2.8.6:
+"all flags ... must be set/cleared correctly in all descriptors in the
+list"); every buffer is translated through the
+:class:`~pyvirtio.memory.MemoryTable`; an indirect table (§2.8.7) is only
+allowed as the sole descriptor of its list (§2.8.19), holds whole
+descriptors and at most ``max_chain`` of them; readable buffers come before
+writable ones (§2.8.17); an id already in flight is refused (the device
+could not tell the two buffers apart).
+
+Violations raise :class:`~pyvirtio.ring.chain.ChainError`. Its ``head`` tells
+what happened to the ring: an id when the chain's extent was known (its
+descriptors are consumed and the id is in flight, so the back end can
+complete it with an error and carry on), None when it was not (an
+unavailable descriptor inside the list, a list longer than the ring, flags
+no driver writes, a duplicate id): nothing was consumed and the queue cannot
+make progress, the back end must treat it as broken.
+
+Used descriptors: :meth:`PackedDeviceQueue.add_used` writes the id and
+length (the slot's flags still say "available", so the driver does not look),
+:meth:`~PackedDeviceQueue.flush_used` the flags: all but the first's, then
+the first's, each step behind a release barrier, so a driver polling the
+first sees the whole batch at once (§2.8.9, "Multi-buffer requests"). With VIRTIO_F_IN_ORDER the device uses buffers in
+the order it popped them and batches as the split side does (§2.8.8): one
+used descriptor per run whose buffers but the last were used completely,
+naming the run's last id, at the run's first slot.
+
+Event suppression (§2.8.10): ``flush_used`` returns the notify decision from
+the driver's structure (DISABLE, ENABLE, or DESC with EVENT_IDX: the named
+descriptor was used in this flush); ``enable_notifications`` /
+``disable_notifications`` write the device's. ``base`` is the ring state for
+GET_VRING_BASE (:func:`~pyvirtio.spec.ring.packed_base`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import ClassVar, Final
+
+from pyvirtio.errors import DriverProtocolError, InvalidArgument
+from pyvirtio.memory import MemoryTable
+from pyvirtio.ring import ordering
+from pyvirtio.ring.chain import Chain, ChainError
+from pyvirtio.spec.ring import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    EVENT_SUPPRESS_SIZE,
+    MAX_QUEUE_SIZE,
+    PACKED_DESC,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
+    PACKED_INITIAL_BASE,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    RING_EVENT_FLAGS_MASK,
+    RING_EVENT_WRAP_SHIFT,
+    packed_base,
+    packed_need_event,
+    parse_packed_base,
+)
+
+_AVAIL: Final = PACKED_DESC_F_AVAIL
+_USED: Final = PACKED_DESC_F_USED
+_BOTH: Final = _AVAIL | _USED
+# In the second 8 bytes of a descriptor (len | id << 32 | flags << 48): the bits a cached
+# chain must match (length and flags but the two wrap bits), the wrap bits, the id.
+_KEEP: Final = 0x7F7F_0000_FFFF_FFFF
+_W_AVAIL: Final = _AVAIL << 48
+_W_USED: Final = _USED << 48
+_W_CHECK: Final = _KEEP | _W_AVAIL | _W_USED
+
+#: A direct chain as walked, by head slot and wrap counter: (2 * slot, addr, second word & _W_CHECK)
+#: of each descriptor, its readable and writable buffers, its length, its writable bytes.
+_CachedChain = tuple[list[tuple[int, int, int]], list[memoryview], list[memoryview], int, int]
+
+
+class PackedDeviceQueue:
+    """Device side of a packed ring given as memoryviews (descriptor ring, driver and device areas)."""
+
+    format: ClassVar[str] = "packed"
+
+    def __init__(
+        self,
+        size: int,
+        memory: MemoryTable,
+        desc: memoryview,
+        driver_event: memoryview,
+        device_event: memoryview,
+        *,
+        index: int = 0,
+        event_idx: bool = False,
+        indirect: bool = True,
+        in_order: bool = False,
+        base: int = PACKED_INITIAL_BASE,
+        max_chain: int | None = None,
+    ) -> None:
+        if not 1 <= size <= MAX_QUEUE_SIZE:
+            raise InvalidArgument(f"packed queue size must be 1..{MAX_QUEUE_SIZE}, got {size}")
+        if len(desc) < DESC_SIZE * size or len(driver_event) < EVENT_SUPPRESS_SIZE or len(device_event) < 4:
+            raise InvalidArgument("ring memory is smaller than the queue size needs")
+        avail_pos, avail_wrap, used_pos, used_wrap = parse_packed_base(base)
+        if avail_pos >= size or used_pos >= size:
+            raise DriverProtocolError(f"queue {index}: ring base 0x{base:08x} points outside {size} descriptors")
+        self.index = index
+        self.size = size
+        self.memory = memory
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.in_order = in_order
+        self.max_chain = max(size, 1024) if max_chain is None else max_chain  # as the split side
+        self._desc = desc[: DESC_SIZE * size]
+        self._d64 = self._desc.cast("Q")
+        self._d32 = self._desc.cast("I")
+        self._d16 = self._desc.cast("H")
+        self._drv16 = driver_event[:EVENT_SUPPRESS_SIZE].cast("H")  # the driver's: read only
+        self._dev16 = device_event[:EVENT_SUPPRESS_SIZE].cast("H")  # ours
+        self.last_avail = avail_pos
+        self._avail_want = _AVAIL if avail_wrap else _USED  # AVAIL/USED of an available descriptor now
+        self.used_pos = used_pos
+        self._used_bits = _BOTH if used_wrap else 0  # AVAIL/USED of a used descriptor now
+        self._inflight: dict[int, int] = {}  # id -> ring descriptors of a chain popped, not used
+        self._order: deque[tuple[int, int]] = deque()  # IN_ORDER: (id, writable bytes) popped, oldest first
+        # Used descriptors whose id and length are written, not their flags: slot << 16 | flags.
+        # IN_ORDER: add_used collects (descriptors, id, length, writable bytes), laid out at flush.
+        self._pending: list[int] = []
+        self._batch: list[tuple[int, int, int, int]] = []
+        self._nused = 0  # descriptors made used, free-running (notification windows)
+        self._signalled = 0  # _nused at the last notification decision
+        self._chains: dict[int, _CachedChain] = {}  # as the split side: by head slot | avail bits << 16
+
+    @classmethod
+    def from_addresses(
+        cls,
+        memory: MemoryTable,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        *,
+        user_addresses: bool = True,
+        **kw: object,
+    ) -> PackedDeviceQueue:
+        """Map the ring from frontend virtual addresses (vhost-user) or guest physical ones."""
+        tr = memory.uva if user_addresses else memory.gpa
+        return cls(
+            size,
+            memory,
+            tr(desc_addr, DESC_SIZE * size),
+            tr(driver_addr, EVENT_SUPPRESS_SIZE),
+            tr(device_addr, EVENT_SUPPRESS_SIZE),
+            **kw,  # type: ignore[arg-type]
+        )
+
+    @property
+    def base(self) -> int:
+        """The GET_VRING_BASE value: next avail and next used slot with their wrap counters."""
+        return packed_base(self.last_avail, self.avail_wrap, self.used_pos, self.used_wrap)
+
+    @property
+    def avail_wrap(self) -> int:
+        """The wrap counter the next available descriptor must carry."""
+        return 1 if self._avail_want == _AVAIL else 0
+
+    @property
+    def used_wrap(self) -> int:
+        """The Device Ring Wrap Counter (§2.8.1)."""
+        return 1 if self._used_bits else 0
+
+    @property
+    def in_flight(self) -> int:
+        """Buffers popped and not yet used."""
+        return len(self._inflight)
+
+    # -- available side -------------------------------------------------------
+
+    def avail_pending(self) -> int:
+        """1 if the next descriptor is available, else 0 (a packed ring keeps no count)."""
+        return 1 if self._d16[8 * self.last_avail + 7] & _BOTH == self._avail_want else 0
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None. Raises :class:`ChainError` for a bad one (module docstring)."""
+        pos = self.last_avail
+        want = self._avail_want
+        bits = self._d16[8 * pos + 7] & _BOTH
+        if bits != want:  # available: AVAIL == the wrap counter != USED (§2.8.1)
+            if bits != (_BOTH if want == _AVAIL else 0):
+                return None
+            flags = self._d16[8 * pos + 7]
+            raise ChainError(
+                f"queue {self.index}: descriptor {pos} has flags 0x{flags:04x}: AVAIL and USED equal "
+                "the wrap counter, which no driver writes",
+                None,
+            )
+        ordering.read_barrier()  # the flags before the rest of the chain
+        cached = self._chains.get(pos | want << 16)
+        if cached is not None:
+            d64 = self._d64
+            entries, readable, writable, n, wlen = cached
+            w1 = 0
+            for j, w0, w1_checked in entries:
+                w1 = d64[j + 1]
+                if d64[j] != w0 or w1 & _W_CHECK != w1_checked:
+                    break
+            else:
+                # The same descriptors, all available, as when this list was checked and translated.
+                bid = w1 >> 32 & 0xFFFF
+                inflight = self._inflight
+                if bid not in inflight:  # else _walk reports it
+                    inflight[bid] = n
+                    pos += n
+                    if pos >= self.size:
+                        pos -= self.size
+                        self._avail_want = want ^ _BOTH
+                    self.last_avail = pos
+                    if self.in_order:
+                        self._order.append((bid, wlen))
+                    return Chain(bid, readable.copy(), writable.copy())
+        return self._walk(pos, 1 if want == _AVAIL else 0)
+
+    def _walk(self, head: int, w: int) -> Chain:
+        d64 = self._d64
+        size = self.size
+        gpa = self.memory.gpa
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        entries: list[tuple[int, int, int, int]] = []  # (slot, addr, second word, lap)
+        i = head
+        lap = 0
+        while True:
+            # One read of each word: what is checked is what is cached.
+            addr = d64[2 * i]
+            w1 = d64[2 * i + 1]
+            flags = w1 >> 48
+            if entries and (flags >> 7 & 1 != w ^ lap or flags >> 15 & 1 == w ^ lap):
+                raise ChainError(
+                    f"queue {self.index}: descriptor {i} in the list from {head} is not available "
+                    f"(flags 0x{flags:04x})",
+                    None,
+                )
+            entries.append((i, addr, w1, lap))
+            if flags & DESC_F_INDIRECT:
+                return self._walk_indirect(head, w, entries, addr, w1)
+            try:
+                buf = gpa(addr, w1 & 0xFFFFFFFF)
+            except DriverProtocolError as exc:
+                return self._bad(head, w, entries, flags, f"descriptor {i}: {exc}")
+            if flags & DESC_F_WRITE:
+                writable.append(buf)
+            elif writable:
+                return self._bad(head, w, entries, flags, f"readable descriptor {i} after a writable one")
+            else:
+                readable.append(buf)
+            if not flags & DESC_F_NEXT:
+                break
+            if len(entries) >= size:
+                raise ChainError(f"queue {self.index}: the list from {head} is longer than the ring", None)
+            i += 1
+            if i == size:
+                i = 0
+                lap = 1
+        self._chains[head | (_AVAIL if w else _USED) << 16] = (
+            [(2 * i, a, x & _W_CHECK) for i, a, x, _lap in entries],
+            readable,
+            writable,
+            len(entries),
+            sum(map(len, writable)),
+        )
+        return self._take(head, len(entries), w1 >> 32 & 0xFFFF, Chain(0, readable.copy(), writable.copy()))
+
+    def _take(self, head: int, n: int, bid: int, chain: Chain) -> Chain:
+        """Consume the chain of ``n`` descriptors at ``head``: its id is now in flight."""
+        if bid in self._inflight:
+            raise ChainError(f"queue {self.index}: buffer id {bid} at descriptor {head} is already in flight", None)
+        self._inflight[bid] = n
+        pos = head + n
+        if pos >= self.size:
+            pos -= self.size
+            self._avail_want ^= _BOTH
+        self.last_avail = pos
+        chain.head = bid
+        if self.in_order:
+            self._order.append((bid, sum(map(len, chain.writable))))
+        return chain
+
+    def _bad(self, head: int, w: int, entries: list[tuple[int, int, int, int]], flags: int, why: str) -> Chain:
+        """A malformed list: find its end (and id) to consume it, then raise."""
+        size = self.size
+        d64 = self._d64
+        i, _addr, _w1, lap = entries[-1]
+        w1 = d64[2 * i + 1]
+        while flags & DESC_F_NEXT:
+            if len(entries) >= size:
+                raise ChainError(f"queue {self.index}: {why}; the list from {head} is longer than the ring", None)
+            i += 1
+            if i == size:
+                i = 0
+                lap = 1
+            w1 = d64[2 * i + 1]
+            flags = w1 >> 48
+            if flags >> 7 & 1 != w ^ lap or flags >> 15 & 1 == w ^ lap:
+                raise ChainError(f"queue {self.index}: {why}; descriptor {i} of its list is not available", None)
+            entries.append((i, 0, 0, lap))
+        bid = w1 >> 32 & 0xFFFF
+        self._take(head, len(entries), bid, Chain(0, [], []))
+        raise ChainError(f"queue {self.index}: {why}", bid)
+
+    def _walk_indirect(
+        self, head: int, w: int, entries: list[tuple[int, int, int, int]], addr: int, w1: int
+    ) -> Chain:
+        flags = w1 >> 48
+        length = w1 & 0xFFFFFFFF
+        if not self.indirect:
+            return self._bad(head, w, entries, flags, "indirect descriptor without RING_INDIRECT_DESC")
+        # §2.8.19: no INDIRECT inside a list linked by NEXT (so: alone, with no NEXT).
+        if flags & DESC_F_NEXT or len(entries) != 1:
+            return self._bad(head, w, entries, flags, f"indirect descriptor {entries[-1][0]} inside a list")
+        if length == 0 or length % DESC_SIZE:
+            return self._bad(head, w, entries, flags, f"indirect table length {length} is invalid")
+        n = length // DESC_SIZE
+        if n > self.max_chain:
+            return self._bad(head, w, entries, flags, f"indirect table of {n} > {self.max_chain} descriptors")
+        gpa = self.memory.gpa
+        try:
+            table = gpa(addr, length)
+        except DriverProtocolError as exc:
+            return self._bad(head, w, entries, flags, str(exc))
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        unpack = PACKED_DESC.unpack_from
+        for k in range(n):
+            # §2.8.7: VIRTQ_DESC_F_WRITE is the only valid flag, the id is reserved: the rest is ignored.
+            baddr, blen, _id, bflags = unpack(table, DESC_SIZE * k)
+            try:
+                buf = gpa(baddr, blen)
+            except DriverProtocolError as exc:
+                return self._bad(head, w, entries, flags, f"indirect entry {k}: {exc}")
+            if bflags & DESC_F_WRITE:
+                writable.append(buf)
+            elif writable:
+                return self._bad(head, w, entries, flags, f"readable indirect entry {k} after a writable one")
+            else:
+                readable.append(buf)
+        return self._take(head, 1, w1 >> 32 & 0xFFFF, Chain(0, readable, writable))  # not cached
+
+    # -- used side ------------------------------------------------------------
+
+    def add_used(self, head: int, length: int) -> None:
+        """Use buffer ``head`` (its id) with ``length`` bytes written; visible at :meth:`flush_used`."""
+        n = self._inflight.pop(head, None)
+        if n is None:
+            raise InvalidArgument(f"queue {self.index}: add_used({head}): no such buffer in flight")
+        if self.in_order:
+            order = self._order
+            if order[0][0] != head:
+                self._inflight[head] = n
+                raise InvalidArgument(
+                    f"queue {self.index} is in order: add_used({head}) but the oldest popped is {order[0][0]}"
+                )
+            self._batch.append((n, head, length, order.popleft()[1]))
+            return
+        pos = self.used_pos
+        self._d32[4 * pos + 2] = length
+        self._d16[8 * pos + 6] = head
+        self._pending.append(pos << 16 | (self._used_bits | DESC_F_WRITE if length else self._used_bits))
+        pos += n
+        if pos >= self.size:
+            pos -= self.size
+            self._used_bits ^= _BOTH
+        self.used_pos = pos
+        self._nused += n
+
+    def _in_order_pending(self) -> list[int]:
+        """IN_ORDER: one used descriptor per run of buffers used completely but its last (§2.8.8)."""
+        out = self._pending
+        d32 = self._d32
+        d16 = self._d16
+        batch = self._batch
+        pos = self.used_pos
+        start = pos
+        skip = 0
+        for k, (n, head, length, wlen) in enumerate(batch):
+            skip += n
+            if length == wlen and k + 1 < len(batch):
+                continue  # may be skipped: the driver assumes all its writable bytes
+            d32[4 * start + 2] = length
+            d16[8 * start + 6] = head
+            out.append(start << 16 | (self._used_bits | DESC_F_WRITE if length else self._used_bits))
+            pos += skip
+            self._nused += skip
+            skip = 0
+            if pos >= self.size:
+                pos -= self.size
+                self._used_bits ^= _BOTH
+            start = pos
+        self.used_pos = pos
+        batch.clear()
+        return out
+
+    def flush_used(self) -> bool:
+        """Publish the used descriptors added so far; True if the driver must be signalled."""
+        pending = self._in_order_pending() if self._batch else self._pending
+        if pending:
+            d16 = self._d16
+            ordering.write_barrier()  # ids and lengths before flags
+            for k in range(len(pending) - 1, 0, -1):
+                e = pending[k]
+                d16[8 * (e >> 16) + 7] = e & 0xFFFF
+            e = pending[0]
+            ordering.write_barrier()
+            d16[8 * (e >> 16) + 7] = e & 0xFFFF  # the first last: the batch appears at once
+            pending.clear()
+        count = self._nused - self._signalled
+        if not count:
+            return False
+        self._signalled = self._nused
+        ordering.full_barrier()  # the flags before reading the driver's structure
+        drv = self._drv16
+        flags = drv[1] & RING_EVENT_FLAGS_MASK
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
+            return packed_need_event(drv[0], self.used_pos, self.used_wrap, count, self.size)
+        return True  # ENABLE; DESC without EVENT_IDX and the reserved value: notify (always safe)
+
+    def push_used(self, head: int, length: int) -> bool:
+        """add_used + flush_used."""
+        self.add_used(head, length)
+        return self.flush_used()
+
+    # -- kick suppression (the device's event suppression structure) ----------
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to kick on new work; True if work is already pending (don't sleep)."""
+        dev = self._dev16
+        if self.event_idx:
+            dev[0] = self.last_avail | self.avail_wrap << RING_EVENT_WRAP_SHIFT
+            ordering.write_barrier()
+            dev[1] = RING_EVENT_FLAGS_DESC
+        else:
+            dev[1] = RING_EVENT_FLAGS_ENABLE
+        ordering.full_barrier()
+        return self.avail_pending() != 0
+
+    def disable_notifications(self) -> None:
+        """Tell the driver kicks are not needed (the device is polling)."""
+        self._dev16[1] = RING_EVENT_FLAGS_DISABLE
+
+    def release(self) -> None:
+        """Drop the views into ring memory (before the memory is unmapped)."""
+        self._chains.clear()
+        self._pending.clear()
+        self._batch.clear()
+        for v in (self._d64, self._d32, self._d16, self._drv16, self._dev16, self._desc):
+            v.release()
