@@ -7,7 +7,10 @@ examples, still without deadlines (timing on shared CI runners is noisy).
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 
@@ -55,6 +58,24 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if in_ci() else "default"))
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A short directory for socket paths (sun_path holds 108 bytes), removed with what is left in it."""
+    d = tempfile.mkdtemp(prefix="pv", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def quiet_backend_logs() -> Iterator[None]:
+    """Back-end log lines at ERROR only (tests that make back ends drop connections on purpose)."""
+    logger = logging.getLogger("pyvirtio.backends")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -20,9 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -33,16 +31,6 @@ from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
 from pyvirtio.protocol.vhost_user import InflightInfo
 from pyvirtio.ring.device_side import DeviceQueue
 from pyvirtio.testing import RingPair, open_fd_count
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="pvi", dir="/tmp")
-    yield d
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    os.rmdir(d)
-
 
 # -- layout -----------------------------------------------------------------------------
 

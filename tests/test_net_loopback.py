@@ -19,9 +19,7 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -40,13 +38,6 @@ from pyvirtio.transport.loopback import LoopbackTransport  # noqa: E402
 from testpmd import assert_swapped_echo, echo_frames, payload_frames  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="pvnl", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def serve(path: str, **kw: object) -> VhostUserServer:

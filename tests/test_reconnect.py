@@ -22,12 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,23 +49,8 @@ pytest_plugins = ["peers"]
 BS = 4096
 
 
-@pytest.fixture(autouse=True)
-def _quiet_backend_logs() -> Iterator[None]:
-    """The injected crashes are logged as dropped connections: expected here."""
-    logger = logging.getLogger("pyvirtio.backends")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="pvr", dir="/tmp")  # sun_path holds 108 bytes
-    yield d
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    os.rmdir(d)
+# Injected crashes and dropped connections are logged by the back ends: expected here.
+pytestmark = pytest.mark.usefixtures("quiet_backend_logs")
 
 
 @contextlib.contextmanager

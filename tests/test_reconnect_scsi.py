@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -30,7 +28,7 @@ from pyvirtio.errors import ConnectionLost
 from pyvirtio.ring.device_side import Chain
 from pyvirtio.spec import scsi as S
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("quiet_backend_logs")]
 
 BS = 512
 
@@ -57,25 +55,6 @@ class CrashingScsi(ScsiBackend):
                         self.crashes += 1
                         raise InjectedCrash("injected crash")
         return super().handle(queue, chain)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_backend_logs() -> Iterator[None]:
-    """The injected crashes are logged as dropped connections: expected here."""
-    logger = logging.getLogger("pyvirtio.backends")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="pvs", dir="/tmp")  # sun_path holds 108 bytes
-    yield d
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    os.rmdir(d)
 
 
 @contextlib.contextmanager

@@ -16,10 +16,9 @@ import gc
 import os
 import socket
 import struct
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -134,16 +133,6 @@ def test_ack_queue_and_has_config(qsd_null: Qsd) -> None:
 
 
 # -- connecting to nothing -------------------------------------------------------------
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    """A short directory for socket paths (sun_path holds 108 bytes)."""
-    d = tempfile.mkdtemp(prefix="pvt", dir="/tmp")
-    yield d
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    os.rmdir(d)
 
 
 @pytest.mark.timeout(10)
