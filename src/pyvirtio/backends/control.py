@@ -65,6 +65,13 @@ Tolerance, where it costs nothing and real frontends need it:
   keeps (:class:`~pyvirtio.backends.model.OptionalConfigSpace`: CONFIG is
   then not offered, as by SPDK's vhost-user-scsi targets), gets an empty
   payload: vhost-user.rst's way of saying it failed;
+* SET_FEATURES repeated, with the features in force, while rings run: QEMU
+  drives a multi-queue net device as one ``vhost_dev`` per queue pair over
+  one connection, and each sends SET_FEATURES when it starts, the first
+  pair's rings already running. Nothing changes, so the model is not told
+  again (net would drop the frames waiting for the running pairs, and a
+  frame half written into their receive buffers). A new driver stops the
+  rings first (GET_VRING_BASE), so its SET_FEATURES always reaches the model;
 * requests in any order the spec allows: GET_CONFIG and GET_QUEUE_NUM before
   SET_FEATURES or without protocol features (SPDK v18.04), SET_VRING_CALL
   and SET_VRING_ENABLE before SET_MEM_TABLE (SPDK, DPDK's virtio-user),
@@ -82,7 +89,29 @@ restarts around anything that changes what its queue translated
 Memory: each region is mapped with :class:`~pyvirtio.memory.Region` after
 checking that its fd is a regular file (memfd, hugetlbfs, tmpfs) at least
 ``mmap_offset + memory_size`` long, and sealed against shrinking when the
-memfd allows sealing. A frontend that truncates an *unsealed* file after
+memfd allows sealing.
+
+Regions added one by one (CONFIGURE_MEM_SLOTS) may come more than once.
+vhost-user.rst, "Multiple queue support": "As all queues share one
+connection, the front-end uses a unique index for each queue"; QEMU (7.2 and
+later) drives a multi-queue vhost-user-net device as one ``vhost_dev`` per
+queue pair over that one connection, and each ``vhost_dev`` keeps its own
+shadow of the regions it sent (hw/virtio/vhost-user.c,
+``vhost_user_add_remove_regions``): every queue pair sends ADD_MEM_REG for
+the same guest RAM, and REM_MEM_REG for it when its own view of memory
+changes. libvhost-user of that time appends the duplicate and removes every
+identical copy at the first REM_MEM_REG. Here, tolerant where it is safe:
+an ADD_MEM_REG identical to a region already mapped (guest address, size,
+user address, mmap offset, and an fd on the same file: same st_dev and
+st_ino, hence the same memory) takes one more reference to that mapping
+and its fd is closed; each REM_MEM_REG naming it (vhost-user.rst: "identified
+by its guest address, user address and size. The mmap offset is ignored.")
+drops one, and the mapping goes with the last, so a queue pair still
+running never loses its memory to another's removal. Strict where safety
+needs it: a region that overlaps a mapped one in guest address without
+being identical (other memory, or the same memory at another offset) stays a
+protocol violation, as does a REM_MEM_REG that names no mapped region. A
+duplicate takes no memory slot. A frontend that truncates an *unsealed* file after
 handing it over can still make an access fault (SIGBUS); pure Python cannot
 catch that, so it is a documented limit, as for every mmap-based back end.
 """
@@ -351,9 +380,12 @@ class ControlPlane:
                 )
             self.ignored_features |= extra
             value &= ~extra
+        # The same features again while rings run: another vhost_dev of the same frontend
+        # starting (see "Tolerance" in the module docstring), not a new driver.
+        repeat = value == self.acked_features and bool(self.running())
         self.acked_features = value
         negotiated = self.hooks.negotiated
-        if negotiated is not None:
+        if negotiated is not None and not repeat:
             negotiated(value)  # models whose work depends on features (net: MRG_RXBUF)
 
     def _get_protocol_features(self, _value: None, _fds: list[int]) -> vu.Outgoing:
@@ -579,6 +611,19 @@ class ControlPlane:
         if not self._has_protocol(vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS):
             raise ProtocolViolation("ADD_MEM_REG without PROTOCOL_F_CONFIGURE_MEM_SLOTS")
         fd = fds.pop()
+        # A region identical to one mapped (the same memory: see "Memory" in the module
+        # docstring) is another reference to it; the duplicate fd is closed unused.
+        try:
+            shared = self.memory.share(
+                value.guest_phys_addr, value.memory_size, value.userspace_addr, value.mmap_offset, fd
+            )
+        except BaseException:
+            close_fd(fd)
+            raise
+        if shared is not None:
+            close_fd(fd)
+            log.debug("ADD_MEM_REG at gpa 0x%x: already mapped, %d references", shared.guest_phys_addr, shared.refs)
+            return
         if len(self.memory) >= MAX_MEM_SLOTS:
             close_fd(fd)
             raise ProtocolViolation(f"ADD_MEM_REG beyond {MAX_MEM_SLOTS} memory slots")
@@ -588,11 +633,17 @@ class ControlPlane:
         self._need_owner("REM_MEM_REG")
         if not self._has_protocol(vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS):
             raise ProtocolViolation("REM_MEM_REG without PROTOCOL_F_CONFIGURE_MEM_SLOTS")
-        # Rings are stopped first so that none keeps a view into the region.
+        # vhost-user.rst: "identified by its guest address, user address and size. The
+        # mmap offset is ignored." (An fd it may carry is closed unused, as it MUST be.)
+        mapping = self.memory.remove(value.guest_phys_addr, value.memory_size, value.userspace_addr)
+        if mapping is None:
+            log.debug("REM_MEM_REG at gpa 0x%x: other references keep it mapped", value.guest_phys_addr)
+            return
+        # The last reference: rings are stopped before the region is unmapped, so that
+        # none keeps a view into it, and restarted in what is left.
         running = self.running()
         for ring in running:
             self._stop_ring(ring)
-        mapping = self.memory.remove(value.guest_phys_addr, value.memory_size)
         if mapping.owned:
             mapping.region.close()
         for ring in running:

@@ -80,8 +80,9 @@ class DataPath:
         self.busy: dict[RingState, None] = {}
         #: Rings started with a NOFD kick: looked at on every pass of the loop.
         self.polled: list[RingState] = []
-        #: Counters for tests and ``info()``.
+        #: Counters for tests and ``info()``: chains completed (in all, and per ring index), calls.
         self.chains = 0
+        self.ring_chains = [0] * hooks.num_queues
         self.calls = 0
 
     # -- rings coming and going (the control plane's StartRing / StopRing) ------------
@@ -234,6 +235,7 @@ class DataPath:
         if not n or queue is None:
             return
         self.chains += n
+        self.ring_chains[ring.index] += n
         if queue.flush_used() and ring.call >= 0:
             try:
                 os.eventfd_write(ring.call, 1)

@@ -69,6 +69,11 @@ _CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
 _POLLIN = select.POLLIN
 
 
+def _ring_summary(ring_chains: list[int]) -> str:
+    """``chains per ring: 0=N 1=N ...``: what each ring carried on a connection (its log line at the end)."""
+    return "chains per ring: " + " ".join(f"{i}={n}" for i, n in enumerate(ring_chains))
+
+
 def _drain(fd: int) -> None:
     try:
         os.read(fd, 8)
@@ -189,6 +194,7 @@ class VhostUserBackend:
     def info(self) -> dict[str, Any]:
         out = self.control.info()
         out["chains"] = self.chains
+        out["ring_chains"] = list(self.datapath.ring_chains)
         out["calls"] = self.calls
         return out
 
@@ -340,7 +346,7 @@ class VhostUserServer:
         finally:
             conn.close()
             self.backend = None
-        log.info("frontend %d gone: %s", number, why)
+        log.info("frontend %d gone: %s; %s", number, why, _ring_summary(backend.datapath.ring_chains))
         with self._lock:
             self.disconnects.append(why)
             del self.disconnects[:-100]
