@@ -13,7 +13,9 @@ connection to carry out, in order:
 * :class:`StartRing`: a ring's queue was built; watch its kick fd (or poll
   the ring) and look for work at once (work may be queued before the kick);
 * :class:`StopRing`: a ring's queue was released; stop watching its kick fd
-  and forget it.
+  and forget it;
+* :class:`Notify`: write a ring's new call eventfd once (see "Ring life
+  cycle").
 
 It never touches the socket, never polls, never writes an eventfd: the
 connection (:mod:`pyvirtio.backends.listener`) and the data path
@@ -86,6 +88,23 @@ do), SET_VRING_ENABLE(0), RESET_OWNER and RESET_DEVICE, and stops and
 restarts around anything that changes what its queue translated
 (SET_MEM_TABLE, REM_MEM_REG, a new SET_VRING_ADDR or kick, SET_INFLIGHT_FD).
 
+A ring may run without a call fd: QEMU 7.2 restarting a device (driver
+rebind, reset) sends SET_VRING_CALL only after SET_VRING_ENABLE (the vhost
+notifiers are unmasked last: "guest_notifier_mask/pending not used yet, so
+just unmask everything here", hw/block/vhost-user-blk.c; vhost-user-scsi-pci
+does the same, as the guest tests' logs show), and the fd from before was
+dropped at GET_VRING_BASE or RESET_DEVICE. The connection may run the ring
+in between (a unix socket read stops at each message carrying fds, so the
+rings run between two such messages), and a request the guest had already
+queued is completed with nobody to tell: the guest waits for that interrupt
+for ever (seen: the guest's SCSI scan after a driver rebind hung, twice in
+six runs of the scsi guest test). The data path
+marks such a ring (``call_missed``), and the SET_VRING_CALL that gives it a
+call fd then has that fd signalled once (:class:`Notify`); libvhost-user
+signals every new call fd for the same reason ("in case of I/O hang after
+reconnecting"). A spurious notification costs the driver one look at the
+used ring.
+
 Memory: each region is mapped with :class:`~pyvirtio.memory.Region` after
 checking that its fd is a regular file (memfd, hugetlbfs, tmpfs) at least
 ``mmap_offset + memory_size`` long, and sealed against shrinking when the
@@ -155,6 +174,7 @@ __all__ = [
     "OFFERED_PROTOCOL_FEATURES",
     "Action",
     "ControlPlane",
+    "Notify",
     "Send",
     "StartRing",
     "StopRing",
@@ -200,7 +220,15 @@ class StopRing:
     kick: int
 
 
-Action: TypeAlias = Send | StartRing | StopRing
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Write 1 to ``fd``, ``ring``'s new call eventfd: a notification was due while it had none."""
+
+    ring: RingState
+    fd: int
+
+
+Action: TypeAlias = Send | StartRing | StopRing | Notify
 _Handler: TypeAlias = Callable[[Any, list[int]], vu.Outgoing | None]
 
 
@@ -744,6 +772,10 @@ class ControlPlane:
         if ring.call >= 0:
             close_fd(ring.call)
         ring.call = fd
+        if fd >= 0 and ring.call_missed:
+            # Completed while the ring had no call fd: tell the driver now ("Ring life cycle").
+            ring.call_missed = False
+            self._actions.append(Notify(ring, fd))
 
     def _set_vring_err(self, value: vu.VringFile, fds: list[int]) -> None:
         ring, fd = self._vring_fd(value, fds, "SET_VRING_ERR")

@@ -50,7 +50,7 @@ import threading
 import traceback
 from typing import Any
 
-from pyvirtio.backends.control import Action, ControlPlane, Send, StartRing
+from pyvirtio.backends.control import Action, ControlPlane, Notify, Send, StartRing
 from pyvirtio.backends.datapath import DEFAULT_POLL_US, DataPath
 from pyvirtio.backends.model import DeviceModel, ModelHooks
 from pyvirtio.backends.ringstate import close_fd
@@ -252,6 +252,14 @@ class VhostUserBackend:
                 if action.kick >= 0:
                     self._poller.register(action.kick, _POLLIN)
                 self.datapath.start(action.ring, action.kick)
+            elif isinstance(action, Notify):
+                log.info("ring %d: used buffers were published while it had no call fd: notified now",
+                         action.ring.index)
+                try:
+                    os.eventfd_write(action.fd, 1)
+                except BlockingIOError:
+                    pass  # counter saturated: the frontend will see it anyway
+                self.datapath.calls += 1
             elif self.datapath.stop(action.ring, action.kick):
                 try:
                     self._poller.unregister(action.kick)
