@@ -34,13 +34,10 @@ MIB = 1 << 20
 @pytest.fixture
 def served(tmp_path: object) -> Iterator[tuple[VhostUserServer, ScsiBackend]]:
     backend = ScsiBackend({(0, 0): ram_lun(MIB)}, max_target=3)
-    server = VhostUserServer(os.path.join(str(tmp_path), "scsi.sock"), backend)
-    server.start()
     try:
-        yield server, backend
+        with VhostUserServer(os.path.join(str(tmp_path), "scsi.sock"), backend) as server:
+            yield server, backend
     finally:
-        server.stop()
-        assert server.wait(10)
         backend.close()
 
 
