@@ -98,17 +98,18 @@ in between (a unix socket read stops at each message carrying fds, so the
 rings run between two such messages), and a request the guest had already
 queued is completed with nobody to tell: the guest waits for that interrupt
 for ever (seen: the guest's SCSI scan after a driver rebind hung, twice in
-six runs of the scsi guest test). The data path
-marks such a ring (``call_missed``), and the SET_VRING_CALL that gives it a
-call fd then has that fd signalled once (:class:`Notify`); libvhost-user
-signals every new call fd for the same reason ("in case of I/O hang after
-reconnecting"). A spurious notification costs the driver one look at the
-used ring.
+six runs of the scsi guest test). The data path marks such a ring
+(``call_missed``), and the SET_VRING_CALL that gives it a call fd then has
+that fd signalled once (:class:`Notify`); libvhost-user signals every new
+call fd for the same reason ("in case of I/O hang after reconnecting"). A
+spurious notification costs the driver one look at the used ring.
 
 Memory: each region is mapped with :class:`~pyvirtio.memory.Region` after
 checking that its fd is a regular file (memfd, hugetlbfs, tmpfs) at least
 ``mmap_offset + memory_size`` long, and sealed against shrinking when the
-memfd allows sealing.
+memfd allows sealing. A frontend that truncates an *unsealed* file after
+handing it over can still make an access fault (SIGBUS); pure Python cannot
+catch that, so it is a documented limit, as for every mmap-based back end.
 
 Regions added one by one (CONFIGURE_MEM_SLOTS) may come more than once.
 vhost-user.rst, "Multiple queue support": "As all queues share one
@@ -130,9 +131,7 @@ running never loses its memory to another's removal. Strict where safety
 needs it: a region that overlaps a mapped one in guest address without
 being identical (other memory, or the same memory at another offset) stays a
 protocol violation, as does a REM_MEM_REG that names no mapped region. A
-duplicate takes no memory slot. A frontend that truncates an *unsealed* file after
-handing it over can still make an access fault (SIGBUS); pure Python cannot
-catch that, so it is a documented limit, as for every mmap-based back end.
+duplicate takes no memory slot.
 """
 
 from __future__ import annotations

@@ -49,10 +49,10 @@ sense_size 96...); requests use the default sizes.
 
 Parameter changes (VIRTIO_SCSI_F_CHANGE, offered): :meth:`ScsiBackend.resize_lun`
 changes a LUN's capacity; the LUN holds CAPACITY DATA HAS CHANGED for its
-next command, and a driver that negotiated the feature (only such a driver,
-as for hot plug) gets a VIRTIO_SCSI_T_PARAM_CHANGE event (reason: ASC 2Ah | ASCQ 09h << 8) at once
-(virtio 1.2 §5.6.6.3: "the same event SHOULD also be reported as a unit
-attention condition").
+next command, and a driver that negotiated the feature (only such a
+driver, as for hot plug) gets a VIRTIO_SCSI_T_PARAM_CHANGE event (reason:
+ASC 2Ah | ASCQ 09h << 8) at once (virtio 1.2 §5.6.6.3: "the same event
+SHOULD also be reported as a unit attention condition").
 
 Distrust, as in the blk model: every header length, LUN address and buffer
 length is checked here, every CDB field by the target emulation; a bad
