@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.backends.blk import BlockBackend, Storage
-from pyvirtio.backends.control import MAX_MEM_SLOTS, Action, ControlPlane, Send, StartRing, StopRing
+from pyvirtio.backends.control import MAX_MEM_SLOTS, Action, ControlPlane, Notify, Send, StartRing, StopRing
 from pyvirtio.backends.model import ModelHooks
 from pyvirtio.errors import DriverProtocolError, ProtocolViolation
 from pyvirtio.memory import Region
@@ -192,3 +192,27 @@ def test_a_refused_request_is_a_failure_ack(conv: Conversation) -> None:
     # blk's config is read-only: SET_CONFIG is refused, not a violation.
     assert conv.ask(conv.codec.set_config(0, b"\x01", need_reply=True)) == 1
     assert conv.ask(conv.codec.get_features())  # still answering
+
+
+def test_a_notification_missed_without_a_call_fd_goes_to_the_next_one(conv: Conversation, region: Region) -> None:
+    """The data path marks a ring that completed work with no call fd; SET_VRING_CALL then signals once."""
+    c = conv.codec
+    conv.send(c.set_owner())
+    conv.send(c.set_features(1 << F_VERSION_1))
+    kick = os.eventfd(0, os.EFD_CLOEXEC)
+    calls = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    try:
+        started = start_ring(conv, region, 0, kick)[0]
+        assert isinstance(started, StartRing)
+        ring = started.ring
+        ring.call_missed = True  # what DataPath does when a notification is due and ring.call < 0
+        (notify,) = conv.send(c.set_vring_call(0, calls[0]))
+        assert isinstance(notify, Notify)
+        assert notify.ring is ring and notify.fd == ring.call >= 0 and not ring.call_missed
+        assert conv.send(c.set_vring_call(0, calls[1])) == []  # nothing missed since: no spurious one
+        ring.call_missed = True
+        assert conv.send(c.set_vring_call(0, None)) == []  # NOFD: nobody to tell (still owed)
+        assert ring.call_missed
+    finally:
+        for fd in (kick, *calls):
+            os.close(fd)

@@ -8,6 +8,14 @@ discard found in the backing file); here also the serial (a GET_ID request),
 the queue count blk-mq uses, and per-queue interrupt counts showing that
 both queues of ``q2`` completed requests. Stock device options; see
 docs/testing.md for the stage as a whole.
+
+Then ``q2`` is unbound from the guest's virtio-pci driver and bound again
+(what a driver reload does): QEMU 7.2 stops the device (SET_STATUS 0,
+SET_VRING_ENABLE 0, GET_VRING_BASE) and starts it afresh (SET_FEATURES,
+status FEATURES_OK, every ring's SET_VRING_* from index 0, SET_VRING_ENABLE
+1, DRIVER_OK), keeping the memory table (nothing re-sent: its shadow of the
+regions did not change). The re-bound disk must serve a write that is then
+found in the backing file.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from guest.disks import EXERCISE_SH, DiskOutcome, DiskTests, disk_files, prepare_disk, tag_fixture
+from guest.disks import BLOCK, EXERCISE_SH, DiskOutcome, DiskTests, disk_files, prepare_disk, sha, tag_fixture
 from guest.harness import BLK_MODULES, Guest
 from guest.kernel import Kernel
 
@@ -26,6 +34,9 @@ pytestmark = [pytest.mark.peer, pytest.mark.timeout(300)]
 
 #: tag -> (PCI slot, disk size, request queues); the sizes differ so a swapped disk shows.
 DISKS = {"q1": ("04", 32 << 20, 1), "q2": ("05", 48 << 20, 2)}
+#: Written to q2 after the rebind, at a 4 KiB block clear of the data checks' regions.
+REBIND_BLOCK, REBIND_BYTES = 3000, 64 << 10
+REBIND_DATA = random.Random(0x4EB1).randbytes(REBIND_BYTES)
 
 SCRIPT = EXERCISE_SH + rf"""
 for spec in {" ".join(f'"{t} {slot}"' for t, (slot, _s, _q) in DISKS.items())}; do
@@ -38,6 +49,16 @@ for spec in {" ".join(f'"{t} {slot}"' for t, (slot, _s, _q) in DISKS.items())}; 
     result ${{t}}_irq_q0 "$(irqs $v-req.0)"
     result ${{t}}_irq_q1 "$(irqs $v-req.1)"
 done
+# Driver unbind and rebind of q2: the device is stopped, reset and started again.
+fn=0000:00:{DISKS["q2"][0]}.0
+echo $fn > /sys/bus/pci/drivers/virtio-pci/unbind
+result rebind_gone "$(disk_at {DISKS["q2"][0]} vd || echo yes)"
+echo $fn > /sys/bus/pci/drivers/virtio-pci/bind
+i=0; while ! d=$(disk_at {DISKS["q2"][0]} vd) && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+result rebind_sectors "$(cat /sys/block/$d/size)"
+put /data/rebind.bin $d {REBIND_BLOCK}
+result rebind_write_status $?
+result rebind_readback $(sha $d {REBIND_BLOCK} {REBIND_BYTES // 4096})
 """
 
 
@@ -52,7 +73,8 @@ def disks(guest_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Ite
             served = g.serve(tag, "blk", "--file", str(d.image), "--queues", str(queues))
             devices += [*served.qemu_chardev(),
                         "-device", f"vhost-user-blk-pci,chardev={tag},num-queues={queues},addr={slot}"]
-        run = g.boot(SCRIPT, devices, modules=BLK_MODULES, files=disk_files(images), smp=2)
+        files = {**disk_files(images), "data/rebind.bin": REBIND_DATA}
+        run = g.boot(SCRIPT, devices, modules=BLK_MODULES, files=files, smp=2)
         g.close()
         yield DiskOutcome(run, g, images, cpus=2)
 
@@ -72,3 +94,15 @@ class TestBlkGuest(DiskTests):
         assert disks.run.int_result("q2_irq_q1") > 0, disks.context()
         assert disks.run.int_result("q1_irq_q0") > 0, disks.context()
         assert disks.run.result("q1_irq_q1") == "", disks.context()  # one queue: no second vector
+
+
+def test_the_disk_serves_again_after_driver_unbind_and_rebind(disks: DiskOutcome) -> None:
+    run, d = disks.run, disks.disks["q2"]
+    assert run.result("rebind_gone") == "yes", disks.context()  # unbound: the disk had gone
+    assert run.int_result("rebind_sectors") == d.size // 512, disks.context()
+    assert run.int_result("rebind_write_status") == 0, disks.context()
+    assert run.result("rebind_readback") == sha(REBIND_DATA), disks.context()
+    assert d.region(REBIND_BLOCK * BLOCK, REBIND_BYTES) == REBIND_DATA
+    # The blocks either side are untouched (zero: nothing else writes there).
+    assert d.region(REBIND_BLOCK * BLOCK - BLOCK, BLOCK) == bytes(BLOCK)
+    assert d.region((REBIND_BLOCK * BLOCK) + REBIND_BYTES, BLOCK) == bytes(BLOCK)

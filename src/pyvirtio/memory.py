@@ -20,7 +20,15 @@ device sees it (zero copy).
 :class:`MemoryTable` is the reverse direction, for back ends and tests:
 regions received from a frontend, with bounds-checked translation of guest
 physical addresses and frontend virtual addresses to memoryviews. Nothing
-outside the regions can ever be reached through it.
+outside the regions can ever be reached through it. Regions never overlap
+in guest address (strict: two views of one guest address could disagree).
+The one exception is a region added again *identically* (same guest address,
+size, user address, offset into the same file, compared by device and
+inode): :meth:`MemoryTable.share` counts it as one more reference to the
+mapping already there, and :meth:`MemoryTable.remove` drops one reference,
+the mapping leaving the table with its last. A vhost-user frontend that
+drives several devices over one connection does exactly that (QEMU's
+multi-queue vhost-user-net: see :mod:`pyvirtio.backends.control`).
 
 Only this module creates mmaps (docs/architecture.md, rules of the house).
 """
@@ -280,15 +288,28 @@ class MemoryPool:
         self.close()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Mapping:
-    """One region as a back end sees it: guest physical and frontend virtual ranges."""
+    """One region as a back end sees it: guest physical and frontend virtual ranges.
+
+    ``refs``: how many identical adds the mapping stands for (:meth:`MemoryTable.share`).
+    """
 
     region: Region
     guest_phys_addr: int
     user_addr: int
     size: int
     owned: bool = True
+    refs: int = 1
+
+
+def _same_file(a: int, b: int) -> bool:
+    """Whether two fds refer to the same file (device and inode), so map the same memory."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 class MemoryTable:
@@ -307,6 +328,7 @@ class MemoryTable:
         self.error = error
 
     def add(self, region: Region, guest_phys_addr: int, user_addr: int) -> Mapping:
+        """Add a mapped region; any overlap in guest address with one already here is refused."""
         m = Mapping(region, guest_phys_addr, user_addr, region.size)
         for other in self._maps:
             end, other_end = guest_phys_addr + m.size, other.guest_phys_addr + other.size
@@ -324,12 +346,44 @@ class MemoryTable:
             table._maps.append(Mapping(region, region.guest_addr, region.user_addr, region.size, owned=False))
         return table
 
-    def remove(self, guest_phys_addr: int, size: int) -> Mapping:
+    def share(self, guest_phys_addr: int, size: int, user_addr: int, fd_offset: int, fd: int) -> Mapping | None:
+        """One more reference to the mapping identical to this description, if there is one.
+
+        Identical: the same guest address, size, user address and offset into
+        the file, and ``fd`` refers to the file the mapping was made from (same
+        device and inode: the same memory). Returns that mapping, its ``refs``
+        counted up (the caller closes ``fd``: nothing new is mapped), or None:
+        the caller then maps the region and adds it (:meth:`add`), which
+        refuses an overlap that is not identical.
+        """
+        for m in self._maps:
+            if (
+                m.guest_phys_addr == guest_phys_addr
+                and m.size == size
+                and m.user_addr == user_addr
+                and m.region.fd_offset == fd_offset
+                and _same_file(m.region.fd, fd)
+            ):
+                m.refs += 1
+                return m
+        return None
+
+    def remove(self, guest_phys_addr: int, size: int, user_addr: int | None = None) -> Mapping | None:
+        """Drop one reference to the mapping at ``guest_phys_addr`` of ``size`` bytes (and ``user_addr``).
+
+        Returns the mapping when that was its last reference (it has left the
+        table; the caller unmaps it once nothing uses it), None while other
+        references keep it. No such mapping: ``error``.
+        """
         for i, m in enumerate(self._maps):
-            if m.guest_phys_addr == guest_phys_addr and m.size == size:
+            if m.guest_phys_addr == guest_phys_addr and m.size == size and user_addr in (None, m.user_addr):
+                m.refs -= 1
+                if m.refs:
+                    return None
                 self._ranges = None
                 return self._maps.pop(i)
-        raise self.error(f"no memory region at gpa 0x{guest_phys_addr:x} size {size}")
+        at = "" if user_addr is None else f" user address 0x{user_addr:x}"
+        raise self.error(f"no memory region at gpa 0x{guest_phys_addr:x} size {size}{at}")
 
     def __iter__(self) -> Iterator[Mapping]:
         return iter(self._maps)

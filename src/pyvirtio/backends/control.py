@@ -13,7 +13,9 @@ connection to carry out, in order:
 * :class:`StartRing`: a ring's queue was built; watch its kick fd (or poll
   the ring) and look for work at once (work may be queued before the kick);
 * :class:`StopRing`: a ring's queue was released; stop watching its kick fd
-  and forget it.
+  and forget it;
+* :class:`Notify`: write a ring's new call eventfd once (see "Ring life
+  cycle").
 
 It never touches the socket, never polls, never writes an eventfd: the
 connection (:mod:`pyvirtio.backends.listener`) and the data path
@@ -65,6 +67,13 @@ Tolerance, where it costs nothing and real frontends need it:
   keeps (:class:`~pyvirtio.backends.model.OptionalConfigSpace`: CONFIG is
   then not offered, as by SPDK's vhost-user-scsi targets), gets an empty
   payload: vhost-user.rst's way of saying it failed;
+* SET_FEATURES repeated, with the features in force, while rings run: QEMU
+  drives a multi-queue net device as one ``vhost_dev`` per queue pair over
+  one connection, and each sends SET_FEATURES when it starts, the first
+  pair's rings already running. Nothing changes, so the model is not told
+  again (net would drop the frames waiting for the running pairs, and a
+  frame half written into their receive buffers). A new driver stops the
+  rings first (GET_VRING_BASE), so its SET_FEATURES always reaches the model;
 * requests in any order the spec allows: GET_CONFIG and GET_QUEUE_NUM before
   SET_FEATURES or without protocol features (SPDK v18.04), SET_VRING_CALL
   and SET_VRING_ENABLE before SET_MEM_TABLE (SPDK, DPDK's virtio-user),
@@ -79,12 +88,50 @@ do), SET_VRING_ENABLE(0), RESET_OWNER and RESET_DEVICE, and stops and
 restarts around anything that changes what its queue translated
 (SET_MEM_TABLE, REM_MEM_REG, a new SET_VRING_ADDR or kick, SET_INFLIGHT_FD).
 
+A ring may run without a call fd: QEMU 7.2 restarting a device (driver
+rebind, reset) sends SET_VRING_CALL only after SET_VRING_ENABLE (the vhost
+notifiers are unmasked last: "guest_notifier_mask/pending not used yet, so
+just unmask everything here", hw/block/vhost-user-blk.c; vhost-user-scsi-pci
+does the same, as the guest tests' logs show), and the fd from before was
+dropped at GET_VRING_BASE or RESET_DEVICE. The connection may run the ring
+in between (a unix socket read stops at each message carrying fds, so the
+rings run between two such messages), and a request the guest had already
+queued is completed with nobody to tell: the guest waits for that interrupt
+for ever (seen: the guest's SCSI scan after a driver rebind hung, twice in
+six runs of the scsi guest test). The data path marks such a ring
+(``call_missed``), and the SET_VRING_CALL that gives it a call fd then has
+that fd signalled once (:class:`Notify`); libvhost-user signals every new
+call fd for the same reason ("in case of I/O hang after reconnecting"). A
+spurious notification costs the driver one look at the used ring.
+
 Memory: each region is mapped with :class:`~pyvirtio.memory.Region` after
 checking that its fd is a regular file (memfd, hugetlbfs, tmpfs) at least
 ``mmap_offset + memory_size`` long, and sealed against shrinking when the
 memfd allows sealing. A frontend that truncates an *unsealed* file after
 handing it over can still make an access fault (SIGBUS); pure Python cannot
 catch that, so it is a documented limit, as for every mmap-based back end.
+
+Regions added one by one (CONFIGURE_MEM_SLOTS) may come more than once.
+vhost-user.rst, "Multiple queue support": "As all queues share one
+connection, the front-end uses a unique index for each queue"; QEMU (7.2 and
+later) drives a multi-queue vhost-user-net device as one ``vhost_dev`` per
+queue pair over that one connection, and each ``vhost_dev`` keeps its own
+shadow of the regions it sent (hw/virtio/vhost-user.c,
+``vhost_user_add_remove_regions``): every queue pair sends ADD_MEM_REG for
+the same guest RAM, and REM_MEM_REG for it when its own view of memory
+changes. libvhost-user of that time appends the duplicate and removes every
+identical copy at the first REM_MEM_REG. Here, tolerant where it is safe:
+an ADD_MEM_REG identical to a region already mapped (guest address, size,
+user address, mmap offset, and an fd on the same file: same st_dev and
+st_ino, hence the same memory) takes one more reference to that mapping
+and its fd is closed; each REM_MEM_REG naming it (vhost-user.rst: "identified
+by its guest address, user address and size. The mmap offset is ignored.")
+drops one, and the mapping goes with the last, so a queue pair still
+running never loses its memory to another's removal. Strict where safety
+needs it: a region that overlaps a mapped one in guest address without
+being identical (other memory, or the same memory at another offset) stays a
+protocol violation, as does a REM_MEM_REG that names no mapped region. A
+duplicate takes no memory slot.
 """
 
 from __future__ import annotations
@@ -126,6 +173,7 @@ __all__ = [
     "OFFERED_PROTOCOL_FEATURES",
     "Action",
     "ControlPlane",
+    "Notify",
     "Send",
     "StartRing",
     "StopRing",
@@ -171,7 +219,15 @@ class StopRing:
     kick: int
 
 
-Action: TypeAlias = Send | StartRing | StopRing
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Write 1 to ``fd``, ``ring``'s new call eventfd: a notification was due while it had none."""
+
+    ring: RingState
+    fd: int
+
+
+Action: TypeAlias = Send | StartRing | StopRing | Notify
 _Handler: TypeAlias = Callable[[Any, list[int]], vu.Outgoing | None]
 
 
@@ -351,9 +407,12 @@ class ControlPlane:
                 )
             self.ignored_features |= extra
             value &= ~extra
+        # The same features again while rings run: another vhost_dev of the same frontend
+        # starting (see "Tolerance" in the module docstring), not a new driver.
+        repeat = value == self.acked_features and bool(self.running())
         self.acked_features = value
         negotiated = self.hooks.negotiated
-        if negotiated is not None:
+        if negotiated is not None and not repeat:
             negotiated(value)  # models whose work depends on features (net: MRG_RXBUF)
 
     def _get_protocol_features(self, _value: None, _fds: list[int]) -> vu.Outgoing:
@@ -579,6 +638,19 @@ class ControlPlane:
         if not self._has_protocol(vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS):
             raise ProtocolViolation("ADD_MEM_REG without PROTOCOL_F_CONFIGURE_MEM_SLOTS")
         fd = fds.pop()
+        # A region identical to one mapped (the same memory: see "Memory" in the module
+        # docstring) is another reference to it; the duplicate fd is closed unused.
+        try:
+            shared = self.memory.share(
+                value.guest_phys_addr, value.memory_size, value.userspace_addr, value.mmap_offset, fd
+            )
+        except BaseException:
+            close_fd(fd)
+            raise
+        if shared is not None:
+            close_fd(fd)
+            log.debug("ADD_MEM_REG at gpa 0x%x: already mapped, %d references", shared.guest_phys_addr, shared.refs)
+            return
         if len(self.memory) >= MAX_MEM_SLOTS:
             close_fd(fd)
             raise ProtocolViolation(f"ADD_MEM_REG beyond {MAX_MEM_SLOTS} memory slots")
@@ -588,11 +660,17 @@ class ControlPlane:
         self._need_owner("REM_MEM_REG")
         if not self._has_protocol(vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS):
             raise ProtocolViolation("REM_MEM_REG without PROTOCOL_F_CONFIGURE_MEM_SLOTS")
-        # Rings are stopped first so that none keeps a view into the region.
+        # vhost-user.rst: "identified by its guest address, user address and size. The
+        # mmap offset is ignored." (An fd it may carry is closed unused, as it MUST be.)
+        mapping = self.memory.remove(value.guest_phys_addr, value.memory_size, value.userspace_addr)
+        if mapping is None:
+            log.debug("REM_MEM_REG at gpa 0x%x: other references keep it mapped", value.guest_phys_addr)
+            return
+        # The last reference: rings are stopped before the region is unmapped, so that
+        # none keeps a view into it, and restarted in what is left.
         running = self.running()
         for ring in running:
             self._stop_ring(ring)
-        mapping = self.memory.remove(value.guest_phys_addr, value.memory_size)
         if mapping.owned:
             mapping.region.close()
         for ring in running:
@@ -693,6 +771,10 @@ class ControlPlane:
         if ring.call >= 0:
             close_fd(ring.call)
         ring.call = fd
+        if fd >= 0 and ring.call_missed:
+            # Completed while the ring had no call fd: tell the driver now ("Ring life cycle").
+            ring.call_missed = False
+            self._actions.append(Notify(ring, fd))
 
     def _set_vring_err(self, value: vu.VringFile, fds: list[int]) -> None:
         ring, fd = self._vring_fd(value, fds, "SET_VRING_ERR")

@@ -23,6 +23,12 @@ it wants them (net receive buffers, scsi event buffers); the others stay
 posted. The connection calls :meth:`DataPath.wake_gated` when the model's
 wake fd fires.
 
+A notification due while the ring has no call fd (QEMU sends SET_VRING_CALL
+only after the ring is enabled when it restarts a device, and the fd from
+before was dropped at GET_VRING_BASE or RESET_DEVICE) is not lost: the ring
+remembers it (``call_missed``) and the control plane has the next call fd
+signalled once (:class:`~pyvirtio.backends.control.Notify`).
+
 Inflight tracking (INFLIGHT_SHMFD, :mod:`pyvirtio.backends.inflight`): a
 ring with a tracker first runs the heads a previous back end left in flight,
 then marks every head from pop to used, and clears the marks only after the
@@ -80,8 +86,9 @@ class DataPath:
         self.busy: dict[RingState, None] = {}
         #: Rings started with a NOFD kick: looked at on every pass of the loop.
         self.polled: list[RingState] = []
-        #: Counters for tests and ``info()``.
+        #: Counters for tests and ``info()``: chains completed (in all, and per ring index), calls.
         self.chains = 0
+        self.ring_chains = [0] * hooks.num_queues
         self.calls = 0
 
     # -- rings coming and going (the control plane's StartRing / StopRing) ------------
@@ -234,7 +241,11 @@ class DataPath:
         if not n or queue is None:
             return
         self.chains += n
-        if queue.flush_used() and ring.call >= 0:
+        self.ring_chains[ring.index] += n
+        if queue.flush_used():
+            if ring.call < 0:
+                ring.call_missed = True  # told when a call fd comes (the control plane's Notify)
+                return
             try:
                 os.eventfd_write(ring.call, 1)
             except BlockingIOError:

@@ -50,7 +50,7 @@ import threading
 import traceback
 from typing import Any
 
-from pyvirtio.backends.control import Action, ControlPlane, Send, StartRing
+from pyvirtio.backends.control import Action, ControlPlane, Notify, Send, StartRing
 from pyvirtio.backends.datapath import DEFAULT_POLL_US, DataPath
 from pyvirtio.backends.model import DeviceModel, ModelHooks
 from pyvirtio.backends.ringstate import close_fd
@@ -67,6 +67,11 @@ SEND_TIMEOUT = 5.0
 _RECV_CHUNK = 8192
 _CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
 _POLLIN = select.POLLIN
+
+
+def _ring_summary(ring_chains: list[int]) -> str:
+    """``chains per ring: 0=N 1=N ...``: what each ring carried on a connection (its log line at the end)."""
+    return "chains per ring: " + " ".join(f"{i}={n}" for i, n in enumerate(ring_chains))
 
 
 def _drain(fd: int) -> None:
@@ -189,6 +194,7 @@ class VhostUserBackend:
     def info(self) -> dict[str, Any]:
         out = self.control.info()
         out["chains"] = self.chains
+        out["ring_chains"] = list(self.datapath.ring_chains)
         out["calls"] = self.calls
         return out
 
@@ -246,6 +252,14 @@ class VhostUserBackend:
                 if action.kick >= 0:
                     self._poller.register(action.kick, _POLLIN)
                 self.datapath.start(action.ring, action.kick)
+            elif isinstance(action, Notify):
+                log.info("ring %d: used buffers were published while it had no call fd: notified now",
+                         action.ring.index)
+                try:
+                    os.eventfd_write(action.fd, 1)
+                except BlockingIOError:
+                    pass  # counter saturated: the frontend will see it anyway
+                self.datapath.calls += 1
             elif self.datapath.stop(action.ring, action.kick):
                 try:
                     self._poller.unregister(action.kick)
@@ -340,7 +354,7 @@ class VhostUserServer:
         finally:
             conn.close()
             self.backend = None
-        log.info("frontend %d gone: %s", number, why)
+        log.info("frontend %d gone: %s; %s", number, why, _ring_summary(backend.datapath.ring_chains))
         with self._lock:
             self.disconnects.append(why)
             del self.disconnects[:-100]

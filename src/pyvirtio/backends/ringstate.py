@@ -32,7 +32,8 @@ class RingState:
     """Per-ring state as the frontend configured it, and the running queue."""
 
     __slots__ = (
-        "index", "num", "addr", "base", "kick", "kick_polled", "call", "err", "enabled", "queue", "inflight", "resubmit"
+        "index", "num", "addr", "base", "kick", "kick_polled", "call", "call_missed", "err", "enabled", "queue",
+        "inflight", "resubmit",
     )
 
     def __init__(self, index: int) -> None:
@@ -43,6 +44,8 @@ class RingState:
         self.kick = -1
         self.kick_polled = False  # SET_VRING_KICK with NOFD: no kicks, poll the ring
         self.call = -1
+        #: A used buffer notification was due while the ring had no call fd (the next one gets it).
+        self.call_missed = False
         self.err = -1
         self.enabled = False
         self.queue: DeviceQueue | None = None

@@ -27,10 +27,17 @@ by four zero bytes"). A LUN missing on a present target is the target
 emulation's to answer.
 
 Hot plug: :meth:`ScsiBackend.add_lun` / :meth:`~ScsiBackend.remove_lun`
-(thread-safe) queue a TRANSPORT_RESET event (reason RESCAN / REMOVED). An
-event is written into an event-queue buffer only when there is one to send:
-the model tells the server so through ``gated_queues`` / :meth:`pending`,
-and wakes it through ``wake_fd`` (an eventfd), so the frontend's posted
+(thread-safe) queue a TRANSPORT_RESET event (reason RESCAN / REMOVED) for a
+driver that negotiated VIRTIO_SCSI_F_HOTPLUG, and for no other (virtio 1.2
+§5.6.6.3: "The device MUST NOT send VIRTIO_SCSI_T_TRANSPORT_RESET messages
+with reason set to VIRTIO_SCSI_EVT_RESET_REMOVED or
+VIRTIO_SCSI_EVT_RESET_RESCAN unless VIRTIO_SCSI_F_HOTPLUG was negotiated");
+the other LUNs of the target report REPORTED LUNS DATA HAS CHANGED either
+way, the spec's sense-code path. A driver negotiating without the feature
+also drops such events still queued for its predecessor. An event is
+written into an event-queue buffer only when there is one to send: the
+model tells the server so through ``gated_queues`` / :meth:`pending`, and
+wakes it through ``wake_fd`` (an eventfd), so the frontend's posted
 buffers stay posted until then. Events that find the queue too long are
 dropped and the next event carries VIRTIO_SCSI_T_EVENTS_MISSED.
 
@@ -42,10 +49,10 @@ sense_size 96...); requests use the default sizes.
 
 Parameter changes (VIRTIO_SCSI_F_CHANGE, offered): :meth:`ScsiBackend.resize_lun`
 changes a LUN's capacity; the LUN holds CAPACITY DATA HAS CHANGED for its
-next command, and a driver that negotiated the feature gets a
-VIRTIO_SCSI_T_PARAM_CHANGE event (reason: ASC 2Ah | ASCQ 09h << 8) at once
-(virtio 1.2 §5.6.6.3: "the same event SHOULD also be reported as a unit
-attention condition").
+next command, and a driver that negotiated the feature (only such a
+driver, as for hot plug) gets a VIRTIO_SCSI_T_PARAM_CHANGE event (reason:
+ASC 2Ah | ASCQ 09h << 8) at once (virtio 1.2 §5.6.6.3: "the same event
+SHOULD also be reported as a unit attention condition").
 
 Distrust, as in the blk model: every header length, LUN address and buffer
 length is checked here, every CDB field by the target emulation; a bad
@@ -146,6 +153,8 @@ class ScsiBackend:
         self.events_sent = 0
         #: The driver negotiated VIRTIO_SCSI_F_CHANGE: parameter changes are sent as events.
         self.change_events = False
+        #: The driver negotiated VIRTIO_SCSI_F_HOTPLUG: LUNs added / removed are sent as events.
+        self.hotplug_events = False
         for (t, lun), unit in (luns or {}).items():
             self._check_address(t, lun)
             self._luns[(t, lun)] = unit
@@ -162,8 +171,24 @@ class ScsiBackend:
         )
 
     def negotiated(self, features: int) -> None:
-        """The driver's features: PARAM_CHANGE events only if it took VIRTIO_SCSI_F_CHANGE."""
-        self.change_events = bool(features >> S.F_CHANGE & 1)
+        """The driver's features: PARAM_CHANGE events only with VIRTIO_SCSI_F_CHANGE, hot-plug
+        events only with VIRTIO_SCSI_F_HOTPLUG; events of a kind it did not take, still queued, go."""
+        with self._lock:
+            self.change_events = bool(features >> S.F_CHANGE & 1)
+            self.hotplug_events = bool(features >> S.F_HOTPLUG & 1)
+            kept = [e for e in self._events if self._allowed(e[0], e[2])]
+            if len(kept) < len(self._events):
+                log.debug("%d queued event(s) of features the driver did not take dropped",
+                          len(self._events) - len(kept))
+                self._events = collections.deque(kept)
+
+    def _allowed(self, event: int, reason: int) -> bool:
+        """Whether the driver's features allow sending this event (virtio 1.2 §5.6.6.3)."""
+        if event == S.T_TRANSPORT_RESET and reason in (S.EVT_RESET_RESCAN, S.EVT_RESET_REMOVED):
+            return self.hotplug_events
+        if event == S.T_PARAM_CHANGE:
+            return self.change_events
+        return True
 
     def config(self) -> bytes:
         cfg = bytearray(S.CONFIG_SIZE)
@@ -199,6 +224,7 @@ class ScsiBackend:
         self.cdb_size = S.CDB_SIZE
         self.sense_size = S.SENSE_SIZE
         self.change_events = False  # features are negotiated again after a reset
+        self.hotplug_events = False
         with self._lock:
             self._events.clear()
             self._events_missed = False
@@ -212,6 +238,7 @@ class ScsiBackend:
             "luns": {f"{t}:{lun}": unit.info() for (t, lun), unit in sorted(self._luns.items())},
             "events_sent": self.events_sent,
             "change_events": self.change_events,
+            "hotplug_events": self.hotplug_events,
             "errors": self.errors,
         }
 
@@ -246,7 +273,7 @@ class ScsiBackend:
             raise ValueError(f"{target}:{lun} is outside targets 0..{self.max_target}, LUNs 0..{self.max_lun}")
 
     def add_lun(self, target: int, lun: int, unit: ScsiLun) -> ScsiLun:
-        """Attach ``unit`` at target:lun and tell the frontend (TRANSPORT_RESET, RESCAN)."""
+        """Attach ``unit`` at target:lun and tell the frontend (TRANSPORT_RESET, RESCAN; with HOTPLUG)."""
         self._check_address(target, lun)
         with self._lock:
             if (target, lun) in self._luns:
@@ -255,11 +282,11 @@ class ScsiBackend:
                 if t == target:
                     other.pending_ua.append(T.ASC_REPORTED_LUNS_CHANGED)
             self._luns = {**self._luns, (target, lun): unit}
-        self._push_event(S.T_TRANSPORT_RESET, target, lun, S.EVT_RESET_RESCAN)
+        self._push_event(S.T_TRANSPORT_RESET, target, lun, S.EVT_RESET_RESCAN, gated=True)
         return unit
 
     def remove_lun(self, target: int, lun: int) -> ScsiLun:
-        """Detach target:lun and tell the frontend (TRANSPORT_RESET, REMOVED).
+        """Detach target:lun and tell the frontend (TRANSPORT_RESET, REMOVED; with HOTPLUG).
 
         The storage stays open until :meth:`close`: a command may still be using it.
         """
@@ -272,7 +299,7 @@ class ScsiBackend:
             for (t, _l), other in self._luns.items():
                 if t == target:
                     other.pending_ua.append(T.ASC_REPORTED_LUNS_CHANGED)
-        self._push_event(S.T_TRANSPORT_RESET, target, lun, S.EVT_RESET_REMOVED)
+        self._push_event(S.T_TRANSPORT_RESET, target, lun, S.EVT_RESET_REMOVED, gated=True)
         return unit
 
     def resize_lun(self, target: int, lun: int, size: int) -> int:
@@ -288,17 +315,20 @@ class ScsiBackend:
             if unit is None:
                 raise ValueError(f"no LUN {target}:{lun}")
             blocks = unit.resize(size)
-        if self.change_events:
-            asc, ascq = T.ASC_CAPACITY_CHANGED
-            self._push_event(S.T_PARAM_CHANGE, target, lun, asc | ascq << 8)
+        asc, ascq = T.ASC_CAPACITY_CHANGED
+        self._push_event(S.T_PARAM_CHANGE, target, lun, asc | ascq << 8, gated=True)
         return blocks
 
     def push_event(self, event: int, target: int, lun: int, reason: int) -> None:
-        """Queue any event for the frontend (tests: ASYNC_NOTIFY, PARAM_CHANGE...)."""
-        self._push_event(event, target, lun, reason)
+        """Queue any event for the frontend, whatever it negotiated (tests: ASYNC_NOTIFY, PARAM_CHANGE...)."""
+        self._push_event(event, target, lun, reason, gated=False)
 
-    def _push_event(self, event: int, target: int, lun: int, reason: int) -> None:
+    def _push_event(self, event: int, target: int, lun: int, reason: int, *, gated: bool) -> None:
+        """Queue an event; ``gated``: only if the driver's features allow it (checked under the lock,
+        so that a driver negotiating meanwhile never gets one it did not take)."""
         with self._lock:
+            if gated and not self._allowed(event, reason):
+                return
             if len(self._events) >= MAX_PENDING_EVENTS:
                 self._events_missed = True
                 log.warning("event queue full: event %d for %d:%d dropped (EVENTS_MISSED)", event, target, lun)
