@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvirtio.testing import open_fd_count
+from pyvirtio.testing import fds_opened_since, open_fds
 
 pytest.register_assert_rewrite("hostile_frontend")
 
@@ -544,7 +544,7 @@ def _memfd_maps(name: str) -> int:
 
 def test_connections_leave_no_fds_or_mappings_behind(server: VhostUserServer) -> None:
     assert_serves(server)
-    fds_before = open_fd_count()  # after a collection: earlier tests' garbage may hold fds
+    fds_before = open_fds()  # after a collection: earlier tests' garbage may hold fds
     for k in range(6):
         before = wait_idle(server)
         fe = HostileFrontend(server.path)
@@ -559,5 +559,5 @@ def test_connections_leave_no_fds_or_mappings_behind(server: VhostUserServer) ->
         fe.close()
         wait_reason(server, before)
     assert _memfd_maps("hostile") == 0  # the back end unmapped every region it was given
-    assert open_fd_count() == fds_before
+    assert fds_opened_since(fds_before) == {}
     assert MAX_MEM_SLOTS == 32

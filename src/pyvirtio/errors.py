@@ -6,7 +6,7 @@ fault they are"):
 
 * the caller's: :class:`InvalidArgument` (also a :class:`ValueError`),
   :class:`QueueFull`, :class:`RequestTooLarge`, :class:`OwnershipError`,
-  :class:`QueueStateError`;
+  :class:`QueueStateError`, :class:`UsageError` (a command line that does not fit together);
 * the device's: :class:`DeviceProtocolError` (a malformed reply or ring
   entry), :class:`QueueBroken`, :class:`NegotiationError`,
   :class:`BlockIOError` and its SCSI forms :class:`ScsiError` and
@@ -44,6 +44,10 @@ class PyvirtioError(Exception):
 
 class InvalidArgument(PyvirtioError, ValueError):
     """A bad argument from the caller; nothing was sent to the device."""
+
+
+class UsageError(InvalidArgument):
+    """A command line whose arguments do not fit together (the CLI exits with status 2, as argparse does)."""
 
 
 class RequestTooLarge(InvalidArgument):

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from pyvirtio.errors import InvalidArgument, PyvirtioError
+from pyvirtio.errors import InvalidArgument, PyvirtioError, UsageError
 
 PROG = "pyvirtio"
 
@@ -177,10 +177,6 @@ def align_down(value: int, align: int) -> int:
 
 
 # -- errors and running -------------------------------------------------------
-
-
-class UsageError(Exception):
-    """A combination of arguments argparse cannot express was wrong: exit status 2."""
 
 
 def error_line(message: object) -> str:

@@ -7,7 +7,8 @@
   device ring.
 * :class:`PackedRingPair`, :class:`HostilePackedDevice`, :class:`RawPackedDriver`:
   the same three for packed rings.
-* :func:`open_fd_count`: this process's open file descriptors (leak checks).
+* :func:`open_fd_count`, :func:`open_fds`, :func:`fds_opened_since`: this
+  process's open file descriptors (leak checks).
 * :mod:`pyvirtio.testing.strategies`: Hypothesis strategies (imported on its
   own, since it needs Hypothesis).
 """
@@ -34,6 +35,30 @@ def open_fd_count(collect: bool = True) -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def open_fds(collect: bool = True) -> dict[int, str]:
+    """This process's open file descriptors and what each points at (``readlink``), after a collection."""
+    if collect:
+        gc.collect()
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile (listdir's own fd, another thread's)
+            continue
+    return out
+
+
+def fds_opened_since(before: dict[int, str]) -> dict[int, str]:
+    """The descriptors open now that were not open (to the same thing) in ``before``, an :func:`open_fds` result.
+
+    A leak check that a descriptor closed meanwhile by someone else (an
+    earlier test's server thread finishing) cannot upset, and that names
+    what leaked.
+    """
+    now = open_fds()
+    return {fd: target for fd, target in now.items() if before.get(fd) != target}
+
+
 __all__ = [
     "HostileDevice",
     "HostilePackedDevice",
@@ -41,5 +66,7 @@ __all__ = [
     "RawDriver",
     "RawPackedDriver",
     "RingPair",
+    "fds_opened_since",
     "open_fd_count",
+    "open_fds",
 ]
