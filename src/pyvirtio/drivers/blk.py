@@ -133,13 +133,15 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         event_idx: bool = True,
         poll: str = "hybrid",
         timeout: float | None = 30.0,
+        ring: str = "auto",
+        in_order: bool | str = "auto",
     ) -> None:
         RequestEngine.__init__(self, device, poll=poll, timeout=timeout, request_type=BlkRequest)
         self.engine = self
         wanted = DRIVER_FEATURES | extra_features
         if not event_idx:
             wanted &= ~(1 << F_RING_EVENT_IDX)
-        negotiated = device.reset(wanted)
+        negotiated = device.reset(wanted, ring=ring, in_order=in_order)
         self.features = negotiated
         cfg = B.parse_config(device.read_config(0, self._config_len()))
         self.config = cfg
@@ -198,7 +200,10 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         timeout in seconds: requests are held across a back-end restart),
         ``server`` (listen on PATH for the back end to connect),
         ``connect_timeout``; ``queue_size`` and ``timeout`` go to both; the
-        rest to :class:`VirtioBlk`.
+        rest to :class:`VirtioBlk`, among them ``ring`` (``"split"``,
+        ``"packed"`` or ``"auto"``) and ``in_order`` (True, False or
+        ``"auto"``): the ring format and VIRTIO_F_IN_ORDER
+        (:meth:`VirtioDevice.reset <pyvirtio.device.VirtioDevice.reset>`).
         """
         from pyvirtio.targets import open_driver
 
