@@ -181,6 +181,7 @@ from pyvirtio.spec.ring import (
     PACKED_DESC_ALIGN,
     USED_ALIGN,
     is_power_of_two,
+    parse_packed_base,
 )
 
 log = logging.getLogger("pyvirtio.backends")
@@ -794,6 +795,13 @@ class ControlPlane:
             )
         if ring.queue is not None:
             raise ProtocolViolation(f"SET_VRING_BASE on running ring {ring.index}")
+        if self._ring_format == "packed" and ring.num:
+            avail, _aw, used, _uw = parse_packed_base(value.num)
+            if max(avail, used) >= ring.num:
+                raise ProtocolViolation(
+                    f"SET_VRING_BASE for ring {ring.index}: ring base 0x{value.num:08x} points outside "
+                    f"{ring.num} descriptors"
+                )
         ring.base = value.num
 
     def _get_vring_base(self, value: vu.VringState, _fds: list[int]) -> vu.Outgoing:

@@ -188,6 +188,11 @@ class _RingSlots:
         self.writable = chains[0][0][2]
         self.chains = chains
 
+    @property
+    def n_inflight(self) -> int:
+        """Slots posted and not yet reaped."""
+        return self.ring.outstanding
+
     def length_fields(self) -> tuple[list[int], list[int]]:
         """(lengths, index): ``lengths[index[s]]`` is the length slot s is posted with next."""
         return self.lengths, list(range(len(self.lengths)))
@@ -299,6 +304,9 @@ class VirtioNet:
     ``mrg_rxbuf``: negotiate mergeable receive buffers. ``rx_buf_size``:
     bytes per receive buffer (header included; without MRG_RXBUF it must
     hold the largest frame + 12). ``csum``: negotiate checksum offload.
+    ``ring`` (``"split"``, ``"packed"``, ``"auto"``) and ``in_order`` (True,
+    False, ``"auto"``): the ring format and VIRTIO_F_IN_ORDER
+    (:meth:`VirtioDevice.reset <pyvirtio.device.VirtioDevice.reset>`).
     """
 
     def __init__(
@@ -313,6 +321,8 @@ class VirtioNet:
         csum: bool = False,
         event_idx: bool = True,
         timeout: float | None = 10.0,
+        ring: str = "auto",
+        in_order: bool | str = "auto",
     ) -> None:
         dtype = device.transport.device_type()
         if dtype != DEVICE_ID_NET:
@@ -329,11 +339,11 @@ class VirtioNet:
             wanted |= CSUM_FEATURES
         if not event_idx:
             wanted &= ~(1 << F_RING_EVENT_IDX)
-        self.features = device.reset(wanted)
+        self.features = device.reset(wanted, ring=ring, in_order=in_order)
         if not device.has_feature(N.F_CTRL_VQ) and self.features & _NEEDS_CTRL_VQ:
             # virtio 1.2 §5.1.3.1: these require VIRTIO_NET_F_CTRL_VQ; a device that
             # offers them without it gets them declined (reset and negotiate again).
-            self.features = device.reset(wanted & ~_NEEDS_CTRL_VQ)
+            self.features = device.reset(wanted & ~_NEEDS_CTRL_VQ, ring=ring, in_order=in_order)
         has = device.has_feature
         self.mrg_rxbuf = has(N.F_MRG_RXBUF)
         self.has_ctrl = has(N.F_CTRL_VQ)
