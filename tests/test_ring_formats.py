@@ -13,6 +13,8 @@ other test runs). Data is checked end to end:
 * net: swapped echo byte-exact on two queue pairs, mergeable and not, the
   control queue (its device side runs in the frontend, in the negotiated
   format) and the asyncio API;
+* vhost-user: a packed ring's SET_VRING_ADDR fields and its bases, with
+  the wrap counters, as the back end received them;
 * negotiation: ``ring=`` / ``in_order=`` choose the features, ``auto`` is
   :data:`~pyvirtio.device.AUTO_RING` / ``AUTO_IN_ORDER``, and asking for
   what a device does not offer is a NegotiationError naming it; ``info()``
@@ -40,7 +42,9 @@ from pyvirtio.drivers.blk import VirtioBlk  # noqa: E402
 from pyvirtio.drivers.net import VirtioNet  # noqa: E402
 from pyvirtio.drivers.scsi import VirtioScsi  # noqa: E402
 from pyvirtio.errors import InvalidArgument, NegotiationError  # noqa: E402
+from pyvirtio.ring.packed import PackedQueue  # noqa: E402
 from pyvirtio.spec.common import DEVICE_ID_BLOCK, F_IN_ORDER, F_RING_PACKED, F_VERSION_1  # noqa: E402
+from pyvirtio.spec.ring import PACKED_INITIAL_BASE, packed_base  # noqa: E402
 from pyvirtio.transport.loopback import LoopbackTransport  # noqa: E402
 from testpmd import assert_swapped_echo, echo_frames, payload_frames  # noqa: E402
 
@@ -225,3 +229,29 @@ def test_packed_queue_sizes_need_not_be_powers_of_two() -> None:
         dev.reset(0)
         with pytest.raises(NegotiationError, match="power of two"):
             dev.start(1)
+
+
+# -- vhost-user: ring addresses and bases of a packed ring ----------------------------------------
+
+
+def test_vhost_user_packed_addresses_and_bases(blk_server: VhostUserServer) -> None:
+    """SET_VRING_ADDR carries desc / device area / driver area; the bases carry both wrap counters."""
+    with VirtioBlk.open(blk_server.path, ring="packed", queue_size=8, num_queues=1) as blk:
+        ring = blk.thread_queue().vq.ring
+        assert isinstance(ring, PackedQueue)
+        backend = blk_server.backend
+        assert backend is not None
+        state = backend.control.rings[0]
+        a = ring.addresses()
+        assert state.addr is not None and (state.addr.desc, state.addr.avail, state.addr.used) == (
+            a.desc, a.driver, a.device
+        )
+        assert state.base == PACKED_INITIAL_BASE  # SET_VRING_BASE of a fresh packed ring
+        for i in range(20):  # 3 descriptors each: 60 slots, the ring of 8 wraps 7 times
+            blk.write(4096 * i, bytes([i]) * 4096)
+        assert (ring.avail_wrap, ring.used_wrap) == (0, 0) and ring.next_avail == 60 % 8
+        with pytest.raises(InvalidArgument, match="does not fit"):
+            blk.device.transport.restart_queue(0, 1 << 32)  # type: ignore[attr-defined]
+        expected = packed_base(ring.next_avail, ring.avail_wrap, ring.next_used, ring.used_wrap)
+        blk.device.stop()  # GET_VRING_BASE
+        assert state.base == expected and expected >> 15 & 1 == 0 and expected >> 31 == 0
