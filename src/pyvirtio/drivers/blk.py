@@ -388,10 +388,7 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         status = ctx.slot_view[_SLOT_SIZE * req.slot + _STATUS_OFF]
         req.status = status
         req.written = written
-        if req.op == B.T_IN and status == B.S_OK and written < req.length:
-            # virtio 1.2 §2.7.8.2: nothing beyond the used length may be relied on. (A
-            # length that leaves out the status byte is taken: DPDK's vhost_blk example
-            # reports just the data, and the status is read from the status byte.)
+        if req.op == B.T_IN and status == B.S_OK and short_read(written, req.length, ctx.vq.ring.format):
             req.error = BlockIOError(
                 req.name,
                 req.offset,
@@ -475,6 +472,23 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         req = self.run(self.get_id_request())
         raw = req.result or b""
         return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def short_read(written: int, length: int, ring_format: str) -> bool:
+    """Did a read whose status byte says OK get fewer than ``length`` bytes, as the device reports it?
+
+    virtio 1.2 §2.7.8.2: nothing beyond the used length may be relied on. A
+    length that leaves out the status byte is taken (DPDK's vhost_blk example
+    reports just the data on split rings). On a packed ring a length of 0 is
+    what the ring reports for a used descriptor without VIRTQ_DESC_F_WRITE,
+    whose length is reserved and ignored by drivers (virtio 1.2 §2.8.4):
+    with the status byte written (it was preset to 0xFF) the device wrote to
+    the buffer and the status decides (DPDK's vhost_blk example never sets
+    the flag).
+    """
+    if written >= length:
+        return False
+    return written > 0 or ring_format != "packed"
 
 
 def pack_pattern(block: int, seed: int, size: int) -> bytes:

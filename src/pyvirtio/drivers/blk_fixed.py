@@ -45,6 +45,8 @@ from pyvirtio.ring.fixed import FixedChains
 from pyvirtio.ring.split import SplitQueue
 from pyvirtio.spec import blk as B
 
+from pyvirtio.drivers.blk import short_read
+
 if TYPE_CHECKING:
     from pyvirtio.drivers.blk import VirtioBlk
     from pyvirtio.drivers.requests import QueueContext
@@ -139,7 +141,7 @@ class FixedIO:
         status = self._h[_STATUS]
         if status != B.S_OK:
             raise BlockIOError(name, offset, self.length, status, B.STATUS_NAMES.get(status, "UNKNOWN"))
-        if not write and written < self.length:
+        if not write and short_read(written, self.length, self._ring.format):
             raise BlockIOError(
                 name,
                 offset,
