@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from pyvirtio.drivers.blk import short_read
 from pyvirtio.errors import (
     BlockIOError,
     ConnectionLost,
@@ -44,8 +45,6 @@ from pyvirtio.memory import Buffer
 from pyvirtio.ring.fixed import FixedChains
 from pyvirtio.ring.split import SplitQueue
 from pyvirtio.spec import blk as B
-
-from pyvirtio.drivers.blk import short_read
 
 if TYPE_CHECKING:
     from pyvirtio.drivers.blk import VirtioBlk
