@@ -238,15 +238,16 @@ class ScsiOverrun(DriverProtocolError):
 class RuleFailed(DeviceError):
     """The back end under test broke a rule of the conformance catalogue.
 
-    ``sent``: the messages or requests that led there (most recent last);
-    ``got``: what came back; ``expected``: what the rule requires.
+    ``transcript``: the exchange that led there (messages sent and received,
+    chains posted, completions seen; most recent last); ``got``: what came
+    back; ``expected``: what the rule requires.
     """
 
-    def __init__(self, expected: str, got: str, sent: tuple[str, ...] = ()) -> None:
+    def __init__(self, expected: str, got: str, transcript: tuple[str, ...] = ()) -> None:
         super().__init__(f"expected {expected}; got {got}")
         self.expected = expected
         self.got = got
-        self.sent = sent
+        self.transcript = transcript
 
 
 class RuleSkipped(PyvirtioError):

@@ -59,7 +59,15 @@ from pyvirtio.errors import (
 )
 from pyvirtio.memory import Buffer, MemoryPool
 from pyvirtio.protocol import vhost_user as vu
-from pyvirtio.spec.common import F_RING_PACKED, F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
+from pyvirtio.spec.common import (
+    F_RING_PACKED,
+    F_VERSION_1,
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+)
 from pyvirtio.spec.ring import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -94,6 +102,7 @@ WANTED_PROTOCOL = (
     | (1 << vu.PROTOCOL_F_STATUS)
 )
 _TRANSCRIPT_TAIL = 8
+_DRIVER_OK = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +237,9 @@ class Probe:
             self.closed = True
             raise ConnectionLost(f"the back end closed the connection ({exc.strerror})") from None
         except TimeoutError:
-            raise TransportTimeout(f"the back end takes no more data (send blocked {self.settings.timeout} s)") from None
+            raise TransportTimeout(
+                f"the back end takes no more data (send blocked {self.settings.timeout} s)"
+            ) from None
 
     def send(self, out: vu.Outgoing) -> None:
         self.send_raw(out.data, out.fds)
@@ -364,7 +375,15 @@ class Probe:
         if protocol_features and offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             self.features |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
         self.send(self.codec.set_features(self.features))
+        if self.protocol >> vu.PROTOCOL_F_STATUS & 1:  # the virtio status steps, as QEMU sends them
+            self.send(self.codec.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK))
         return offered
+
+    def go(self) -> None:
+        """The rings are set up: DRIVER_OK when STATUS was negotiated (DPDK serves nothing before it), sync."""
+        if self.protocol >> vu.PROTOCOL_F_STATUS & 1:
+            self.send(self.codec.set_status(_DRIVER_OK))
+        self.sync()
 
     def negotiated(self, bit: int) -> bool:
         return bool(self.features >> bit & 1)
@@ -439,7 +458,7 @@ class Probe:
         self.mem_table()
         for q in queues:
             self.ring(q, size)
-        self.sync()
+        self.go()
 
     def get_vring_base(self, index: int) -> int:
         value = self.call(self.codec.get_vring_base(index))
@@ -587,7 +606,7 @@ class SplitRing(_RingBase):
         return head
 
     def _poll_used(self) -> list[_Used]:
-        out = []
+        out: list[_Used] = []
         idx = self.raw.used_idx
         while self.completed & 0xFFFF != idx:
             out.append(_Used(*self.raw.used_entry(self.completed)))
@@ -634,7 +653,7 @@ class PackedRing(_RingBase):
         return buf_id
 
     def _poll_used(self) -> list[_Used]:
-        out = []
+        out: list[_Used] = []
         while True:
             _addr, length, id_, flags = self.raw.read(self.used_pos)
             w = self.used_wrap

@@ -58,9 +58,9 @@ def result_lines(result: Result) -> list[str]:
     """One line for the verdict, and the evidence under it."""
     r = result.rule
     lines = [f"{result.status.value:<6} {r.id:<44} {r.severity.value:<10} {r.title}"]
-    if result.status in (Status.FAIL, Status.WEDGED) and (result.expected or result.sent):
-        for s in result.sent:
-            lines.append(f"{_INDENT}sent:     {s}")
+    if result.status in (Status.FAIL, Status.WEDGED) and (result.expected or result.transcript):
+        for s in result.transcript:
+            lines.append(f"{_INDENT}| {s}")
         if result.got:
             lines.append(f"{_INDENT}got:      {result.got}")
         if result.expected:
@@ -125,7 +125,7 @@ def _result_json(result: Result) -> dict[str, Any]:
     if result.detail:
         out["detail"] = result.detail.strip()
     if result.status in (Status.FAIL, Status.WEDGED):
-        out.update(sent=list(result.sent), got=result.got, expected=result.expected)
+        out.update(transcript=list(result.transcript), got=result.got, expected=result.expected)
     return out
 
 

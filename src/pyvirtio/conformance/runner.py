@@ -30,7 +30,8 @@ Then, for each selected rule of :data:`~pyvirtio.conformance.rules.CATALOGUE`:
 
 Processes: the restart command runs as ``/bin/sh -c "exec CMD"`` in a
 session of its own, so its pid is the back end's (``--pid`` defaults to
-it); it is stopped by SIGTERM to that process group (SIGKILL after 5 s)
+it; a compound command, ``cd DIR && exec CMD``, runs as given and should
+exec the back end last); it is stopped by SIGTERM to that process group (SIGKILL after 5 s)
 before a restart and at the end of the run. A back end that was already
 running when the run began is never signalled.
 """
@@ -47,7 +48,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pyvirtio.conformance.devices import DEVICES, Device, detect
 from pyvirtio.conformance.harness import WANTED_PROTOCOL, BackendInfo, Probe, Settings, connect
@@ -85,7 +86,7 @@ class Result:
     detail: str = ""  # why skipped / wedged / errored
     expected: str = ""
     got: str = ""
-    sent: tuple[str, ...] = ()
+    transcript: tuple[str, ...] = ()  # the exchange that led to a FAIL / WEDGED, most recent last
     seconds: float = 0.0
 
     @property
@@ -129,7 +130,7 @@ def select_rules(patterns: Sequence[str] | None) -> list[Rule]:
     chosen = []
     for r in CATALOGUE:
         for p in patterns:
-            if fnmatch.fnmatchcase(r.id, p) or fnmatch.fnmatchcase(r.id, p + ".*"):
+            if fnmatch.fnmatchcase(r.id, p) or ("." not in p and fnmatch.fnmatchcase(r.area, p)):
                 chosen.append(r)
                 break
     if not chosen:
@@ -166,25 +167,39 @@ class BackendProcess:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+        # A simple command is exec'd, so the pid is the back end's; a compound one
+        # ("cd DIR && exec CMD") should exec the back end last itself.
+        simple = not any(op in self.command for op in ("&&", "||", ";", "|", "\n", "&"))
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", f"exec {self.command}"],
+            ["/bin/sh", "-c", f"exec {self.command}" if simple else self.command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         self.starts += 1
+        # Wait for the socket file, without connecting: a one-shot back end would spend
+        # its only connection on the probe.
         deadline = time.monotonic() + self.startup
-        while not (os.path.exists(self.path) and _connectable(self.path, 0.5)):
+        while not os.path.exists(self.path):
             if self.proc.poll() is not None:
                 raise TransportError(f"--restart-cmd exited with status {self.proc.returncode} before serving")
             if time.monotonic() > deadline:
                 raise TransportError(f"--restart-cmd did not serve {self.path} within {self.startup:g} s")
             time.sleep(0.02)
 
-    def exit_status(self) -> int | None:
-        """None while running; the exit status (negative: killed by that signal) once it ended."""
-        return None if self.proc is None else self.proc.poll()
+    def exit_status(self, wait: float = 0.0) -> int | None:
+        """None while running (after waiting up to ``wait`` s); the exit status (negative: the signal) once ended."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=wait) if wait else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -223,6 +238,7 @@ class Runner:
         rules: Sequence[str] | None = None,
         restart_cmd: str | None = None,
         progress: Callable[[Result], None] | None = None,
+        started: Callable[[Report], None] | None = None,
     ) -> None:
         if device != "auto" and device not in DEVICES:
             raise UsageError(f"--device must be auto or one of {', '.join(DEVICES)}, not {device!r}")
@@ -232,6 +248,9 @@ class Runner:
         self.settings = settings or Settings()
         self.device_name = device
         self.progress = progress
+        self.started = started
+        #: The back end serves one connection per process (found out on the first one).
+        self.one_shot = False
         self._gone = ""
 
     # -- the back end's availability ------------------------------------------------------
@@ -244,11 +263,15 @@ class Runner:
         return s
 
     def _ensure_up(self) -> None:
-        if _connectable(self.path, self.settings.timeout):
+        """The back end is there: a process of ours still runs (not probed: it may serve one
+        connection only), or one not ours accepts a connection; else ours is (re)started."""
+        process = self.process
+        if process is not None:
+            if not process.running:
+                process.start()
             return
-        if self.process is None:
+        if not _connectable(self.path, self.settings.timeout):
             raise TransportError(f"nothing answers on {self.path}")
-        self.process.start()
 
     def _serving(self) -> bool:
         """A new frontend gets a GET_FEATURES answered."""
@@ -286,15 +309,19 @@ class Runner:
 
     def run(self) -> Report:
         t0 = time.monotonic()
-        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
         try:
             self._ensure_up()
             info = self._info()
+            if self.process is not None:
+                self.one_shot = self.process.exit_status(min(1.0, self.settings.timeout)) is not None
             if self.device_name == "auto":
                 device, why = detect(info)
             else:
                 device, why = DEVICES[self.device_name], "given"
-            report = Report(f"vhost-user:{self.path}", device.name, why, info, started)
+            report = Report(f"vhost-user:{self.path}", device.name, why, info, stamp)
+            if self.started is not None:
+                self.started(report)
             for r in self.rules:
                 result = self._one(r, device, info)
                 report.results.append(result)
@@ -315,7 +342,8 @@ class Runner:
             return f"feature bit(s) {', '.join(map(str, missing))} not offered"
         missing = [b for b in r.protocol if not info.offers_protocol(b)]
         if missing:
-            return f"protocol feature(s) {', '.join(vu.PROTOCOL_FEATURE_NAMES.get(b, str(b)) for b in missing)} not offered"
+            names = ', '.join(vu.PROTOCOL_FEATURE_NAMES.get(b, str(b)) for b in missing)
+            return f"protocol feature(s) {names} not offered"
         if r.pid and self.settings.pid is None and self.process is None:
             return "needs --pid (or --restart-cmd)"
         return None
@@ -334,22 +362,35 @@ class Runner:
         t = time.monotonic()
         result = self._verdict(r, device, info)
         result = self._after(result)
-        return Result(result.rule, result.status, result.detail, result.expected, result.got, result.sent,
+        return Result(result.rule, result.status, result.detail, result.expected, result.got, result.transcript,
                       time.monotonic() - t)
+
+    def _probe(self, info: BackendInfo) -> Probe:
+        """A connection for the next rule; a process of ours still exiting after its last session is waited
+        for and started again."""
+        try:
+            return Probe(self.path, self._effective(), info)
+        except ConnectionLost:
+            process = self.process
+            if process is None:
+                raise
+            process.exit_status(self.settings.timeout)
+            process.start()
+            return Probe(self.path, self._effective(), info)
 
     def _verdict(self, r: Rule, device: Device, info: BackendInfo) -> Result:
         probe: Probe | None = None
         try:
-            probe = Probe(self.path, self._effective(), info)
+            probe = self._probe(info)
             r.check(probe, device)
             return Result(r, Status.PASS)
         except RuleFailed as exc:
-            return Result(r, Status.FAIL, "", exc.expected, exc.got, exc.sent)
+            return Result(r, Status.FAIL, "", exc.expected, exc.got, exc.transcript)
         except RuleSkipped as exc:
             return Result(r, Status.SKIP, str(exc))
         except TransportTimeout as exc:
             sent = tuple(probe.transcript[-8:]) if probe else ()
-            return Result(r, Status.WEDGED, str(exc), sent=sent)
+            return Result(r, Status.WEDGED, str(exc), transcript=sent)
         except ConnectionLost as exc:
             sent = tuple(probe.transcript[-8:]) if probe else ()
             return Result(r, Status.FAIL, "", "the connection kept open", str(exc), sent)
@@ -362,20 +403,21 @@ class Runner:
     def _after(self, result: Result) -> Result:
         """Must serve the next frontend: restart a one-shot back end, report a dead or hung one."""
         process = self.process
-        if process is not None and process.exit_status() == 0:
-            return result  # one connection per process (virtiofsd): started again before the next rule
-        if self._serving():
-            return result
+        detail = ""
         if process is not None:
-            status = process.exit_status()
-            if status == 0:
+            status = process.exit_status(self.settings.timeout if self.one_shot else self.settings.quiet)
+            if status is None and not self.one_shot and self._serving():
                 return result
+            if status is not None and status >= 0 and self.one_shot:
+                return result  # its session ended, as one-shot back ends do: started again for the next rule
             what = "stopped answering" if status is None else _exit_text(status)
             detail = f"after this rule the back end {what}; restarted"
             process.stop()
+        elif self._serving():
+            return result
         else:
             detail = "after this rule the back end no longer accepts a frontend"
             self._gone = "the back end stopped answering (no --restart-cmd)"
         if result.detail:
             detail = f"{result.detail}; {detail}"
-        return Result(result.rule, Status.WEDGED, detail, result.expected, result.got, result.sent)
+        return Result(result.rule, Status.WEDGED, detail, result.expected, result.got, result.transcript)

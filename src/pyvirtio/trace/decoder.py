@@ -462,7 +462,10 @@ class Decoder:
             value = vu.decode_request(msg)
         except PyvirtioError as exc:
             error = str(exc)
-        fields = describe_payload(msg.request, value, device_type=self.device_type) if error is None else {"payload": msg.payload.hex()}
+        if error is None:
+            fields = describe_payload(msg.request, value, device_type=self.device_type)
+        else:
+            fields = {"payload": msg.payload.hex()}
         event = self._event(t, Source.FRONTEND, msg.request, name, msg.flags, msg.size, fields, msg.fds, error=error)
         if error is None:
             self.state.learn(msg.request, value, msg.fds)

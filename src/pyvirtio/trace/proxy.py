@@ -77,7 +77,7 @@ class _Relay:
 class _Session:
     front: socket.socket
     back: socket.socket
-    decoder: Decoder = field(default_factory=Decoder)
+    decoder: Decoder
     watcher: RingWatcher | None = None
     relays: dict[int, _Relay] = field(default_factory=dict)  # by the fd polled
 
@@ -105,6 +105,7 @@ class TraceProxy:
         interval: float = 1.0,
         once: bool = False,
         connect_timeout: float = 5.0,
+        device_type: int = 0,
     ) -> None:
         self.listen_path = listen
         self.connect_path = connect
@@ -113,6 +114,7 @@ class TraceProxy:
         self.interval = interval
         self.once = once
         self.connect_timeout = connect_timeout
+        self.device_type = device_type
         self.sessions = 0
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._listener: socket.socket | None = None
@@ -194,7 +196,8 @@ class TraceProxy:
             front.close()
             return False
         self.emit(f"frontend {number} connected; forwarding to {self.connect_path}")
-        session = _Session(front, back, watcher=RingWatcher() if self.rings else None)
+        session = _Session(front, back, Decoder(device_type=self.device_type),
+                           watcher=RingWatcher() if self.rings else None)
         try:
             why, stopped = self._loop(session)
         finally:

@@ -77,7 +77,8 @@ class RingSample:
         else:
             where = f"avail {self.avail_idx} used {self.used_idx} in flight {self.in_flight}"
         kind = "packed" if self.packed else "split"
-        return f"{self.time:10.6f} ring {self.index} ({kind}, {self.num}): {where}, kicks {self.kicks}, calls {self.calls}"
+        head = f"{self.time:10.6f} ring {self.index} ({kind}, {self.num})"
+        return f"{head}: {where}, kicks {self.kicks}, calls {self.calls}"
 
 
 @dataclass(slots=True)
