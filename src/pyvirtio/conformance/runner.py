@@ -405,11 +405,14 @@ class Runner:
         process = self.process
         detail = ""
         if process is not None:
-            status = process.exit_status(self.settings.timeout if self.one_shot else self.settings.quiet)
-            if status is None and not self.one_shot and self._serving():
-                return result
-            if status is not None and status >= 0 and self.one_shot:
-                return result  # its session ended, as one-shot back ends do: started again for the next rule
+            if self.one_shot:
+                status = process.exit_status(self.settings.timeout)
+                if status is not None and status >= 0:
+                    return result  # its session ended, as one-shot back ends do: started again for the next rule
+            else:
+                if process.running and self._serving():
+                    return result
+                status = process.exit_status(self.settings.quiet)
             what = "stopped answering" if status is None else _exit_text(status)
             detail = f"after this rule the back end {what}; restarted"
             process.stop()
