@@ -22,7 +22,8 @@ frontend's eventfd, passes a fresh one of its own to the back end, and
 copies each signal across (kicks frontend -> back end, calls back end ->
 frontend), counting them; the memory regions are mapped a second time, read
 only (:class:`~pyvirtio.trace.rings.RingWatcher`), and every ``interval``
-seconds (and when the frontend leaves) each ring is sampled. A relayed
+seconds, when the back end answers GET_VRING_BASE (the ring stopped: its
+final indices) and when the frontend leaves, each ring is sampled. A relayed
 notification costs one more wake-up; the payloads are still unchanged.
 
 Limits: the back-end channel (SET_BACKEND_REQ_FD) is a socket of its own
@@ -252,6 +253,9 @@ class TraceProxy:
                 self._forward(session, frame, peer, poller)
             except OSError as exc:
                 return f"cannot forward to the {'back end' if source is Source.FRONTEND else 'frontend'}: {exc}"
+            event = frame.event
+            if event is not None and event.is_reply and event.request == vu.GET_VRING_BASE and event.error is None:
+                self._sample(session, event.fields.get("index"))  # the ring stopped: its final indices
         return None
 
     def _forward(self, session: _Session, frame: Frame, peer: socket.socket, poller: select.poll) -> None:
@@ -334,8 +338,10 @@ class TraceProxy:
         else:
             session.watcher.count_call(relay.ring)
 
-    def _sample(self, session: _Session) -> None:
+    def _sample(self, session: _Session, only: object = None) -> None:
+        """Emit a sample of every ring (of ring ``only`` when given)."""
         if session.watcher is None:
             return
         for sample in session.watcher.sample(session.decoder.state, session.decoder.elapsed()):
-            self.emit(sample)
+            if only is None or sample.index == only:
+                self.emit(sample)
