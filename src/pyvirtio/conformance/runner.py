@@ -346,6 +346,8 @@ class Runner:
             return f"protocol feature(s) {names} not offered"
         if r.pid and self.settings.pid is None and self.process is None:
             return "needs --pid (or --restart-cmd)"
+        if r.reconnects and self.one_shot:
+            return "the back end serves one frontend per process (its exit after each is checked instead)"
         return None
 
     def _one(self, r: Rule, device: Device, info: BackendInfo) -> Result:
