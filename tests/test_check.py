@@ -27,9 +27,12 @@ import pytest
 
 from pyvirtio.conformance import CATALOGUE, Report, Runner, Settings, Severity, Status
 
-pytest.register_assert_rewrite("faulty_backend")
+pytest.register_assert_rewrite("faulty_backend", "peers")
 
 from faulty_backend import CRASH_STATUS, FAULTS  # noqa: E402
+from peers import Qsd, peer_binary  # noqa: E402
+
+pytest_plugins = ["peers"]
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,3 +191,33 @@ def test_cli_nothing_listening(sockdir: str) -> None:
     res = cli("check", f"{sockdir}/none.sock", "--timeout", "0.5")
     assert res.returncode != 0
     assert "nothing answers" in (res.stdout + res.stderr)
+
+
+# -- real peers: a one-shot back end, and a table against qemu-storage-daemon -------------------
+
+
+@pytest.mark.peer
+def test_one_shot_backend_virtiofsd(sockdir: str, tmp_path: Path) -> None:
+    """virtiofsd serves one connection and exits: restarted before every rule, lifecycle rules skipped."""
+    binary = peer_binary("PYVIRTIO_VIRTIOFSD", "/usr/lib/qemu/virtiofsd", "qemu-system-common")
+    sock = f"{sockdir}/fs.sock"
+    cmd = f"{binary} --socket-path={sock} -o source={tmp_path} -o cache=none"
+    report = Runner(sock, FAST, device="fs", rules=["handshake.get-features", "fs.init", "lifecycle"],
+                    restart_cmd=cmd).run()
+    by_id = {r.rule.id: r for r in report.results}
+    assert by_id["handshake.get-features"].status is Status.PASS
+    assert by_id["fs.init"].status is Status.PASS
+    for rid in ("lifecycle.reconnect", "lifecycle.die-mid-io", "lifecycle.fd-growth"):
+        assert by_id[rid].status is Status.SKIP and "one frontend per process" in by_id[rid].detail
+    assert report.restarts >= 2  # started again for each rule
+
+
+@pytest.mark.peer
+def test_check_qsd_prints_its_table(qsd_raw: Qsd) -> None:
+    res = cli("check", qsd_raw.target, "--rules", "handshake.get-features,handshake.config.exact,blk.read,blk.write",
+              "--timeout", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for rid in ("handshake.get-features", "handshake.config.exact", "blk.read", "blk.write"):
+        assert f"PASS   {rid}" in res.stdout
+    assert "(device blk:" in res.stdout
+    assert "4 rules: 4 passed" in res.stdout
