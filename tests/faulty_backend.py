@@ -245,11 +245,10 @@ class FaultyBackend:
     # frontend -> back end
 
     def _from_front(self, s: _Session) -> bool:
-        try:
-            data, anc, _f, _a = s.front.recvmsg(65536, _CMSG, socket.MSG_CMSG_CLOEXEC)
-        except OSError:
+        got = _recv(s.front)
+        if got is None:
             return False
-        fds = vu.fds_from_ancillary(anc)
+        data, fds = got
         if "leak-fds" in s.faults:
             self.leaked.extend(os.dup(fd) for fd in fds)
         if not data and not fds:
@@ -377,11 +376,10 @@ class FaultyBackend:
     # back end -> frontend
 
     def _from_back(self, s: _Session) -> bool:
-        try:
-            data, anc, _f, _a = s.back.recvmsg(65536, _CMSG, socket.MSG_CMSG_CLOEXEC)
-        except OSError:
+        got = _recv(s.back)
+        if got is None:
             return False
-        fds = vu.fds_from_ancillary(anc)
+        data, fds = got
         if not data and not fds:
             return False
         if "wrong-vring-base" in s.faults and s.base_asked and len(data) == _HEADER.size + 8:
@@ -408,6 +406,15 @@ class FaultyBackend:
             return False
         finally:
             _close_all(fds)
+
+
+def _recv(sock: socket.socket) -> tuple[bytes, list[int]] | None:
+    """One recvmsg: the bytes and the fds that came with them; None when the connection broke."""
+    try:
+        data, anc, _flags, _addr = sock.recvmsg(65536, _CMSG, socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return None
+    return data, vu.fds_from_ancillary(anc)
 
 
 def _close_all(fds: list[int]) -> None:

@@ -465,17 +465,28 @@ def _spread_request(h: Probe, dev: Device, ring: SplitRing | PackedRing, pools: 
         one_request(h, dev, ring)
 
 
+def _add_regions(h: Probe) -> list[vu.MemRegion]:
+    """Hand the probe's memory over region by region (ADD_MEM_REG, no SET_MEM_TABLE); the regions."""
+    regions, fds = h.regions()
+    for region, fd in zip(regions, fds, strict=True):
+        h.send(h.codec.add_mem_reg(region, fd))
+    return regions
+
+
+def _rings_up(h: Probe, dev: Device) -> None:
+    """Set up every ring of the device in the memory given so far, then DRIVER_OK (when STATUS) and sync."""
+    for q in dev.queues:
+        h.ring(q)
+    h.go()
+
+
 @rule("handshake.add-mem-reg", "memory given by ADD_MEM_REG alone (no SET_MEM_TABLE) serves rings and requests",
       f"{VU} ADD_MEM_REG", MUST, protocol=MEM_SLOTS)
 def _add_mem_reg(h: Probe, dev: Device) -> None:
     h.hello()
     _regions(h, 2)
-    regions, fds = h.regions()
-    for region, fd in zip(regions, fds, strict=True):
-        h.send(h.codec.add_mem_reg(region, fd))
-    for q in dev.queues:
-        h.ring(q)
-    h.go()
+    _add_regions(h)
+    _rings_up(h, dev)
     _spread_request(h, dev, h.rings[dev.request_queue], [1, 0, 1])
 
 
@@ -484,9 +495,7 @@ def _add_mem_reg(h: Probe, dev: Device) -> None:
 def _rem_mem_reg(h: Probe, dev: Device) -> None:
     h.hello()
     _regions(h, 3)
-    regions, fds = h.regions()
-    for region, fd in zip(regions, fds, strict=True):
-        h.send(h.codec.add_mem_reg(region, fd))
+    regions = _add_regions(h)
     for q in dev.queues:
         h.ring(q)
     h.send(h.codec.rem_mem_reg(regions[2]))
@@ -500,9 +509,7 @@ def _many_regions(h: Probe, dev: Device) -> None:
     h.hello()
     _regions(h, vu.VHOST_MEMORY_BASELINE_NREGIONS)
     h.mem_table()
-    for q in dev.queues:
-        h.ring(q)
-    h.go()
+    _rings_up(h, dev)
     _spread_request(h, dev, h.rings[dev.request_queue], [2, 5, 7])
 
 
@@ -515,12 +522,8 @@ def _many_slots(h: Probe, dev: Device) -> None:
     if count <= vu.VHOST_MEMORY_BASELINE_NREGIONS:
         raise h.skip(f"the back end offers {slots} slots")
     _regions(h, count)
-    regions, fds = h.regions()
-    for region, fd in zip(regions, fds, strict=True):
-        h.send(h.codec.add_mem_reg(region, fd))
-    for q in dev.queues:
-        h.ring(q)
-    h.go()
+    _add_regions(h)
+    _rings_up(h, dev)
     _spread_request(h, dev, h.rings[dev.request_queue], [count - 1, count - 2, count - 1])
 
 
@@ -567,9 +570,7 @@ def _reset_device(h: Probe, dev: Device) -> None:
         h.rings.pop(q).close()
     h.hello()
     h.mem_table()
-    for q in dev.queues:
-        h.ring(q)
-    h.go()
+    _rings_up(h, dev)
     dev.io(h)
 
 
@@ -668,6 +669,17 @@ def _misaligned(h: Probe, dev: Device) -> None:
             "a descriptor table at an 8-byte offset")
 
 
+def _set_up(h: Probe, ring: SplitRing | PackedRing, base: int) -> None:
+    """(Re)configure an existing ring object at ``base``: size, base, addresses, kick, call, enable, DRIVER_OK."""
+    for out in (h.codec.set_vring_num(ring.index, ring.size), h.codec.set_vring_base(ring.index, base),
+                h.codec.set_vring_addr(ring.addr()), h.codec.set_vring_kick(ring.index, ring.kick_fd),
+                h.codec.set_vring_call(ring.index, ring.call_fd)):
+        h.send(out)
+    if h.negotiated(VHOST_USER_F_PROTOCOL_FEATURES):
+        h.send(h.codec.set_vring_enable(ring.index, True))
+    h.go()
+
+
 @rule("ring.get-base.index", "GET_VRING_BASE returns the avail index the device reached", f"{VU} GET_VRING_BASE",
       MUST)
 def _base_index(h: Probe, dev: Device) -> None:
@@ -709,14 +721,7 @@ def _restart(h: Probe, dev: Device) -> None:
         raise h.skip("packed ring: see ring.packed")
     one_request(h, dev, ring)
     one_request(h, dev, ring)
-    base = h.get_vring_base(ring.index)
-    for out in (h.codec.set_vring_num(ring.index, ring.size), h.codec.set_vring_base(ring.index, base),
-                h.codec.set_vring_addr(ring.addr()), h.codec.set_vring_kick(ring.index, ring.kick_fd),
-                h.codec.set_vring_call(ring.index, ring.call_fd)):
-        h.send(out)
-    if h.negotiated(VHOST_USER_F_PROTOCOL_FEATURES):
-        h.send(h.codec.set_vring_enable(ring.index, True))
-    h.go()
+    _set_up(h, ring, h.get_vring_base(ring.index))
     one_request(h, dev, ring)
     h.expect(ring.raw.used_idx == 3, "used index 3 after the restart", f"{ring.raw.used_idx}")
 
@@ -734,13 +739,7 @@ def _base_wrap(h: Probe, dev: Device) -> None:
     ring.raw.set_used_idx(0xFFFF)
     ring.completed = 0xFFFF
     h.rings[ring.index] = ring
-    for out in (h.codec.set_vring_num(ring.index, 64), h.codec.set_vring_base(ring.index, 0xFFFF),
-                h.codec.set_vring_addr(ring.addr()), h.codec.set_vring_kick(ring.index, ring.kick_fd),
-                h.codec.set_vring_call(ring.index, ring.call_fd)):
-        h.send(out)
-    if h.negotiated(VHOST_USER_F_PROTOCOL_FEATURES):
-        h.send(h.codec.set_vring_enable(ring.index, True))
-    h.go()
+    _set_up(h, ring, 0xFFFF)
     one_request(h, dev, ring)
     one_request(h, dev, ring)
     h.expect(ring.raw.used_idx == 1, "used index 1 (wrapped)", f"{ring.raw.used_idx}")
@@ -773,9 +772,7 @@ def _disabled_start(h: Probe, dev: Device) -> None:
 def _no_protocol_features(h: Probe, dev: Device) -> None:
     h.hello(protocol_features=False)
     h.mem_table()
-    for q in dev.queues:
-        h.ring(q)
-    h.go()
+    _rings_up(h, dev)
     dev.io(h)
 
 
