@@ -90,7 +90,9 @@ RING_IDS = ["split", "packed", "packed-in-order", "split-in-order"]
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("ring, in_order", RINGS, ids=RING_IDS)
 @pytest.mark.parametrize("inflight", [False, True], ids=["frontend-resubmits", "backend-inflight"])
-def test_requests_in_flight_are_resubmitted_exactly_once(sockdir: str, inflight: bool, ring: str, in_order: bool) -> None:
+def test_requests_in_flight_are_resubmitted_exactly_once(
+    sockdir: str, inflight: bool, ring: str, in_order: bool
+) -> None:
     path = os.path.join(sockdir, "s.sock")
     with crashing_server(path, inflight=inflight) as (server, model), VirtioBlk.open(
         path, reconnect=5.0, ring=ring, in_order=in_order
