@@ -25,7 +25,10 @@ the ring protocol (:class:`~pyvirtio.ring.base.RingQueue`), whatever the
 format. ``packed_zero_wrap`` (a constructor option) keeps every packed ring
 base the device hands a back end in lap 0 (both wrap counters 0), for DPDK's
 vhost_blk example, which reads bit 15 of the base as part of the position
-(:mod:`pyvirtio.ring.packed`, "Bases in lap 0").
+(:mod:`pyvirtio.ring.packed`, "Bases in lap 0"). A restart may then move the
+ring to the other lap, where a back end's inflight area no longer applies:
+such a device asks its transport not to hand the area over
+(``hand_over_inflight``) and resubmits requests in flight itself.
 ``stop()`` / ``close()``
     status 0, queues deleted; ``close`` also closes the transport and frees
     the memory. The device is a context manager.
@@ -374,6 +377,8 @@ class VirtioDevice:
         if self.reconnecting is not None:
             # vhost-user sizes its inflight area (INFLIGHT_SHMFD) by the queues really used.
             self.reconnecting.plan_queues(total)
+            # A ring kept in lap 0 changes lap at a restart: an old inflight area's positions no longer hold.
+            self.reconnecting.hand_over_inflight = not (packed and self.packed_zero_wrap)
         self.transport.set_memory(self.pool)
         event_idx = self.has_feature(F_RING_EVENT_IDX)
         indirect = self.has_feature(F_RING_INDIRECT_DESC)

@@ -202,6 +202,9 @@ class ReconnectingTransport(Transport, Protocol):
     generation: int
     #: The current back end took over the previous one's inflight area and resubmits by itself.
     device_resubmits: bool
+    #: Hand the inflight area to a new back end (True, the default); False: a fresh area each time and the
+    #: frontend resubmits (the device layer's choice when its rings cannot resume where the old area says).
+    hand_over_inflight: bool
 
     def reconnect(self, deadline: float | None = None) -> bool:
         """Make sure a working connection is up; True if this call made a new one.
