@@ -505,6 +505,14 @@ class Session:
         if ring is None or ring.num == 0:
             return
         i = fi.u16() % ring.num
+        addr, length = self.desc_buffer()
+        flags = fi.u16() if fi.below(4) == 0 else fi.u8() & 7
+        nxt = fi.u16() if fi.below(4) == 0 else fi.u16() % ring.num
+        self.region_write(ring.desc + 16 * i, DESC.pack(addr, length, flags, nxt))
+
+    def desc_buffer(self) -> tuple[int, int]:
+        """A descriptor's (address, length): in the data area, in the region, or anything."""
+        fi = self.fi
         mode = fi.below(3)
         if mode == 0:
             addr = GPA_BASE + DATA_OFF + fi.u16()
@@ -512,10 +520,7 @@ class Session:
             addr = GPA_BASE + fi.u16()
         else:
             addr = fi.u64()
-        length = fi.u32() if fi.below(4) == 0 else fi.u16()
-        flags = fi.u16() if fi.below(4) == 0 else fi.u8() & 7
-        nxt = fi.u16() if fi.below(4) == 0 else fi.u16() % ring.num
-        self.region_write(ring.desc + 16 * i, DESC.pack(addr, length, flags, nxt))
+        return addr, fi.u32() if fi.below(4) == 0 else fi.u16()
 
     def _publish(self, ring: RingSpec, head: int) -> None:
         if ring.num and ring.num & (ring.num - 1) == 0:

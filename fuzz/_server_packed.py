@@ -17,14 +17,7 @@ flags written by the "driver".
 
 from __future__ import annotations
 
-from fuzz._server import (
-    DATA_OFF,
-    GPA_BASE,
-    RING_SLOT,
-    RingSpec,
-    Session,
-    serve_fuzzed,
-)
+from fuzz._server import GPA_BASE, RING_SLOT, RingSpec, Session, serve_fuzzed
 from pyvirtio.spec.common import F_RING_PACKED
 from pyvirtio.spec.ring import (
     DESC_F_NEXT,
@@ -81,14 +74,7 @@ class PackedSession(Session):
         if ring is None or ring.num == 0:
             return
         i = fi.u16() % ring.num
-        mode = fi.below(3)
-        if mode == 0:
-            addr = GPA_BASE + DATA_OFF + fi.u16()
-        elif mode == 1:
-            addr = GPA_BASE + fi.u16()
-        else:
-            addr = fi.u64()
-        length = fi.u32() if fi.below(4) == 0 else fi.u16()
+        addr, length = self.desc_buffer()
         bid = fi.u16() if fi.below(4) == 0 else fi.u16() % ring.num
         flags = fi.u16() if fi.below(4) == 0 else (fi.u8() & 7) | _lap_bits(fi.below(2))
         self.region_write(ring.desc + 16 * i, PACKED_DESC.pack(addr, length, bid, flags))

@@ -582,6 +582,18 @@ def _blk_request(s: Seed, rtype_index: int, first: int, *, slot: int = 0, sector
     s.below(dlen_units, 5)
 
 
+def _net_frame_echo(s: Seed) -> None:
+    """With rx and tx rings set up: a frame sent, a receive buffer the loopback delivers it into."""
+    # a frame on tx (ring key 1 of [0, 1]): no NEEDS_CSUM, the standard frame, one descriptor
+    s.below(REQUEST, _OPS).below(1, 2).below(0, 8).u16(0).flag(False).choose(0, (0, 0)).u16(0).u16(0)
+    s.flag(True).flag(False)
+    s.below(KICK, _OPS).below(1, 2)
+    # a 2048-byte receive buffer on rx: the loopback delivers the frame into it
+    s.below(REQUEST, _OPS).below(0, 2).below(1, 8).u16(0).flag(True).choose(0, (0, 0, 0))
+    s.below(KICK, _OPS).below(0, 2)
+    s.below(SYNC, _OPS)
+
+
 def _seed_server(model: int, build: Callable[[Seed], None], *, inflight: bool = False) -> bytes:
     s = Seed().below(model, 3).below(0, 2).flag(inflight)
     build(s)
@@ -649,14 +661,7 @@ def seeds_server() -> dict[str, bytes]:
         _mem_table(s)
         _ring(s, 0)  # rx
         _ring(s, 1)  # tx
-        # a frame on tx (ring key 1 of [0, 1]): no NEEDS_CSUM, the standard frame, one descriptor
-        s.below(REQUEST, _OPS).below(1, 2).below(0, 8).u16(0).flag(False).choose(0, (0, 0)).u16(0).u16(0)
-        s.flag(True).flag(False)
-        s.below(KICK, _OPS).below(1, 2)
-        # a 2048-byte receive buffer on rx: the loopback delivers the frame into it
-        s.below(REQUEST, _OPS).below(0, 2).below(1, 8).u16(0).flag(True).choose(0, (0, 0, 0))
-        s.below(KICK, _OPS).below(0, 2)
-        s.below(SYNC, _OPS)
+        _net_frame_echo(s)
 
     def inflight_session(s: Seed) -> None:
         _handshake(s, protocol=1 << vu.PROTOCOL_F_INFLIGHT_SHMFD)
@@ -748,12 +753,7 @@ def seeds_server_packed() -> dict[str, bytes]:
         _mem_table(s)
         _packed_ring(s, 0, 3)  # rx
         _packed_ring(s, 1, 3)  # tx
-        s.below(REQUEST, _OPS).below(1, 2).below(0, 8).u16(0).flag(False).choose(0, (0, 0)).u16(0).u16(0)
-        s.flag(True).flag(False)
-        s.below(KICK, _OPS).below(1, 2)
-        s.below(REQUEST, _OPS).below(0, 2).below(1, 8).u16(0).flag(True).choose(0, (0, 0, 0))
-        s.below(KICK, _OPS).below(0, 2)
-        s.below(SYNC, _OPS)
+        _net_frame_echo(s)
 
     def hostile_flags(s: Seed) -> None:
         _handshake(s, acks=False)

@@ -11,17 +11,20 @@ is the one negotiated, so a device that quietly fell back to split fails.
 
 from __future__ import annotations
 
-import struct
-import time
-
 import pytest
 
 pytest.register_assert_rewrite("testpmd")
 
 from pyvirtio.drivers.net import VirtioNet  # noqa: E402
-from pyvirtio.spec import net as N  # noqa: E402
 from pyvirtio.spec.common import F_IN_ORDER, F_RING_PACKED  # noqa: E402
-from testpmd import assert_swapped_echo, echo_frames, payload_frames  # noqa: E402
+from testpmd import (  # noqa: E402
+    RXONLY_SIZES,
+    assert_swapped_echo,
+    check_txonly_flood,
+    echo_frames,
+    payload_frames,
+    send_all,
+)
 
 pytest_plugins = ["testpmd"]
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(90)]
@@ -45,26 +48,12 @@ def _open(t: object, ring: str, in_order: bool, **kw: object) -> VirtioNet:
     return net
 
 
-def _ip_ok(frame: bytes) -> bool:
-    ihl = (frame[14] & 0x0F) * 4
-    s = sum(struct.unpack(f"!{ihl // 2}H", frame[14 : 14 + ihl]))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s == 0xFFFF
-
-
 @pytest.mark.parametrize(("ring", "in_order"), VARIANTS, ids=IDS)
 def test_rxonly_counts_every_frame_we_send(testpmd_factory, ring: str, in_order: bool) -> None:
     t = testpmd_factory("rxonly")
-    sizes = [60, 64, 128, 512, 1514] * 200 + [64] * 1000  # 2000 frames, several laps of a 256-entry ring
     with _open(t, ring, in_order, queue_size=256) as net:
-        frames = payload_frames(net.mac, 0, sizes)
-        sent = 0
-        deadline = time.monotonic() + 20
-        while sent < len(frames) and time.monotonic() < deadline:
-            sent += net.send_batch(frames[sent : sent + 200])
-        net.flush_tx()
-        assert sent == len(frames)
+        frames = payload_frames(net.mac, 0, RXONLY_SIZES)  # 2000 frames: several laps of a 256-entry ring
+        assert send_all(net, frames) == len(frames)
         assert net.stats()["tx_frames"] == len(frames)
     t.stop()
     stats = t.final_stats()
@@ -76,19 +65,7 @@ def test_rxonly_counts_every_frame_we_send(testpmd_factory, ring: str, in_order:
 def test_txonly_flood_every_frame_validated(testpmd_factory, ring: str, in_order: bool) -> None:
     t = testpmd_factory("txonly")
     with _open(t, ring, in_order, queue_size=256) as net:
-        checked = 0
-        deadline = time.monotonic() + 20
-        while checked < 3000 and time.monotonic() < deadline:
-            for frame, hdr in net.recv_batch(128, with_headers=True):
-                assert hdr.gso_type == N.GSO_NONE and hdr.num_buffers == 1
-                b = bytes(frame)
-                # testpmd txonly: 64-byte Ether / IPv4 / UDP 198.18.0.1:9 -> 198.18.0.2:9
-                assert len(b) == 64 and b[12:14] == b"\x08\x00"
-                assert b[14] == 0x45 and b[23] == 17
-                assert b[26:30] == bytes([198, 18, 0, 1]) and b[30:34] == bytes([198, 18, 0, 2])
-                assert _ip_ok(b)
-                assert struct.unpack("!HH", b[34:38]) == (9, 9)
-                checked += 1
+        checked = check_txonly_flood(net, 3000)
         assert checked >= 3000  # > 11 laps of the receive ring
         received = net.stats()["rx_frames"]
         assert received == checked
