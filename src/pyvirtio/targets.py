@@ -1,8 +1,11 @@
 """Naming devices on the command line and in the drivers' ``open``.
 
-A target is ``vhost-user:PATH`` or a plain path to a vhost-user socket.
-:func:`open_driver` is every driver's ``open``: it splits the keyword
-arguments between the transport and the driver.
+A target is ``vhost-user:PATH`` or a plain path to a vhost-user socket, or
+``pci:DDDD:BB:SS.F[,legacy][,irq][,uio|,vfio]``: a virtio PCI function bound
+to uio_pci_generic or vfio-pci (:mod:`pyvirtio.transport.pci`; the flags
+pick the legacy interface, interrupts instead of polling, and insist on a
+binding). :func:`open_driver` is every driver's ``open``: it splits the
+keyword arguments between the transport and the driver.
 """
 
 from __future__ import annotations
@@ -17,13 +20,19 @@ from pyvirtio.spec.common import DEVICE_ID_BLOCK
 
 def parse_target(target: str) -> tuple[str, str]:
     """(kind, address) of a target string."""
+    if target.startswith("pci:"):
+        if not target[4:]:
+            raise InvalidArgument("pci target needs a function address: pci:DDDD:BB:SS.F")
+        return "pci", target[4:]
     if target.startswith("vhost-user:"):
         path = target[len("vhost-user:") :]
         if not path:
             raise InvalidArgument("vhost-user target needs a socket path: vhost-user:PATH")
         return "vhost-user", path
     if ":" in target.split("/")[0] and not target.startswith(("/", ".")):
-        raise InvalidArgument(f"unknown target kind in {target!r} (expected vhost-user:PATH or a socket path)")
+        raise InvalidArgument(
+            f"unknown target kind in {target!r} (expected vhost-user:PATH, pci:ADDR or a socket path)"
+        )
     return "vhost-user", target
 
 
@@ -32,8 +41,23 @@ def open_device(target: str, *, device_type: int = DEVICE_ID_BLOCK, **kw: Any) -
     from pyvirtio.transport.vhost_user import VhostUserTransport
 
     kind, addr = parse_target(target)
+    if kind == "pci":
+        return _open_pci(target, addr, device_type, kw)
     transport = VhostUserTransport(addr, device_type=device_type, **kw)
     return VirtioDevice(target, transport)
+
+
+def _open_pci(target: str, addr: str, device_type: int, kw: dict[str, Any]) -> VirtioDevice:
+    """A device on the PCI transport (which owns the DMA pool: the device is given it)."""
+    from pyvirtio.transport.pci import PciTransport, parse_pci_target
+
+    for name in ("reconnect", "server"):
+        if kw.get(name):
+            raise InvalidArgument(f"{name} applies to vhost-user targets, not to {target}")
+    address, pci_kw = parse_pci_target(addr)
+    transport = PciTransport(address, device_type=device_type, queue_size=kw.get("queue_size"),
+                             timeout=float(kw.get("timeout") or 5.0), **pci_kw)
+    return VirtioDevice(target, transport, pool=transport.pool)
 
 
 D = TypeVar("D")
