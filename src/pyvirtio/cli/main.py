@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "pyvirtio.cli.net",
     "pyvirtio.cli.bench",
     "pyvirtio.cli.serve",
+    "pyvirtio.cli.pci",
 )
 
 

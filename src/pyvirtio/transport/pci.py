@@ -461,7 +461,12 @@ class PciTransport:
         return None if q is None else q.fd
 
     def wait_queue(self, index: int, timeout: float | None) -> bool:
-        """Wait for queue ``index``'s interrupt; polling mode: a short pause, then True ("look again")."""
+        """Wait for queue ``index``'s interrupt; polling mode: a short pause, then True ("look again").
+
+        The device's status is checked first (:meth:`check_alive`), so a
+        waiter on a device that was reset or needs a reset is told at once.
+        """
+        self.check_alive()
         q = self._queues.get(index)
         if q is None or q.fd is None:
             time.sleep(POLL_PAUSE if timeout is None else max(0.0, min(timeout, POLL_PAUSE)))
