@@ -99,7 +99,9 @@ def blk_job(tag: str, target: str) -> None:
         result(f"{tag}_host_sha", sha(blk.read(HOST_OFF, HOST_LEN)))
         if irq:
             result(f"{tag}_async_sha", sha(asyncio.run(blk.aread(HOST_OFF, HOST_LEN))))
-        blk.write(0, pattern(tag, "start", START_LEN))
+        start = pattern(tag, "start", START_LEN)
+        for off in range(0, START_LEN, MiB):  # 1 MiB requests, as the CLI makes: a bounce buffer per request
+            blk.write(off, start[off : off + MiB])
         blk.write(SMALL_SECTOR * 512, pattern(tag, "small", SMALL_LEN))
         blk.write(blk.capacity - END_LEN, pattern(tag, "end", END_LEN))
         blk.flush()

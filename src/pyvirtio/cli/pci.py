@@ -2,9 +2,9 @@
 
 ``pyvirtio pci list [--json]`` shows every virtio function (address, vendor
 and device ID, device type, modern or transitional, the driver bound, the
-IOMMU group). ``pyvirtio pci bind ADDR [--driver uio|vfio]`` moves a function
+IOMMU group). ``pyvirtio pci bind ADDR... [--driver uio|vfio]`` moves a function
 from the kernel's virtio-pci to uio_pci_generic (default) or vfio-pci, so
-that ``pci:ADDR`` targets can drive it; ``pyvirtio pci unbind ADDR`` gives it
+that ``pci:ADDR`` targets can drive it; ``pyvirtio pci unbind ADDR...`` gives it
 back to the kernel's driver. Binding needs root and the driver's module
 loaded. The work is :mod:`pyvirtio.transport.pci_sysfs`'s; this is the thin
 command around it.
@@ -27,11 +27,11 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--json", action="store_true", help="print a JSON list")
     ls.set_defaults(func=run_list)
     b = sub.add_parser("bind", help="bind a function to uio_pci_generic or vfio-pci")
-    b.add_argument("address", type=parse_address, metavar="ADDR", help="DDDD:BB:SS.F")
+    b.add_argument("address", type=parse_address, nargs="+", metavar="ADDR", help="DDDD:BB:SS.F (one or more)")
     b.add_argument("--driver", choices=tuple(DRIVERS), default="uio", help="uio (default) or vfio")
     b.set_defaults(func=run_bind)
     u = sub.add_parser("unbind", help="give a function back to the kernel's virtio driver")
-    u.add_argument("address", type=parse_address, metavar="ADDR", help="DDDD:BB:SS.F")
+    u.add_argument("address", type=parse_address, nargs="+", metavar="ADDR", help="DDDD:BB:SS.F (one or more)")
     u.set_defaults(func=run_unbind)
 
 
@@ -52,13 +52,15 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_bind(args: argparse.Namespace) -> int:
-    fn = PciFunction(args.address)
-    bind(fn, DRIVERS[args.driver])
-    print(f"{fn.address}: {fn.driver()}")
+    for address in args.address:
+        fn = PciFunction(address)
+        bind(fn, DRIVERS[args.driver])
+        print(f"{fn.address}: {fn.driver()}")
     return 0
 
 
 def run_unbind(args: argparse.Namespace) -> int:
-    fn = PciFunction(args.address)
-    print(f"{fn.address}: {give_back(fn) or 'no driver'}")
+    for address in args.address:
+        fn = PciFunction(address)
+        print(f"{fn.address}: {give_back(fn) or 'no driver'}")
     return 0
