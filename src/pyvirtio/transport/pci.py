@@ -66,7 +66,6 @@ the device itself:
 from __future__ import annotations
 
 import functools
-import os
 import select
 import sys
 import time
@@ -239,7 +238,8 @@ class PciTransport:
             )
         return layout
 
-    def _map(self, window: CapWindow) -> MmioWindow:
+    def map_window(self, window: CapWindow) -> MmioWindow:
+        """The registers of one virtio structure (its BAR mapped once); tests put a model of a device here."""
         region = self._bars.get(window.bar)
         if region is None:
             region = self._bars[window.bar] = self.binding.map_bar(window.bar)
@@ -260,8 +260,9 @@ class PciTransport:
                 raise DeviceProtocolError(f"{self.address}: BAR 0 is not the legacy I/O BAR")
             return LegacyRegisters(self.binding.port_window(0, bar0.size), self.binding.msix)
         assert layout.common is not None and layout.notify is not None and layout.isr is not None
-        device = self._map(layout.device) if layout.device is not None else None
-        return ModernRegisters(layout, self._map(layout.common), self._map(layout.notify), self._map(layout.isr),
+        device = self.map_window(layout.device) if layout.device is not None else None
+        return ModernRegisters(layout, self.map_window(layout.common), self.map_window(layout.notify),
+                               self.map_window(layout.isr),
                                device)
 
     # -- Transport: identity and config ---------------------------------------
@@ -476,7 +477,7 @@ class PciTransport:
         ready, _, _ = select.select([q.fd], [], [], timeout)
         if not ready:
             return False
-        self._drain(q.fd)
+        self.binding.drain(q.fd)
         return True
 
     def _take_isr(self) -> bool:
@@ -487,18 +488,11 @@ class PciTransport:
         self.binding.unmask()
         return bool(isr & P.ISR_QUEUE)
 
-    @staticmethod
-    def _drain(fd: int) -> None:
-        try:
-            os.read(fd, 8)
-        except BlockingIOError:
-            pass
-
     def ack_queue(self, index: int) -> None:
         q = self._queues.get(index)
         if q is None or q.fd is None:
             return
-        self._drain(q.fd)
+        self.binding.drain(q.fd)
         if not self.binding.msix:
             self._take_isr()
 

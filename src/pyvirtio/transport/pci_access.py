@@ -165,6 +165,10 @@ class PciBinding(Protocol):
         """Re-enable a level interrupt after it was taken (uio INTx; nothing for MSI-X)."""
         ...
 
+    def drain(self, fd: int) -> None:
+        """Consume what ``fd`` signalled (uio: a 4-byte count; vfio: an eventfd's 8 bytes); never blocks."""
+        ...
+
     @property
     def msix(self) -> bool:
         """Are MSI-X vectors enabled (the legacy config then starts at 24)?"""

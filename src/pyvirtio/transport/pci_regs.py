@@ -83,8 +83,8 @@ class ModernRegisters:
 
     interface = "modern"
 
-    def __init__(self, layout: PciLayout, common: MmioWindow, notify: MmioWindow, isr: MmioWindow,
-                 device: MmioWindow | None) -> None:
+    def __init__(self, layout: PciLayout, common: Window, notify: MmioWindow, isr: Window,
+                 device: Window | None) -> None:
         self.layout = layout
         self.common = common
         self.notify = notify

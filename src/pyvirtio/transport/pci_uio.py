@@ -20,10 +20,14 @@ physically (:mod:`pyvirtio.memory`).
 :class:`UioBinding` reaches the function through sysfs: config space
 through ``config``, memory BARs mapped from ``resourceN``, the legacy I/O
 BAR through pread/pwrite on ``resource0``, and the interrupt through
-``/dev/uioN``: a read returns the interrupt count once INTx fired
-(uio_pci_generic then masks INTx in the command register); writing 1
-unmasks it again. The device's ISR register must be read to lower the line
-(virtio 1.2 §4.1.4.5); the transport does that.
+``/dev/uioN``: a read of exactly 4 bytes (any other size is EINVAL) returns
+the interrupt count once INTx fired. uio_pci_generic masks INTx in the
+command register when it fires and has no ``irqcontrol`` (a write to
+``/dev/uioN`` is ENOSYS): the line is unmasked by clearing
+``Interrupt Disable`` in the command register through ``config``, which
+is what :meth:`UioBinding.unmask` does. The device's ISR register must be
+read to lower the line (virtio 1.2 §4.1.4.5); the transport does that
+before it unmasks.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import struct
 
 from pyvirtio.errors import PciSetupError
 from pyvirtio.memory import PAGE_SIZE, DeviceAddressing, Region
+from pyvirtio.spec import pci as P
 from pyvirtio.transport.pci_access import PortWindow
 from pyvirtio.transport.pci_caps import Bar
 from pyvirtio.transport.pci_sysfs import DRIVERS, PciFunction
@@ -187,8 +192,19 @@ class UioBinding:
         return [self._irq]
 
     def unmask(self) -> None:
-        if self._irq is not None:
-            os.write(self._irq, struct.pack("<I", 1))
+        """Clear Interrupt Disable in the command register (see the module docstring)."""
+        if self._irq is None:
+            return
+        (cmd,) = struct.unpack("<H", self.config_read(P.CFG_COMMAND, 2))
+        if cmd & P.COMMAND_INTX_DISABLE:
+            self.config_write(P.CFG_COMMAND, struct.pack("<H", cmd & ~P.COMMAND_INTX_DISABLE))
+
+    def drain(self, fd: int) -> None:
+        """Consume the interrupt count (4 bytes) so the fd polls quiet until the next interrupt."""
+        try:
+            os.read(fd, 4)
+        except BlockingIOError:
+            pass
 
     @property
     def msix(self) -> bool:

@@ -223,6 +223,13 @@ class VfioBinding:
         self._msix = True
         return list(fds)
 
+    def drain(self, fd: int) -> None:
+        """Consume an eventfd's count (8 bytes) so it polls quiet until the next interrupt."""
+        try:
+            os.read(fd, 8)
+        except BlockingIOError:
+            pass
+
     def unmask(self) -> None:
         pass  # MSI-X is edge-triggered: nothing to unmask
 

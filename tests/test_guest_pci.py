@@ -1,0 +1,265 @@
+"""pyvirtio's PCI transport inside a Linux guest, driving QEMU's own emulated virtio devices.
+
+One guest boot (q35, 1 vCPU) with the host's root over 9p, so this
+checkout's Python runs in the guest (:mod:`guest.harness`). The guest binds
+the functions below to ``uio_pci_generic`` (``pyvirtio pci bind``), reserves
+hugepages for the DMA pool (uio has no IOMMU: physical addresses from
+pagemap), and runs :mod:`guest.pci_guest`'s jobs on ``pci:`` targets:
+
+======  =====  ============================================================  ====================
+tag     slot   QEMU device                                                   how it is driven
+======  =====  ============================================================  ====================
+bm      04     ``virtio-blk-pci,disable-legacy=on`` over a file              modern, polling
+bt      05     ``virtio-blk-pci,disable-legacy=off`` (transitional, 0x1001)  legacy I/O BAR, INTx
+sc      06     ``virtio-scsi-pci`` with two ``scsi-hd`` LUNs over files       modern, polling
+nt      07     ``virtio-net-pci`` + ``-netdev socket`` to a UDP peer here     modern, polling
+vu      08     ``vhost-user-blk-pci`` on ``pyvirtio serve blk`` (this host)   modern, polling
+hx      04     bm's config space forged: notify capability past its BAR      (refused)
+======  =====  ============================================================  ====================
+
+Every blk job also resets the device under its driver (status 0 written)
+and checks that the next request fails with DeviceNeedsReset, then drives
+the function again with a new driver. After the guest exits, the backing
+files are read here: what the guest wrote is where it wrote it, the write
+issued after the reset is nowhere, and the host's data is intact. The UDP
+peer sends every frame back with the MACs swapped, and counts them.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from guest import pci_guest as J
+from guest.harness import Guest
+from guest.kernel import Kernel
+from guest.qemu import GuestRun
+
+pytest_plugins = ["guest.fixtures"]
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(420)]
+
+MODULES = ("uio_pci_generic",)
+BLK = {"bm": "04", "bt": "05", "vu": "08"}
+SCSI_SLOT, NET_SLOT = "06", "07"
+LUN_SIZES = {0: 32 * J.MiB, 1: 48 * J.MiB}
+HUGEPAGES = 64  # 128 MiB of 2 MiB pages: each job's pool (32 MiB) is freed before the next opens
+
+
+def fn(slot: str) -> str:
+    return f"0000:00:{slot}.0"
+
+
+JOBS = [
+    f"blk:bm:pci:{fn(BLK['bm'])}",
+    f"blk:bt:pci:{fn(BLK['bt'])},legacy,irq",
+    f"scsi:sc:pci:{fn(SCSI_SLOT)}",
+    f"net:nt:pci:{fn(NET_SLOT)}",
+    f"blk:vu:pci:{fn(BLK['vu'])}",
+    f"hostile:hx:pci:{fn(BLK['bm'])}",
+]
+BOUND = [fn(s) for s in (*BLK.values(), SCSI_SLOT, NET_SLOT)]
+
+SCRIPT = rf"""
+host_root || {{ result host_root failed; exit 1; }}
+echo {HUGEPAGES} > /proc/sys/vm/nr_hugepages
+result hugepages $(cat /proc/sys/vm/nr_hugepages)
+host_python -m pyvirtio pci bind {" ".join(BOUND)} --driver uio
+result bind_status $?
+host_python -m pyvirtio pci list --json | tr -d '\n' | sed 's/^/RESULT list=/'; echo
+host_python {Path(J.__file__).resolve()} {" ".join(JOBS)}
+result jobs_status $?
+host_python -m pyvirtio pci unbind {fn(BLK['bm'])}
+result unbind_driver "$(basename "$(readlink /sys/bus/pci/devices/{fn(BLK['bm'])}/driver)")"
+"""
+
+
+class EchoPeer:
+    """A UDP peer for QEMU's ``-netdev socket,udp=``: each frame back with the MACs swapped."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a free port for QEMU's end
+            s.bind(("127.0.0.1", 0))
+            self.qemu_port = s.getsockname()[1]
+        self.frames: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            if len(data) >= 14 and data[12:14] == J.ETHERTYPE.to_bytes(2, "big"):
+                self.frames.append(data)
+                self.sock.sendto(data[6:12] + data[:6] + data[12:], addr)
+
+    def netdev(self) -> list[str]:
+        return ["-netdev", f"socket,id=nt,udp=127.0.0.1:{self.port},localaddr=127.0.0.1:{self.qemu_port}"]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@dataclass
+class Outcome:
+    run: GuestRun
+    guest: Guest
+    images: dict[str, Path] = field(default_factory=dict)
+    frames: list[bytes] = field(default_factory=list)
+
+    def context(self) -> str:
+        return f"{self.run.describe(120)}\n{self.guest.backend_report()}"
+
+    def region(self, name: str, offset: int, length: int) -> bytes:
+        with open(self.images[name], "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+def make_image(path: Path, tag: str, size: int) -> Path:
+    """A zero image of ``size`` bytes with the host's data for ``tag`` at HOST_OFF."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(J.HOST_OFF)
+        f.write(J.host_data(tag))
+    return path
+
+
+@pytest.fixture(scope="module")
+def outcome(guest_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
+    peer = EchoPeer()
+    try:
+        with Guest(guest_kernel, tmp_path_factory.mktemp("guest-pci")) as g:
+            w = g.workdir
+            images = {t: make_image(w / f"{t}.img", t, J.DISK_SIZE) for t in BLK}
+            for lun, size in LUN_SIZES.items():
+                images[f"sc_lun{lun}"] = make_image(w / f"lun{lun}.img", f"sc_lun{lun}", size)
+            devices: list[str] = []
+            for tag, legacy in (("bm", "on"), ("bt", "off")):
+                devices += ["-drive", f"file={images[tag]},format=raw,if=none,id={tag},cache=writeback",
+                            "-device", f"virtio-blk-pci,drive={tag},addr=0x{BLK[tag]},disable-legacy={legacy}"]
+            devices += ["-device", f"virtio-scsi-pci,id=sc,addr=0x{SCSI_SLOT},disable-legacy=on"]
+            for lun in LUN_SIZES:
+                devices += ["-drive", f"file={images[f'sc_lun{lun}']},format=raw,if=none,id=lun{lun}",
+                            "-device", f"scsi-hd,drive=lun{lun},bus=sc.0,channel=0,scsi-id=0,lun={lun}"]
+            devices += [*peer.netdev(), "-device",
+                        f"virtio-net-pci,netdev=nt,addr=0x{NET_SLOT},disable-legacy=on,mac={J.GUEST_MAC.hex(':')}"]
+            served = g.serve("vu", "blk", "--file", str(images["vu"]))
+            devices += [*served.qemu_chardev(), "-device", f"vhost-user-blk-pci,chardev=vu,addr=0x{BLK['vu']}"]
+            run = g.boot(SCRIPT, devices, modules=MODULES, host_root=True, machine="q35", memory_mb=768,
+                         timeout=360)
+            g.close()
+            peer.stop()
+            yield Outcome(run, g, images, list(peer.frames))
+    finally:
+        peer.stop()
+
+
+def test_guest_script_ran_every_job(outcome: Outcome) -> None:
+    run = outcome.run
+    run.check()
+    assert run.int_result("hugepages") == HUGEPAGES, outcome.context()
+    assert run.int_result("bind_status") == 0, outcome.context()
+    for job in JOBS:
+        tag = job.split(":")[1]
+        assert run.result(f"{tag}_job") == "ok", outcome.context()
+    assert run.int_result("jobs_status") == 0, outcome.context()
+
+
+def test_pci_list_shows_the_functions_bound_to_uio(outcome: Outcome) -> None:
+    import json
+
+    listed = {f["address"]: f for f in json.loads(outcome.run.result("list"))}
+    for address in BOUND:
+        assert listed[address]["driver"] == "uio_pci_generic", outcome.context()
+    assert listed[fn(BLK["bt"])]["interface"] == "transitional"
+    assert listed[fn(BLK["bm"])]["interface"] == "modern"
+    assert listed[fn(SCSI_SLOT)]["type"] == "scsi"
+    assert listed[fn(NET_SLOT)]["type"] == "net"
+
+
+@pytest.mark.parametrize("tag", list(BLK))
+def test_blk_reads_the_host_data_and_its_writes_reach_the_file(outcome: Outcome, tag: str) -> None:
+    run = outcome.run
+    assert run.int_result(f"{tag}_capacity") == J.DISK_SIZE, outcome.context()
+    assert run.result(f"{tag}_host_sha") == J.sha(J.host_data(tag)), outcome.context()
+    assert run.result(f"{tag}_readback") == "ok", outcome.context()
+    assert outcome.region(tag, 0, J.START_LEN) == J.pattern(tag, "start", J.START_LEN)
+    small = J.SMALL_SECTOR * 512
+    assert outcome.region(tag, small, J.SMALL_LEN) == J.pattern(tag, "small", J.SMALL_LEN)
+    assert outcome.region(tag, small - 512, 512) == bytes(512)  # the neighbours untouched
+    assert outcome.region(tag, small + J.SMALL_LEN, 512) == bytes(512)
+    assert outcome.region(tag, J.DISK_SIZE - J.END_LEN, J.END_LEN) == J.pattern(tag, "end", J.END_LEN)
+    assert outcome.region(tag, J.HOST_OFF, J.HOST_LEN) == J.host_data(tag)
+
+
+def test_blk_interfaces_as_configured(outcome: Outcome) -> None:
+    run = outcome.run
+    assert run.result("bm_interface") == "modern", outcome.context()
+    assert run.result("bt_interface") == "legacy", outcome.context()
+    assert run.result("bt_interrupts") == "intx", outcome.context()
+    assert run.result("bm_interrupts") == "poll", outcome.context()
+    assert run.result("bm_dma") == "physical", outcome.context()
+    assert run.result("bt_async_sha") == J.sha(J.host_data("bt")), outcome.context()
+
+
+@pytest.mark.parametrize("tag", list(BLK))
+def test_blk_reset_under_the_driver_fails_the_next_request_and_a_new_driver_works(outcome: Outcome,
+                                                                                  tag: str) -> None:
+    run = outcome.run
+    assert run.result(f"{tag}_reset_error") == "DeviceNeedsReset", outcome.context()
+    assert float(run.result(f"{tag}_reset_seconds")) < 5.0, outcome.context()
+    assert run.result(f"{tag}_after_reset") == "ok", outcome.context()
+    n = J.AFTER_RESET_LEN
+    assert outcome.region(tag, J.AFTER_RESET, n) == J.pattern(tag, "after-reset", n)
+    assert outcome.region(tag, J.AFTER_RESET + n, 4096) == bytes(4096)
+
+
+def test_scsi_finds_both_luns_and_writes_reach_their_files(outcome: Outcome) -> None:
+    run = outcome.run
+    assert run.result("sc_luns") == "0:0 0:1", outcome.context()
+    for lun, size in LUN_SIZES.items():
+        name = f"sc_lun{lun}"
+        assert run.int_result(f"{name}_capacity") == size, outcome.context()
+        assert run.result(f"{name}_host_sha") == J.sha(J.host_data(name)), outcome.context()
+        assert run.result(f"{name}_readback") == "ok", outcome.context()
+        assert outcome.region(name, 0, J.LUN_LEN) == J.pattern(name, "start", J.LUN_LEN)
+        assert outcome.region(name, J.LUN_LEN, 4096) == bytes(4096)
+
+
+def test_net_frames_cross_the_udp_peer_and_come_back(outcome: Outcome) -> None:
+    run = outcome.run
+    assert run.result("nt_link") in ("True", "1"), outcome.context()
+    assert run.int_result("nt_received") == J.NET_FRAMES, outcome.context()
+    assert run.result("nt_echo") == "ok", outcome.context()
+    assert outcome.frames == [J.frame(i) for i in range(J.NET_FRAMES)]
+
+
+def test_hostile_notify_capability_outside_its_bar_is_refused(outcome: Outcome) -> None:
+    run = outcome.run
+    assert run.result("hx_error") == "DeviceProtocolError", outcome.context()
+    assert "outside BAR" in run.result("hx_message"), outcome.context()
+
+
+def test_unbind_gives_the_function_back_to_virtio_pci(outcome: Outcome) -> None:
+    assert outcome.run.result("unbind_driver") == "virtio-pci", outcome.context()
+
+
+def test_vhost_user_back_end_saw_no_fault(outcome: Outcome) -> None:
+    served = outcome.guest.backends["vu"]
+    assert outcome.guest.exit_status["vu"] == 0, outcome.context()
+    assert served.faults() == [], outcome.context()
+
