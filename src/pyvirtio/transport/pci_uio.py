@@ -68,6 +68,8 @@ def pagemap_addresses(user_addr: int, size: int, step: int, pagemap: str = "/pro
     try:
         for addr in range(user_addr, user_addr + size, step):
             data = os.pread(fd, 8, addr // PAGE_SIZE * 8)
+            if len(data) != 8:
+                raise PciSetupError(f"{pagemap} has no entry for 0x{addr:x} (a {len(data)}-byte read)")
             (entry,) = struct.unpack("<Q", data)
             if not entry & PAGEMAP_PRESENT:
                 raise PciSetupError(f"page at 0x{addr:x} is not present in memory although it was locked")
