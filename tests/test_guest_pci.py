@@ -43,9 +43,13 @@ from guest.qemu import GuestRun
 pytest_plugins = ["guest.fixtures"]
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(420)]
 
-MODULES = ("uio_pci_generic",)
-BLK = {"bm": "04", "bt": "05", "vu": "08"}
+MODULES = ("uio_pci_generic", "vfio_pci", "vfio_iommu_type1")
+BLK = {"bm": "04", "bt": "05", "vu": "08", "vb": "09"}
 SCSI_SLOT, NET_SLOT = "06", "07"
+#: Driven through vfio-pci: their DMA goes through the emulated IOMMU (iommu_platform=on).
+VFIO_SCSI_SLOT, VFIO_NET_SLOT = "0a", "0b"
+#: The IOMMU on; identity (pt) domains for devices the kernel's DMA API owns, so uio keeps physical addresses.
+CMDLINE = "intel_iommu=on iommu=pt"
 LUN_SIZES = {0: 32 * J.MiB, 1: 48 * J.MiB}
 HUGEPAGES = 64  # 128 MiB of 2 MiB pages: each job's pool (32 MiB) is freed before the next opens
 
@@ -61,14 +65,20 @@ JOBS = [
     f"net:nt:pci:{fn(NET_SLOT)}",
     f"blk:vu:pci:{fn(BLK['vu'])}",
     f"hostile:hx:pci:{fn(BLK['bm'])}",
+    f"blk:vb:pci:{fn(BLK['vb'])},vfio,irq",
+    f"scsi:vs:pci:{fn(VFIO_SCSI_SLOT)},vfio",
+    f"net:vn:pci:{fn(VFIO_NET_SLOT)},vfio",
 ]
-BOUND = [fn(s) for s in (*BLK.values(), SCSI_SLOT, NET_SLOT)]
+UIO_BOUND = [fn(s) for s in (BLK["bm"], BLK["bt"], BLK["vu"], SCSI_SLOT, NET_SLOT)]
+VFIO_BOUND = [fn(s) for s in (BLK["vb"], VFIO_SCSI_SLOT, VFIO_NET_SLOT)]
+BOUND = UIO_BOUND + VFIO_BOUND
 
 SCRIPT = rf"""
 host_root || {{ result host_root failed; exit 1; }}
 echo {HUGEPAGES} > /proc/sys/vm/nr_hugepages
 result hugepages $(cat /proc/sys/vm/nr_hugepages)
-host_python -m pyvirtio pci bind {" ".join(BOUND)} --driver uio
+host_python -m pyvirtio pci bind {" ".join(UIO_BOUND)} --driver uio && \
+    host_python -m pyvirtio pci bind {" ".join(VFIO_BOUND)} --driver vfio
 result bind_status $?
 host_python -m pyvirtio pci list --json | tr -d '\n' | sed 's/^/RESULT list=/'; echo
 host_python {Path(J.__file__).resolve()} {" ".join(JOBS)}
@@ -81,7 +91,8 @@ result unbind_driver "$(basename "$(readlink /sys/bus/pci/devices/{fn(BLK['bm'])
 class EchoPeer:
     """A UDP peer for QEMU's ``-netdev socket,udp=``: each frame back with the MACs swapped."""
 
-    def __init__(self) -> None:
+    def __init__(self, netdev_id: str) -> None:
+        self.netdev_id = netdev_id
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -105,7 +116,7 @@ class EchoPeer:
                 self.sock.sendto(data[6:12] + data[:6] + data[12:], addr)
 
     def netdev(self) -> list[str]:
-        return ["-netdev", f"socket,id=nt,udp=127.0.0.1:{self.port},localaddr=127.0.0.1:{self.qemu_port}"]
+        return ["-netdev", f"socket,id={self.netdev_id},udp=127.0.0.1:{self.port},localaddr=127.0.0.1:{self.qemu_port}"]
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,7 +129,7 @@ class Outcome:
     run: GuestRun
     guest: Guest
     images: dict[str, Path] = field(default_factory=dict)
-    frames: list[bytes] = field(default_factory=list)
+    frames: dict[str, list[bytes]] = field(default_factory=dict)
 
     def context(self) -> str:
         return f"{self.run.describe(120)}\n{self.guest.backend_report()}"
@@ -140,32 +151,41 @@ def make_image(path: Path, tag: str, size: int) -> Path:
 
 @pytest.fixture(scope="module")
 def outcome(guest_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
-    peer = EchoPeer()
+    peers = {tag: EchoPeer(tag) for tag in ("nt", "vn")}
     try:
         with Guest(guest_kernel, tmp_path_factory.mktemp("guest-pci")) as g:
             w = g.workdir
             images = {t: make_image(w / f"{t}.img", t, J.DISK_SIZE) for t in BLK}
             for lun, size in LUN_SIZES.items():
-                images[f"sc_lun{lun}"] = make_image(w / f"lun{lun}.img", f"sc_lun{lun}", size)
-            devices: list[str] = []
-            for tag, legacy in (("bm", "on"), ("bt", "off")):
+                for tag in ("sc", "vs"):
+                    images[f"{tag}_lun{lun}"] = make_image(w / f"{tag}{lun}.img", f"{tag}_lun{lun}", size)
+            # The IOMMU first: QEMU wants it before the devices it translates for.
+            devices: list[str] = ["-device", "intel-iommu,intremap=on"]
+            iommu = ",iommu_platform=on"
+            for tag, extra in (("bm", ",disable-legacy=on"), ("bt", ",disable-legacy=off"),
+                               ("vb", ",disable-legacy=on" + iommu)):
                 devices += ["-drive", f"file={images[tag]},format=raw,if=none,id={tag},cache=writeback",
-                            "-device", f"virtio-blk-pci,drive={tag},addr=0x{BLK[tag]},disable-legacy={legacy}"]
-            devices += ["-device", f"virtio-scsi-pci,id=sc,addr=0x{SCSI_SLOT},disable-legacy=on"]
-            for lun in LUN_SIZES:
-                devices += ["-drive", f"file={images[f'sc_lun{lun}']},format=raw,if=none,id=lun{lun}",
-                            "-device", f"scsi-hd,drive=lun{lun},bus=sc.0,channel=0,scsi-id=0,lun={lun}"]
-            devices += [*peer.netdev(), "-device",
-                        f"virtio-net-pci,netdev=nt,addr=0x{NET_SLOT},disable-legacy=on,mac={J.GUEST_MAC.hex(':')}"]
+                            "-device", f"virtio-blk-pci,drive={tag},addr=0x{BLK[tag]}{extra}"]
+            for tag, slot, extra in (("sc", SCSI_SLOT, ""), ("vs", VFIO_SCSI_SLOT, iommu)):
+                devices += ["-device", f"virtio-scsi-pci,id={tag},addr=0x{slot},disable-legacy=on{extra}"]
+                for lun in LUN_SIZES:
+                    devices += ["-drive", f"file={images[f'{tag}_lun{lun}']},format=raw,if=none,id={tag}{lun}",
+                                "-device", f"scsi-hd,drive={tag}{lun},bus={tag}.0,channel=0,scsi-id=0,lun={lun}"]
+            for tag, slot, extra in (("nt", NET_SLOT, ""), ("vn", VFIO_NET_SLOT, iommu)):
+                devices += [*peers[tag].netdev(), "-device",
+                            f"virtio-net-pci,netdev={tag},addr=0x{slot},disable-legacy=on,"
+                            f"mac={J.GUEST_MAC.hex(':')}{extra}"]
             served = g.serve("vu", "blk", "--file", str(images["vu"]))
             devices += [*served.qemu_chardev(), "-device", f"vhost-user-blk-pci,chardev=vu,addr=0x{BLK['vu']}"]
             run = g.boot(SCRIPT, devices, modules=MODULES, host_root=True, machine="q35", memory_mb=768,
-                         timeout=360)
+                         timeout=360, cmdline=CMDLINE)
             g.close()
-            peer.stop()
-            yield Outcome(run, g, images, list(peer.frames))
+            for peer in peers.values():
+                peer.stop()
+            yield Outcome(run, g, images, {tag: list(p.frames) for tag, p in peers.items()})
     finally:
-        peer.stop()
+        for peer in peers.values():
+            peer.stop()
 
 
 def test_guest_script_ran_every_job(outcome: Outcome) -> None:
@@ -183,8 +203,11 @@ def test_pci_list_shows_the_functions_bound_to_uio(outcome: Outcome) -> None:
     import json
 
     listed = {f["address"]: f for f in json.loads(outcome.run.result("list"))}
-    for address in BOUND:
+    for address in UIO_BOUND:
         assert listed[address]["driver"] == "uio_pci_generic", outcome.context()
+    for address in VFIO_BOUND:
+        assert listed[address]["driver"] == "vfio-pci", outcome.context()
+        assert listed[address]["iommu_group"] is not None, outcome.context()
     assert listed[fn(BLK["bt"])]["interface"] == "transitional"
     assert listed[fn(BLK["bm"])]["interface"] == "modern"
     assert listed[fn(SCSI_SLOT)]["type"] == "scsi"
@@ -214,6 +237,10 @@ def test_blk_interfaces_as_configured(outcome: Outcome) -> None:
     assert run.result("bm_interrupts") == "poll", outcome.context()
     assert run.result("bm_dma") == "physical", outcome.context()
     assert run.result("bt_async_sha") == J.sha(J.host_data("bt")), outcome.context()
+    assert run.result("vb_interface") == "modern", outcome.context()
+    assert run.result("vb_dma") == "iova", outcome.context()
+    assert run.result("vb_interrupts") == "msix", outcome.context()
+    assert run.result("vb_async_sha") == J.sha(J.host_data("vb")), outcome.context()
 
 
 @pytest.mark.parametrize("tag", list(BLK))
@@ -228,11 +255,12 @@ def test_blk_reset_under_the_driver_fails_the_next_request_and_a_new_driver_work
     assert outcome.region(tag, J.AFTER_RESET + n, 4096) == bytes(4096)
 
 
-def test_scsi_finds_both_luns_and_writes_reach_their_files(outcome: Outcome) -> None:
+@pytest.mark.parametrize("tag", ["sc", "vs"])
+def test_scsi_finds_both_luns_and_writes_reach_their_files(outcome: Outcome, tag: str) -> None:
     run = outcome.run
-    assert run.result("sc_luns") == "0:0 0:1", outcome.context()
+    assert run.result(f"{tag}_luns") == "0:0 0:1", outcome.context()
     for lun, size in LUN_SIZES.items():
-        name = f"sc_lun{lun}"
+        name = f"{tag}_lun{lun}"
         assert run.int_result(f"{name}_capacity") == size, outcome.context()
         assert run.result(f"{name}_host_sha") == J.sha(J.host_data(name)), outcome.context()
         assert run.result(f"{name}_readback") == "ok", outcome.context()
@@ -240,12 +268,13 @@ def test_scsi_finds_both_luns_and_writes_reach_their_files(outcome: Outcome) -> 
         assert outcome.region(name, J.LUN_LEN, 4096) == bytes(4096)
 
 
-def test_net_frames_cross_the_udp_peer_and_come_back(outcome: Outcome) -> None:
+@pytest.mark.parametrize("tag", ["nt", "vn"])
+def test_net_frames_cross_the_udp_peer_and_come_back(outcome: Outcome, tag: str) -> None:
     run = outcome.run
-    assert run.result("nt_link") in ("True", "1"), outcome.context()
-    assert run.int_result("nt_received") == J.NET_FRAMES, outcome.context()
-    assert run.result("nt_echo") == "ok", outcome.context()
-    assert outcome.frames == [J.frame(i) for i in range(J.NET_FRAMES)]
+    assert run.result(f"{tag}_link") in ("True", "1"), outcome.context()
+    assert run.int_result(f"{tag}_received") == J.NET_FRAMES, outcome.context()
+    assert run.result(f"{tag}_echo") == "ok", outcome.context()
+    assert outcome.frames[tag] == [J.frame(i) for i in range(J.NET_FRAMES)]
 
 
 def test_hostile_notify_capability_outside_its_bar_is_refused(outcome: Outcome) -> None:
