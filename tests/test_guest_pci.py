@@ -27,6 +27,7 @@ peer sends every frame back with the MACs swapped, and counts them.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -43,7 +44,8 @@ from guest.qemu import GuestRun
 pytest_plugins = ["guest.fixtures"]
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(420)]
 
-MODULES = ("uio_pci_generic", "vfio_pci", "vfio_iommu_type1")
+#: virtio_blk: the guest kernel's own driver, for the speed ratio (it has the blk functions until they are bound).
+MODULES = ("uio_pci_generic", "vfio_pci", "vfio_iommu_type1", "virtio_blk")
 BLK = {"bm": "04", "bt": "05", "vu": "08", "vb": "09"}
 SCSI_SLOT, NET_SLOT = "06", "07"
 #: Driven through vfio-pci: their DMA goes through the emulated IOMMU (iommu_platform=on).
@@ -73,6 +75,49 @@ UIO_BOUND = [fn(s) for s in (BLK["bm"], BLK["bt"], BLK["vu"], SCSI_SLOT, NET_SLO
 VFIO_BOUND = [fn(s) for s in (BLK["vb"], VFIO_SCSI_SLOT, VFIO_NET_SLOT)]
 BOUND = UIO_BOUND + VFIO_BOUND
 
+#: The same reads by pyvirtio (``pyvirtio bench``) and by the guest kernel's virtio_blk (``dd iflag=direct``).
+RATIO_TAGS = ("bm", "vb")
+RATIO_BS = (4096, 65536)
+BENCH_SECONDS = 3
+#: dd's reads per block size (passes over the first KDD_SPAN bytes): a second or more under TCG.
+KDD_SPAN = 48 * J.MiB
+KDD_PASSES = {4096: 1, 65536: 6}
+CLI = {
+    "info_bm": f"info pci:{fn(BLK['bm'])} --json",
+    "info_vb": f"info pci:{fn(BLK['vb'])},vfio --json",
+    "info_sc": f"info pci:{fn(SCSI_SLOT)} --type scsi --json",
+    "info_nt": f"net info pci:{fn(NET_SLOT)} --json",
+    "bench_sc": f"bench pci:{fn(SCSI_SLOT)} --lun 0:0 --rw randread --bs 4k --iodepth 8 --runtime 2 --json "
+                "--no-progress",
+    "bench_nt": f"net bench pci:{fn(NET_SLOT)} --mode echo --runtime 2 --json",
+    **{f"bench_{t}_{bs}": f"bench pci:{fn(BLK[t])} --rw read --bs {bs} --iodepth 1 --runtime {BENCH_SECONDS} "
+       "--json --no-progress" for t in RATIO_TAGS for bs in RATIO_BS},
+}
+CLI_SH = r"""
+# cli NAME ARGS...: pyvirtio's output on one RESULT line, then its exit status.
+cli() {
+    name=$1; shift
+    out=$(host_python -m pyvirtio "$@" 2>/tmp/cli.err); st=$?
+    echo "RESULT $name=$(echo "$out" | tr -d '\n')"
+    result ${name}_status $st
+    [ $st = 0 ] || tail -20 /tmp/cli.err
+}
+""" + "".join(f"cli {name} {argv}\n" for name, argv in CLI.items())
+KERNEL_SH = r"""
+# kdd TAG SLOT BS COUNT PASSES: the kernel's virtio_blk reads COUNT blocks of BS bytes with O_DIRECT, PASSES
+# times; reports the status and the uptime before and after.
+kdd() {
+    d=""; i=0; while ! d=$(disk_at $2 vd) && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    [ -n "$d" ] || { result kdd_$1_$3 none; return; }
+    st=0; n=0; t0=$(cut -d' ' -f1 /proc/uptime)
+    while [ $n -lt $5 ]; do
+        dd if=/dev/$d of=/dev/null bs=$3 count=$4 iflag=direct 2>/dev/null || st=$?
+        n=$((n+1))
+    done
+    result kdd_$1_$3 "$st $t0 $(cut -d' ' -f1 /proc/uptime)"
+}
+""" + "".join(f"kdd {t} {BLK[t]} {bs} {KDD_SPAN // bs} {KDD_PASSES[bs]}\n" for t in RATIO_TAGS for bs in RATIO_BS)
+
 SCRIPT = rf"""
 host_root || {{ result host_root failed; exit 1; }}
 echo {HUGEPAGES} > /proc/sys/vm/nr_hugepages
@@ -83,8 +128,10 @@ result bind_status $?
 host_python -m pyvirtio pci list --json | tr -d '\n' | sed 's/^/RESULT list=/'; echo
 host_python {Path(J.__file__).resolve()} {" ".join(JOBS)}
 result jobs_status $?
-host_python -m pyvirtio pci unbind {fn(BLK['bm'])}
+{CLI_SH}
+host_python -m pyvirtio pci unbind {fn(BLK['bm'])} {fn(BLK['vb'])}
 result unbind_driver "$(basename "$(readlink /sys/bus/pci/devices/{fn(BLK['bm'])}/driver)")"
+{KERNEL_SH}
 """
 
 
@@ -112,7 +159,8 @@ class EchoPeer:
             except TimeoutError:
                 continue
             if len(data) >= 14 and data[12:14] == J.ETHERTYPE.to_bytes(2, "big"):
-                self.frames.append(data)
+                self.frames.append(data)  # the job's frames (the net bench sends IPv4 ones)
+            if len(data) >= 14:
                 self.sock.sendto(data[6:12] + data[:6] + data[12:], addr)
 
     def netdev(self) -> list[str]:
@@ -178,7 +226,7 @@ def outcome(guest_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> I
             served = g.serve("vu", "blk", "--file", str(images["vu"]))
             devices += [*served.qemu_chardev(), "-device", f"vhost-user-blk-pci,chardev=vu,addr=0x{BLK['vu']}"]
             run = g.boot(SCRIPT, devices, modules=MODULES, host_root=True, machine="q35", memory_mb=768,
-                         timeout=360, cmdline=CMDLINE)
+                         timeout=360, cmdline=CMDLINE, cpu="max")
             g.close()
             for peer in peers.values():
                 peer.stop()
@@ -200,8 +248,6 @@ def test_guest_script_ran_every_job(outcome: Outcome) -> None:
 
 
 def test_pci_list_shows_the_functions_bound_to_uio(outcome: Outcome) -> None:
-    import json
-
     listed = {f["address"]: f for f in json.loads(outcome.run.result("list"))}
     for address in UIO_BOUND:
         assert listed[address]["driver"] == "uio_pci_generic", outcome.context()
@@ -292,3 +338,59 @@ def test_vhost_user_back_end_saw_no_fault(outcome: Outcome) -> None:
     assert outcome.guest.exit_status["vu"] == 0, outcome.context()
     assert served.faults() == [], outcome.context()
 
+
+
+def cli_json(outcome: Outcome, name: str) -> dict[str, object]:
+    run = outcome.run
+    assert run.int_result(f"{name}_status") == 0, outcome.context()
+    value: dict[str, object] = json.loads(run.result(name))
+    return value
+
+
+def test_pyvirtio_info_on_pci_targets(outcome: Outcome) -> None:
+    bm = cli_json(outcome, "info_bm")
+    assert bm["device_type"] == "blk" and bm["name"] == f"pci:{fn(BLK['bm'])}"
+    virtio = bm["virtio"]
+    assert isinstance(virtio, dict)
+    assert (virtio["type"], virtio["driver"], virtio["interface"], virtio["dma"]) == ("pci", "uio", "modern",
+                                                                                  "physical")
+    assert bm["blk"]["capacity"] == J.DISK_SIZE  # type: ignore[index]
+    vb = cli_json(outcome, "info_vb")["virtio"]
+    assert isinstance(vb, dict)
+    assert (vb["driver"], vb["dma"]) == ("vfio", "iova")
+    assert "ACCESS_PLATFORM" in vb["transport_features"]  # iommu_platform=on: the device asks for it
+    sc = cli_json(outcome, "info_sc")
+    assert sc["device_type"] == "scsi"
+    assert [(lun["target"], lun["lun"]) for lun in sc["scsi"]["luns"]] == [(0, 0), (0, 1)]  # type: ignore[index]
+    nt = cli_json(outcome, "info_nt")
+    assert nt["device_type"] == "net" and nt["net"]["mac"] == J.GUEST_MAC.hex(":")  # type: ignore[index]
+
+
+def test_pyvirtio_bench_on_pci_targets(outcome: Outcome) -> None:
+    for name in ("bench_sc", "bench_nt", *(f"bench_{t}_{bs}" for t in RATIO_TAGS for bs in RATIO_BS)):
+        report = cli_json(outcome, name)
+        assert report["errors"] == 0 and report["verify_errors"] == 0, (name, report)
+        assert int(report.get("iops", report.get("pps", 0))) > 0, (name, report)  # type: ignore[call-overload]
+
+
+def speed_ratios(outcome: Outcome) -> dict[str, dict[str, float]]:
+    """pyvirtio bench vs the guest kernel's virtio_blk (dd iflag=direct), same reads, same function."""
+    out = {}
+    for tag in RATIO_TAGS:
+        for bs in RATIO_BS:
+            ours = float(cli_json(outcome, f"bench_{tag}_{bs}")["iops"])  # type: ignore[arg-type]
+            status, t0, t1 = outcome.run.result(f"kdd_{tag}_{bs}").split()
+            assert status == "0", outcome.context()
+            kernel = KDD_PASSES[bs] * (KDD_SPAN // bs) / (float(t1) - float(t0))
+            out[f"{tag} {bs // 1024}k"] = {"pyvirtio_iops": ours, "kernel_iops": round(kernel),
+                                          "ratio": round(ours / kernel, 2)}
+    return out
+
+
+def test_speed_ratio_against_the_guest_kernels_driver_is_recorded(outcome: Outcome) -> None:
+    """TCG: absolute figures mean nothing; the ratio is what docs/benchmarks.md records."""
+    ratios = speed_ratios(outcome)
+    (outcome.guest.workdir / "ratios.json").write_text(json.dumps(ratios, indent=1))
+    print(json.dumps(ratios))
+    for row in ratios.values():
+        assert row["kernel_iops"] > 0 and row["pyvirtio_iops"] > 0

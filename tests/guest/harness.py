@@ -117,11 +117,12 @@ class Guest:
         host_root: bool = False,
         machine: str = "pc",
         cmdline: str = "",
+        cpu: str = "",
     ) -> GuestRun:
         """Build an initramfs running ``script`` (see :mod:`guest.initramfs`) and boot it with ``devices``.
 
-        ``host_root``: share the host's root (module docstring); ``machine``
-        and ``cmdline`` go to :func:`~guest.qemu.run_guest`.
+        ``host_root``: share the host's root (module docstring); ``machine``,
+        ``cmdline`` and ``cpu`` go to :func:`~guest.qemu.run_guest`.
         """
         n = len(self.runs)
         rundir = self.workdir / f"run{n}"
@@ -133,7 +134,7 @@ class Guest:
             devices = (*devices, *host_root_devices())
         build_initramfs(initrd, self.kernel, script, modules=modules, files=files)
         run = run_guest(self.kernel, initrd, rundir, devices, memory_mb=memory_mb, smp=smp, timeout=timeout,
-                        machine=machine, cmdline=cmdline)
+                        machine=machine, cmdline=cmdline, cpu=cpu)
         self.runs.append(run)
         return run
 

@@ -28,7 +28,10 @@ the guest has exited, the disks' backing files. Jobs (``kind:tag:target``):
 ``hostile``
     The transport on a real function whose config space is forged so that
     the notify capability points outside its BAR: DeviceProtocolError, and
-    its message, are reported.
+    its message, are reported. Then the same function with its common
+    config seen through a window whose ``queue_size`` reads 0: starting a
+    queue must fail with DeviceProtocolError and FAILED written to the
+    real device.
 
 This file is run as a script (not imported as ``guest.pci_guest`` in the
 guest: that would import pytest there); the host test imports it for the
@@ -200,6 +203,59 @@ def hostile_job(tag: str, target: str) -> None:
         result(f"{tag}_message", str(exc).replace("=", ":"))
     finally:
         binding.close()
+    zero_queue(tag, address)
+
+
+def zero_queue(tag: str, address: str) -> None:
+    """The real device's common config seen through a window whose queue_size reads 0."""
+    from pyvirtio.device import VirtioDevice
+    from pyvirtio.errors import DeviceProtocolError
+    from pyvirtio.spec import pci as P
+    from pyvirtio.spec.common import F_VERSION_1, STATUS_FAILED
+    from pyvirtio.transport.pci import PciTransport
+    from pyvirtio.transport.pci_caps import CapWindow
+
+    size_reg, status_reg = P.COMMON_FIELDS["queue_size"][0], P.COMMON_FIELDS["device_status"][0]
+
+    class ZeroQueues:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.length, self.failed = inner, inner.length, False
+
+        def read(self, offset: int, width: int) -> int:
+            value = self.inner.read(offset, width)
+            return 0 if offset == size_reg else int(value)
+
+        def write(self, offset: int, width: int, value: int) -> None:
+            if offset == status_reg and value & STATUS_FAILED:
+                self.failed = True
+            self.inner.write(offset, width, value)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    common: list[ZeroQueues] = []
+
+    class Forged(PciTransport):
+        def map_window(self, window: CapWindow) -> Any:
+            real = super().map_window(window)
+            if window.cfg_type != P.CAP_COMMON_CFG:
+                return real
+            common.append(ZeroQueues(real))
+            return common[-1]
+
+    transport = Forged(address)
+    dev = VirtioDevice("zero-queue", transport, pool=transport.pool)
+    try:
+        dev.reset(1 << F_VERSION_1)
+        dev.start(1)
+        result(f"{tag}_zero_queue_error", "none")
+    except DeviceProtocolError as exc:
+        result(f"{tag}_zero_queue_error", type(exc).__name__)
+        result(f"{tag}_zero_queue_message", str(exc).replace("=", ":"))
+    finally:
+        dev.close()
+        transport.close()
+    result(f"{tag}_zero_queue_failed_written", common[0].failed)
 
 
 JOBS = {"blk": blk_job, "scsi": scsi_job, "net": net_job, "hostile": hostile_job}

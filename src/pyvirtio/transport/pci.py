@@ -211,9 +211,9 @@ class PciTransport:
         self._interface_open = False
         try:
             self.layout = self._discover(device_type)
-            enable_bus_master(self.binding)
             if interrupts:
                 self._irq_fds = self.binding.enable_interrupts(max(1, self.layout.msix_table_size))
+            enable_bus_master(self.binding, intx=bool(self._irq_fds) and not self.binding.msix)
             self.regs: ModernRegisters | LegacyRegisters = self._open_interface(legacy)
             self._interface_open = True
             if self.binding.msix and self.regs.set_config_vector(0) != 0:

@@ -177,9 +177,18 @@ class PciBinding(Protocol):
     def close(self) -> None: ...
 
 
-def enable_bus_master(binding: PciBinding) -> None:
-    """Set memory, I/O space and bus master in the command register (a device must be allowed to DMA)."""
+def enable_bus_master(binding: PciBinding, *, intx: bool) -> None:
+    """Set memory, I/O space and bus master in the command register (a device must be allowed to DMA).
+
+    ``intx``: may the function assert its INTx line? Only a uio binding
+    waiting for interrupts takes INTx. Otherwise INTx is disabled (command
+    bit 10): a device whose MSI-X is off signals used buffers on its line
+    even while the driver polls, and with no handler for it (vfio-pci
+    registers none unless asked) Linux finds the shared line stuck
+    ("irq N: nobody cared") and switches it off for every device on it.
+    """
     (cmd,) = struct.unpack("<H", binding.config_read(P.CFG_COMMAND, 2))
     want = cmd | P.COMMAND_MASTER | P.COMMAND_MEMORY | P.COMMAND_IO
+    want = want & ~P.COMMAND_INTX_DISABLE if intx else want | P.COMMAND_INTX_DISABLE
     if want != cmd:
         binding.config_write(P.CFG_COMMAND, struct.pack("<H", want))
