@@ -85,8 +85,8 @@ KDD_PASSES = {4096: 1, 65536: 6}
 CLI = {
     "info_bm": f"info pci:{fn(BLK['bm'])} --json",
     "info_vb": f"info pci:{fn(BLK['vb'])},vfio --json",
-    "info_sc": f"info pci:{fn(SCSI_SLOT)} --type scsi --json",
-    "info_nt": f"net info pci:{fn(NET_SLOT)} --json",
+    "info_sc": f"info pci:{fn(SCSI_SLOT)} --json",  # the type from the PCI device ID
+    "info_nt": f"info pci:{fn(NET_SLOT)} --json",
     "bench_sc": f"bench pci:{fn(SCSI_SLOT)} --lun 0:0 --rw randread --bs 4k --iodepth 8 --runtime 2 --json "
                 "--no-progress",
     "bench_nt": f"net bench pci:{fn(NET_SLOT)} --mode echo --runtime 2 --json",

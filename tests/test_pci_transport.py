@@ -22,6 +22,7 @@ from pci_model import (
     ADDRESS,
     IOVA_BASE,
     NOTIFY_MULTIPLIER,
+    CommonModel,
     FakeBinding,
     LegacyModel,
     ModelTransport,
@@ -53,6 +54,7 @@ from pyvirtio.spec.common import (
     STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
 )
+from pyvirtio.targets import target_device_type
 from pyvirtio.transport.base import QueueSetup
 from pyvirtio.transport.pci import parse_pci_target
 from pyvirtio.transport.pci_sysfs import PciFunction, parse_address, virtio_functions
@@ -453,3 +455,33 @@ def test_sysfs_lists_virtio_functions_and_their_bars(tmp_path: Path) -> None:
         (0, 0x40, True), (1, 0x1000, False), (2, 0, False), (3, 0, False), (4, 0x4000, False), (5, 0, False)]
     with pytest.raises(PciSetupError, match="no PCI function 0000:00:07.0"):
         PciFunction("0000:00:07.0", str(tmp_path)).require()
+
+
+def test_a_pci_target_says_its_device_type(tmp_path: Path) -> None:
+    fake_sysfs(tmp_path, "0000:00:07.0", 0x1AF4, 0x1041, "", None)
+    fake_sysfs(tmp_path, "0000:00:06.0", 0x1AF4, 0x1004, "", None)
+    assert target_device_type("pci:0000:00:07.0,vfio", root=str(tmp_path)) == 1
+    assert target_device_type("pci:00:06.0", root=str(tmp_path)) == 8
+    assert target_device_type("vhost-user:/tmp/x.sock") is None
+    with pytest.raises(PciSetupError, match="no PCI function"):
+        target_device_type("pci:0000:00:08.0", root=str(tmp_path))
+
+
+def command(binding: FakeBinding) -> int:
+    value: int = struct.unpack("<H", binding.config_read(P.CFG_COMMAND, 2))[0]
+    return value
+
+
+@pytest.mark.parametrize("interrupts", [False, True])
+def test_bus_master_on_and_intx_off_unless_an_intx_binding_waits_for_it(interrupts: bool) -> None:
+    binding = FakeBinding(config_space(), common=CommonModel(BLK_FEATURES, [64]))
+    struct.pack_into("<H", binding.config, P.CFG_COMMAND, P.COMMAND_INTX_DISABLE if interrupts else 0)
+    transport = ModelTransport(ADDRESS, binding=binding, interrupts=interrupts)
+    try:
+        cmd = command(binding)
+        assert cmd & P.COMMAND_MASTER and cmd & P.COMMAND_MEMORY
+        # FakeBinding has no MSI-X: with interrupts it stands for uio's INTx, which must stay enabled.
+        assert bool(cmd & P.COMMAND_INTX_DISABLE) is not interrupts
+        assert transport.info()["interrupts"] == ("intx" if interrupts else "poll")
+    finally:
+        transport.close()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pyvirtio.device import VirtioDevice
 from pyvirtio.errors import InvalidArgument
+from pyvirtio.spec import pci as P
 from pyvirtio.spec.common import DEVICE_ID_BLOCK
 
 
@@ -58,6 +59,24 @@ def _open_pci(target: str, addr: str, device_type: int, kw: dict[str, Any]) -> V
     transport = PciTransport(address, device_type=device_type, queue_size=kw.get("queue_size"),
                              timeout=float(kw.get("timeout") or 5.0), **pci_kw)
     return VirtioDevice(target, transport, pool=transport.pool)
+
+
+def target_device_type(target: str, *, root: str = "/sys") -> int | None:
+    """The virtio device type a target names, when the transport can tell without opening it.
+
+    A PCI function says what it is (its device ID, virtio 1.2 §4.1.2); a
+    vhost-user socket does not (None: the caller must know).
+    """
+    kind, addr = parse_target(target)
+    if kind != "pci":
+        return None
+    from pyvirtio.transport.pci import parse_pci_target
+    from pyvirtio.transport.pci_sysfs import PciFunction
+
+    fn = PciFunction(parse_pci_target(addr)[0], root)
+    fn.require()
+    vendor, device = fn.ids()
+    return P.device_type_of(device) if vendor == P.VENDOR_ID else 0
 
 
 D = TypeVar("D")
