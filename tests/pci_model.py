@@ -313,6 +313,8 @@ class FakeBinding:
         self.regions: dict[int, Region] = {}
         self.config_writes: list[tuple[int, bytes]] = []
         self.irq_fds: list[int] = []
+        #: "drain" / "unmask" in the order the transport did them.
+        self.irq_log: list[str] = []
         self.closed = False
 
     def config_read(self, offset: int, length: int) -> bytes:
@@ -338,9 +340,10 @@ class FakeBinding:
         return self.irq_fds
 
     def unmask(self) -> None:
-        pass
+        self.irq_log.append("unmask")
 
     def drain(self, fd: int) -> None:
+        self.irq_log.append("drain")
         try:
             os.read(fd, 8)
         except BlockingIOError:

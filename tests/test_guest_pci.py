@@ -102,7 +102,11 @@ cli() {
     result ${name}_status $st
     [ $st = 0 ] || tail -20 /tmp/cli.err
 }
-""" + "".join(f"cli {name} {argv}\n" for name, argv in CLI.items())
+""" + "".join(f"cli {name} {argv}\n" for name, argv in CLI.items()) + f"""
+# pyvirtio blk read on the transitional function through its legacy BAR, woken by INTx: the host's data.
+result blk_read_bt $(host_python -m pyvirtio blk read pci:{fn(BLK["bt"])},legacy,irq --offset {J.HOST_OFF} \\
+    --length {J.HOST_LEN} -o - | sha256sum | cut -d' ' -f1)
+"""
 KERNEL_SH = r"""
 # kdd TAG SLOT BS COUNT PASSES: the kernel's virtio_blk reads COUNT blocks of BS bytes with O_DIRECT, PASSES
 # times; reports the status and the uptime before and after.
@@ -364,6 +368,10 @@ def test_pyvirtio_info_on_pci_targets(outcome: Outcome) -> None:
     assert [(lun["target"], lun["lun"]) for lun in sc["scsi"]["luns"]] == [(0, 0), (0, 1)]  # type: ignore[index]
     nt = cli_json(outcome, "info_nt")
     assert nt["device_type"] == "net" and nt["net"]["mac"] == J.GUEST_MAC.hex(":")  # type: ignore[index]
+
+
+def test_pyvirtio_blk_read_on_a_legacy_pci_target_with_intx(outcome: Outcome) -> None:
+    assert outcome.run.result("blk_read_bt") == J.sha(J.host_data("bt")), outcome.context()
 
 
 def test_pyvirtio_bench_on_pci_targets(outcome: Outcome) -> None:

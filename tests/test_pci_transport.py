@@ -13,6 +13,7 @@ refused with its cause.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -485,3 +486,23 @@ def test_bus_master_on_and_intx_off_unless_an_intx_binding_waits_for_it(interrup
         assert transport.info()["interrupts"] == ("intx" if interrupts else "poll")
     finally:
         transport.close()
+
+
+def test_an_intx_wait_that_drains_the_fd_also_unmasks_the_line() -> None:
+    """uio masks INTx when it fires: a wait that consumed the interrupt must unmask, or the next is lost."""
+    common = CommonModel(BLK_FEATURES, [64])
+    binding = FakeBinding(config_space(), common=common)
+    transport = ModelTransport(ADDRESS, binding=binding, interrupts=True)
+    dev = VirtioDevice("pci-test", transport, pool=transport.pool)
+    try:
+        dev.reset(BLK_FEATURES)
+        dev.start(1)
+        fd = transport.queue_fd(0)
+        assert fd is not None and fd == binding.irq_fds[0]
+        os.eventfd_write(fd, 1)  # the interrupt (the ISR reads 0: it does not say "look again" first)
+        binding.irq_log.clear()
+        assert transport.wait_queue(0, 1.0)
+        assert binding.irq_log[-2:] == ["drain", "unmask"]
+        assert not transport.wait_queue(0, 0.0)  # consumed
+    finally:
+        dev.close()

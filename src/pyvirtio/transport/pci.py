@@ -60,7 +60,9 @@ the device itself:
   function: every queue's fd is ``/dev/uioN``, a wait reads the ISR
   (lowering the line; a queue bit set means "look again" so no signal is
   lost between the caller's ring check and the wait), unmasks INTx and
-  polls the fd.
+  polls the fd. Whoever drains the fd (a wait, :meth:`ack_queue`) also
+  reads the ISR and unmasks: uio_pci_generic masked INTx when the
+  interrupt came, and a line left masked signals nothing again.
 """
 
 from __future__ import annotations
@@ -477,7 +479,10 @@ class PciTransport:
         ready, _, _ = select.select([q.fd], [], [], timeout)
         if not ready:
             return False
-        self.binding.drain(q.fd)
+        # INTx: the interrupt that made the fd readable left the line masked by uio_pci_generic; draining
+        # the fd without reading the ISR and unmasking would leave it masked with the ISR set, and the next
+        # completion (an asyncio waiter's, say) would never be signalled.
+        self.ack_queue(index)
         return True
 
     def _take_isr(self) -> bool:
