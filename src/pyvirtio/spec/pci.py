@@ -15,7 +15,7 @@ the start of I/O BAR 0 (:data:`LEGACY_FIELDS`), followed by the
 device-specific configuration (at 20, or 24 while MSI-X is enabled).
 
 Every offset here is checked against Linux's ``<linux/virtio_pci.h>`` by
-tests/test_spec_probe.py. Sans-I/O parsing of these layouts lives in
+tests/test_pci_probe.py. Sans-I/O parsing of these layouts lives in
 :mod:`pyvirtio.transport.pci_caps`.
 """
 

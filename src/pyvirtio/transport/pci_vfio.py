@@ -24,7 +24,7 @@ Interrupts: VFIO_DEVICE_SET_IRQS binds MSI-X vectors to eventfds
 a queue, and event loops watch it.
 
 The ioctl numbers and structure layouts are Linux's ``<linux/vfio.h>``
-(``_IO(';', 100 + n)``), checked by tests/test_pci_transport.py against the
+(``_IO(';', 100 + n)``), checked by tests/test_pci_probe.py against the
 header when a C compiler is there.
 """
 
