@@ -1,28 +1,37 @@
 """pyvirtio's PCI transport inside a Linux guest, driving QEMU's own emulated virtio devices.
 
-One guest boot (q35, 1 vCPU) with the host's root over 9p, so this
-checkout's Python runs in the guest (:mod:`guest.harness`). The guest binds
-the functions below to ``uio_pci_generic`` (``pyvirtio pci bind``), reserves
-hugepages for the DMA pool (uio has no IOMMU: physical addresses from
-pagemap), and runs :mod:`guest.pci_guest`'s jobs on ``pci:`` targets:
+One guest boot (q35, 1 vCPU, ``-cpu max``) with the host's root over 9p, so
+this checkout's Python runs in the guest (:mod:`guest.harness`), QEMU's
+``intel-iommu`` (interrupt remapping on) and ``intel_iommu=on iommu=pt``.
+The guest binds the functions below to ``uio_pci_generic`` or ``vfio-pci``
+(``pyvirtio pci bind``), reserves hugepages for uio's DMA pool (no IOMMU:
+physical addresses from pagemap), and runs :mod:`guest.pci_guest`'s jobs
+on ``pci:`` targets:
 
-======  =====  ============================================================  ====================
-tag     slot   QEMU device                                                   how it is driven
-======  =====  ============================================================  ====================
-bm      04     ``virtio-blk-pci,disable-legacy=on`` over a file              modern, polling
-bt      05     ``virtio-blk-pci,disable-legacy=off`` (transitional, 0x1001)  legacy I/O BAR, INTx
-sc      06     ``virtio-scsi-pci`` with two ``scsi-hd`` LUNs over files       modern, polling
-nt      07     ``virtio-net-pci`` + ``-netdev socket`` to a UDP peer here     modern, polling
-vu      08     ``vhost-user-blk-pci`` on ``pyvirtio serve blk`` (this host)   modern, polling
-hx      04     bm's config space forged: notify capability past its BAR      (refused)
-======  =====  ============================================================  ====================
+======  =====  ==================================================  ===============================
+tag     slot   QEMU device                                         how it is driven
+======  =====  ==================================================  ===============================
+bm      04     virtio-blk-pci, disable-legacy=on                   uio, modern, polling
+bt      05     virtio-blk-pci, disable-legacy=off (transitional)   uio, legacy I/O BAR, INTx
+sc      06     virtio-scsi-pci, two scsi-hd LUNs                   uio, modern, polling
+nt      07     virtio-net-pci, -netdev socket to a UDP peer here   uio, modern, polling
+vu      08     vhost-user-blk-pci on pyvirtio serve blk (host)     uio, modern, polling
+hx      04     bm forged: notify cap past its BAR; queue size 0    refused (DeviceProtocolError)
+vb      09     virtio-blk-pci, iommu_platform=on                   vfio, IOVA, MSI-X, asyncio
+vs      0a     virtio-scsi-pci, iommu_platform=on, two LUNs        vfio, polling
+vn      0b     virtio-net-pci, iommu_platform=on, a 2nd UDP peer   vfio, polling
+======  =====  ==================================================  ===============================
 
 Every blk job also resets the device under its driver (status 0 written)
 and checks that the next request fails with DeviceNeedsReset, then drives
-the function again with a new driver. After the guest exits, the backing
+the function again with a new driver. After the jobs: ``pyvirtio info``,
+``pyvirtio bench``, ``pyvirtio net bench`` and ``pyvirtio blk read`` on
+``pci:`` targets; then bm and vb go back to the kernel (``pyvirtio pci
+unbind``) and its virtio_blk reads them with ``dd iflag=direct``, for the
+speed ratio of docs/benchmarks.md §6. After the guest exits, the backing
 files are read here: what the guest wrote is where it wrote it, the write
 issued after the reset is nowhere, and the host's data is intact. The UDP
-peer sends every frame back with the MACs swapped, and counts them.
+peers send every frame back with the MACs swapped, and keep the job's.
 """
 
 from __future__ import annotations
