@@ -11,13 +11,15 @@ on ``pci:`` targets:
 ======  =====  ==================================================  ===============================
 tag     slot   QEMU device                                         how it is driven
 ======  =====  ==================================================  ===============================
-bm      04     virtio-blk-pci, disable-legacy=on                   uio, modern, polling
+bm      04     virtio-blk-pci, disable-legacy=on, packed=on        uio, modern, polling, split ring
 bt      05     virtio-blk-pci, disable-legacy=off (transitional)   uio, legacy I/O BAR, INTx
 sc      06     virtio-scsi-pci, two scsi-hd LUNs                   uio, modern, polling
 nt      07     virtio-net-pci, -netdev socket to a UDP peer here   uio, modern, polling
 vu      08     vhost-user-blk-pci on pyvirtio serve blk (host)     uio, modern, polling
 hx      04     bm forged: notify cap past its BAR; queue size 0    refused (DeviceProtocolError)
-vb      09     virtio-blk-pci, iommu_platform=on                   vfio, IOVA, MSI-X, asyncio
+vb      09     virtio-blk-pci, iommu_platform=on, packed=on        vfio, IOVA, MSI-X, asyncio, split
+bp      04     (bm again)                                          uio, **packed** ring
+vp      09     (vb again)                                          vfio, MSI-X, **packed** ring
 vs      0a     virtio-scsi-pci, iommu_platform=on, two LUNs        vfio, polling
 vn      0b     virtio-net-pci, iommu_platform=on, a 2nd UDP peer   vfio, polling
 ======  =====  ==================================================  ===============================
@@ -79,7 +81,11 @@ JOBS = [
     f"blk:vb:pci:{fn(BLK['vb'])},vfio,irq",
     f"scsi:vs:pci:{fn(VFIO_SCSI_SLOT)},vfio",
     f"net:vn:pci:{fn(VFIO_NET_SLOT)},vfio",
+    f"packed:bp:bm:pci:{fn(BLK['bm'])}",
+    f"packed:vp:vb:pci:{fn(BLK['vb'])},vfio,irq",
 ]
+#: Packed-ring jobs: tag -> the blk function (image) they drive.
+PACKED = {"bp": "bm", "vp": "vb"}
 UIO_BOUND = [fn(s) for s in (BLK["bm"], BLK["bt"], BLK["vu"], SCSI_SLOT, NET_SLOT)]
 VFIO_BOUND = [fn(s) for s in (BLK["vb"], VFIO_SCSI_SLOT, VFIO_NET_SLOT)]
 BOUND = UIO_BOUND + VFIO_BOUND
@@ -223,8 +229,8 @@ def outcome(guest_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> I
             # The IOMMU first: QEMU wants it before the devices it translates for.
             devices: list[str] = ["-device", "intel-iommu,intremap=on"]
             iommu = ",iommu_platform=on"
-            for tag, extra in (("bm", ",disable-legacy=on"), ("bt", ",disable-legacy=off"),
-                               ("vb", ",disable-legacy=on" + iommu)):
+            for tag, extra in (("bm", ",disable-legacy=on,packed=on"), ("bt", ",disable-legacy=off"),
+                               ("vb", ",disable-legacy=on,packed=on" + iommu)):
                 devices += ["-drive", f"file={images[tag]},format=raw,if=none,id={tag},cache=writeback",
                             "-device", f"virtio-blk-pci,drive={tag},addr=0x{BLK[tag]}{extra}"]
             for tag, slot, extra in (("sc", SCSI_SLOT, ""), ("vs", VFIO_SCSI_SLOT, iommu)):
@@ -312,6 +318,19 @@ def test_blk_reset_under_the_driver_fails_the_next_request_and_a_new_driver_work
     n = J.AFTER_RESET_LEN
     assert outcome.region(tag, J.AFTER_RESET, n) == J.pattern(tag, "after-reset", n)
     assert outcome.region(tag, J.AFTER_RESET + n, 4096) == bytes(4096)
+
+
+@pytest.mark.parametrize("tag", list(PACKED))
+def test_packed_ring_over_pci_reads_and_writes(outcome: Outcome, tag: str) -> None:
+    run, image = outcome.run, PACKED[tag]
+    assert run.result(f"{tag}_ring") == "packed", outcome.context()
+    assert run.result(f"{tag}_host_sha") == J.sha(J.host_data(image)), outcome.context()
+    if tag == "vp":
+        assert run.result(f"{tag}_async_sha") == J.sha(J.host_data(image)), outcome.context()
+    assert run.result(f"{tag}_readback") == "ok", outcome.context()
+    data = J.pattern(tag, "packed", J.PACKED_LEN)
+    assert outcome.region(image, J.PACKED_OFF, J.PACKED_LEN) == data
+    assert outcome.region(image, J.PACKED_OFF + J.PACKED_LEN, 4096) == bytes(4096)
 
 
 @pytest.mark.parametrize("tag", ["sc", "vs"])

@@ -175,8 +175,8 @@ def test_a_ring_larger_than_the_device_takes_is_the_callers_fault() -> None:
         transport.set_features(BLK_FEATURES)
         with pytest.raises(InvalidArgument, match="at most 128"):
             transport.setup_queue(QueueSetup(0, 256, 0x1000, 0x2000, 0x3000))
-        with pytest.raises(InvalidArgument, match="starts at ring index 0"):
-            transport.setup_queue(QueueSetup(0, 128, 0x1000, 0x2000, 0x3000, last_avail=5))
+        with pytest.raises(InvalidArgument, match="initial ring state"):
+            transport.setup_queue(QueueSetup(0, 128, 0x1000, 0x2000, 0x3000, base=5))
     finally:
         transport.close()
 

@@ -18,6 +18,11 @@ the guest has exited, the disks' backing files. Jobs (``kind:tag:target``):
     on the same function writes :data:`AFTER_RESET` and reads it back. With
     an ``irq`` target the reads also run through asyncio (the queue's
     interrupt fd).
+``packed``
+    ``packed:TAG:IMAGE:TARGET``: VirtioBlk with a packed ring on a function
+    (QEMU's ``packed=on``) that a ``blk`` job drove with a split ring: the
+    host's data read (through asyncio too with ``irq``), 2 MiB written at
+    :data:`PACKED_OFF` and read back; the host finds it in IMAGE's file.
 ``scsi``
     VirtioScsi: the LUNs found with their sizes; per LUN the host's region
     read and a pattern written at the start.
@@ -56,6 +61,7 @@ START_LEN = 3 * MiB  # written by the guest at 0
 SMALL_SECTOR, SMALL_LEN = 20001, 1536
 END_LEN = 64 << 10  # written by the guest at the end of the disk
 AFTER_RESET, AFTER_RESET_LEN = 16 * MiB, 128 << 10
+PACKED_OFF, PACKED_LEN = 32 * MiB, 2 * MiB  # the packed job's pattern, clear of the blk job's regions
 LUN_LEN = 256 << 10  # scsi: the guest's pattern at the start of each LUN
 NET_FRAMES, NET_SIZE = 32, 256
 GUEST_MAC = bytes.fromhex("525400707900")
@@ -131,6 +137,26 @@ def blk_job(tag: str, target: str) -> None:
         result(f"{tag}_after_reset", "ok" if ok else "bad")
     finally:
         blk.close()
+
+
+def packed_job(tag: str, target: str) -> None:
+    """VirtioBlk with a packed ring (virtio 1.2 §2.8) on a function another job drove with a split one."""
+    from pyvirtio.drivers.blk import VirtioBlk
+
+    image, _, tgt = target.partition(":")  # IMAGE_TAG:pci:ADDR...
+    irq = ",irq" in tgt
+    with VirtioBlk.open(tgt, timeout=30.0, poll="wait" if irq else "hybrid", ring="packed") as blk:
+        result(f"{tag}_ring", blk.info()["virtio"]["ring"])
+        result(f"{tag}_host_sha", sha(blk.read(HOST_OFF, HOST_LEN)))
+        if irq:
+            result(f"{tag}_async_sha", sha(asyncio.run(blk.aread(HOST_OFF, HOST_LEN))))
+        data = pattern(tag, "packed", PACKED_LEN)
+        for off in range(0, PACKED_LEN, MiB):
+            blk.write(PACKED_OFF + off, data[off : off + MiB])
+        blk.flush()
+        back = b"".join(blk.read(PACKED_OFF + off, MiB) for off in range(0, PACKED_LEN, MiB))
+        result(f"{tag}_readback", "ok" if back == data else "bad")
+        result(f"{tag}_image", image)
 
 
 def scsi_job(tag: str, target: str) -> None:
@@ -258,7 +284,7 @@ def zero_queue(tag: str, address: str) -> None:
     result(f"{tag}_zero_queue_failed_written", common[0].failed)
 
 
-JOBS = {"blk": blk_job, "scsi": scsi_job, "net": net_job, "hostile": hostile_job}
+JOBS = {"blk": blk_job, "packed": packed_job, "scsi": scsi_job, "net": net_job, "hostile": hostile_job}
 
 
 def main(argv: list[str]) -> int:

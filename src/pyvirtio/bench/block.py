@@ -65,6 +65,7 @@ from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
 from pyvirtio.drivers.scsi import ScsiDisk
 from pyvirtio.errors import ConnectionLost, InvalidArgument
 from pyvirtio.ring.fixed import FixedChains
+from pyvirtio.ring.split import SplitQueue
 
 NUMPY_MIN_DEPTH = 64
 #: At most this many bytes of data buffers for the fused loop's spare slots.
@@ -159,7 +160,10 @@ class BlockEngine:
             fmt.close()
             raise
         try:
-            self.fixed = FixedChains(vq.ring, fmt.chains(self.data.addr))
+            ring = vq.ring
+            if not isinstance(ring, SplitQueue):
+                raise InvalidArgument(f"the block engine runs on split rings, not {ring.format} (issue 12)")
+            self.fixed = FixedChains(ring, fmt.chains(self.data.addr))
         except BaseException:
             fmt.close()
             fmt.free(self.data)

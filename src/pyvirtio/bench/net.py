@@ -44,6 +44,7 @@ from pyvirtio.bench.stats import LatencyLog, Stats
 from pyvirtio.drivers.net import HDR_SIZE, VirtioNet, parse_mac
 from pyvirtio.errors import ConnectionLost, DeviceProtocolError, InvalidArgument, QueueBroken
 from pyvirtio.ring import ordering
+from pyvirtio.ring.fixed import FixedChains
 
 MODES = ("tx", "rx", "echo")
 SEQ_OFF = 42  # UDP payload offset in the template frame (14 + 20 + 8)
@@ -67,6 +68,13 @@ def udp_frame(size: int, dst: bytes, src: bytes, seq: int = 0) -> bytes:
     if len(payload) >= 8:
         struct.pack_into("<Q", payload, 0, seq)
     return dst + src + b"\x08\x00" + bytes(ip) + udp + bytes(payload)
+
+
+def _fixed(slots: object) -> FixedChains:
+    """The pre-linked chains of a driver queue: the engine's fast path needs a split ring without IN_ORDER."""
+    if not isinstance(slots, FixedChains):
+        raise InvalidArgument("the net engine runs on split rings without IN_ORDER (issue 12)")
+    return slots
 
 
 class NetStats(Stats):
@@ -124,13 +132,13 @@ class NetEngine:
         p = net.queue_pair(self.pair)
         tx = p.tx
         net.flush_tx(self.pair)
-        fixed = tx.fixed
+        fixed = _fixed(tx.fixed)
         ring = fixed.ring
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
         size = ring.size
         mask = size - 1
-        heads = tx.heads
+        heads = fixed.heads
         view = tx.view
         d32 = ring._desc32
         data = bytes(HDR_SIZE) + self.frame
@@ -247,7 +255,7 @@ class NetEngine:
     def _sync_tx(self, avail: int, last: int, kick_from: int, outstanding: int) -> None:
         """Write the loop's ring state back so the general driver calls can take over."""
         tx = self.net.queue_pair(self.pair).tx
-        fixed = tx.fixed
+        fixed = _fixed(tx.fixed)
         ring = fixed.ring
         size = ring.size
         ring.avail_idx = avail
@@ -258,7 +266,7 @@ class NetEngine:
         inflight = {(last + k) & (size - 1) for k in range(outstanding)}
         hw1 = fixed.hw1
         for pos in range(size):
-            hw1[tx.heads[pos]] = fixed.wlen[pos] + 1 if pos in inflight else 0
+            hw1[fixed.heads[pos]] = fixed.wlen[pos] + 1 if pos in inflight else 0
         tx.free = [s for s in range(size) if s not in inflight]
 
     def _generic_tx(self, seconds: float, stop: threading.Event | None) -> int:
@@ -281,7 +289,7 @@ class NetEngine:
         net = self.net
         net.release_rx(self.pair)  # every receive buffer posted
         rx = net.queue_pair(self.pair).rx
-        fixed = rx.fixed
+        fixed = _fixed(rx.fixed)
         ring = fixed.ring
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")

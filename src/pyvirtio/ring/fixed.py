@@ -119,6 +119,15 @@ class FixedChains:
         ring.num_free = size - nxt
         return out
 
+    def length_fields(self, k: int = 0) -> tuple[memoryview, list[int]]:
+        """(lengths, index): ``lengths[index[s]]`` is the length of buffer ``k`` of slot s's chain.
+
+        For a caller whose device-readable buffer changes length per request
+        (a frame to send): it writes the length there while the slot is not
+        in flight, then posts the slot.
+        """
+        return self.ring._desc32, [4 * d[k] + 2 for d in self._descs]
+
     # -- plain Python ---------------------------------------------------------
 
     def post(self, slots: Sequence[int]) -> bool:

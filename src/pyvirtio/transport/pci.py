@@ -100,6 +100,7 @@ from pyvirtio.spec.common import (
     STATUS_FAILED,
     STATUS_NEEDS_RESET,
 )
+from pyvirtio.spec.ring import PACKED_INITIAL_BASE
 from pyvirtio.transport.base import QueueSetup
 from pyvirtio.transport.pci_access import MmioWindow, PciBinding, enable_bus_master
 from pyvirtio.transport.pci_caps import CapWindow, PciLayout, parse_function
@@ -394,10 +395,14 @@ class PciTransport:
         return 1 + index % (n - 1) if n > 1 else 0
 
     def setup_queue(self, setup: QueueSetup) -> None:
-        if setup.last_avail:
-            raise InvalidArgument(f"queue {setup.index}: a PCI queue starts at ring index 0, not {setup.last_avail}")
+        initial = PACKED_INITIAL_BASE if setup.format == "packed" else 0
+        if setup.base != initial:
+            raise InvalidArgument(f"queue {setup.index}: a PCI queue starts from its initial ring state "
+                                  f"(base 0x{initial:x}), not 0x{setup.base:x}")
         regs = self.regs
         i = setup.index
+        if setup.format == "packed" and isinstance(regs, LegacyRegisters):
+            raise InvalidArgument(f"queue {i}: the legacy interface has split rings only (§4.1.5)")
         try:
             check_queue_size(i, setup.size, regs.queue_size(i))
             vector = self._vector(i)
@@ -415,7 +420,12 @@ class PciTransport:
         self._queues[i] = _Queue(i, kick, fd)
 
     def _program(self, setup: QueueSetup, vector: int) -> int:
-        """Where the ring lives, to the device: the one place queue addresses are written (packed: same three)."""
+        """Where the ring lives, to the device: the one place queue addresses are written.
+
+        A packed ring's descriptor ring and driver / device event suppression
+        areas go in the same three registers (§4.1.4.3: queue_desc,
+        queue_driver, queue_device name the areas, whatever the format).
+        """
         return self.regs.program_queue(setup.index, setup.size, setup.desc_addr, setup.avail_addr,
                                        setup.used_addr, vector)
 
