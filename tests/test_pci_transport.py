@@ -46,6 +46,7 @@ from pyvirtio.spec import pci as P
 from pyvirtio.spec.common import (
     F_ACCESS_PLATFORM,
     F_ANY_LAYOUT,
+    F_RING_PACKED,
     F_RING_RESET,
     F_VERSION_1,
     STATUS_ACKNOWLEDGE,
@@ -55,6 +56,7 @@ from pyvirtio.spec.common import (
     STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
 )
+from pyvirtio.spec.ring import PACKED_INITIAL_BASE
 from pyvirtio.targets import target_device_type
 from pyvirtio.transport.base import QueueSetup
 from pyvirtio.transport.pci import parse_pci_target
@@ -339,6 +341,24 @@ def test_legacy_refuses_a_ring_that_is_not_its_fixed_size_or_not_contiguous() ->
             transport.setup_queue(QueueSetup(0, 64, 0x10000, 0x10800, 0x11000))
         with pytest.raises(InvalidArgument, match="contiguous 4096-aligned"):
             transport.setup_queue(QueueSetup(0, 128, 0x10000, 0x20000, 0x30000))
+    finally:
+        transport.close()
+
+
+def test_packed_rings_go_in_the_same_registers_and_not_over_legacy() -> None:
+    transport, _binding, common = modern(BLK_FEATURES | 1 << F_RING_PACKED, [64])
+    try:
+        transport.setup_queue(QueueSetup(0, 64, 0x10000, 0x20000, 0x30000, PACKED_INITIAL_BASE, "packed"))
+        assert (common.queues[0]["desc"], common.queues[0]["driver"], common.queues[0]["device"]) == (
+            0x10000, 0x20000, 0x30000)
+        with pytest.raises(InvalidArgument, match="initial ring state"):
+            transport.setup_queue(QueueSetup(0, 64, 0x10000, 0x20000, 0x30000, 0, "packed"))
+    finally:
+        transport.close()
+    transport, _model = legacy(0, [64])
+    try:
+        with pytest.raises(InvalidArgument, match="split rings only"):
+            transport.setup_queue(QueueSetup(0, 64, 0x10000, 0x10400, 0x11000, PACKED_INITIAL_BASE, "packed"))
     finally:
         transport.close()
 
