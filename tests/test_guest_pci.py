@@ -105,6 +105,12 @@ CLI = {
     "bench_sc": f"bench pci:{fn(SCSI_SLOT)} --lun 0:0 --rw randread --bs 4k --iodepth 8 --runtime 2 --json "
                 "--no-progress",
     "bench_nt": f"net bench pci:{fn(NET_SLOT)} --mode echo --runtime 2 --json",
+    "info_vs": f"info pci:{fn(VFIO_SCSI_SLOT)} --json",
+    "info_vn": f"info pci:{fn(VFIO_NET_SLOT)} --json",
+    "bench_vs": f"bench pci:{fn(VFIO_SCSI_SLOT)} --lun 0:0 --rw randread --bs 4k --iodepth 8 --runtime 2 --json "
+                "--no-progress",
+    "bench_vn": f"net bench pci:{fn(VFIO_NET_SLOT)} --mode echo --runtime 2 --json",
+
     **{f"bench_{t}_{bs}": f"bench pci:{fn(BLK[t])} --rw read --bs {bs} --iodepth 1 --runtime {BENCH_SECONDS} "
        "--json --no-progress" for t in RATIO_TAGS for bs in RATIO_BS},
 }
@@ -396,6 +402,9 @@ def test_pyvirtio_info_on_pci_targets(outcome: Outcome) -> None:
     assert [(lun["target"], lun["lun"]) for lun in sc["scsi"]["luns"]] == [(0, 0), (0, 1)]  # type: ignore[index]
     nt = cli_json(outcome, "info_nt")
     assert nt["device_type"] == "net" and nt["net"]["mac"] == J.GUEST_MAC.hex(":")  # type: ignore[index]
+    for name, kind in (("info_vs", "scsi"), ("info_vn", "net")):
+        info = cli_json(outcome, name)
+        assert info["device_type"] == kind and info["virtio"]["driver"] == "vfio"  # type: ignore[index]
 
 
 def test_pyvirtio_blk_read_on_a_legacy_pci_target_with_intx(outcome: Outcome) -> None:
@@ -403,7 +412,8 @@ def test_pyvirtio_blk_read_on_a_legacy_pci_target_with_intx(outcome: Outcome) ->
 
 
 def test_pyvirtio_bench_on_pci_targets(outcome: Outcome) -> None:
-    for name in ("bench_sc", "bench_nt", *(f"bench_{t}_{bs}" for t in RATIO_TAGS for bs in RATIO_BS)):
+    for name in ("bench_sc", "bench_nt", "bench_vs", "bench_vn",
+                 *(f"bench_{t}_{bs}" for t in RATIO_TAGS for bs in RATIO_BS)):
         report = cli_json(outcome, name)
         assert report["errors"] == 0 and report["verify_errors"] == 0, (name, report)
         assert int(report.get("iops", report.get("pps", 0))) > 0, (name, report)  # type: ignore[call-overload]
