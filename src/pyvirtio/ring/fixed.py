@@ -195,9 +195,14 @@ class FixedChains:
             if length >= w:
                 if not w:
                     self._break(f"used id {head} is not the head of an in-flight request", out, lens)
-                self._break(
-                    f"used length {length} for id {head} exceeds the {w - 1} device-writable bytes offered", out, lens
-                )
+                if not ring.clamp_used_len:
+                    self._break(
+                        f"used length {length} for id {head} exceeds the {w - 1} device-writable bytes offered",
+                        out,
+                        lens,
+                    )
+                ring.long_used += 1
+                length = w - 1
             hw1[head] = 0
             out.append(slot_of[head])
             lens.append(length)
@@ -335,11 +340,15 @@ class FixedChains:
             if not hw[head]:
                 self._break(f"used id {head} is not the head of an in-flight request", slots, lens)
             if length >= hw[head]:
-                self._break(
-                    f"used length {length} for id {head} exceeds the {int(hw[head]) - 1} device-writable bytes offered",
-                    slots,
-                    lens,
-                )
+                if not ring.clamp_used_len:
+                    self._break(
+                        f"used length {length} for id {head} exceeds the {int(hw[head]) - 1} device-writable "
+                        "bytes offered",
+                        slots,
+                        lens,
+                    )
+                ring.long_used += 1
+                length = int(hw[head]) - 1
             hw[head] = 0
             slots.append(int(a["slot_of"][head]))
             lens.append(length)
