@@ -10,7 +10,12 @@ qemu-storage-daemon (null-co, does not poll) and the embedded back end
 (polls 50 us before sleeping), both pinned to CPU 0. Prints median and best
 kIOPS and the ratio to the stick.
 
-  python bench/sync_api.py [--rounds 3] [--seconds 2] [--json]
+With an SPDK build (``--spdk DIR``, ``$SPDK_BUILD``, or the usual places:
+bench/spdk.py), SPDK's bdevperf at QD1 runs in the same rounds, and the
+table adds each API's time per request (1 / IOPS: one request at a time)
+over SPDK's mean latency: the one-request goal of issue 15 is <= 2.
+
+  python bench/sync_api.py [--rounds 3] [--seconds 2] [--spdk DIR | --no-spdk] [--json]
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import statistics
 import sys
 import tempfile
 
-from compare import REPO, STICKS, run_json, start_embedded, start_qsd
+import spdk
+from compare import REPO, STICKS, run_json, spdk_runner, start_embedded, start_qsd
 
 LOOP = """
 import json, random, sys, time
@@ -57,8 +63,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--spdk", metavar="DIR", help="SPDK build folder (default: $SPDK_BUILD, then the usual places)")
+    ap.add_argument("--no-spdk", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    build = None if a.no_spdk else spdk.find_build(a.spdk)
+    if build is None and not a.no_spdk:
+        print("note: no SPDK build found: no SPDK column", file=sys.stderr)
+    spdk_run = spdk_runner(build) if build is not None else None
     tmp = tempfile.mkdtemp(prefix="pyvirtio-sync-api-")
     qsd, qsock = start_qsd(tmp, "0")
     emb, esock = start_embedded(tmp, "0")
@@ -73,12 +85,16 @@ def main() -> None:
                     "stick": [sys.executable, str(STICKS / "raw_vhost_blk.py"), sock, "--qd", "1",
                               "--seconds", str(a.seconds), "--json"],
                 }
-                order = list(runs)
+                order = list(runs) + (["spdk"] if spdk_run is not None else [])
                 order = order[r % len(order) :] + order[: r % len(order)]  # rotate who goes first
                 for who in order:
-                    res = run_json(runs[who], "1")
-                    rows.append({"round": r, "device": device, "who": who, "iops": res["iops"]})
-                    print(f"round {r} {device:<9} {who:<9} {int(res['iops']):>9,} IOPS", file=sys.stderr)
+                    if who == "spdk" and spdk_run is not None:
+                        sp = spdk_run(sock, 1, 256, a.seconds)
+                        res: dict[str, object] = {"iops": sp["iops"], "lat_us": sp["lat_us"]}
+                    else:
+                        res = run_json(runs[who], "1")
+                    rows.append({"round": r, "device": device, "who": who, **res})
+                    print(f"round {r} {device:<9} {who:<9} {int(res['iops']):>9,} IOPS", file=sys.stderr)  # type: ignore[call-overload]
     finally:
         for proc in (qsd, emb):
             proc.send_signal(signal.SIGTERM)
@@ -92,6 +108,13 @@ def main() -> None:
             got[who] = {"median": round(statistics.median(v)), "best": round(max(v))}
         for who in ("readinto", "fixed_io"):
             got[f"{who}_ratio"] = round(got[who]["median"] / got["stick"]["median"], 2)  # type: ignore[assignment]
+        lats = [float(x["lat_us"]) for x in rows if x["device"] == device and x["who"] == "spdk"]  # type: ignore[arg-type]
+        if lats:
+            spdk_lat = statistics.median(lats)
+            got["spdk_lat_us"] = round(spdk_lat, 2)  # type: ignore[assignment]
+            for who in ("readinto", "fixed_io"):
+                # one request at a time: the time per request is 1 / IOPS
+                got[f"{who}_vs_spdk_lat"] = round(1e6 / got[who]["median"] / spdk_lat, 2)  # type: ignore[assignment]
         summary[device] = got
     if a.json:
         print(json.dumps({"summary": summary, "rounds": rows, "seconds": a.seconds}))
@@ -103,6 +126,9 @@ def main() -> None:
             for who in ("readinto", "fixed_io", "stick")
         )
         print(f"{device:<9} {cells}   ratios {got['readinto_ratio']} / {got['fixed_io_ratio']}")
+        if "spdk_lat_us" in got:
+            print(f"{'':<9} SPDK QD1 mean latency {got['spdk_lat_us']} us; time per request over it: "
+                  f"readinto {got['readinto_vs_spdk_lat']}, fixed_io {got['fixed_io_vs_spdk_lat']}")
 
 
 if __name__ == "__main__":
