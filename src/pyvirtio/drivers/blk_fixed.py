@@ -33,7 +33,6 @@ from pyvirtio.errors import (
 from pyvirtio.memory import Buffer
 from pyvirtio.ring.fixed import FixedChains
 from pyvirtio.spec import blk as B
-from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
 
 if TYPE_CHECKING:
     from pyvirtio.drivers.blk import VirtioBlk
@@ -70,7 +69,6 @@ class FixedIO:
             blk.free(self._hdr)
             raise
         self._head = self._fixed.heads[0]
-        self._data_desc = self._fixed._descs[0][1]
         self._writing = False
         self._h = self._hdr.view
         self._kick = blk.device.transport.notifier(ctx.vq.index)
@@ -100,8 +98,7 @@ class FixedIO:
         fixed = self._fixed
         write = op == B.T_OUT
         if write != self._writing:  # the data descriptor's direction and the bound on the used length
-            fixed.ring._desc16[8 * self._data_desc + 6] = DESC_F_NEXT if write else DESC_F_NEXT | DESC_F_WRITE
-            fixed.wlen[0] = 1 if write else self.length + 1  # device-writable bytes: status (+ data)
+            fixed.set_buffer(0, 1, writable=not write)  # also the bound on the used length: status (+ data)
             self._writing = write
         B.OUTHDR.pack_into(self._h, 0, op, 0, offset // B.SECTOR_SIZE)
         self._h[_STATUS] = 0xFF
@@ -154,7 +151,7 @@ class FixedIO:
 
     def _restart(self, resubmit: bool) -> int:
         fixed = self._fixed
-        return fixed.ring.restart_base(resubmit, in_flight=[self._head] if fixed.n_inflight else [])
+        return fixed.restart_base(resubmit)
 
     # -- closing ------------------------------------------------------------------
 

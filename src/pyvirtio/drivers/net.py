@@ -614,8 +614,7 @@ class VirtioNet:
         if not count:
             return 0
         view = tx.view
-        d32 = tx.fixed.ring._desc32
-        heads = tx.heads
+        set_length = tx.fixed.set_length
         size = tx.slot_size
         dirty = tx.hdr_dirty
         slots: list[int] = []
@@ -626,7 +625,7 @@ class VirtioNet:
             s = free.pop()
             base = size * s
             view[base + HDR_SIZE : base + HDR_SIZE + n] = f
-            d32[4 * heads[s] + 2] = HDR_SIZE + n
+            set_length(s, 0, HDR_SIZE + n)
             h = hdrs[i] if hdrs is not None else None
             if h is not None:
                 view[base : base + HDR_SIZE] = h
