@@ -1,20 +1,30 @@
 #!/usr/bin/env python3
-"""pyvirtio bench vs. the measuring sticks, against qemu-storage-daemon (null-co).
+"""pyvirtio bench vs. the measuring sticks and SPDK's C initiator, against one back end.
 
-Starts qemu-storage-daemon pinned to CPU 0 and runs, pinned to CPU 1,
-interleaved round by round:
+Starts the back end pinned to CPU 0 (qemu-storage-daemon null-co by
+default, or ``pyvirtio serve blk``, a RAM disk, with ``--backend
+embedded``) and runs, pinned to CPU 1, interleaved round by round with the
+order rotated each round:
 
   * ``pyvirtio bench --rw randread --bs 4k`` (this checkout),
   * ../shared/bench/raw_vhost_blk.py        (pure-Python floor, one request at a time),
   * ../shared/bench/raw_vhost_blk_numpy.py  (vectorised floor),
+  * SPDK's bdevperf over bdev_virtio (v24.01, the C initiator pyvirtio
+    re-implements), when a build is found: ``--spdk DIR``, else
+    ``$SPDK_BUILD``, else the shared scripts' default places (see
+    bench/spdk.py). Without one the table says so and has no SPDK column.
 
-at QD1, QD32 (ring 256), QD128 (ring 512) and QD256 (ring 1024). The
-pure-Python stick's rings hold at most 85 three-descriptor requests (ring
-256), so it runs at QD1 and QD32 only. Prints per-depth median and best
-IOPS of each and pyvirtio's ratio to the better stick (median/median,
-best/best). ``--json`` prints the raw rounds too.
+at QD1, QD32 (ring 256), QD128 (ring 512) and QD256 (ring 1024), one
+virtqueue each. The pure-Python stick's rings hold at most 85
+three-descriptor requests (ring 256), so it runs at QD1 and QD32 only.
 
-  python bench/compare.py [--rounds 4] [--seconds 3] [--depths 1 32 128 256] [--json]
+Prints per depth the median and best IOPS of each, pyvirtio's ratio to the
+better stick and to SPDK (median/median, best/best), and the mean latency
+of pyvirtio and SPDK (each as its own tool reports it; the sticks do not
+report latency). ``--json`` prints the raw rounds too.
+
+  python bench/compare.py [--rounds 4] [--seconds 3] [--depths 1 32 128 256]
+                          [--backend qsd|embedded] [--spdk DIR | --no-spdk] [--json]
 """
 
 from __future__ import annotations
@@ -29,12 +39,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import spdk
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 STICKS = REPO.parent / "shared" / "bench"
 RINGS = {1: 256, 32: 256, 128: 512, 256: 1024}
+BACKEND_CPU, CLIENT_CPU = "0", "1"
+
+#: what one run returns: IOPS, and the mean latency in µs when the contestant reports it
+Result = dict[str, float]
 
 
 def start_qsd(tmp: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -60,6 +77,22 @@ def start_qsd(tmp: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, sock
 
 
+def start_embedded(tmp: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``pyvirtio serve blk`` (1 GiB RAM disk) of this checkout, pinned to ``cpu``."""
+    sock = os.path.join(tmp, "embedded.sock")
+    cmd = [sys.executable, "-m", "pyvirtio", "serve", "blk", "--socket", sock, "--size", "1G"]
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", cpu, *cmd]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 15
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("pyvirtio serve blk did not start")
+        time.sleep(0.05)
+    return proc, sock
+
+
 def run_json(cmd: list[str], cpu: str, env: dict[str, str] | None = None) -> dict[str, object]:
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", cpu, *cmd]
@@ -71,70 +104,152 @@ def run_json(cmd: list[str], cpu: str, env: dict[str, str] | None = None) -> dic
     return result
 
 
+def pyvirtio_run(sock: str, qd: int, ring: int, seconds: float, rw: str = "randread") -> Result:
+    py = sys.executable
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    res = run_json([py, "-m", "pyvirtio", "bench", f"vhost-user:{sock}", "--rw", rw, "--bs", "4k",
+                    "--iodepth", str(qd), "--queue-size", str(ring), "--runtime", str(seconds),
+                    "--json", "--no-progress"], CLIENT_CPU, env)
+    lat = res.get("latency_us")
+    out = {"iops": float(res["iops"])}  # type: ignore[arg-type]
+    if isinstance(lat, dict):
+        out["lat_us"] = float(lat["mean"])
+    return out
+
+
+def stick_run(script: str, sock: str, qd: int, ring: int, seconds: float, rw: str = "randread") -> Result:
+    cmd = [sys.executable, str(STICKS / script), sock, "--qd", str(qd), "--seconds", str(seconds), "--json"]
+    if script == "raw_vhost_blk_numpy.py":
+        cmd += ["--ring", str(ring)]
+    elif rw != "randread":
+        cmd += ["--rw", rw]
+    res = run_json(cmd, CLIENT_CPU)
+    return {"iops": float(res["iops"])}  # type: ignore[arg-type]
+
+
+def spdk_runner(build: Path) -> Callable[..., Result]:
+    def run(sock: str, qd: int, ring: int, seconds: float, rw: str = "randread") -> Result:
+        r = spdk.run_bdevperf(build, sock, qd, ring, seconds, int(CLIENT_CPU), workload=rw)
+        return {"iops": r.iops, "lat_us": r.mean_latency_us}
+
+    return run
+
+
+def contestants(spdk_build: Path | None, qd: int) -> dict[str, Callable[..., Result]]:
+    """Who runs at this depth (the pure-Python stick's ring of 256 holds 85 requests)."""
+    runs: dict[str, Callable[..., Result]] = {
+        "pyvirtio": pyvirtio_run,
+        "numpy_stick": lambda *a, **k: stick_run("raw_vhost_blk_numpy.py", *a, **k),
+    }
+    if qd <= 85:
+        runs["python_stick"] = lambda *a, **k: stick_run("raw_vhost_blk.py", *a, **k)
+    if spdk_build is not None:
+        runs["spdk"] = spdk_runner(spdk_build)
+    return runs
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b else float("nan")
+
+
+def summarise(rounds: list[dict[str, object]], depths: list[int]) -> dict[int, dict[str, object]]:
+    summary: dict[int, dict[str, object]] = {}
+    for qd in depths:
+        row: dict[str, object] = {"ring": RINGS.get(qd, 1024)}
+        for who in ("pyvirtio", "python_stick", "numpy_stick", "spdk"):
+            mine = [x for x in rounds if x["qd"] == qd and x["who"] == who]
+            if not mine:
+                continue
+            v = [float(x["iops"]) for x in mine]  # type: ignore[arg-type]
+            cell: dict[str, float] = {"median": round(statistics.median(v)), "best": round(max(v))}
+            lats = [float(x["lat_us"]) for x in mine if "lat_us" in x]  # type: ignore[arg-type]
+            if lats:
+                cell["lat_median_us"] = round(statistics.median(lats), 2)
+                cell["lat_best_us"] = round(min(lats), 2)
+            row[who] = cell
+        pv: dict[str, float] = row["pyvirtio"]  # type: ignore[assignment]
+        sticks = [row[w] for w in ("python_stick", "numpy_stick") if w in row]
+        row["vs_stick_median"] = ratio(pv["median"], max(s["median"] for s in sticks))  # type: ignore[index]
+        row["vs_stick_best"] = ratio(pv["best"], max(s["best"] for s in sticks))  # type: ignore[index]
+        if "spdk" in row:
+            sp: dict[str, float] = row["spdk"]  # type: ignore[assignment]
+            row["vs_spdk_median"] = ratio(pv["median"], sp["median"])
+            row["vs_spdk_best"] = ratio(pv["best"], sp["best"])
+            if "lat_median_us" in pv and "lat_median_us" in sp:
+                # latency: pyvirtio's mean over SPDK's (lower is better; the goal is <= 1.2 at QD1)
+                row["lat_vs_spdk_median"] = ratio(pv["lat_median_us"], sp["lat_median_us"])
+        summary[qd] = row
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 32, 128, 256])
+    ap.add_argument("--backend", choices=("qsd", "embedded"), default="qsd")
+    ap.add_argument("--spdk", metavar="DIR", help="SPDK build folder (default: $SPDK_BUILD, then the usual places)")
+    ap.add_argument("--no-spdk", action="store_true", help="leave SPDK out even when a build is found")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    py = sys.executable
+    build = None if a.no_spdk else spdk.find_build(a.spdk)
+    if build is None and not a.no_spdk:
+        print("note: no SPDK build found (--spdk DIR or SPDK_BUILD; ../shared/spdk/README): running without "
+              "SPDK's initiator", file=sys.stderr)
+    elif build is not None and spdk.scripts_dir() is None:
+        print("note: SPDK build found but not the shared bdevperf scripts: running without SPDK", file=sys.stderr)
+        build = None
     tmp = tempfile.mkdtemp(prefix="pyvirtio-compare-")
-    qsd, sock = start_qsd(tmp, "0")
+    start = start_qsd if a.backend == "qsd" else start_embedded
+    backend, sock = start(tmp, BACKEND_CPU)
     rounds: list[dict[str, object]] = []
     try:
         for r in range(a.rounds):
             for qd in a.depths:
                 ring = RINGS.get(qd, 1024)
-                runs = {
-                    "pyvirtio": [py, "-m", "pyvirtio", "bench", f"vhost-user:{sock}", "--rw", "randread", "--bs", "4k",
-                                 "--iodepth", str(qd), "--queue-size", str(ring), "--runtime", str(a.seconds),
-                                 "--json", "--no-progress"],
-                    "numpy_stick": [py, str(STICKS / "raw_vhost_blk_numpy.py"), sock, "--qd", str(qd), "--ring",
-                                    str(ring), "--seconds", str(a.seconds), "--json"],
-                }
-                if qd <= 85:
-                    runs["python_stick"] = [py, str(STICKS / "raw_vhost_blk.py"), sock, "--qd", str(qd),
-                                            "--seconds", str(a.seconds), "--json"]
+                runs = contestants(build, qd)
                 order = list(runs)
                 order = order[r % len(order):] + order[: r % len(order)]  # rotate who goes first
                 for name in order:
-                    res = run_json(runs[name], "1")
-                    rounds.append({"round": r, "qd": qd, "ring": ring, "who": name, "iops": res["iops"],
-                                   "engine": res.get("engine")})
-                    print(f"round {r} qd {qd:>3} {name:<12} {int(res['iops']):>10,} IOPS", file=sys.stderr)
+                    res = runs[name](sock, qd, ring, a.seconds)
+                    rounds.append({"round": r, "qd": qd, "ring": ring, "who": name, **res})
+                    lat = f"  mean {res['lat_us']:8.2f} us" if "lat_us" in res else ""
+                    print(f"round {r} qd {qd:>3} {name:<12} {int(res['iops']):>10,} IOPS{lat}", file=sys.stderr)
     finally:
-        qsd.send_signal(signal.SIGTERM)
-        qsd.wait(10)
+        backend.send_signal(signal.SIGTERM)
+        backend.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = {}
-    for qd in a.depths:
-        row: dict[str, object] = {"ring": RINGS.get(qd, 1024)}
-        for who in ("pyvirtio", "python_stick", "numpy_stick"):
-            v = [float(x["iops"]) for x in rounds if x["qd"] == qd and x["who"] == who]  # type: ignore[arg-type]
-            if v:
-                row[who] = {"median": round(statistics.median(v)), "best": round(max(v))}
-        sticks = [row[w] for w in ("python_stick", "numpy_stick") if w in row]
-        best_med = max(s["median"] for s in sticks)  # type: ignore[index]
-        best_best = max(s["best"] for s in sticks)  # type: ignore[index]
-        pv = row["pyvirtio"]
-        row["ratio_median"] = round(pv["median"] / best_med, 2)  # type: ignore[index]
-        row["ratio_best"] = round(pv["best"] / best_best, 2)  # type: ignore[index]
-        summary[qd] = row
+    summary = summarise(rounds, a.depths)
+    backend_name = "qemu-storage-daemon null-co" if a.backend == "qsd" else "pyvirtio serve blk (RAM)"
     if a.json:
-        print(json.dumps({"summary": summary, "rounds": rounds, "seconds": a.seconds}))
+        print(json.dumps({"summary": summary, "rounds": rounds, "seconds": a.seconds, "backend": backend_name,
+                          "spdk": str(build) if build else None}))
         return
-    print(f"\n4k randread vs qemu-storage-daemon null-co; {a.rounds} rounds x {a.seconds}s; "
-          "qsd on CPU 0, clients CPU 1")
-    print(f"{'QD':>4} {'ring':>5} {'pyvirtio med/best':>22} {'py stick med/best':>22} {'numpy stick med/best':>22} "
-          f"{'ratio med':>9} {'best':>5}")
+    print(f"\n4k randread vs {backend_name}; {a.rounds} rounds x {a.seconds}s interleaved; "
+          f"back end on CPU {BACKEND_CPU}, clients on CPU {CLIENT_CPU}"
+          + ("" if build else "; SPDK: not built, left out"))
+
     def cell(row: dict[str, object], who: str) -> str:
         x = row.get(who)
         return f"{x['median'] / 1e3:,.0f}k / {x['best'] / 1e3:,.0f}k" if x else "-"  # type: ignore[index]
 
+    head = f"{'QD':>4} {'ring':>5} {'pyvirtio':>17} {'py stick':>17} {'numpy stick':>17}"
+    head += f" {'SPDK':>17}" if build else ""
+    head += f" {'/stick':>11}"
+    head += f" {'/SPDK':>11} {'lat us py/SPDK':>17} {'lat ratio':>9}" if build else ""
+    print(head + "\n" + " " * 11 + "(IOPS median / best; ratios median (best))")
     for qd, row in summary.items():
-        print(f"{qd:>4} {row['ring']:>5} {cell(row, 'pyvirtio'):>22} {cell(row, 'python_stick'):>22} "
-              f"{cell(row, 'numpy_stick'):>22} {row['ratio_median']:>9} {row['ratio_best']:>5}")
+        line = (f"{qd:>4} {row['ring']:>5} {cell(row, 'pyvirtio'):>17} {cell(row, 'python_stick'):>17} "
+                f"{cell(row, 'numpy_stick'):>17}")
+        if build:
+            line += f" {cell(row, 'spdk'):>17}"
+        line += f" {row['vs_stick_median']:>5} ({row['vs_stick_best']})"
+        if build and "vs_spdk_median" in row:
+            pv, sp = row["pyvirtio"], row["spdk"]
+            lat = f"{pv.get('lat_median_us', 0):.1f} / {sp.get('lat_median_us', 0):.1f}"  # type: ignore[attr-defined]
+            line += f" {row['vs_spdk_median']:>5} ({row['vs_spdk_best']}) {lat:>17}"
+            line += f" {row.get('lat_vs_spdk_median', '-'):>9}"
+        print(line)
 
 
 if __name__ == "__main__":

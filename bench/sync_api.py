@@ -23,8 +23,7 @@ import statistics
 import sys
 import tempfile
 
-from backend_compare import start_embedded
-from compare import REPO, STICKS, run_json, start_qsd
+from compare import REPO, STICKS, run_json, start_embedded, start_qsd
 
 LOOP = """
 import json, random, sys, time

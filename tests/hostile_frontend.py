@@ -6,8 +6,9 @@ would: wrong version bits, truncated payloads, oversized headers, requests
 out of order, unknown codes, fds that are not eventfds. Its memory is a
 :class:`~pyvirtio.memory.MemoryPool` (memfd regions; guest address = its own
 virtual address) and its rings are :class:`~pyvirtio.testing.hostile.RawDriver`
-objects, which write descriptors and avail entries verbatim: loops, bad
-addresses, nested tables. :class:`BlkBuilder` lays out virtio-blk requests
+objects (packed: :class:`~pyvirtio.testing.hostile.RawPackedDriver`), which
+write descriptors and avail entries verbatim: loops, bad addresses, nested
+tables. :class:`BlkBuilder` lays out virtio-blk requests
 (header, data, status) in that memory, with any header size or flags;
 :class:`Chains` posts requests on a ring in turn, and :func:`blk_io`,
 :func:`scsi_io` and :func:`net_io` do one real exchange with a blk, scsi or
@@ -30,9 +31,9 @@ from pyvirtio.protocol import vhost_user as vu
 from pyvirtio.spec import blk as B
 from pyvirtio.spec import scsi as S
 from pyvirtio.spec import t10 as T
-from pyvirtio.spec.common import F_RING_INDIRECT_DESC, F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
-from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
-from pyvirtio.testing.hostile import RawDriver
+from pyvirtio.spec.common import F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
+from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE, PACKED_INITIAL_BASE
+from pyvirtio.testing.hostile import RawDriver, RawPackedDriver
 
 HEADER = struct.Struct("=III")
 U64 = struct.Struct("=Q")
@@ -50,6 +51,8 @@ PROTOCOL = (
 )
 #: Device features it acks (when offered): VERSION_1 and INDIRECT_DESC, no EVENT_IDX.
 FEATURES = (1 << F_VERSION_1) | (1 << F_RING_INDIRECT_DESC)
+#: The same with packed rings.
+PACKED_FEATURES = FEATURES | (1 << F_RING_PACKED)
 
 
 class Closed(Exception):
@@ -75,6 +78,7 @@ class HostileFrontend:
         self.sock.settimeout(timeout)
         self.pool = MemoryPool(pool_size, name="hostile")
         self.rings: dict[int, RawDriver] = {}
+        self.packed_rings: dict[int, RawPackedDriver] = {}
         self.kicks: dict[int, int] = {}
         self.calls: dict[int, int] = {}
         self.protocol = 0
@@ -221,6 +225,41 @@ class HostileFrontend:
             self.set(vu.SET_VRING_ENABLE, STATE.pack(index, 1))
         return rd
 
+    def setup_packed_ring(self, index: int, size: int = 64, *, base: int = PACKED_INITIAL_BASE) -> RawPackedDriver:
+        """A packed ring (handshake with PACKED_FEATURES first): NUM/BASE/ADDR/KICK/CALL/ENABLE."""
+        rd = RawPackedDriver(self.pool, size)
+        self.packed_rings[index] = rd
+        self.set(vu.SET_VRING_NUM, STATE.pack(index, size))
+        self.set(vu.SET_VRING_BASE, STATE.pack(index, base))
+        # vhost-user's descriptor / used / available fields: descriptor ring, device and driver areas.
+        self.set(vu.SET_VRING_ADDR, ADDR.pack(index, 0, rd.desc_addr, rd.device_addr, rd.driver_addr, 0))
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kicks[index] = kick
+        self.calls[index] = call
+        self.set(vu.SET_VRING_KICK, U64.pack(index), fds=[kick])
+        self.set(vu.SET_VRING_CALL, U64.pack(index), fds=[call])
+        if self.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            self.set(vu.SET_VRING_ENABLE, STATE.pack(index, 1))
+        return rd
+
+    def start_packed(self, size: int = 64) -> RawPackedDriver:
+        """Handshake with packed rings, memory table and packed ring 0: ready for requests."""
+        self.handshake(features=PACKED_FEATURES)
+        self.set_mem_table()
+        return self.setup_packed_ring(0, size)
+
+    def wait_packed_used(self, index: int, pos: int, wrap: int = 1, timeout: float | None = None) -> bool:
+        """Wait until slot ``pos`` of packed ring ``index`` holds a used descriptor of wrap counter ``wrap``."""
+        rd = self.packed_rings[index]
+        want = 0x8080 if wrap else 0
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while rd.read(pos)[3] & 0x8080 != want:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
     # -- the same steps one at a time (for frontends that order them differently) ---------
 
     def get_config(self, offset: int, size: int) -> bytes:
@@ -284,6 +323,9 @@ class HostileFrontend:
             for rd in self.rings.values():
                 rd.close()
             self.rings.clear()
+            for prd in self.packed_rings.values():
+                prd.close()
+            self.packed_rings.clear()
             self.pool.close()
 
     def __enter__(self) -> HostileFrontend:

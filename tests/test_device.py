@@ -383,11 +383,11 @@ def test_info(make_device: DeviceFactory) -> None:
         device_id=DEVICE_ID_BLOCK, num_queues=3, queue_size=128, features=V1 | EVENT_IDX | 1 << 9
     )
     before = dev.info()
-    assert before["virtio"] == {"vq_count": 0, "vq_size": 128, "type": "loopback"}
+    assert before["virtio"] == {"vq_count": 0, "vq_size": 128, "type": "loopback", "ring": "split", "in_order": False}
     dev.reset(EVENT_IDX | 1 << 9)
     dev.start(2)
     info = dev.info()
-    assert info["virtio"] == {"vq_count": 2, "vq_size": 128, "type": "loopback"}
+    assert info["virtio"] == {"vq_count": 2, "vq_size": 128, "type": "loopback", "ring": "split", "in_order": False}
     assert info["name"] == "test"
     assert info["device_type"] == "blk"
     assert info["status"] == ["ACKNOWLEDGE", "DRIVER", "DRIVER_OK", "FEATURES_OK"]

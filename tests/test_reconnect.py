@@ -3,7 +3,9 @@
 In process (the embedded server in a thread, its model crashing on
 command in the middle of a batch): requests in flight are held and
 resubmitted exactly once, with and without the back end's inflight
-tracking; completions already in the used ring at the crash are delivered
+tracking, on split and packed rings, with and without IN_ORDER (packed
+with inflight tracking: the area's descriptor-level entries, the ring
+resuming where the area says); completions already in the used ring at the crash are delivered
 once and not resubmitted; with reconnect off every pending request fails
 with ConnectionLost; a back end that comes back without a negotiated
 feature, or not at all, is a clear error; two queues driven by two threads;
@@ -81,11 +83,19 @@ def wait_reconnects(blk: VirtioBlk, n: int, timeout: float = 30.0) -> None:
 # -- in process ---------------------------------------------------------------------------------
 
 
+RINGS = [("split", False), ("packed", False), ("packed", True), ("split", True)]
+RING_IDS = ["split", "packed", "packed-in-order", "split-in-order"]
+
+
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("ring, in_order", RINGS, ids=RING_IDS)
 @pytest.mark.parametrize("inflight", [False, True], ids=["frontend-resubmits", "backend-inflight"])
-def test_requests_in_flight_are_resubmitted_exactly_once(sockdir: str, inflight: bool) -> None:
+def test_requests_in_flight_are_resubmitted_exactly_once(sockdir: str, inflight: bool, ring: str, in_order: bool) -> None:
     path = os.path.join(sockdir, "s.sock")
-    with crashing_server(path, inflight=inflight) as (server, model), VirtioBlk.open(path, reconnect=5.0) as blk:
+    with crashing_server(path, inflight=inflight) as (server, model), VirtioBlk.open(
+        path, reconnect=5.0, ring=ring, in_order=in_order
+    ) as blk:
+        assert blk.info()["virtio"]["ring"] == ring
         assert (blk.device.transport.inflight_info is not None) == inflight
         # Batch 1 completes and stays unreaped in the used ring (it raced the crash).
         batch1 = [blk.write_request(b * BS, pack_pattern(b, 1, BS)) for b in range(16)]
@@ -162,10 +172,11 @@ def test_reconnect_gives_up_after_the_policy_limit(sockdir: str) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_two_queues_two_threads_across_crashes(sockdir: str) -> None:
+@pytest.mark.parametrize("ring, inflight", [("split", False), ("packed", False), ("packed", True)])
+def test_two_queues_two_threads_across_crashes(sockdir: str, ring: str, inflight: bool) -> None:
     path = os.path.join(sockdir, "s.sock")
-    with crashing_server(path, queues=2) as (server, model), VirtioBlk.open(
-        path, num_queues=2, reconnect=5.0, poll="wait"
+    with crashing_server(path, queues=2, inflight=inflight) as (server, model), VirtioBlk.open(
+        path, num_queues=2, reconnect=5.0, poll="wait", ring=ring
     ) as blk:
         acked: list[dict[int, int]] = [{}, {}]
         errors: list[BaseException] = []
@@ -206,7 +217,8 @@ def test_two_queues_two_threads_across_crashes(sockdir: str) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_asyncio_across_a_crash(sockdir: str) -> None:
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_asyncio_across_a_crash(sockdir: str, ring: str) -> None:
     path = os.path.join(sockdir, "s.sock")
 
     async def main(blk: VirtioBlk, model: CrashingModel) -> None:
@@ -216,7 +228,7 @@ def test_asyncio_across_a_crash(sockdir: str) -> None:
             await blk.awrite(i * BS, pack_pattern(i, 9, BS))
             assert await blk.aread(i * BS, BS) == pack_pattern(i, 9, BS)
 
-    with crashing_server(path, inflight=True) as (server, model), VirtioBlk.open(path, reconnect=5.0) as blk:
+    with crashing_server(path, inflight=True) as (server, model), VirtioBlk.open(path, reconnect=5.0, ring=ring) as blk:
         asyncio.run(main(blk, model))
         assert model.crashes == 4 and blk.device.transport.reconnects == 4
 

@@ -4,13 +4,25 @@ Theory of operation. A device is a :class:`~pyvirtio.transport.base.Transport`
 plus the driver's state: the shared memory pool, the negotiated features and
 the queues. Its life follows virtio 1.2 §3.1.1:
 
-``reset(features)``
+``reset(features, ring=, in_order=)``
     status 0 (and queues deleted), ACKNOWLEDGE, DRIVER, read the offered
     features, write ``requested & offered`` (VERSION_1 always requested),
     FEATURES_OK. Every step is read back; a step that does not stick writes
     FAILED (SPDK never does) and raises :class:`~pyvirtio.errors.NegotiationError`.
 ``start(request_queues, fixed_queues)``
-    allocate and set up each split ring, then DRIVER_OK (checked).
+    allocate and set up each ring in the negotiated format, then DRIVER_OK
+    (checked).
+
+Ring format and IN_ORDER (virtio 1.2 §2.7 / §2.8, §6: VIRTIO_F_RING_PACKED,
+VIRTIO_F_IN_ORDER) are chosen at ``reset`` by ``ring`` (``"split"``: never
+packed; ``"packed"``: VIRTIO_F_RING_PACKED, a :class:`NegotiationError` if
+the device does not offer it; ``"auto"``: :data:`AUTO_RING` when the device
+offers it) and ``in_order`` (True: VIRTIO_F_IN_ORDER, an error if not
+offered; False: never; ``"auto"``: :data:`AUTO_IN_ORDER`). ``start`` then
+builds a :class:`~pyvirtio.ring.split.SplitQueue` or a
+:class:`~pyvirtio.ring.packed.PackedQueue`; everything above goes through
+the ring protocol (:class:`~pyvirtio.ring.base.RingQueue`), whatever the
+format.
 ``stop()`` / ``close()``
     status 0, queues deleted; ``close`` also closes the transport and frees
     the memory. The device is a context manager.
@@ -55,11 +67,15 @@ from pyvirtio.errors import (
     ReconnectFailed,
 )
 from pyvirtio.memory import DEFAULT_REGION_SIZE, MemoryPool
-from pyvirtio.ring.split import Completion, SplitQueue
+from pyvirtio.ring.base import Completion, RingQueue
+from pyvirtio.ring.packed import PackedQueue
+from pyvirtio.ring.split import SplitQueue
 from pyvirtio.spec.common import (
     DEVICE_TYPE_NAMES,
+    F_IN_ORDER,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
     STATUS_ACKNOWLEDGE,
     STATUS_DRIVER,
@@ -69,15 +85,26 @@ from pyvirtio.spec.common import (
     status_names,
 )
 from pyvirtio.spec.features import device_feature_names
-from pyvirtio.spec.ring import is_power_of_two
+from pyvirtio.spec.ring import MAX_QUEUE_SIZE, is_power_of_two
 from pyvirtio.transport.base import QueueSetup, ReconnectingTransport, Transport
 
 #: Writes to a config the frontend keeps: ``check(offset, data)`` raises to refuse one.
 ConfigWriteCheck = Callable[[int, bytes], None]
 
+#: The values of ``ring=`` (the drivers' ``open`` and :meth:`VirtioDevice.reset`).
+RING_CHOICES = ("split", "packed", "auto")
+#: What ``ring="auto"`` negotiates when the device offers both formats. Issue 12 makes
+#: packed the default only where it is measured not slower than split; until the
+#: engines' packed fast path has been measured against split on a quiet machine,
+#: auto stays split (the one place to change it).
+AUTO_RING = "split"
+#: What ``in_order="auto"`` negotiates when the device offers VIRTIO_F_IN_ORDER: off, for
+#: the same reason (and the fixed-chain fast paths of split rings need it off).
+AUTO_IN_ORDER = False
+
 
 class Virtqueue:
-    """A started queue: its split ring, the transport's kick, and its owner check.
+    """A started queue: its ring (either format), the transport's kick, and its owner check.
 
     Build requests with :meth:`start` / :meth:`add` / :meth:`flush` (or
     :meth:`submit` for a whole request), collect completions with
@@ -97,7 +124,7 @@ class Virtqueue:
         "_device",
     )
 
-    def __init__(self, ring: SplitQueue, transport: Transport, device: VirtioDevice | None = None) -> None:
+    def __init__(self, ring: RingQueue, transport: Transport, device: VirtioDevice | None = None) -> None:
         self.ring = ring
         self.index = ring.index
         self._transport = transport
@@ -222,6 +249,8 @@ class VirtioDevice:
         self._own_pool = pool is None
         self.offered_features = 0
         self.negotiated_features = 0
+        #: The ring format ``start`` builds: "split" or "packed" (from the negotiated features).
+        self.ring_format = "split"
         self.fixed_queues = 0
         self._queues: list[Virtqueue] = []
         self._lock = threading.Lock()
@@ -259,10 +288,18 @@ class VirtioDevice:
         except PyvirtioError:
             pass
 
-    def reset(self, requested_features: int) -> int:
-        """Reset the device and negotiate features; returns the negotiated set."""
+    def reset(self, requested_features: int, *, ring: str = "auto", in_order: bool | str = "auto") -> int:
+        """Reset the device and negotiate features; returns the negotiated set.
+
+        ``ring`` and ``in_order`` choose the ring format and VIRTIO_F_IN_ORDER
+        (module docstring); the two bits in ``requested_features`` are ignored.
+        """
         self._check_open()
-        requested = requested_features | (1 << F_VERSION_1)
+        if ring not in RING_CHOICES:
+            raise InvalidArgument(f"ring must be one of {', '.join(RING_CHOICES)}, not {ring!r}")
+        if in_order not in (True, False, "auto"):
+            raise InvalidArgument(f"in_order must be True, False or 'auto', not {in_order!r}")
+        requested = requested_features & ~((1 << F_RING_PACKED) | (1 << F_IN_ORDER)) | (1 << F_VERSION_1)
         self.stop()
         self._require(STATUS_ACKNOWLEDGE, "reset")
         self._require(STATUS_DRIVER, "reset")
@@ -271,11 +308,30 @@ class VirtioDevice:
         if not offered >> F_VERSION_1 & 1:
             self.fail()
             raise NegotiationError(f"{self.name}: device does not offer VERSION_1 (legacy devices are not supported)")
+        requested |= self._ring_request(offered, F_RING_PACKED, "packed", ring == "packed", ring == "split")
+        requested |= self._ring_request(offered, F_IN_ORDER, "IN_ORDER", in_order is True, in_order is False)
+        if ring == "auto" and AUTO_RING == "packed":
+            requested |= offered & (1 << F_RING_PACKED)
+        if in_order == "auto" and AUTO_IN_ORDER:
+            requested |= offered & (1 << F_IN_ORDER)
         negotiated = requested & offered
         self.transport.set_features(negotiated)
         self.negotiated_features = negotiated
+        self.ring_format = "packed" if negotiated >> F_RING_PACKED & 1 else "split"
         self._require(STATUS_FEATURES_OK, "feature negotiation")
         return negotiated
+
+    def _ring_request(self, offered: int, bit: int, what: str, must: bool, never: bool) -> int:
+        """The feature bit to request for ``ring=`` / ``in_order=`` (0 for auto: decided by the caller)."""
+        if never or not must:
+            return 0
+        if not offered >> bit & 1:
+            self.fail()
+            raise NegotiationError(
+                f"{self.name}: {what} asked for, but the device does not offer VIRTIO_F_"
+                f"{'RING_PACKED' if bit == F_RING_PACKED else 'IN_ORDER'}"
+            )
+        return 1 << bit
 
     def has_feature(self, bit: int) -> bool:
         return bool(self.negotiated_features >> bit & 1)
@@ -301,8 +357,13 @@ class VirtioDevice:
         available = self.transport.max_queues()
         if total > available:
             raise InvalidArgument(f"{self.name}: {total} queues requested, the device has {available}")
-        if queue_size is not None and (not is_power_of_two(queue_size)):
-            raise InvalidArgument(f"queue size must be a power of two, got {queue_size}")
+        packed = self.ring_format == "packed"
+        size_ok = 1 <= (queue_size or 0) <= MAX_QUEUE_SIZE if packed else is_power_of_two(queue_size or 0)
+        if queue_size is not None and not size_ok:
+            raise InvalidArgument(
+                f"queue size must be {'1..32768' if packed else 'a power of two'} for a {self.ring_format} ring, "
+                f"got {queue_size}"
+            )
         self.fixed_queues = fixed_queues
         if self.reconnecting is not None:
             # vhost-user sizes its inflight area (INFLIGHT_SHMFD) by the queues really used.
@@ -310,19 +371,24 @@ class VirtioDevice:
         self.transport.set_memory(self.pool)
         event_idx = self.has_feature(F_RING_EVENT_IDX)
         indirect = self.has_feature(F_RING_INDIRECT_DESC)
+        in_order = self.has_feature(F_IN_ORDER)
+        make: type[SplitQueue] | type[PackedQueue] = PackedQueue if packed else SplitQueue
         try:
             for i in range(total):
                 size = self.transport.get_queue_size(i)
                 if size == 0:
                     raise InvalidArgument(f"{self.name}: queue {i} does not exist")
-                if not is_power_of_two(size):
-                    raise NegotiationError(f"{self.name}: queue {i} size {size} is not a power of two")
+                if not (size <= MAX_QUEUE_SIZE if packed else is_power_of_two(size)):
+                    # virtio 1.2 §2.7: a split queue's size is a power of 2; §2.8: packed up to 32768.
+                    raise NegotiationError(
+                        f"{self.name}: queue {i} size {size} is not "
+                        + ("at most 32768" if packed else "a power of two")
+                    )
                 if queue_size is not None:
                     size = min(size, queue_size)
-                ring = SplitQueue(size, self.pool, index=i, event_idx=event_idx, indirect=indirect)
+                ring = make(size, self.pool, index=i, event_idx=event_idx, indirect=indirect, in_order=in_order)
                 self._queues.append(Virtqueue(ring, self.transport, self))
-                setup = QueueSetup(i, size, ring.desc_addr, ring.avail_addr, ring.used_addr)
-                self.transport.setup_queue(setup)
+                self.transport.setup_queue(QueueSetup.from_ring(ring))
             self._require(STATUS_DRIVER_OK, "start")
         except BaseException:
             self._free_queues()
@@ -585,6 +651,8 @@ class VirtioDevice:
         virtio: dict[str, Any] = {
             "vq_count": len(self._queues),
             "vq_size": self._queues[0].size if self._queues else self.transport.get_queue_size(0),
+            "ring": self.ring_format,
+            "in_order": self.has_feature(F_IN_ORDER),
         }
         virtio.update(self.transport.info())
         if self._kept_config is not None:

@@ -22,10 +22,11 @@ import os
 import struct
 from typing import Any
 
+from pyvirtio.backends.model import RING_FEATURES
 from pyvirtio.backends.sglist import skip
 from pyvirtio.ring.device_side import Chain
 from pyvirtio.spec import blk as B
-from pyvirtio.spec.common import DEVICE_ID_BLOCK, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
+from pyvirtio.spec.common import DEVICE_ID_BLOCK
 from pyvirtio.transport.loopback import LoopbackTransport
 
 log = logging.getLogger("pyvirtio.backends.blk")
@@ -211,9 +212,7 @@ class BlockBackend:
 
     def features(self) -> int:
         f = (
-            (1 << F_VERSION_1)
-            | (1 << F_RING_EVENT_IDX)
-            | (1 << F_RING_INDIRECT_DESC)
+            RING_FEATURES
             | (1 << B.F_SEG_MAX)
             | (1 << B.F_BLK_SIZE)
             | (1 << B.F_FLUSH)

@@ -34,12 +34,14 @@ is the one not trusted). The codec checks each message's syntax; this module
 checks its meaning:
 
 * a request not allowed now (a ring index >= ``num_queues``, ring requests
-  before SET_OWNER, a ring size not a power of two or > 32768 (virtio 1.2
-  §2.7), ring addresses outside the memory table or misaligned (§2.7: 16, 2
-  and 4 bytes), a memory region that is not a regular file large enough for
-  it, ADD/REM_MEM_REG or the inflight requests without their protocol
-  feature, transport or ring feature bits acked that were not offered): a
-  protocol violation, the connection is dropped;
+  before SET_OWNER, a ring size not a power of two (split rings, virtio 1.2
+  §2.7) or outside 1..32768 (§2.8), ring addresses outside the memory table
+  or misaligned (§2.7: 16, 2 and 4 bytes; §2.8.10.1, §2.8.13: 16, 4 and 4
+  for packed rings), a ring base beyond 16 bits (split) or pointing outside
+  the ring (packed), a memory region that is not a regular file large
+  enough for it, ADD/REM_MEM_REG or the inflight requests without their
+  protocol feature, transport or ring feature bits acked that were not
+  offered): a protocol violation, the connection is dropped;
 * an unknown or unsupported request: a failure ack when it has NEED_REPLY,
   otherwise a violation (the frontend would wait for an answer that cannot
   come);
@@ -79,6 +81,16 @@ Tolerance, where it costs nothing and real frontends need it:
   and SET_VRING_ENABLE before SET_MEM_TABLE (SPDK, DPDK's virtio-user),
   NEED_REPLY acked even without REPLY_ACK (a frontend that asks waits, as
   libvhost-user and DPDK answer it).
+
+Ring formats. The ring format is the negotiated one (VIRTIO_F_RING_PACKED,
+with VIRTIO_F_IN_ORDER or not): checks that depend on it (size, alignment,
+base) are made when the message comes if the features are known, and again
+when the ring starts. For a packed ring SET_VRING_ADDR's descriptor /
+available / used fields are the descriptor ring and the driver / device
+event suppression structures, and SET/GET_VRING_BASE carry both positions
+with their wrap counters (vhost-user.rst, "Vring descriptor indices for
+packed virtqueues"). A packed ring with an inflight area resumes where the
+area says (:mod:`pyvirtio.backends.inflight`).
 
 Ring life cycle (vhost-user.rst, "Ring states"): a ring starts when it has a
 size, addresses and a kick fd (or NOFD: the ring is polled), and, once
@@ -145,24 +157,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from pyvirtio.backends.inflight import InflightArea
+from pyvirtio.backends.inflight import InflightArea, PackedQueueInflight
 from pyvirtio.backends.model import ModelHooks
 from pyvirtio.backends.ringstate import RingState, close_fd
-from pyvirtio.errors import DriverProtocolError, ProtocolViolation, PyvirtioError, RequestRefused
+from pyvirtio.errors import DriverProtocolError, InvalidArgument, ProtocolViolation, PyvirtioError, RequestRefused
 from pyvirtio.memory import PAGE_SIZE, MemoryTable, Region
 from pyvirtio.protocol import vhost_user as vu
-from pyvirtio.ring.device_side import DeviceQueue
+from pyvirtio.ring.base import DeviceRing
+from pyvirtio.ring.device_side import open_device_ring
 from pyvirtio.spec.common import (
+    F_IN_ORDER,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     VHOST_USER_F_PROTOCOL_FEATURES,
 )
 from pyvirtio.spec.ring import (
     AVAIL_ALIGN,
     DESC_ALIGN,
+    DESC_SIZE,
+    EVENT_SUPPRESS_ALIGN,
     MAX_QUEUE_SIZE,
+    PACKED_DESC_ALIGN,
     USED_ALIGN,
     is_power_of_two,
+    parse_packed_base,
 )
 
 log = logging.getLogger("pyvirtio.backends")
@@ -514,7 +533,12 @@ class ControlPlane:
         # A new zeroed area; the frontend keeps it and sends it back with SET_INFLIGHT_FD
         # (our mapping of it is dropped then: the one attached is the frontend's).
         self._drop_offered()
-        area = InflightArea.create(value.num_queues, value.queue_size)
+        # Laid out for the negotiated format; before SET_FEATURES (QEMU asks first) for the larger,
+        # packed, whenever it is offered: a ring started later finds room for its region.
+        packed = self._ring_format == "packed" or (
+            not self.acked_features and self.offered_features >> F_RING_PACKED & 1
+        )
+        area = InflightArea.create(value.num_queues, value.queue_size, "packed" if packed else "split")
         self._offered = area
         return vu.encode_reply(vu.GET_INFLIGHT_FD, area.info, fds=(area.fd,))
 
@@ -539,30 +563,50 @@ class ControlPlane:
 
     def _drop_inflight(self) -> None:
         for ring in self.rings:
-            ring.inflight = None
-            ring.resubmit = []
+            if ring.inflight is not None:
+                ring.inflight.detach()
+                ring.inflight = None
         if self._inflight is not None:
             self._inflight.close()
             self._inflight = None
         self._drop_offered()
 
-    def _track(self, ring: RingState, queue: DeviceQueue) -> None:
-        """A ring starts with an inflight area: recover what a previous back end left in flight."""
+    def _start_queue(self, ring: RingState) -> DeviceRing:
+        """The ring's queue, with its inflight tracking if the connection has an area (module docstring)."""
         area = self._inflight
-        tracker = None if area is None else area.queue(ring.index)
+        fmt = self._ring_format
+        tracker = None if area is None else area.queue(ring.index, fmt)
         if tracker is None:
-            return
+            if area is not None and fmt == "packed" and ring.index < area.num_queues:
+                raise ProtocolViolation(f"ring {ring.index}: the inflight area has no room for a packed ring's region")
+            return self._make_queue(ring, ring.base)
         if tracker.desc_num < ring.num:
             raise ProtocolViolation(
                 f"ring {ring.index} of {ring.num} descriptors: the inflight area tracks {tracker.desc_num}"
             )
-        heads = tracker.recover(queue)
+        try:
+            if isinstance(tracker, PackedQueueInflight):
+                desc = self._desc_ring(ring)
+                try:
+                    base = tracker.recover(desc, ring.num, ring.base)
+                    queue = self._make_queue(ring, base)
+                    tracker.start(queue, desc)
+                except BaseException:
+                    desc.release()
+                    raise
+            else:
+                queue = self._make_queue(ring, ring.base)
+                tracker.start(queue)
+        except DriverProtocolError as exc:
+            raise ProtocolViolation(str(exc)) from None
         ring.inflight = tracker
-        ring.resubmit = heads
-        if heads:
-            # vhost-user.rst: the ring resumes after what was popped (completed + in flight).
-            queue.last_avail = (queue.used_idx + len(heads)) & 0xFFFF
-            log.info("ring %d: resubmitting %d request(s) left in flight", ring.index, len(heads))
+        return queue
+
+    def _desc_ring(self, ring: RingState) -> memoryview:
+        """The ring's descriptor area (a view the caller releases)."""
+        addr = ring.addr
+        assert addr is not None
+        return self.memory.uva(addr.desc, DESC_SIZE * ring.num)
 
     # -- memory -----------------------------------------------------------------
 
@@ -696,46 +740,68 @@ class ControlPlane:
     def _set_vring_num(self, value: vu.VringState, _fds: list[int]) -> None:
         ring = self._ring(value.index, "SET_VRING_NUM")
         num = value.num
-        if not is_power_of_two(num) or num > MAX_QUEUE_SIZE:
-            # virtio 1.2 §2.7: a split queue's size is a power of 2, at most 32768.
-            raise ProtocolViolation(
-                f"SET_VRING_NUM {num} for ring {ring.index}: not a power of 2 up to 32768"
-            )
+        self._check_num(ring.index, num)
         if ring.queue is not None:
             raise ProtocolViolation(f"SET_VRING_NUM on running ring {ring.index}")
         ring.num = num
+
+    def _check_num(self, index: int, num: int) -> None:
+        if self._ring_format == "packed":
+            if not 1 <= num <= MAX_QUEUE_SIZE:
+                raise ProtocolViolation(f"ring size {num} for packed ring {index}: not 1..32768 (virtio 1.2 §2.8)")
+        elif not is_power_of_two(num) or num > MAX_QUEUE_SIZE:
+            # virtio 1.2 §2.7: a split queue's size is a power of 2, at most 32768.
+            raise ProtocolViolation(f"SET_VRING_NUM {num} for ring {index}: not a power of 2 up to 32768")
+
+    def _check_addr(self, index: int, value: vu.VringAddr) -> None:
+        if self._ring_format == "packed":
+            # virtio 1.2 §2.8.13: descriptors 16-byte aligned; §2.8.10.1: event structures 4-byte aligned.
+            areas = (
+                ("descriptor ring", value.desc, PACKED_DESC_ALIGN),
+                ("driver event suppression area", value.avail, EVENT_SUPPRESS_ALIGN),
+                ("device event suppression area", value.used, EVENT_SUPPRESS_ALIGN),
+            )
+        else:
+            # virtio 1.2 §2.7: descriptor table 16-, avail 2-, used ring 4-byte aligned.
+            areas = (
+                ("descriptor table", value.desc, DESC_ALIGN),
+                ("avail ring", value.avail, AVAIL_ALIGN),
+                ("used ring", value.used, USED_ALIGN),
+            )
+        for what, addr, align in areas:
+            if addr % align:
+                raise ProtocolViolation(f"ring {index}: {what} address 0x{addr:x} not {align}-byte aligned")
 
     def _set_vring_addr(self, value: vu.VringAddr, _fds: list[int]) -> None:
         ring = self._ring(value.index, "SET_VRING_ADDR")
         if not len(self.memory):
             raise ProtocolViolation("SET_VRING_ADDR before SET_MEM_TABLE")
-        # virtio 1.2 §2.7: descriptor table 16-, avail 2-, used ring 4-byte aligned.
-        for what, addr, align in (
-            ("descriptor table", value.desc, DESC_ALIGN),
-            ("avail ring", value.avail, AVAIL_ALIGN),
-            ("used ring", value.used, USED_ALIGN),
-        ):
-            if addr % align:
-                raise ProtocolViolation(
-                    f"ring {ring.index}: {what} address 0x{addr:x} not {align}-byte aligned"
-                )
+        self._check_addr(ring.index, value)
         running = ring.queue is not None
         if running:
             self._stop_ring(ring)
         ring.addr = value
         if ring.num:
-            self._make_queue(ring).release()  # check the addresses now, not at first kick
+            self._make_queue(ring, None).release()  # check the addresses now, not at first kick
         if running:
             self._try_start(ring)
 
     def _set_vring_base(self, value: vu.VringState, _fds: list[int]) -> None:
         ring = self._ring(value.index, "SET_VRING_BASE")
-        if value.num > 0xFFFF:
+        if value.num > 0xFFFF and self._ring_format == "split":
+            # vhost-user.rst: a split ring's base is a 16-bit avail index (a packed one's 32 bits).
             raise ProtocolViolation(
                 f"SET_VRING_BASE {value.num} for ring {ring.index}: a split ring index is 16 bits"
             )
         if ring.queue is not None:
             raise ProtocolViolation(f"SET_VRING_BASE on running ring {ring.index}")
+        if self._ring_format == "packed" and ring.num:
+            avail, _aw, used, _uw = parse_packed_base(value.num)
+            if max(avail, used) >= ring.num:
+                raise ProtocolViolation(
+                    f"SET_VRING_BASE for ring {ring.index}: ring base 0x{value.num:08x} points outside "
+                    f"{ring.num} descriptors"
+                )
         ring.base = value.num
 
     def _get_vring_base(self, value: vu.VringState, _fds: list[int]) -> vu.Outgoing:
@@ -794,25 +860,39 @@ class ControlPlane:
 
     # -- ring start / stop -------------------------------------------------------
 
-    def _make_queue(self, ring: RingState) -> DeviceQueue:
+    @property
+    def _ring_format(self) -> str:
+        return "packed" if self.acked_features >> F_RING_PACKED & 1 else "split"
+
+    def _make_queue(self, ring: RingState, base: int | None) -> DeviceRing:
+        """The ring's queue at ``base`` (None: only checking the addresses, at the format's initial base)."""
         addr = ring.addr
         assert addr is not None
         features = self.acked_features
+        fmt = self._ring_format
+        self._check_num(ring.index, ring.num)
+        self._check_addr(ring.index, addr)
+        if base is None:
+            base = 0  # only the addresses are checked: any base the format allows
+        if fmt == "split" and base > 0xFFFF:
+            raise ProtocolViolation(f"ring {ring.index}: base {base} is beyond a split ring's 16 bits")
         try:
-            return DeviceQueue.from_addresses(
+            return open_device_ring(
+                fmt,
                 self.memory,
                 ring.num,
                 addr.desc,
                 addr.avail,
                 addr.used,
+                base=base,
                 user_addresses=True,
                 index=ring.index,
                 event_idx=bool(features >> F_RING_EVENT_IDX & 1),
                 indirect=bool(features >> F_RING_INDIRECT_DESC & 1),
-                last_avail=ring.base,
-                max_chain=ring.num,  # virtio 1.2 §2.7.5.3.1, indirect chains included
+                in_order=bool(features >> F_IN_ORDER & 1),
+                max_chain=ring.num,  # virtio 1.2 §2.7.5.3.1 / §2.8.19, indirect chains included
             )
-        except DriverProtocolError as exc:
+        except (DriverProtocolError, InvalidArgument) as exc:
             raise ProtocolViolation(f"ring {ring.index}: {exc}") from None
 
     def _try_start(self, ring: RingState) -> None:
@@ -827,20 +907,19 @@ class ControlPlane:
             return
         if not len(self.memory):
             raise ProtocolViolation(f"ring {ring.index} started without a memory table")
-        ring.queue = self._make_queue(ring)
-        if self._inflight is not None:
-            self._track(ring, ring.queue)
-        log.debug("ring %d started: size %d, base %d", ring.index, ring.num, ring.base)
+        ring.queue = self._start_queue(ring)
+        log.debug("ring %d started: size %d, base 0x%x", ring.index, ring.num, ring.queue.base)
         self._actions.append(StartRing(ring, ring.kick))  # work may have been queued before the kick fd
 
     def _stop_ring(self, ring: RingState) -> None:
         queue = ring.queue
         if queue is None:
             return
-        ring.base = queue.last_avail
+        ring.base = queue.base  # GET_VRING_BASE's answer (packed: with the wrap counters)
+        if ring.inflight is not None:
+            ring.inflight.detach()  # what is still flagged is found again at the next start
+            ring.inflight = None
         queue.release()
         ring.queue = None
-        ring.inflight = None  # heads still flagged are found again at the next start
-        ring.resubmit = []
         self._actions.append(StopRing(ring, ring.kick))
-        log.debug("ring %d stopped at %d", ring.index, ring.base)
+        log.debug("ring %d stopped at 0x%x", ring.index, ring.base)

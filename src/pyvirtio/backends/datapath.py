@@ -29,10 +29,18 @@ before was dropped at GET_VRING_BASE or RESET_DEVICE) is not lost: the ring
 remembers it (``call_missed``) and the control plane has the next call fd
 signalled once (:class:`~pyvirtio.backends.control.Notify`).
 
+Either ring format (virtio 1.2 §2.7 split, §2.8 packed) is served the same
+way: everything here goes through the device ring protocol
+(:class:`~pyvirtio.ring.base.DeviceRing`). With VIRTIO_F_IN_ORDER the model
+handles chains in pop order, as always here, and the ring batches the used
+entries (§2.7.9 / §2.8.8).
+
 Inflight tracking (INFLIGHT_SHMFD, :mod:`pyvirtio.backends.inflight`): a
-ring with a tracker first runs the heads a previous back end left in flight,
-then marks every head from pop to used, and clears the marks only after the
-used index is published (the crash-safe order).
+ring with a tracker first runs what a previous back end left in flight,
+then records every chain from pop to used (the tracker pops), and around
+each publication lets the tracker keep its crash-safe order
+(``publishing`` before the used entries are published, ``published``
+after).
 
 A bad chain (:class:`~pyvirtio.errors.ChainError`: a loop, an index or
 address out of range, a nested or misplaced indirect table, a chain longer
@@ -56,11 +64,11 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from pyvirtio.backends.inflight import QueueInflight
+from pyvirtio.backends.inflight import RingTracker
 from pyvirtio.backends.model import ModelHooks
 from pyvirtio.backends.ringstate import RingState
-from pyvirtio.errors import ChainError, ProtocolViolation
-from pyvirtio.ring.device_side import DeviceQueue
+from pyvirtio.errors import ChainError, DriverProtocolError, ProtocolViolation
+from pyvirtio.ring.base import DeviceRing
 
 __all__ = ["DEFAULT_POLL_US", "DataPath"]
 
@@ -198,8 +206,8 @@ class DataPath:
         self._publish(ring, n)
         return self._has_work(ring, queue)
 
-    def _batch_tracked(self, ring: RingState, tracker: QueueInflight) -> bool:
-        """:meth:`_batch` with inflight tracking: resubmissions first, every head marked from pop to used."""
+    def _batch_tracked(self, ring: RingState, tracker: RingTracker) -> bool:
+        """:meth:`_batch` with inflight tracking: resubmissions first, every chain recorded from pop to used."""
         queue = ring.queue
         assert queue is not None
         handle = self._handle
@@ -209,28 +217,27 @@ class DataPath:
         if index in self._gated:
             limit = min(limit, self._pending(index))
         try:
-            if ring.resubmit:
-                pending, ring.resubmit = ring.resubmit, []
-                for head in pending:  # still marked in flight, with their old counters
-                    queue.add_used(head, handle(index, queue.walk(head)))
-                    heads.append(head)
+            for old in tracker.resubmissions():
+                queue.add_used(old.head, handle(index, old))
+                heads.append(old.head)
             while len(heads) < limit:
-                chain = queue.pop()
+                chain = tracker.pop()
                 if chain is None:
                     break
-                tracker.begin(chain.head)
                 queue.add_used(chain.head, handle(index, chain))
                 heads.append(chain.head)
-        except ChainError as exc:
+        except DriverProtocolError as exc:  # a bad chain, or an inflight area that cannot be believed
+            tracker.publishing(heads)
             self._publish(ring, len(heads))
-            tracker.end(heads, queue.used_idx)
+            tracker.published(heads)
             self._signal_err(ring)
             raise ProtocolViolation(str(exc)) from None
+        tracker.publishing(heads)
         self._publish(ring, len(heads))
-        tracker.end(heads, queue.used_idx)  # after the used index is published (crash-safe order)
+        tracker.published(heads)  # after the used entries are published (crash-safe order)
         return self._has_work(ring, queue)
 
-    def _has_work(self, ring: RingState, queue: DeviceQueue) -> bool:
+    def _has_work(self, ring: RingState, queue: DeviceRing) -> bool:
         """Chains are pending that the model takes now (a gated ring: only while it wants them)."""
         if not queue.avail_pending():
             return False

@@ -31,6 +31,11 @@ protocol                   members, and what the back end does with them
                            targets): PROTOCOL_F_CONFIG is then not offered
 =========================  =======================================================
 
+A model's ``features()`` holds its device-type bits and :data:`RING_FEATURES`,
+the ring features the data path serves for every model: VERSION_1, indirect
+descriptors, event index, packed rings and in-order use (virtio 1.2 §6; the
+data path handles chains in pop order, so IN_ORDER costs a model nothing).
+
 The protocols are checked once, when a connection's engine is built
 (:meth:`ModelHooks.of`): the hooks a model has are bound into a
 :class:`ModelHooks` record, so nothing on the message or data path asks a
@@ -47,8 +52,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from pyvirtio.ring.device_side import Chain
+from pyvirtio.spec.common import F_IN_ORDER, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1
 
 __all__ = [
+    "RING_FEATURES",
     "CountsQueuePairs",
     "DeviceInitiated",
     "DeviceModel",
@@ -59,6 +66,16 @@ __all__ = [
     "Resettable",
     "WritableConfig",
 ]
+
+
+#: The ring features of every embedded back end (see the module docstring).
+RING_FEATURES = (
+    (1 << F_VERSION_1)
+    | (1 << F_RING_INDIRECT_DESC)
+    | (1 << F_RING_EVENT_IDX)
+    | (1 << F_RING_PACKED)
+    | (1 << F_IN_ORDER)
+)
 
 
 @runtime_checkable

@@ -45,9 +45,9 @@ import struct
 import threading
 from typing import Any
 
+from pyvirtio.backends.model import RING_FEATURES
 from pyvirtio.ring.device_side import Chain
 from pyvirtio.spec import net as N
-from pyvirtio.spec.common import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
 
 log = logging.getLogger("pyvirtio.backends.net")
 
@@ -123,9 +123,7 @@ class NetBackend:
 
     def features(self) -> int:
         f = (
-            (1 << F_VERSION_1)
-            | (1 << F_RING_EVENT_IDX)
-            | (1 << F_RING_INDIRECT_DESC)
+            RING_FEATURES
             | (1 << N.F_MAC)
             | (1 << N.F_STATUS)
             | (1 << N.F_MTU)

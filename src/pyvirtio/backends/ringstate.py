@@ -2,9 +2,11 @@
 
 :class:`RingState` is shared by the two halves of a connection: the control
 plane (:mod:`pyvirtio.backends.control`) fills it from SET_VRING_* messages
-and builds or releases its :class:`~pyvirtio.ring.device_side.DeviceQueue`;
-the data path (:mod:`pyvirtio.backends.datapath`) runs the queue while it
-exists, signals ``call`` and ``err``, and keeps the inflight record. The
+and builds or releases its queue (a :class:`~pyvirtio.ring.base.DeviceRing`,
+split or packed as negotiated); the data path
+(:mod:`pyvirtio.backends.datapath`) runs the queue while it exists, signals
+``call`` and ``err``, and keeps the inflight record (``inflight``, a
+:class:`~pyvirtio.backends.inflight.RingTracker` bound to the queue). The
 control plane owns the fds it holds (``kick``, ``call``, ``err``) and closes
 them.
 """
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import os
 
-from pyvirtio.backends.inflight import QueueInflight
+from pyvirtio.backends.inflight import RingTracker
 from pyvirtio.protocol import vhost_user as vu
+from pyvirtio.ring.base import DeviceRing
 from pyvirtio.ring.device_side import DeviceQueue
+from pyvirtio.spec.ring import parse_packed_base
 
 __all__ = ["RingState", "close_fd"]
 
@@ -33,14 +37,14 @@ class RingState:
 
     __slots__ = (
         "index", "num", "addr", "base", "kick", "kick_polled", "call", "call_missed", "err", "enabled", "queue",
-        "inflight", "resubmit",
+        "inflight",
     )
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.num = 0
         self.addr: vu.VringAddr | None = None
-        self.base = 0
+        self.base = 0  # SET_VRING_BASE's value, or where the queue stopped (DeviceRing.base)
         self.kick = -1
         self.kick_polled = False  # SET_VRING_KICK with NOFD: no kicks, poll the ring
         self.call = -1
@@ -48,9 +52,9 @@ class RingState:
         self.call_missed = False
         self.err = -1
         self.enabled = False
-        self.queue: DeviceQueue | None = None
-        self.inflight: QueueInflight | None = None  # INFLIGHT_SHMFD tracking while the ring runs
-        self.resubmit: list[int] = []  # heads a previous back end left in flight, to run first
+        self.queue: DeviceRing | None = None
+        #: INFLIGHT_SHMFD tracking while the ring runs (it holds what a predecessor left, to run first).
+        self.inflight: RingTracker | None = None
 
     def close_fds(self) -> None:
         """Close the ring's eventfds (kick, call, err)."""
@@ -77,9 +81,12 @@ class RingState:
             "call": self.call >= 0,
             "inflight": self.inflight is not None,
         }
-        if queue is not None:
-            out["last_avail"] = queue.last_avail
-            out["used_idx"] = queue.used_idx
+        if isinstance(queue, DeviceQueue):
+            out.update(format="split", in_order=queue.in_order, last_avail=queue.last_avail, used_idx=queue.used_idx)
+        elif queue is not None:
+            avail, avail_wrap, used, used_wrap = parse_packed_base(queue.base)
+            out.update(format="packed", in_order=queue.in_order, avail=avail, avail_wrap=avail_wrap, used=used,
+                       used_wrap=used_wrap)
         else:
             out["base"] = self.base
         return out

@@ -73,13 +73,14 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvirtio.backends.blk import Storage
+from pyvirtio.backends.model import RING_FEATURES
 from pyvirtio.backends.scsi_target import ScsiCommand, ScsiLun, ScsiTarget
 from pyvirtio.backends.sglist import gather, scatter, skip
 from pyvirtio.errors import ScsiCheckCondition, ScsiOverrun
 from pyvirtio.ring.device_side import Chain
 from pyvirtio.spec import scsi as S
 from pyvirtio.spec import t10 as T
-from pyvirtio.spec.common import DEVICE_ID_SCSI, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
+from pyvirtio.spec.common import DEVICE_ID_SCSI
 from pyvirtio.transport.loopback import LoopbackTransport
 
 log = logging.getLogger("pyvirtio.backends.scsi")
@@ -163,9 +164,7 @@ class ScsiBackend:
 
     def features(self) -> int:
         return (
-            (1 << F_VERSION_1)
-            | (1 << F_RING_EVENT_IDX)
-            | (1 << F_RING_INDIRECT_DESC)
+            RING_FEATURES
             | (1 << S.F_HOTPLUG)
             | (1 << S.F_CHANGE)
         )

@@ -133,13 +133,15 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         event_idx: bool = True,
         poll: str = "hybrid",
         timeout: float | None = 30.0,
+        ring: str = "auto",
+        in_order: bool | str = "auto",
     ) -> None:
         RequestEngine.__init__(self, device, poll=poll, timeout=timeout, request_type=BlkRequest)
         self.engine = self
         wanted = DRIVER_FEATURES | extra_features
         if not event_idx:
             wanted &= ~(1 << F_RING_EVENT_IDX)
-        negotiated = device.reset(wanted)
+        negotiated = device.reset(wanted, ring=ring, in_order=in_order)
         self.features = negotiated
         cfg = B.parse_config(device.read_config(0, self._config_len()))
         self.config = cfg
@@ -198,7 +200,10 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         timeout in seconds: requests are held across a back-end restart),
         ``server`` (listen on PATH for the back end to connect),
         ``connect_timeout``; ``queue_size`` and ``timeout`` go to both; the
-        rest to :class:`VirtioBlk`.
+        rest to :class:`VirtioBlk`, among them ``ring`` (``"split"``,
+        ``"packed"`` or ``"auto"``) and ``in_order`` (True, False or
+        ``"auto"``): the ring format and VIRTIO_F_IN_ORDER
+        (:meth:`VirtioDevice.reset <pyvirtio.device.VirtioDevice.reset>`).
         """
         from pyvirtio.targets import open_driver
 
@@ -383,10 +388,7 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         status = ctx.slot_view[_SLOT_SIZE * req.slot + _STATUS_OFF]
         req.status = status
         req.written = written
-        if req.op == B.T_IN and status == B.S_OK and written < req.length:
-            # virtio 1.2 §2.7.8.2: nothing beyond the used length may be relied on. (A
-            # length that leaves out the status byte is taken: DPDK's vhost_blk example
-            # reports just the data, and the status is read from the status byte.)
+        if req.op == B.T_IN and status == B.S_OK and short_read(written, req.length, ctx.vq.ring.format):
             req.error = BlockIOError(
                 req.name,
                 req.offset,
@@ -470,6 +472,23 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         req = self.run(self.get_id_request())
         raw = req.result or b""
         return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def short_read(written: int, length: int, ring_format: str) -> bool:
+    """Did a read whose status byte says OK get fewer than ``length`` bytes, as the device reports it?
+
+    virtio 1.2 §2.7.8.2: nothing beyond the used length may be relied on. A
+    length that leaves out the status byte is taken (DPDK's vhost_blk example
+    reports just the data on split rings). On a packed ring a length of 0 is
+    what the ring reports for a used descriptor without VIRTQ_DESC_F_WRITE,
+    whose length is reserved and ignored by drivers (virtio 1.2 §2.8.4):
+    with the status byte written (it was preset to 0xFF) the device wrote to
+    the buffer and the status decides (DPDK's vhost_blk example never sets
+    the flag).
+    """
+    if written >= length:
+        return False
+    return written > 0 or ring_format != "packed"
 
 
 def pack_pattern(block: int, seed: int, size: int) -> bytes:

@@ -5,9 +5,11 @@ object, argument checks, a slot, the chain, waiting with the general
 machinery): ~10 µs of Python, which is what a loop of ``blk.readinto``
 costs (docs/benchmarks.md §1.3). A program that reads or writes the same
 buffer again and again can instead open a :class:`FixedIO` on it: the chain
-(header, the buffer, status byte) is linked once (:class:`FixedChains`); a
-call writes the header, publishes the chain, kicks if the device wants a
-kick, and polls the used ring, whose entries are validated as everywhere.
+(header, the buffer, status byte; the buffer device-writable for a read, its
+alternate shape device-readable for a write) is prepared once by the ring's
+fast path (:class:`~pyvirtio.ring.fixed.FixedChains`, on either ring
+format); a call writes the header, publishes the chain, kicks if the device
+wants a kick, and polls for the completion, validated as everywhere.
 
 While it is open, the calling thread's queue belongs to it: the general
 API on that thread raises until :meth:`FixedIO.close`. Other threads use
@@ -22,6 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from pyvirtio.drivers.blk import short_read
 from pyvirtio.errors import (
     BlockIOError,
     ConnectionLost,
@@ -62,8 +65,11 @@ class FixedIO:
         self._owner = threading.get_ident()
         self._hdr = blk.allocate(32, align=64)
         try:
-            self._fixed = FixedChains(
-                ctx.vq.ring, [[(self._hdr.addr, 16, False), (buf.addr, n, True), (self._hdr.addr + _STATUS, 1, True)]]
+            hdr = self._hdr.addr
+            self._fixed = FixedChains(  # a read; its alternate shape, a write
+                ctx.vq.ring,
+                [[(hdr, 16, False), (buf.addr, n, True), (hdr + _STATUS, 1, True)]],
+                alternate=[[(hdr, 16, False), (buf.addr, n, False), (hdr + _STATUS, 1, True)]],
             )
         except BaseException:
             blk.free(self._hdr)
@@ -97,8 +103,8 @@ class FixedIO:
         blk.check_range(name, offset, self.length)
         fixed = self._fixed
         write = op == B.T_OUT
-        if write != self._writing:  # the data descriptor's direction and the bound on the used length
-            fixed.set_buffer(0, 1, writable=not write)  # also the bound on the used length: status (+ data)
+        if write != self._writing:  # the data buffer's direction, and the bound on the used length
+            fixed.use_alternate(0, write)
             self._writing = write
         B.OUTHDR.pack_into(self._h, 0, op, 0, offset // B.SECTOR_SIZE)
         self._h[_STATUS] = 0xFF
@@ -111,7 +117,7 @@ class FixedIO:
         status = self._h[_STATUS]
         if status != B.S_OK:
             raise BlockIOError(name, offset, self.length, status, B.STATUS_NAMES.get(status, "UNKNOWN"))
-        if not write and written < self.length:
+        if not write and short_read(written, self.length, fixed.ring.format):
             raise BlockIOError(
                 name,
                 offset,

@@ -9,14 +9,16 @@ Every frame on a ring carries the 12-byte ``virtio_net_hdr_v1`` in front of
 it (VERSION_1 is always negotiated, so the header has ``num_buffers`` with
 and without MRG_RXBUF).
 
-Rings. Both rings of a pair use one *pre-linked* single-descriptor chain per
-slot (:class:`~pyvirtio.ring.fixed.FixedChains`): slot s of the receive ring
-is a device-writable buffer of ``rx_buf_size`` bytes, slot s of the transmit
-ring a device-readable buffer holding header + frame (only its length
-changes per frame). Posting n slots is n avail-ring stores, one index store
-and one kick decision; reaping validates every used entry (the id must head
-a slot in flight, the length must fit the slot; a transmit entry must report
-0 bytes written). A violation marks the queue broken
+Rings. Both rings of a pair have one single-buffer chain per *slot*: slot s
+of the receive ring is a device-writable buffer of ``rx_buf_size`` bytes,
+slot s of the transmit ring a device-readable buffer holding header + frame
+(only its length changes per frame). The slots are the ring's batch fast
+path (:class:`~pyvirtio.ring.fixed.FixedChains`, either ring format):
+posting n slots publishes them at once with one kick decision (on a split
+ring without VIRTIO_F_IN_ORDER the chains are pre-linked once and posting
+is n avail-ring stores and one index store). Reaping validates every used entry (the id must be a slot in
+flight, the length must fit the slot; a transmit entry must report 0 bytes
+written), and a violation marks the queue broken
 (:class:`~pyvirtio.errors.DeviceProtocolError`).
 
 Receive buffers are kept posted: all slots are posted at start and a slot
@@ -211,7 +213,9 @@ class _TxQueue:
         self.view = self.buf.view
         base = self.buf.addr
         self.fixed = FixedChains(vq.ring, [[(base + slot_size * s, HDR_SIZE, False)] for s in range(self.nslots)])
-        self.heads = self.fixed.heads
+        # Where each slot's frame length is written before it is posted.
+        self.lengths: memoryview | list[int]
+        self.lengths, self.length_at = self.fixed.length_fields()
         self.free: list[int] = list(range(self.nslots - 1, -1, -1))
         self.hdr_dirty = bytearray(self.nslots)
         self.frames = 0
@@ -243,6 +247,9 @@ class VirtioNet:
     ``mrg_rxbuf``: negotiate mergeable receive buffers. ``rx_buf_size``:
     bytes per receive buffer (header included; without MRG_RXBUF it must
     hold the largest frame + 12). ``csum``: negotiate checksum offload.
+    ``ring`` (``"split"``, ``"packed"``, ``"auto"``) and ``in_order`` (True,
+    False, ``"auto"``): the ring format and VIRTIO_F_IN_ORDER
+    (:meth:`VirtioDevice.reset <pyvirtio.device.VirtioDevice.reset>`).
     """
 
     def __init__(
@@ -257,6 +264,8 @@ class VirtioNet:
         csum: bool = False,
         event_idx: bool = True,
         timeout: float | None = 10.0,
+        ring: str = "auto",
+        in_order: bool | str = "auto",
     ) -> None:
         dtype = device.transport.device_type()
         if dtype != DEVICE_ID_NET:
@@ -273,11 +282,11 @@ class VirtioNet:
             wanted |= CSUM_FEATURES
         if not event_idx:
             wanted &= ~(1 << F_RING_EVENT_IDX)
-        self.features = device.reset(wanted)
+        self.features = device.reset(wanted, ring=ring, in_order=in_order)
         if not device.has_feature(N.F_CTRL_VQ) and self.features & _NEEDS_CTRL_VQ:
             # virtio 1.2 §5.1.3.1: these require VIRTIO_NET_F_CTRL_VQ; a device that
             # offers them without it gets them declined (reset and negotiate again).
-            self.features = device.reset(wanted & ~_NEEDS_CTRL_VQ)
+            self.features = device.reset(wanted & ~_NEEDS_CTRL_VQ, ring=ring, in_order=in_order)
         has = device.has_feature
         self.mrg_rxbuf = has(N.F_MRG_RXBUF)
         self.has_ctrl = has(N.F_CTRL_VQ)
@@ -614,7 +623,8 @@ class VirtioNet:
         if not count:
             return 0
         view = tx.view
-        set_length = tx.fixed.set_length
+        lengths = tx.lengths
+        length_at = tx.length_at
         size = tx.slot_size
         dirty = tx.hdr_dirty
         slots: list[int] = []
@@ -625,7 +635,7 @@ class VirtioNet:
             s = free.pop()
             base = size * s
             view[base + HDR_SIZE : base + HDR_SIZE + n] = f
-            set_length(s, 0, HDR_SIZE + n)
+            lengths[length_at[s]] = HDR_SIZE + n
             h = hdrs[i] if hdrs is not None else None
             if h is not None:
                 view[base : base + HDR_SIZE] = h

@@ -359,6 +359,62 @@ class PackedDeviceQueue:
                 readable.append(buf)
         return self._take(head, 1, w1 >> 32 & 0xFFFF, Chain(0, readable, writable))  # not cached
 
+    def adopt(self, bid: int, descs: list[tuple[int, int, int]]) -> Chain:
+        """Buffer ``bid`` as a previous device popped it: its ring descriptors (addr, len, flags) as recorded.
+
+        For a back end resubmitting what a predecessor left in flight (the
+        inflight area of vhost-user.rst keeps copies of the descriptors, since
+        used descriptors may have overwritten the ring slots). The record comes
+        from shared memory, so it is checked as :meth:`pop` checks a list
+        (addresses through the memory table, at most ``size`` descriptors,
+        NEXT on all but the last, an indirect table alone and bounded,
+        readable before writable); the id becomes in flight holding
+        ``len(descs)`` ring slots (and, with IN_ORDER, used after those popped
+        before it). The avail position does not move. A bad record raises
+        :class:`~pyvirtio.ring.chain.ChainError` (``head`` None).
+        """
+        where = f"queue {self.index}: resubmitted buffer {bid}"
+        if not 0 <= bid <= 0xFFFF or bid in self._inflight:
+            raise ChainError(f"{where}: a bad id, or already in flight", None)
+        if not 1 <= len(descs) <= self.size:
+            raise ChainError(f"{where}: {len(descs)} descriptors for a ring of {self.size}", None)
+        gpa = self.memory.gpa
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        try:
+            for k, (addr, length, flags) in enumerate(descs):
+                if bool(flags & DESC_F_NEXT) != (k + 1 < len(descs)):
+                    raise ChainError(f"{where}: NEXT set on the last descriptor or missing before it", None)
+                if flags & DESC_F_INDIRECT:
+                    n = length // DESC_SIZE
+                    if not self.indirect or len(descs) != 1 or not length or length % DESC_SIZE or n > self.max_chain:
+                        raise ChainError(f"{where}: an indirect table not allowed here ({length} bytes)", None)
+                    table = gpa(addr, length)
+                    for j in range(n):
+                        baddr, blen, _id, bflags = PACKED_DESC.unpack_from(table, DESC_SIZE * j)
+                        self._append(where, gpa(baddr, blen), bool(bflags & DESC_F_WRITE), readable, writable)
+                else:
+                    self._append(where, gpa(addr, length), bool(flags & DESC_F_WRITE), readable, writable)
+        except DriverProtocolError as exc:
+            if isinstance(exc, ChainError):
+                raise
+            raise ChainError(f"{where}: {exc}", None) from None
+        self._inflight[bid] = len(descs)
+        if self.in_order:
+            self._order.append((bid, sum(map(len, writable))))
+        return Chain(bid, readable, writable)
+
+    @staticmethod
+    def _append(
+        where: str, buf: memoryview, is_writable: bool, readable: list[memoryview], writable: list[memoryview]
+    ) -> None:
+        if is_writable:
+            writable.append(buf)
+        elif writable:
+            raise ChainError(f"{where}: a readable buffer after a writable one", None)
+        else:
+            readable.append(buf)
+
     # -- used side ------------------------------------------------------------
 
     def add_used(self, head: int, length: int) -> None:

@@ -28,6 +28,8 @@ the used index by the run's size.
 
 The packed ring's device side is :class:`~pyvirtio.ring.device_packed.PackedDeviceQueue`
 (re-exported here); both implement :class:`~pyvirtio.ring.base.DeviceRing`.
+:func:`open_device_ring` maps either format from the three ring addresses
+(the one place transports and back ends build a device ring).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import ClassVar
 from pyvirtio.errors import DriverProtocolError, InvalidArgument
 from pyvirtio.memory import MemoryTable
 from pyvirtio.ring import ordering
+from pyvirtio.ring.base import DeviceRing
 from pyvirtio.ring.chain import Chain, ChainError
 from pyvirtio.ring.device_packed import PackedDeviceQueue
 from pyvirtio.spec.ring import (
@@ -174,10 +177,15 @@ class DeviceQueue:
 
         For a back end resubmitting what a predecessor popped (inflight I/O
         tracking): the head comes from shared memory, so it is range-checked.
+        With IN_ORDER the chain counts as popped now (used after those popped
+        before it).
         """
         if not 0 <= head < self.size:
             raise ChainError(f"queue {self.index}: head {head} out of range", None)
-        return self._walk(head)
+        chain = self._walk(head)
+        if self._popped is not None:
+            self._popped.append((head, chain.writable_len))
+        return chain
 
     def _walk(self, head: int) -> Chain:
         d64 = self._desc64  # native byte order: little-endian (x86-64, ring/ordering.py)
@@ -364,4 +372,43 @@ class DeviceQueue:
             v.release()
 
 
-__all__ = ["Chain", "ChainError", "DeviceQueue", "PackedDeviceQueue"]
+def open_device_ring(
+    ring_format: str,
+    memory: MemoryTable,
+    size: int,
+    desc_addr: int,
+    driver_addr: int,
+    device_addr: int,
+    *,
+    base: int,
+    user_addresses: bool = True,
+    index: int = 0,
+    event_idx: bool = False,
+    indirect: bool = True,
+    in_order: bool = False,
+    max_chain: int | None = None,
+) -> DeviceRing:
+    """The device side of a ``"split"`` or ``"packed"`` ring at the given addresses.
+
+    ``driver_addr`` / ``device_addr`` are the Driver and Device Areas (split:
+    avail and used ring; packed: the event suppression structures), ``base``
+    the ring base (split: the next avail index; packed:
+    :func:`~pyvirtio.spec.ring.packed_base`). Raises
+    :class:`~pyvirtio.errors.DriverProtocolError` for addresses outside
+    ``memory`` or a base outside the ring, ``InvalidArgument`` for a size the
+    format does not allow.
+    """
+    if ring_format == "packed":
+        return PackedDeviceQueue.from_addresses(
+            memory, size, desc_addr, driver_addr, device_addr, user_addresses=user_addresses, index=index,
+            event_idx=event_idx, indirect=indirect, in_order=in_order, base=base, max_chain=max_chain,
+        )
+    if ring_format != "split":
+        raise InvalidArgument(f"unknown ring format {ring_format!r}")
+    return DeviceQueue.from_addresses(
+        memory, size, desc_addr, driver_addr, device_addr, user_addresses=user_addresses, index=index,
+        event_idx=event_idx, indirect=indirect, in_order=in_order, last_avail=base, max_chain=max_chain,
+    )
+
+
+__all__ = ["Chain", "ChainError", "DeviceQueue", "PackedDeviceQueue", "open_device_ring"]

@@ -3,18 +3,21 @@
 Theory of operation. When every request has the same shape (a virtio-blk
 header, one data buffer, a status byte), building chains per request is
 wasted work. :class:`FixedChains` prepares one chain per *slot* once, and
-from then on a request is just "post slot s". It is a facade: built on a
-:class:`~pyvirtio.ring.split.SplitQueue` it is a
+from then on a request is just "post slot s". It is a facade over the
+ring's own fast paths: on a :class:`~pyvirtio.ring.split.SplitQueue`
+without VIRTIO_F_IN_ORDER it is a
 :class:`~pyvirtio.ring.fixed_split.SplitFixedChains` (one pre-linked chain
 per slot in the descriptor table; posting writes the head into the avail
-ring), on a :class:`~pyvirtio.ring.packed.PackedQueue` a
-:class:`~pyvirtio.ring.fixed_packed.PackedFixedChains` (each slot's
-descriptors prepared as bytes, buffer id = slot; posting copies them into
-the ring at the next free position, the first head's flags last). Engines,
-drivers and back ends use this API and never a ring's private state.
+ring; its loops in :mod:`pyvirtio.ring.cycle_split`); on any other ring (a
+:class:`~pyvirtio.ring.packed.PackedQueue`, or a split ring with IN_ORDER,
+whose descriptors follow ring order) a
+:class:`~pyvirtio.ring.fixed_ring.RingFixedChains` (each slot's chain kept
+here and submitted through the ring protocol, the slot being the token).
+Engines, drivers and back ends use this API and never a ring's private
+state.
 
 Posting many slots publishes them at once (split: one avail index store;
-packed: the first head's flags last, behind a release barrier, §2.8.21.1)
+packed: each head's flags last, behind a release barrier, §2.8.21.1)
 and makes one kick decision (split: flags or EVENT_IDX, §2.7.10; packed:
 event suppression, §2.8.10). Reaping takes every used entry at once.
 
@@ -53,7 +56,7 @@ Paths, sharing one state:
 * the *stream* (:meth:`~FixedChains.stream`), the net engine's: every slot
   a one-buffer chain, all of them in flight all the time, each slot fixed
   at its ring position, so re-posting n slots is one store (split: the avail
-  index; packed: a copy of the prepared descriptors and the first flags),
+  index; elsewhere the slots are submitted again through the ring),
   and a batch of completions is checked against the expected entries in
   bulk (:meth:`Stream.peek`), then taken and re-posted
   (:meth:`Stream.advance`). Anything unexpected is left in the ring for the
@@ -160,11 +163,14 @@ class FixedChains:
         alternate: Sequence[Sequence[BufferSpec]] | None = None,
     ) -> FixedChains:
         if cls is FixedChains:
-            if ring.format == "split":
+            # Imported here: the implementations import this module.
+            if ring.format == "split" and not ring.in_order:
                 from pyvirtio.ring.fixed_split import SplitFixedChains
 
                 return cast(FixedChains, super().__new__(SplitFixedChains))
-            raise InvalidArgument(f"no fixed chains for a {ring.format} ring")
+            from pyvirtio.ring.fixed_ring import RingFixedChains
+
+            return cast(FixedChains, super().__new__(RingFixedChains))
         return super().__new__(cls)
 
     # -- state ------------------------------------------------------------------
@@ -197,6 +203,17 @@ class FixedChains:
 
     def set_length(self, s: int, k: int, length: int) -> None:
         """Change the length of buffer ``k`` of slot ``s`` (cheaper than :meth:`set_buffer`; not in flight)."""
+        raise NotImplementedError
+
+    def length_fields(self, k: int = 0) -> tuple[memoryview | list[int], list[int]]:
+        """(lengths, index): ``lengths[index[s]]`` is the length of buffer ``k`` of slot s's chain.
+
+        For a caller whose device-readable buffer changes length per request
+        (a frame to send): it stores the length there while the slot is not
+        in flight, then posts the slot; one store, no call. Buffer ``k`` must
+        be device-readable in every slot and shape (a writable one bounds the
+        used length, which such a store would not update).
+        """
         raise NotImplementedError
 
     def use_alternate(self, s: int, on: bool) -> None:
@@ -276,10 +293,20 @@ class FixedChains:
 
     # -- shared helpers -----------------------------------------------------------------
 
-    def _check_broken(self) -> None:
+    def check_broken(self) -> None:
         ring = self.ring
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
+
+
+def check_length_field(shapes: Sequence[Sequence[Sequence[Sequence[Any]]]], k: int) -> None:
+    """Refuse :meth:`FixedChains.length_fields` for a buffer that is missing or device-writable somewhere."""
+    for s, forms in enumerate(shapes):
+        for form in forms:
+            if not 0 <= k < len(form):
+                raise InvalidArgument(f"slot {s} has {len(form)} buffers, not {k + 1}")
+            if form[k][2]:
+                raise InvalidArgument(f"buffer {k} of slot {s} is device-writable: its length bounds the used length")
 
 
 def chain_shapes(
@@ -309,4 +336,4 @@ def chain_shapes(
     return shapes
 
 
-__all__ = ["BufferSpec", "Cycle", "FixedChains", "SlotCompletion", "Stream", "chain_shapes"]
+__all__ = ["BufferSpec", "Cycle", "FixedChains", "SlotCompletion", "Stream", "chain_shapes", "check_length_field"]

@@ -31,18 +31,38 @@ from typing import Any, Protocol, runtime_checkable
 
 from pyvirtio.errors import InvalidArgument
 from pyvirtio.memory import MemoryPool
+from pyvirtio.ring.base import RingQueue
+from pyvirtio.spec.ring import PACKED_INITIAL_BASE
 
 
 @dataclass(frozen=True, slots=True)
 class QueueSetup:
-    """Where one split ring lives, for :meth:`Transport.setup_queue`."""
+    """Where one ring lives and how it starts, for :meth:`Transport.setup_queue`.
+
+    ``format`` is the ring layout (``"split"``, virtio 1.2 §2.7, or
+    ``"packed"``, §2.8); the three addresses are its Descriptor, Driver and
+    Device Areas (§2.6): split: descriptor table, avail ring, used ring;
+    packed: descriptor ring, driver and device event suppression structures.
+    ``base`` is the ring base the device starts from (vhost-user's
+    SET_VRING_BASE): split, the next avail index; packed, both positions with
+    their wrap counters (:func:`~pyvirtio.spec.ring.packed_base`). Build one
+    from a driver ring with :meth:`from_ring`.
+    """
 
     index: int
     size: int
     desc_addr: int
     avail_addr: int
     used_addr: int
-    last_avail: int = 0
+    base: int = 0
+    format: str = "split"
+
+    @classmethod
+    def from_ring(cls, ring: RingQueue) -> QueueSetup:
+        """The setup of a fresh driver ring: its addresses, format and initial base."""
+        a = ring.addresses()
+        base = PACKED_INITIAL_BASE if ring.format == "packed" else 0
+        return cls(ring.index, ring.size, a.desc, a.driver, a.device, base, ring.format)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +213,11 @@ class ReconnectingTransport(Transport, Protocol):
         ...
 
     def restart_queue(self, index: int, base: int) -> None:
-        """Start existing queue ``index`` on the current connection at ring index ``base``."""
+        """Start existing queue ``index`` on the current connection at ring base ``base``.
+
+        ``base`` as in :class:`QueueSetup` (split: a 16-bit avail index; packed:
+        positions and wrap counters in 32 bits).
+        """
         ...
 
     def resume(self) -> None:

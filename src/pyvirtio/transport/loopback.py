@@ -1,9 +1,11 @@
 """An in-process virtio device, for tests, examples and benchmarks.
 
-The device side is a real :class:`~pyvirtio.ring.device_side.DeviceQueue`
-over the driver's own memory, so everything between the driver and the
-device goes through shared ring memory exactly as it would with another
-process. A *handler* per queue does the device's work: it receives each
+The device side is a real device ring over the driver's own memory
+(:class:`~pyvirtio.ring.device_side.DeviceQueue` or, with
+VIRTIO_F_RING_PACKED, :class:`~pyvirtio.ring.device_packed.PackedDeviceQueue`;
+with VIRTIO_F_IN_ORDER it uses buffers in order and batches), so everything
+between the driver and the device goes through shared ring memory exactly as
+it would with another process. A *handler* per queue does the device's work: it receives each
 available :class:`~pyvirtio.ring.device_side.Chain` and returns the number
 of bytes it wrote.
 
@@ -26,10 +28,13 @@ from typing import Any
 
 from pyvirtio.errors import ConnectionLost, InvalidArgument, QueueStateError
 from pyvirtio.memory import MemoryPool, MemoryTable
-from pyvirtio.ring.device_side import Chain, DeviceQueue
+from pyvirtio.ring.base import DeviceRing
+from pyvirtio.ring.device_side import Chain, open_device_ring
 from pyvirtio.spec.common import (
+    F_IN_ORDER,
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
+    F_RING_PACKED,
     F_VERSION_1,
     STATUS_FEATURES_OK,
 )
@@ -71,7 +76,7 @@ class LoopbackTransport:
         self.auto = auto
         self.status = 0
         self.refuse_status = 0
-        self.queues: dict[int, DeviceQueue] = {}
+        self.queues: dict[int, DeviceRing] = {}
         self.kicks: dict[int, int] = {}
         self.table: MemoryTable | None = None
         self._calls: dict[int, int] = {}
@@ -121,16 +126,24 @@ class LoopbackTransport:
     def setup_queue(self, setup: QueueSetup) -> None:
         if self.table is None:
             raise QueueStateError("set_memory() must come before setup_queue()")
-        self.queues[setup.index] = DeviceQueue.from_addresses(
+        features = self.driver_features
+        packed = bool(features >> F_RING_PACKED & 1)
+        if setup.format != ("packed" if packed else "split"):
+            raise QueueStateError(
+                f"queue {setup.index}: a {setup.format} ring, but RING_PACKED was {'' if packed else 'not '}negotiated"
+            )
+        self.queues[setup.index] = open_device_ring(
+            setup.format,
             self.table,
             setup.size,
             setup.desc_addr,
             setup.avail_addr,
             setup.used_addr,
+            base=setup.base,
             index=setup.index,
-            event_idx=bool(self.driver_features >> F_RING_EVENT_IDX & 1),
-            indirect=bool(self.driver_features >> F_RING_INDIRECT_DESC & 1),
-            last_avail=setup.last_avail,
+            event_idx=bool(features >> F_RING_EVENT_IDX & 1),
+            indirect=bool(features >> F_RING_INDIRECT_DESC & 1),
+            in_order=bool(features >> F_IN_ORDER & 1),
         )
         if setup.index not in self._calls:
             self._calls[setup.index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -46,7 +46,14 @@ status, inflight area and memory table (the same memfds) are sent again.
 Each successful reconnect starts a new *generation*; a queue keeps its ring
 memory and its two eventfds, and is restarted on the new connection by
 :meth:`restart_queue` with the base its owner computed from the driver's
-shadow state (:meth:`~pyvirtio.ring.split.SplitQueue.restart_base`). Until
+shadow state (:meth:`~pyvirtio.ring.base.RingQueue.restart_base`).
+
+Packed rings (VIRTIO_F_RING_PACKED): SET_VRING_ADDR carries the descriptor
+ring and the driver / device event suppression structures in its
+descriptor / available / used fields; SET_VRING_BASE carries 32 bits
+(vhost-user.rst, "Vring descriptor indices for packed virtqueues": bits 0-14
+the next avail position, 15 the avail wrap counter, 16-30 the next used
+position, 31 the used wrap counter), and GET_VRING_BASE answers the same. Until
 then the queue is *stale*: :meth:`wait_queue` and :meth:`check_queue` raise
 ConnectionLost for it, which sends its owner into
 :meth:`~pyvirtio.device.VirtioDevice.recover`. The driver layers decide
@@ -484,8 +491,11 @@ class VhostUserTransport:
             q = self._queues.get(index)
             if q is None:
                 raise QueueStateError(f"queue {index} is not set up")
-            if not 0 <= base <= 0xFFFF:
-                raise InvalidArgument(f"ring base {base} is not a 16-bit index")
+            # vhost-user.rst: a split ring's base is a 16-bit avail index; a packed ring's
+            # carries both positions and wrap counters in 32 bits.
+            limit = 0xFFFF_FFFF if q.setup.format == "packed" else 0xFFFF
+            if not 0 <= base <= limit:
+                raise InvalidArgument(f"ring base 0x{base:x} does not fit a {q.setup.format} ring's base")
             self._send_ring(q, base)
             q.generation = self.generation
             q.running = True
@@ -648,7 +658,7 @@ class VhostUserTransport:
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         q = _Queue(setup, kick, call, self.generation)
         self._queues[setup.index] = q
-        self._send_ring(q, setup.last_avail)
+        self._send_ring(q, setup.base)
 
     def _send_ring(self, q: _Queue, base: int) -> None:
         ack = self._ack
@@ -657,6 +667,9 @@ class VhostUserTransport:
         i = setup.index
         self._call(c.set_vring_num(i, setup.size, need_reply=ack))
         self._call(c.set_vring_base(i, base, need_reply=ack))
+        # The message's descriptor / used / available fields carry the Descriptor, Device and
+        # Driver Areas for both formats (packed: the device and driver event suppression
+        # structures in the used / available fields, as QEMU and DPDK read them).
         addr = vu.VringAddr(i, 0, setup.desc_addr, setup.used_addr, setup.avail_addr, 0)
         self._call(c.set_vring_addr(addr, need_reply=ack))
         self._call(c.set_vring_kick(i, q.kick, need_reply=ack))

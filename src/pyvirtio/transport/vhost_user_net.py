@@ -10,10 +10,10 @@ PROTOCOL_F_CONFIG, the config space. :class:`VhostUserNetTransport` is that
 share, wrapped around a :class:`~pyvirtio.transport.vhost_user.VhostUserTransport`:
 
 * Queues 0 .. 2N-1 (N = :attr:`pairs`, rx0, tx0, rx1, tx1 ...; virtio 1.2
-  §5.1.2) go to the back end; queue 2N, the control queue, is a real split
-  ring in the driver's memory whose device side (a bounds-checked
-  :class:`~pyvirtio.ring.device_side.DeviceQueue`) runs in this process,
-  synchronously, when the driver kicks it.
+  §5.1.2) go to the back end; queue 2N, the control queue, is a real ring
+  (split or packed, as negotiated) in the driver's memory whose device side
+  (a bounds-checked :class:`~pyvirtio.ring.base.DeviceRing`) runs in this
+  process, synchronously, when the driver kicks it.
 * Control commands (virtio 1.2 §5.1.6.5): ``MQ VQ_PAIRS_SET`` enables the
   rings of the first n pairs on the back end and disables the others
   (SET_VRING_ENABLE, as QEMU does); ``RX`` modes, ``MAC ADDR_SET`` and
@@ -46,9 +46,16 @@ from typing import Any
 from pyvirtio.errors import InvalidArgument, QueueStateError
 from pyvirtio.memory import MemoryPool, MemoryTable
 from pyvirtio.protocol import vhost_user as vu
-from pyvirtio.ring.device_side import ChainError, DeviceQueue
+from pyvirtio.ring.base import DeviceRing
+from pyvirtio.ring.device_side import ChainError, open_device_ring
 from pyvirtio.spec import net as N
-from pyvirtio.spec.common import DEVICE_ID_NET, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, STATUS_DRIVER_OK
+from pyvirtio.spec.common import (
+    DEVICE_ID_NET,
+    F_IN_ORDER,
+    F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC,
+    STATUS_DRIVER_OK,
+)
 from pyvirtio.transport.base import QueueSetup
 from pyvirtio.transport.vhost_user import VhostUserTransport
 
@@ -110,7 +117,7 @@ class VhostUserNetTransport:
         self._features = 0
         self._pool: MemoryPool | None = None
         self._table: MemoryTable | None = None
-        self._ctrl: DeviceQueue | None = None
+        self._ctrl: DeviceRing | None = None
         self._enabled: set[int] = set()
         self._running = False
         self._reset_state()
@@ -199,16 +206,18 @@ class VhostUserNetTransport:
             raise QueueStateError("set_memory() must come before setup_queue()")
         # The pool may have grown since set_memory: translate over all of it.
         self._table = MemoryTable.from_pool(self._pool)
-        self._ctrl = DeviceQueue.from_addresses(
+        self._ctrl = open_device_ring(
+            setup.format,
             self._table,
             setup.size,
             setup.desc_addr,
             setup.avail_addr,
             setup.used_addr,
+            base=setup.base,
             index=setup.index,
             event_idx=bool(self._features >> F_RING_EVENT_IDX & 1),
             indirect=bool(self._features >> F_RING_INDIRECT_DESC & 1),
-            last_avail=setup.last_avail,
+            in_order=bool(self._features >> F_IN_ORDER & 1),
             max_chain=8,
         )
         self._ctrl.enable_notifications()  # every command is kicked: it runs during the kick

@@ -151,15 +151,17 @@ class VirtioScsi(ScsiRequestQueues):
         timeout: float | None = 30.0,
         scan: bool = True,
         targets: Iterable[int] | None = None,
+        ring: str = "auto",
+        in_order: bool | str = "auto",
     ) -> None:
         wanted = DRIVER_FEATURES | extra_features
         if not event_idx:
             wanted &= ~(1 << F_RING_EVENT_IDX)
-        features = device.reset(wanted)
+        features = device.reset(wanted, ring=ring, in_order=in_order)
         if not device.transport.has_config():
-            ring = device.transport.get_queue_size(S.FIRST_REQUEST_QUEUE)
-            ring = min(ring, queue_size) if queue_size else ring
-            cfg_bytes = frontend_config(device.transport.max_queues(), ring)
+            ring_size = device.transport.get_queue_size(S.FIRST_REQUEST_QUEUE)
+            ring_size = min(ring_size, queue_size) if queue_size else ring_size
+            cfg_bytes = frontend_config(device.transport.max_queues(), ring_size)
             check = check_frontend_config_write(lambda: device.read_config(0, S.CONFIG_SIZE))
             device.keep_config(cfg_bytes, check, NO_CONFIG_REASON)
         cfg = S.parse_config(device.read_config(0, S.CONFIG_SIZE))
@@ -232,7 +234,8 @@ class VirtioScsi(ScsiRequestQueues):
 
         Transport options as :meth:`VirtioBlk.open <pyvirtio.drivers.blk.VirtioBlk.open>`
         (``reconnect``, ``server``, ``connect_timeout``; ``queue_size`` and
-        ``timeout`` go to both); the rest to :class:`VirtioScsi`.
+        ``timeout`` go to both); the rest to :class:`VirtioScsi`, ``ring``
+        and ``in_order`` included (as for VirtioBlk).
         """
         from pyvirtio.targets import open_driver
 

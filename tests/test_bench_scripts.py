@@ -1,0 +1,84 @@
+"""The comparison scripts under bench/: how they read SPDK's output and compute their ratios.
+
+They run peers and take minutes, so CI does not run them whole; these tests
+pin down the parts a wrong number would come from.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import compare  # noqa: E402
+import spdk  # noqa: E402
+
+BDEVPERF_TAIL = """
+ Job: VirtioBlk0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
+\t VirtioBlk0          :       1.00 1338450.51    5228.32       0.00     0.00      23.76       6.65    8116.38
+ ===================================================================================================================
+ Total                       :            1338450.51    5228.32       0.00     0.00      23.76       6.65    8116.38
+"""
+
+
+def test_parse_bdevperf_reads_iops_and_mean_latency_from_the_total_line() -> None:
+    r = spdk.parse_bdevperf("Total cores available: 1\n" + BDEVPERF_TAIL)
+    assert r.iops == pytest.approx(1338450.51)
+    assert r.mean_latency_us == pytest.approx(23.76)
+
+
+def test_parse_bdevperf_without_a_total_line_is_an_error() -> None:
+    with pytest.raises(ValueError, match="Total"):
+        spdk.parse_bdevperf("[ERROR] bdev_virtio_attach_controller failed\n")
+
+
+def test_find_build_names_a_folder_holding_bdevperf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPDK_BUILD", raising=False)
+    monkeypatch.setattr(spdk, "_CANDIDATES", ())
+    monkeypatch.setattr(spdk.tempfile, "gettempdir", lambda: str(tmp_path / "none"))
+    assert spdk.find_build(str(tmp_path)) is None
+    exe = tmp_path / "spdk" / "build" / "examples" / "bdevperf"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("")
+    assert spdk.find_build(str(tmp_path)) == tmp_path
+    monkeypatch.setenv("SPDK_BUILD", str(tmp_path))
+    assert spdk.find_build() == tmp_path
+
+
+def row(r: int, qd: int, who: str, iops: float, lat: float | None = None) -> dict[str, object]:
+    out: dict[str, object] = {"round": r, "qd": qd, "ring": 256, "who": who, "iops": iops}
+    if lat is not None:
+        out["lat_us"] = lat
+    return out
+
+
+def test_summary_ratios_are_median_over_median_and_best_over_best() -> None:
+    rounds = [
+        row(0, 1, "pyvirtio", 100, 10.0), row(1, 1, "pyvirtio", 300, 4.0), row(2, 1, "pyvirtio", 200, 5.0),
+        row(0, 1, "python_stick", 150), row(1, 1, "python_stick", 250), row(2, 1, "python_stick", 200),
+        row(0, 1, "numpy_stick", 50), row(1, 1, "numpy_stick", 60), row(2, 1, "numpy_stick", 70),
+        row(0, 1, "spdk", 400, 2.5), row(1, 1, "spdk", 100, 9.0), row(2, 1, "spdk", 250, 4.0),
+    ]
+    s = compare.summarise(rounds, [1])[1]
+    assert s["pyvirtio"] == {"median": 200, "best": 300, "lat_median_us": 5.0, "lat_best_us": 4.0}
+    assert s["vs_stick_median"] == 1.0  # 200 / the better stick's median (200)
+    assert s["vs_stick_best"] == 1.2  # 300 / 250
+    assert s["vs_spdk_median"] == 0.8  # 200 / 250
+    assert s["vs_spdk_best"] == 0.75  # 300 / 400
+    assert s["lat_vs_spdk_median"] == 1.25  # 5.0 / 4.0
+
+
+def test_summary_without_spdk_has_no_spdk_ratio() -> None:
+    rounds = [row(0, 32, "pyvirtio", 10), row(0, 32, "numpy_stick", 20)]
+    s = compare.summarise(rounds, [32])[32]
+    assert s["vs_stick_median"] == 0.5
+    assert "vs_spdk_median" not in s and "spdk" not in s
+
+
+def test_contestants_leave_spdk_out_without_a_build_and_the_python_stick_out_above_qd85() -> None:
+    assert set(compare.contestants(None, 1)) == {"pyvirtio", "numpy_stick", "python_stick"}
+    assert set(compare.contestants(None, 128)) == {"pyvirtio", "numpy_stick"}
+    assert "spdk" in compare.contestants(Path("/nonexistent"), 256)
