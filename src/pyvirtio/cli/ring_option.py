@@ -1,0 +1,44 @@
+"""The ring options every device command takes: ``--ring`` and ``--in-order`` (issue 12).
+
+``--ring split|packed|auto`` chooses the virtqueue format (virtio 1.2 §2.7
+split, §2.8 packed); ``--in-order on|off|auto`` VIRTIO_F_IN_ORDER (§2.7.9,
+§2.8.20). ``auto`` leaves the choice to the device layer
+(:meth:`pyvirtio.device.VirtioDevice.reset`: what it negotiates when the
+device offers the feature is :data:`pyvirtio.device.AUTO_RING` /
+``AUTO_IN_ORDER``); ``packed`` or ``on`` make a device that does not offer
+the feature fail with a :class:`~pyvirtio.errors.NegotiationError` naming it.
+This module only parses: :func:`ring_options` gives the keyword arguments
+the drivers' constructors and ``open`` take (``ring=``, ``in_order=``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+RING_CHOICES = ("split", "packed", "auto")
+IN_ORDER_CHOICES = ("on", "off", "auto")
+
+_IN_ORDER: dict[str, bool | str] = {"on": True, "off": False, "auto": "auto"}
+
+
+def add_ring_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--ring`` and ``--in-order`` to ``parser`` (both default to ``auto``)."""
+    parser.add_argument(
+        "--ring",
+        choices=RING_CHOICES,
+        default="auto",
+        help="virtqueue format: split, packed (VIRTIO_F_RING_PACKED), or auto (the default: "
+        "the device layer's choice among what the device offers)",
+    )
+    parser.add_argument(
+        "--in-order",
+        choices=IN_ORDER_CHOICES,
+        default="auto",
+        help="VIRTIO_F_IN_ORDER: on (fail if the device does not offer it), off, or auto (the default)",
+    )
+
+
+def ring_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"ring": ..., "in_order": ...}`` for a driver, from the parsed ``--ring`` / ``--in-order``."""
+    return {"ring": args.ring, "in_order": _IN_ORDER[args.in_order]}
