@@ -133,11 +133,24 @@ def test_bench_report_keys_and_figures_agree():
     r = _json(bench("--runtime", "0.5", "--size", "8M", "--rw", "randrw", "--bs", "8k", "--iodepth", "4", "--json"))
     assert set(r) == REPORT_KEYS
     assert set(r["latency_us"]) == {"mean", "p50", "p99", "p99.9", "max"}
-    assert r["device"] == {"type": "blk", "capacity": 8 << 20, "block_size": 512}
+    assert r["device"] == {"type": "blk", "capacity": 8 << 20, "block_size": 512, "ring": "split", "in_order": False}
     assert r["ios"] == r["reads"] + r["writes"] and r["reads"] and r["writes"]
     assert r["bandwidth_bytes_per_s"] == pytest.approx(r["ios"] * 8192 / r["seconds"], rel=0.01)
     assert r["rwmixread"] == 70 and r["queue_size"] == 256 and r["engine"] == "python"
     assert r["errors"] == 0 and r["first_error"] is None and r["reconnects"] == 0 and r["reconnect"] is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("ring", "args"), [
+    ("packed", ("--iodepth", "8", "--rw", "randrw", "--verify")),
+    ("packed", ("--iodepth", "64", "--mode", "numpy")),
+    ("split", ("--iodepth", "4", "--in-order", "on")),
+])
+def test_bench_ring_option_runs_the_engines_on_that_format(ring, args):
+    r = _json(bench("--ring", ring, "--runtime", "0.4", "--size", "8M", *args, "--json"))
+    assert r["device"]["ring"] == ring and r["device"]["in_order"] == ("on" in args)
+    assert r["ios"] > 0 and r["errors"] == 0 and r["verify_errors"] == 0
+    assert r["engine"] == ("numpy" if "numpy" in args else "python")
 
 
 @pytest.mark.timeout(60)
