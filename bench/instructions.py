@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Instructions per I/O of ``pyvirtio bench`` (the client), two revisions against one qemu-storage-daemon.
+"""Instructions per I/O of ``pyvirtio bench`` (the client): two revisions, or two ring formats, on one back end.
 
 Wall-clock figures need a quiet machine; instruction counts do not. Each
 cell runs the client under ``valgrind --tool=callgrind`` twice, a short and
@@ -11,8 +11,14 @@ larger than in a normal run (every request of the depth completes between
 two passes), which makes the per-pass cost weigh less than it does for real.
 Compare revisions cell by cell, not with wall-clock runs.
 
+``--backend embedded`` runs ``pyvirtio serve blk`` of this checkout instead
+(natively too: only the client is counted), which serves packed rings;
+``--old-extra`` / ``--new-extra`` give one side options of its own, so one
+checkout can be compared with itself on two ring formats (issue 12):
+
   python bench/instructions.py OLD NEW [--depths 1 32 128 256] [--short 2] [--long 6] [--json]
   python bench/instructions.py OLD NEW --extra=--rw=randrw   (options passed to pyvirtio bench)
+  python bench/instructions.py NEW NEW --backend embedded --old-extra=--ring=split --new-extra=--ring=packed
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compare import RINGS, start_qsd
+from compare import RINGS, start_embedded, start_qsd
 
 
 def count(checkout: Path, sock: str, qd: int, seconds: float, extra: list[str], tmp: str) -> tuple[int, int]:
@@ -60,17 +66,22 @@ def main() -> None:
     ap.add_argument("--short", type=float, default=2.0)
     ap.add_argument("--long", type=float, default=6.0)
     ap.add_argument("--extra", action="append", default=[], help="an option for pyvirtio bench (repeatable)")
+    ap.add_argument("--old-extra", action="append", default=[], help="an option for OLD's runs only (repeatable)")
+    ap.add_argument("--new-extra", action="append", default=[], help="an option for NEW's runs only (repeatable)")
+    ap.add_argument("--backend", choices=("qsd", "embedded"), default="qsd",
+                    help="qemu-storage-daemon null-co (split only), or this checkout's pyvirtio serve blk")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="pyvirtio-instr-")
-    qsd, sock = start_qsd(tmp, "0")
+    qsd, sock = start_qsd(tmp, "0") if a.backend == "qsd" else start_embedded(tmp, "0")
     rows = []
     try:
         for qd in a.depths:
             row: dict[str, object] = {"qd": qd}
-            for name, checkout in (("old", a.old), ("new", a.new)):
-                i1, n1 = count(checkout, sock, qd, a.short, a.extra, tmp)
-                i2, n2 = count(checkout, sock, qd, a.long, a.extra, tmp)
+            for name, checkout, own in (("old", a.old, a.old_extra), ("new", a.new, a.new_extra)):
+                extra = [*a.extra, *own]
+                i1, n1 = count(checkout, sock, qd, a.short, extra, tmp)
+                i2, n2 = count(checkout, sock, qd, a.long, extra, tmp)
                 per = (i2 - i1) / max(1, n2 - n1)
                 row[name] = {"instr_per_io": round(per), "ios": [n1, n2]}
                 print(f"qd {qd:>3} {name}: {per:,.0f} instructions / I/O ({n1} and {n2} I/Os)", file=sys.stderr)
@@ -81,7 +92,8 @@ def main() -> None:
         qsd.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
     if a.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"backend": a.backend, "extra": a.extra, "old_extra": a.old_extra,
+                          "new_extra": a.new_extra, "rows": rows}, indent=2))
     else:
         print(f"{'QD':>4} {'old instr/IO':>14} {'new instr/IO':>14} {'new/old':>8}")
         for r in rows:
