@@ -79,15 +79,24 @@ class RingFixedChains(FixedChains):
                 self.lengths.append(length)
                 self.writable.append(bool(w))
         self.count = [len(forms[0]) for forms in self.shapes]
+        # Slot s's chain as submit takes it, built at its first post after a change (None: rebuild);
+        # not kept once length_fields handed the lengths out (they may change under us).
+        self.chain: list[list[BufferSpec] | None] = [None] * self.nslots
+        self.keep_chains = True
         self.busy = bytearray(self.nslots)  # 1: published, not yet reaped
         self.held: list[tuple[int, int]] = []  # reaped from the ring, not yet handed out
         self.streaming = False
 
     def buffers(self, s: int) -> list[BufferSpec]:
         """Slot s's current chain, as the ring's ``submit`` takes it."""
-        b = self.base[s]
-        e = b + self.count[s]
-        return list(zip(self.addrs[b:e], self.lengths[b:e], self.writable[b:e], strict=True))
+        c = self.chain[s]
+        if c is None:
+            b = self.base[s]
+            e = b + self.count[s]
+            c = list(zip(self.addrs[b:e], self.lengths[b:e], self.writable[b:e], strict=True))
+            if self.keep_chains:
+                self.chain[s] = c
+        return c
 
     # -- state ------------------------------------------------------------------
 
@@ -138,12 +147,15 @@ class RingFixedChains(FixedChains):
         form[k] = new
         i = self.base[s] + k
         self.addrs[i], self.lengths[i], self.writable[i] = new[0], new[1], bool(new[2])
+        self.chain[s] = None
 
     def set_length(self, s: int, k: int, length: int) -> None:
         self.set_buffer(s, k, length=length)
 
     def length_fields(self, k: int = 0) -> tuple[list[int], list[int]]:
         check_length_field(self.shapes, k)
+        self.keep_chains = False
+        self.chain = [None] * self.nslots
         return self.lengths, [b + k for b in self.base]
 
     def use_alternate(self, s: int, on: bool) -> None:
@@ -156,6 +168,7 @@ class RingFixedChains(FixedChains):
             b = self.base[s]
             for k, (addr, length, w) in enumerate(self.shapes[s][v]):
                 self.addrs[b + k], self.lengths[b + k], self.writable[b + k] = addr, length, bool(w)
+            self.chain[s] = None
 
     def use_alternate_many(self, slots: np.ndarray, on: np.ndarray, *, check: bool = True) -> None:
         for s, v in zip(slots.tolist(), on.tolist(), strict=True):
