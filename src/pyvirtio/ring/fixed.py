@@ -299,6 +299,22 @@ class FixedChains:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
 
 
+def changed_buffer(
+    form: Sequence[Sequence[Any]], s: int, k: int, addr: int | None, length: int | None, writable: bool | None
+) -> list[Any]:
+    """Buffer ``k`` of slot ``s``'s shape ``form`` with the changes given (None: unchanged), checked."""
+    if not 0 <= k < len(form):
+        raise InvalidArgument(f"slot {s} has {len(form)} buffers, not {k + 1}")
+    old = form[k]
+    new = [old[0] if addr is None else addr, old[1] if length is None else length,
+           old[2] if writable is None else bool(writable)]
+    if not (0 <= new[1] <= _U32 and 0 <= new[0] <= _U64):
+        raise InvalidArgument(f"bad buffer addr=0x{new[0]:x} length={new[1]}")
+    if (k and form[k - 1][2] and not new[2]) or (k + 1 < len(form) and new[2] and not form[k + 1][2]):
+        raise InvalidArgument(f"slot {s}: a device-readable buffer after a writable one (§2.7.4.2)")
+    return new
+
+
 def check_length_field(shapes: Sequence[Sequence[Sequence[Sequence[Any]]]], k: int) -> None:
     """Refuse :meth:`FixedChains.length_fields` for a buffer that is missing or device-writable somewhere."""
     for s, forms in enumerate(shapes):
@@ -336,4 +352,13 @@ def chain_shapes(
     return shapes
 
 
-__all__ = ["BufferSpec", "Cycle", "FixedChains", "SlotCompletion", "Stream", "chain_shapes", "check_length_field"]
+__all__ = [
+    "BufferSpec",
+    "Cycle",
+    "FixedChains",
+    "SlotCompletion",
+    "Stream",
+    "chain_shapes",
+    "changed_buffer",
+    "check_length_field",
+]

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueStateError
-from pyvirtio.ring.fixed import BufferSpec, FixedChains, chain_shapes, check_length_field
+from pyvirtio.ring.fixed import BufferSpec, FixedChains, chain_shapes, changed_buffer, check_length_field
 
 if TYPE_CHECKING:
     import numpy as np
@@ -135,15 +135,7 @@ class RingFixedChains(FixedChains):
     ) -> None:
         self.check_idle(s)
         form = self.shapes[s][self.alt_now[s]]
-        if not 0 <= k < len(form):
-            raise InvalidArgument(f"slot {s} has {len(form)} buffers, not {k + 1}")
-        old = form[k]
-        new = [old[0] if addr is None else addr, old[1] if length is None else length,
-               old[2] if writable is None else bool(writable)]
-        if not (0 <= new[1] <= 0xFFFFFFFF and 0 <= new[0] <= 0xFFFFFFFFFFFFFFFF):
-            raise InvalidArgument(f"bad buffer addr=0x{new[0]:x} length={new[1]}")
-        if (k and form[k - 1][2] and not new[2]) or (k + 1 < len(form) and new[2] and not form[k + 1][2]):
-            raise InvalidArgument(f"slot {s}: a device-readable buffer after a writable one (§2.7.4.2)")
+        new = changed_buffer(form, s, k, addr, length, writable)
         form[k] = new
         i = self.base[s] + k
         self.addrs[i], self.lengths[i], self.writable[i] = new[0], new[1], bool(new[2])

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueStateError
 from pyvirtio.ring import ordering
 from pyvirtio.ring.cycle_split import SplitCycle, SplitManyCycle, SplitStream
-from pyvirtio.ring.fixed import BufferSpec, FixedChains, chain_shapes, check_length_field
+from pyvirtio.ring.fixed import BufferSpec, FixedChains, chain_shapes, changed_buffer, check_length_field
 from pyvirtio.ring.split import SplitQueue
 from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
 
@@ -147,15 +147,7 @@ class SplitFixedChains(FixedChains):
         self._check_idle_slot(s)
         self._sync()
         form = self.shapes[s][self.alt_now[s]]
-        if not 0 <= k < len(form):
-            raise InvalidArgument(f"slot {s} has {len(form)} buffers, not {k + 1}")
-        old = form[k]
-        new = [old[0] if addr is None else addr, old[1] if length is None else length,
-               old[2] if writable is None else bool(writable)]
-        if not (0 <= new[1] <= 0xFFFFFFFF and 0 <= new[0] <= 0xFFFFFFFFFFFFFFFF):
-            raise InvalidArgument(f"bad buffer addr=0x{new[0]:x} length={new[1]}")
-        if (k and form[k - 1][2] and not new[2]) or (k + 1 < len(form) and new[2] and not form[k + 1][2]):
-            raise InvalidArgument(f"slot {s}: a device-readable buffer after a writable one (§2.7.4.2)")
+        new = changed_buffer(form, s, k, addr, length, writable)
         form[k] = new
         if self._np is not None:
             self._np.shape_changed(self, s)
