@@ -62,10 +62,13 @@ Tolerance, where it costs nothing and real frontends need it:
 * GET_CONFIG past the end of the device's config answers the config
   followed by zeros up to the size asked (vhost-user.rst: the reply's size
   MUST match the request's; the codec bounds offset + size at 256 bytes,
-  QEMU's VHOST_USER_MAX_CONFIG_SIZE, and refuses a size field that disagrees
-  with the message's length). SPDK's virtio-user initiator asks 256 bytes at
+  QEMU's VHOST_USER_MAX_CONFIG_SIZE, and refuses a size field larger than
+  the message's data). SPDK's virtio-user initiator asks 256 bytes at
   offset 0 whatever the device; the bytes past the config hold nothing to
-  hide. A GET_CONFIG of size 0, or to a device whose config the frontend
+  hide. A request whose data is longer than its size field (SPDK sends its
+  whole 256-byte struct; a build patched to ask the exact size still does)
+  is answered in the request's length, the asked bytes first, as
+  libvhost-user answers it (SPDK refuses a reply of another length). A GET_CONFIG of size 0, or to a device whose config the frontend
   keeps (:class:`~pyvirtio.backends.model.OptionalConfigSpace`: CONFIG is
   then not offered, as by SPDK's vhost-user-scsi targets), gets an empty
   payload: vhost-user.rst's way of saying it failed;
@@ -481,6 +484,9 @@ class ControlPlane:
                 value.size, value.offset, len(config),
             )
             data += bytes(value.size - len(data))
+        # A request with more data bytes than its size field (SPDK's whole struct) is
+        # answered in the request's length, as libvhost-user echoes it: SPDK checks that.
+        data += bytes(len(value.data) - len(data))
         return vu.encode_reply(vu.GET_CONFIG, vu.ConfigSpace(value.offset, value.size, value.flags, data))
 
     def _set_config(self, value: vu.ConfigSpace, _fds: list[int]) -> None:
@@ -492,7 +498,7 @@ class ControlPlane:
         if value.offset + value.size > len(self.hooks.config()):
             raise RequestRefused(f"{value.size} bytes at {value.offset} are beyond the device config")
         try:
-            setter(value.offset, value.data)
+            setter(value.offset, value.data[: value.size])
         except (ValueError, PyvirtioError) as exc:
             raise RequestRefused(str(exc)) from None
 

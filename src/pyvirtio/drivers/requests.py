@@ -65,6 +65,8 @@ from pyvirtio.memory import Buffer
 POLL_MODES = ("busy", "wait", "hybrid")
 #: Spins before ``hybrid`` sleeps on the interrupt.
 HYBRID_SPINS = 2000
+#: empty polls ``run`` makes itself before the general wait (not in "wait" mode: one)
+RUN_SPINS = 64
 
 Chain = list[tuple[int, int, bool]]
 
@@ -294,8 +296,9 @@ class RequestEngine(Generic[R]):
             return 0  # the queue's completions are its holder's
         vq = ctx.vq
         try:
-            # Every token on this ring is one of our requests (the queue is not held).
-            done = cast("list[tuple[R, int]]", vq.reap(max_n))
+            # Every token on this ring is one of our requests (the queue is not held). The
+            # ring directly: ctx is the calling thread's queue (thread_queue checked ownership).
+            done = cast("list[tuple[R, int]]", vq.ring.reap(max_n))
         except DeviceProtocolError as exc:
             for token, written in exc.completed:
                 req = cast(R, token)
@@ -473,11 +476,29 @@ class RequestEngine(Generic[R]):
     # -- one request, many requests ------------------------------------------------------------
 
     def run(self, req: R, *, check: bool = True) -> R:
-        """Submit one request and wait for it; (``check``) raise its error."""
+        """Submit one request and wait for it; (``check``) raise its error.
+
+        The one-request path of ``read``/``write``/``readinto`` (docs/benchmarks.md
+        §1.3): post, publish and kick, then reap the ring until the request is
+        done, with no per-call lists; a request not done after :data:`RUN_SPINS`
+        empty polls goes to the general wait (poll policy, timeout, reconnect).
+        """
         ctx = self._queues.get()
-        if self._submit(ctx, (req,)) != 1:
-            raise QueueFull(ctx.full_reason or "no room on the queue")
-        self._wait(ctx, (req,), -1.0, check)
+        try:
+            self._post(ctx, req)
+        except QueueFull as exc:
+            ctx.full_reason = str(exc)
+            self._check_alive(ctx)  # a queue full of a dead peer's requests: say so (or reconnect)
+            raise
+        ctx.vq.flush()
+        reap = self._reap
+        for _ in range(RUN_SPINS if self.poll != "wait" else 1):
+            if req.done or reap(ctx, 1 << 16, None) and req.done:
+                break
+        else:
+            self._wait(ctx, (req,), -1.0, False)
+        if check:
+            req.check()
         return req
 
     def run_all(self, requests: Sequence[R]) -> None:

@@ -493,7 +493,11 @@ class MemTable:
 
 @dataclass(frozen=True, slots=True)
 class ConfigSpace:
-    """GET/SET_CONFIG payload: ``size`` bytes at ``offset`` of the device config."""
+    """GET/SET_CONFIG payload: ``size`` bytes at ``offset`` of the device config.
+
+    ``data`` holds at least ``size`` bytes: a request may carry more (SPDK
+    sends its whole 256-byte struct), and the reply to it then as many.
+    """
 
     offset: int
     size: int
@@ -757,8 +761,16 @@ def _decode_config(name: str, payload: bytes, error: type[PyvirtioError]) -> Con
     offset, size, flags = _CONFIG_HEAD.unpack_from(payload, 0)
     if size > MAX_CONFIG_SIZE or offset > MAX_CONFIG_SIZE - size:
         raise error(f"{name}: config range offset {offset} size {size} exceeds {MAX_CONFIG_SIZE} bytes")
-    if len(payload) != _CONFIG_HEAD.size + size:
-        raise error(f"{name}: config size field {size} but {len(payload) - _CONFIG_HEAD.size} data bytes")
+    have = len(payload) - _CONFIG_HEAD.size
+    if have < size:
+        # Strict: the data would end before the size field says (a read past the message).
+        raise error(f"{name}: config size field {size} but {have} data bytes")
+    if have > MAX_CONFIG_SIZE:
+        raise error(f"{name}: {have} config data bytes, at most {MAX_CONFIG_SIZE}")
+    # Tolerant: more data bytes than the size field names. SPDK's virtio-user sends its
+    # whole 256-byte config struct whatever it asks for (and wants its reply in that
+    # length); libvhost-user (qemu-storage-daemon) and DPDK take that. ``data`` keeps every
+    # byte sent: its length is the request's room, ``size`` what it means.
     return ConfigSpace(offset, size, flags, bytes(payload[_CONFIG_HEAD.size :]))
 
 
@@ -892,6 +904,9 @@ def _parse_config_reply(what: str, msg: Message, asked: RequestPayload) -> Confi
         # vhost-user.rst, GET_CONFIG: "zero length of payload to indicate an error".
         raise DeviceError(f"back end refused GET_CONFIG of {asked.size} bytes at offset {asked.offset}")
     config = _decode_config(what, msg.payload, DeviceProtocolError)
+    if len(config.data) != config.size:
+        # Strict on this side: we send exactly the bytes we ask for, so must the reply.
+        raise DeviceProtocolError(f"{what}: size field {config.size} but {len(config.data)} data bytes")
     # GET_CONFIG: "vhost-user back-end's payload size MUST match the front-end's request".
     if config.offset != asked.offset or config.size != asked.size:
         raise DeviceProtocolError(
@@ -1235,7 +1250,8 @@ def encode_reply(request: int, value: ReplyValue | None, *, fds: Sequence[int] =
         if value is None:
             payload = b""
         elif isinstance(value, ConfigSpace):
-            if len(value.data) != value.size:
+            if not value.size <= len(value.data) <= MAX_CONFIG_SIZE:
+                # Longer than size only to answer a request that was (SPDK's whole struct).
                 raise InvalidArgument(f"reply to {name}: size {value.size} but {len(value.data)} data bytes")
             _check_config(f"reply to {name}", value.offset, value.size, value.flags)
             payload = _CONFIG_HEAD.pack(value.offset, value.size, value.flags) + bytes(value.data)

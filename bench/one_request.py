@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""The one-request API's own cost: ``readinto`` / ``fixed_io`` on an in-process device.
+
+Runs ``blk.readinto(offset, buf)`` (4 KiB, random offsets) and
+``blk.fixed_io(buf).read(offset)`` against the embedded block model over
+the loopback transport (the device side runs in the same thread when the
+driver kicks: no second process, no sleep, no scheduler), so the time per
+request is the driver's Python plus the model's, and a change to the
+driver's path shows as a change in µs per request. With ``--src`` several
+checkouts are timed in turn, interleaved round by round (old vs new).
+
+``--callgrind`` counts instructions instead of timing (valgrind; for a
+machine too busy to time on): a ``readinto`` loop of 1000 and of 3000
+requests under callgrind, the difference over 2000 is the instructions of
+one request (driver and device model), start-up cancelled out.
+
+  python bench/one_request.py [--src DIR ...] [--rounds 5] [--n 20000] [--callgrind] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, random, sys, time
+from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
+from pyvirtio.device import VirtioDevice
+from pyvirtio.drivers.blk import VirtioBlk
+storage = Storage(size=64 << 20)
+dev = VirtioDevice("loopback", loopback_blk(BlockBackend(storage), queue_size=256), pool_size=8 << 20)
+blk = VirtioBlk(dev)
+buf = blk.allocate(4096, align=4096)
+blocks = blk.capacity // 4096
+n = int(sys.argv[1])
+offs = [random.randrange(blocks) * 4096 for _ in range(n)]
+out = {}
+for _ in range(2):
+    t0 = time.perf_counter_ns()
+    for o in offs:
+        blk.readinto(o, buf)
+    out["readinto_us"] = (time.perf_counter_ns() - t0) / n / 1e3
+    io = blk.fixed_io(buf)
+    t0 = time.perf_counter_ns()
+    for o in offs:
+        io.read(o)
+    out["fixed_io_us"] = (time.perf_counter_ns() - t0) / n / 1e3
+    io.close()
+blk.close()
+storage.close()
+print(json.dumps(out))
+"""
+
+IR_CHILD = r"""
+import random, sys
+from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
+from pyvirtio.device import VirtioDevice
+from pyvirtio.drivers.blk import VirtioBlk
+storage = Storage(size=64 << 20)
+dev = VirtioDevice("loopback", loopback_blk(BlockBackend(storage), queue_size=256), pool_size=8 << 20)
+blk = VirtioBlk(dev)
+buf = blk.allocate(4096, align=4096)
+random.seed(1)
+offs = [random.randrange(blk.capacity // 4096) * 4096 for _ in range(int(sys.argv[1]))]
+for o in offs:
+    blk.readinto(o, buf)
+"""
+
+
+def instructions(src: str, n: int) -> int:
+    """Instructions callgrind counts for a readinto loop of ``n`` requests (whole process)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg",
+                              sys.executable, "-c", IR_CHILD, str(n)],
+                             capture_output=True, text=True, env=env, timeout=1800, check=True)
+    m = re.search(r"refs:\s*([\d,]+)", out.stderr)
+    if m is None:
+        raise SystemExit(f"no instruction count from callgrind: {out.stderr[-300:]}")
+    return int(m.group(1).replace(",", ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", nargs="+", default=[str(REPO)], help="checkouts to time (their src/ is imported)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--callgrind", action="store_true", help="count instructions per readinto instead of timing")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if a.callgrind:
+        per = {src: (instructions(src, 3000) - instructions(src, 1000)) / 2000 for src in a.src}
+        for src, ir in per.items():
+            print(f"{src:<40} {ir:,.0f} instructions per readinto (driver + loopback device)")
+        if len(a.src) == 2:
+            print(f"new/old {per[a.src[1]] / per[a.src[0]]:.3f}")
+        return
+    rows: dict[str, dict[str, list[float]]] = {s: {} for s in a.src}
+    for r in range(a.rounds):
+        order = a.src[r % len(a.src):] + a.src[: r % len(a.src)]
+        for src in order:
+            env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"))
+            out = subprocess.run([sys.executable, "-c", CHILD, str(a.n)], capture_output=True, text=True,
+                                 env=env, timeout=600, check=True)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            for k, v in res.items():
+                rows[src].setdefault(k, []).append(v)
+            print(f"round {r} {src}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()), file=sys.stderr)
+    summary = {src: {k: {"median": round(statistics.median(v), 2), "best": round(min(v), 2)} for k, v in d.items()}
+               for src, d in rows.items()}
+    if a.json:
+        print(json.dumps({"summary": summary, "rounds": rows}))
+        return
+    print(f"\nµs per 4 KiB read on the loopback device, {a.rounds} rounds x {a.n} (median / best)")
+    for src, d in summary.items():
+        print(f"{src:<40} " + "   ".join(f"{k} {c['median']:.2f} / {c['best']:.2f}" for k, c in d.items()))
+    if len(a.src) == 2:
+        old, new = (summary[s] for s in a.src)
+        for k in old:
+            print(f"{k}: new/old {new[k]['median'] / old[k]['median']:.3f} (median)")
+
+
+if __name__ == "__main__":
+    main()
