@@ -148,7 +148,8 @@ class FixedChains:
     ring: RingQueue
     #: Number of slots.
     nslots: int
-    #: The id the device reports for each slot (split: its head descriptor; packed: its buffer id).
+    #: What identifies each slot in the ring's used entries: split, its head descriptor; over the ring
+    #: protocol (packed, IN_ORDER), the slot itself (the request's token; the ring maps buffer ids).
     heads: list[int]
     #: The slot of each id (-1: none).
     slot_of: list[int]
