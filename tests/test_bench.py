@@ -449,7 +449,9 @@ def test_bench_on_a_scsi_lun(tmp_path):
             time.sleep(0.05)
         r = _json(bench(sock, "--lun", "0:1", "--runtime", "0.5", "--iodepth", "4", "--json"))
         assert r["ios"] > 100 and r["errors"] == 0 and r["writes"] == 0 and r["lun"] == "0:1"
-        assert r["device"] == {"type": "scsi", "capacity": 8 << 20, "block_size": 512, "ring": "split", "in_order": False}
+        assert r["device"] == {
+            "type": "scsi", "capacity": 8 << 20, "block_size": 512, "ring": "split", "in_order": False,
+        }
         out = bench(sock, "--lun", "0:9", "--runtime", "0.5")
         assert out.returncode == 1 and out.stderr.startswith("pyvirtio: error:")
     finally:
