@@ -81,7 +81,7 @@ class _Model:
 def target_packed_reap(data: bytes) -> int:
     """PackedQueue.reap against a ring written by a hostile device.
 
-    Input: ``u8`` size (1..64), ``u8`` flags (indirect, event_idx, in_order),
+    Input: ``u8`` size (1..64), ``u8`` flags (indirect, event_idx, in_order, zero_wrap),
     ``u8`` indirect threshold, then operations (``u8`` opcode): submit, an
     honest device completing what is available, garbage descriptors at any
     slot, reap, reset, interrupts + kick decision, pending, restart.
@@ -96,8 +96,11 @@ def target_packed_reap(data: bytes) -> int:
         event_idx=bool(flags & 2),
         in_order=bool(flags & 4),
         indirect_threshold=2 + fi.below(8),
+        zero_wrap=bool(flags & 8),
     )
+    start = 0 if q.zero_wrap else 1  # the lap both sides start in
     dev = HostilePackedDevice(q)
+    dev.avail_wrap = dev.used_wrap = start
     model = _Model(q)
     reaped = 0
     try:
@@ -137,7 +140,7 @@ def target_packed_reap(data: bytes) -> int:
                 lost = q.reset()
                 expect(sorted(lost) == sorted(model.inflight), "reset() lost tokens differ from the model")  # type: ignore[type-var]
                 model.inflight.clear()
-                dev.avail_pos, dev.avail_wrap, dev.used_pos, dev.used_wrap = 0, 1, 0, 1
+                dev.avail_pos, dev.avail_wrap, dev.used_pos, dev.used_wrap = 0, start, 0, start
                 model.check()
             elif op == 5:
                 if q.broken is None:
@@ -158,6 +161,7 @@ def target_packed_reap(data: bytes) -> int:
                     continue
                 ap, aw, up, uw = parse_packed_base(base)
                 expect((ap, aw) == (up, uw) == (q.next_used, q.used_wrap), f"base 0x{base:08x}")
+                expect(not q.zero_wrap or aw == 0, f"zero_wrap, yet base 0x{base:08x} is in lap 1")
                 dev.avail_pos, dev.avail_wrap, dev.used_pos, dev.used_wrap = ap, aw, up, uw
                 model.check()
         _reap_checked(model, 1 << 16)  # type: ignore[arg-type]
@@ -301,12 +305,22 @@ def seeds_packed_reap() -> dict[str, bytes]:
         s.below(6, 8)
         s.below(3, 8).u8(0)
 
+    def zero_wrap(s: Seed) -> None:
+        for k in range(8):  # a ring of 5 kept in lap 0: restarts in lap 1 move it back
+            _submit(s, [4], [4])
+            s.below(1, 8).below(0, 5).u16(4).flag(True)  # it completes
+            _submit(s, [4], [4])
+            s.below(7, 8).flag(k % 2 == 0)  # restart with the second in flight, resubmitting or not
+            s.below(1, 8).below(0, 5).u16(4).flag(True)  # the new device completes it
+            s.below(3, 8).u8(0)
+
     return {
         "honest": _reap_seed(8, 0, 8, honest),
         "wrap": _reap_seed(5, 0, 8, wrap),
         "lying_device": _reap_seed(5, 0, 8, lying),
         "in_order_restart": _reap_seed(6, 4, 8, in_order_restart),
         "indirect_event_idx": _reap_seed(7, 3, 2, event_idx),
+        "zero_wrap_restarts": _reap_seed(5, 8, 8, zero_wrap),
     }
 
 

@@ -49,8 +49,17 @@ from pyvirtio.spec import blk as B
 from pyvirtio.spec import net as N
 from pyvirtio.spec import scsi as S
 from pyvirtio.spec import t10 as T
-from pyvirtio.spec.common import F_RING_INDIRECT_DESC, F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
-from pyvirtio.spec.ring import DESC, DESC_F_NEXT, DESC_F_WRITE, split_layout
+from pyvirtio.spec.common import F_RING_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
+from pyvirtio.spec.ring import (
+    DESC,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    PACKED_DESC,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
+    PACKED_INITIAL_BASE,
+    split_layout,
+)
 
 #: The frontend's memory: one memfd region, rings in the first half, data in the second.
 REGION_SIZE = 64 << 10
@@ -68,6 +77,8 @@ _U64 = struct.Struct("=Q")
 _STATE = struct.Struct("=II")
 _ADDR = struct.Struct("=IIQQQQ")
 _REGION = struct.Struct("=QQQQ")
+
+_BOTH = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED
 
 _region: Region | None = None
 
@@ -91,11 +102,11 @@ def inflight_region() -> Region:
     return _inflight
 
 
-def _open_fds() -> set[int]:
+def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
-def _fd_target(fd: int) -> str:
+def fd_target(fd: int) -> str:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
@@ -107,13 +118,17 @@ class Hang(InvariantBroken):
 
 
 @dataclass
-class _Ring:
+class RingSpec:
     num: int
     desc: int  # offsets in the region (may lie outside it for fuzzed layouts)
     avail: int
     used: int
     avail_idx: int = 0
     kick: int = -1
+    # Packed rings (fuzz._server_packed): avail = the driver area, used = the device area.
+    pos: int = 0  # the next descriptor the frontend writes
+    wrap: int = 1  # its wrap counter
+    next_id: int = 0  # the next buffer id
 
 
 class _Frontend:
@@ -187,7 +202,7 @@ class _Frontend:
             self.drain(min(left, 0.05))
 
 
-class _Connection:
+class Connection:
     """One VhostUserBackend.run in a thread, on one end of a socketpair."""
 
     def __init__(self, model: object, poll_us: float, inflight: bool = False) -> None:
@@ -237,7 +252,7 @@ class _Connection:
 Model = BlockBackend | ScsiBackend | NetBackend
 
 
-def _make_model(kind: int) -> Model:
+def make_model(kind: int) -> Model:
     if kind == 0:
         return BlockBackend(Storage(size=1 << 20), num_queues=2)
     if kind == 1:
@@ -245,7 +260,7 @@ def _make_model(kind: int) -> Model:
     return NetBackend("loopback", pairs=2)
 
 
-def _close_model(model: Model) -> None:
+def close_model(model: Model) -> None:
     if isinstance(model, BlockBackend):
         model.storage.close()
     else:
@@ -255,15 +270,20 @@ def _close_model(model: Model) -> None:
 # -- the hostile session ---------------------------------------------------------------
 
 
-class _Session:
-    def __init__(self, fi: FuzzInput, conn: _Connection, region: Region, model: object) -> None:
+class Session:
+    """The hostile frontend over split rings (fuzz._server_packed.PackedSession: packed rings)."""
+
+    #: Feature bits an honest handshake always asks for when offered (a subclass's ring format).
+    ring_features = 0
+
+    def __init__(self, fi: FuzzInput, conn: Connection, region: Region, model: object) -> None:
         self.fi = fi
         self.conn = conn
         self.fe = conn.fe
         self.region = region
         self.model = model
         self.owned: list[int] = []  # fds the harness opened (closed at the end)
-        self.rings: dict[int, _Ring] = {}
+        self.rings: dict[int, RingSpec] = {}
         self.in_sync = True  # False once a raw message may have desynchronised the stream
         self.offered: tuple[vu.InflightInfo, int] | None = None  # the last GET_INFLIGHT_FD answer
         self.codec = vu.FrontendCodec()
@@ -345,7 +365,7 @@ class _Session:
         offered = self._u64_reply(vu.GET_FEATURES)
         if offered is None:
             return
-        features = offered & mask if honest else mask
+        features = offered & (mask | self.ring_features) if honest else mask
         if offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             self.fe.send_out(self.codec.get_protocol_features())
             poffered = self._u64_reply(vu.GET_PROTOCOL_FEATURES)
@@ -399,14 +419,19 @@ class _Session:
             num = 1 << fi.below(7)
             avail_off, used_off, _total = split_layout(num)
             desc = index * RING_SLOT
-            ring = _Ring(num, desc, desc + avail_off, desc + used_off)
+            ring = RingSpec(num, desc, desc + avail_off, desc + used_off)
         else:
             num = 1 << fi.below(16) if fi.flag() else fi.u32()
-            ring = _Ring(num, fi.u16() & ~15, fi.u16() & ~1, fi.u16() & ~3)
+            ring = RingSpec(num, fi.u16() & ~15, fi.u16() & ~1, fi.u16() & ~3)
         base = fi.u16() if fi.below(4) == 0 else 0
         ring.avail_idx = base
+        self.ring_setup(index, ring, base)
+
+    def ring_setup(self, index: int, ring: RingSpec, base: int) -> None:
+        """SET_VRING_NUM/BASE/ADDR, then the fds and the enable, honest or not; ``ring`` is remembered."""
+        fi = self.fi
         need = fi.flag()
-        self.send(vu.SET_VRING_NUM, _STATE.pack(index, num), need_reply=need)
+        self.send(vu.SET_VRING_NUM, _STATE.pack(index, ring.num), need_reply=need)
         self.send(vu.SET_VRING_BASE, _STATE.pack(index, base), need_reply=need)
         self.send(
             vu.SET_VRING_ADDR,
@@ -463,23 +488,31 @@ class _Session:
             fds = (self.fd(fi.choose((4,), lambda: fi.below(4))),)
         self.fe.send_out(self.codec.set_inflight_fd(info, fds[0], need_reply=fi.flag()))
 
-    def _ring(self) -> _Ring | None:
+    def pick_ring(self) -> RingSpec | None:
         if not self.rings:
             return None
         keys = sorted(self.rings)
         return self.rings[self.fi.pick(keys)]
 
-    def _region_write(self, off: int, data: bytes) -> None:
+    def region_write(self, off: int, data: bytes) -> None:
         if 0 <= off and off + len(data) <= REGION_SIZE:
             self.region.view[off : off + len(data)] = data
 
     def op_desc(self) -> None:
         """One descriptor with fuzzed fields written into a ring's table."""
         fi = self.fi
-        ring = self._ring()
+        ring = self.pick_ring()
         if ring is None or ring.num == 0:
             return
         i = fi.u16() % ring.num
+        addr, length = self.desc_buffer()
+        flags = fi.u16() if fi.below(4) == 0 else fi.u8() & 7
+        nxt = fi.u16() if fi.below(4) == 0 else fi.u16() % ring.num
+        self.region_write(ring.desc + 16 * i, DESC.pack(addr, length, flags, nxt))
+
+    def desc_buffer(self) -> tuple[int, int]:
+        """A descriptor's (address, length): in the data area, in the region, or anything."""
+        fi = self.fi
         mode = fi.below(3)
         if mode == 0:
             addr = GPA_BASE + DATA_OFF + fi.u16()
@@ -487,31 +520,28 @@ class _Session:
             addr = GPA_BASE + fi.u16()
         else:
             addr = fi.u64()
-        length = fi.u32() if fi.below(4) == 0 else fi.u16()
-        flags = fi.u16() if fi.below(4) == 0 else fi.u8() & 7
-        nxt = fi.u16() if fi.below(4) == 0 else fi.u16() % ring.num
-        self._region_write(ring.desc + 16 * i, DESC.pack(addr, length, flags, nxt))
+        return addr, fi.u32() if fi.below(4) == 0 else fi.u16()
 
-    def _publish(self, ring: _Ring, head: int) -> None:
+    def _publish(self, ring: RingSpec, head: int) -> None:
         if ring.num and ring.num & (ring.num - 1) == 0:
-            self._region_write(ring.avail + 4 + 2 * (ring.avail_idx & (ring.num - 1)), struct.pack("<H", head))
+            self.region_write(ring.avail + 4 + 2 * (ring.avail_idx & (ring.num - 1)), struct.pack("<H", head))
         ring.avail_idx = (ring.avail_idx + 1) & 0xFFFF
-        self._region_write(ring.avail + 2, struct.pack("<H", ring.avail_idx))
+        self.region_write(ring.avail + 2, struct.pack("<H", ring.avail_idx))
 
     def op_publish(self) -> None:
         fi = self.fi
-        ring = self._ring()
+        ring = self.pick_ring()
         if ring is None:
             return
         if fi.below(4) == 0:
             ring.avail_idx = fi.u16()
-            self._region_write(ring.avail + 2, struct.pack("<H", ring.avail_idx))
+            self.region_write(ring.avail + 2, struct.pack("<H", ring.avail_idx))
         else:
             self._publish(ring, fi.u16() % max(ring.num, 1) if fi.flag() else fi.u16())
 
     def op_kick(self) -> None:
         """Kick a ring and give the back end a moment to complete what it can."""
-        ring = self._ring()
+        ring = self.pick_ring()
         if ring is None or ring.kick < 0:
             return
         try:
@@ -520,10 +550,14 @@ class _Session:
             pass
         deadline = time.monotonic() + 0.02
         while time.monotonic() < deadline and not self.fe.closed:
-            used = self.region.view[ring.used + 2 : ring.used + 4] if 0 <= ring.used <= REGION_SIZE - 4 else b""
-            if used and int.from_bytes(used, "little") == ring.avail_idx:
+            if self.drained(ring):
                 break
             self.fe.drain(0.002)
+
+    def drained(self, ring: RingSpec) -> bool:
+        """Has the back end used everything published on ``ring`` (split: used.idx caught up)?"""
+        used = self.region.view[ring.used + 2 : ring.used + 4] if 0 <= ring.used <= REGION_SIZE - 4 else b""
+        return bool(used) and int.from_bytes(used, "little") == ring.avail_idx
 
     def op_sync(self) -> None:
         """GET_FEATURES and wait for the answer (only while the stream is in sync)."""
@@ -534,8 +568,8 @@ class _Session:
     def op_request(self) -> None:
         """A well-formed virtio-blk or virtio-scsi request in the data area, published on a ring."""
         fi = self.fi
-        ring = self._ring()
-        if ring is None or not ring.num or ring.num & (ring.num - 1):
+        ring = self.pick_ring()
+        if ring is None or not self.can_chain(ring):
             return
         slot = fi.below(8)
         base = DATA_OFF + slot * 4096
@@ -549,7 +583,7 @@ class _Session:
             dlen = 512 * fi.below(5)
             if rtype in (B.T_DISCARD, B.T_WRITE_ZEROES):
                 dlen = 16
-                self._region_write(base + 64, B.DISCARD_WZ.pack(fi.u16(), fi.u8(), fi.u8() & 1))
+                self.region_write(base + 64, B.DISCARD_WZ.pack(fi.u16(), fi.u8(), fi.u8() & 1))
             writable = rtype not in (B.T_OUT, B.T_DISCARD, B.T_WRITE_ZEROES)
             parts = [(base, 16, False)]
         else:
@@ -559,7 +593,7 @@ class _Session:
             dlen = 512 * fi.below(3)
             writable = fi.flag()
             parts = [(base, len(header), False)]
-        self._region_write(base, header)
+        self.region_write(base, header)
         resp_len = 1 if isinstance(self.model, BlockBackend) else 12 + 96
         if dlen and not writable:
             parts.append((base + 64, dlen, False))
@@ -571,9 +605,13 @@ class _Session:
             parts.append((base + 2048, resp_len, True))
             if dlen and writable:
                 parts.append((base + 64, dlen, True))
-        self._chain(ring, first, parts)
+        self.chain(ring, first, parts)
 
-    def _chain(self, ring: _Ring, first: int, parts: list[tuple[int, int, bool]]) -> None:
+    def can_chain(self, ring: RingSpec) -> bool:
+        """Can :meth:`chain` publish on ``ring`` (a split ring's avail ring needs a power-of-two size)?"""
+        return bool(ring.num) and not ring.num & (ring.num - 1)
+
+    def chain(self, ring: RingSpec, first: int, parts: list[tuple[int, int, bool]]) -> None:
         """Descriptors first, first+1, ... (mod the ring size) for ``parts``, then publish ``first``."""
         n = len(parts)
         idx = [(first + k) % ring.num for k in range(n)]
@@ -581,24 +619,24 @@ class _Session:
             return  # the ring is too small for this chain
         for k, (off, length, w) in enumerate(parts):
             flags = (DESC_F_WRITE if w else 0) | (DESC_F_NEXT if k + 1 < n else 0)
-            self._region_write(ring.desc + 16 * idx[k], DESC.pack(GPA_BASE + off, length, flags, idx[(k + 1) % n]))
+            self.region_write(ring.desc + 16 * idx[k], DESC.pack(GPA_BASE + off, length, flags, idx[(k + 1) % n]))
         self._publish(ring, first)
 
-    def _net_request(self, ring: _Ring, base: int, first: int) -> None:
+    def _net_request(self, ring: RingSpec, base: int, first: int) -> None:
         """A frame to transmit (header + frame, maybe NEEDS_CSUM), or a receive buffer (flag)."""
         fi = self.fi
         if fi.flag():
-            self._chain(ring, first, [(base, fi.choose((2048, 12, 64), fi.u16), True)])
+            self.chain(ring, first, [(base, fi.choose((2048, 12, 64), fi.u16), True)])
             return
         flags = fi.choose((0, N.HDR_F_NEEDS_CSUM), fi.u8)
         hdr = N.HDR.pack(flags, 0, 0, 0, fi.u16() % 128, fi.u16() % 128, 0)
         frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(46) if fi.flag() else fi.blob(1600)
-        self._region_write(base, hdr + frame)
+        self.region_write(base, hdr + frame)
         split = fi.flag() and len(frame) > 2  # header and frame in two descriptors
         if split:
-            self._chain(ring, first, [(base, 12, False), (base + 12, len(frame), False)])
+            self.chain(ring, first, [(base, 12, False), (base + 12, len(frame), False)])
         else:
-            self._chain(ring, first, [(base, 12 + len(frame), False)])
+            self.chain(ring, first, [(base, 12 + len(frame), False)])
 
     def op_misc(self) -> None:
         fi = self.fi
@@ -624,14 +662,15 @@ class _Session:
 # -- the honest session afterwards --------------------------------------------------------
 
 
-def serves_normally(model: Model, region: Region) -> None:
+def serves_normally(model: Model, region: Region, packed: bool = False) -> None:
     """A well-behaved frontend gets one request served on a fresh connection to ``model``.
 
     blk: GET_ID on ring 0; scsi: INQUIRY on ring 2; net: a frame sent on
-    ring 1 (tx) comes back on ring 0 (rx, loopback).
+    ring 1 (tx) comes back on ring 0 (rx, loopback). ``packed``: on packed
+    rings (VIRTIO_F_RING_PACKED, the fresh ring base 0x8000_8000).
     """
     region.view[:] = bytes(REGION_SIZE)
-    conn = _Connection(model, poll_us=0)
+    conn = Connection(model, poll_us=0)
     fe = conn.fe
     codec = vu.FrontendCodec()
     ok = False
@@ -654,7 +693,9 @@ def serves_normally(model: Model, region: Region) -> None:
         for out in (
             codec.set_owner(need_reply=True),
             codec.set_features(
-                offered & ((1 << F_VERSION_1) | (1 << F_RING_INDIRECT_DESC) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)),
+                offered
+                & ((1 << F_VERSION_1) | (1 << F_RING_INDIRECT_DESC) | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+                   | (packed << F_RING_PACKED)),
                 need_reply=True,
             ),
             codec.set_mem_table([vu.MemRegion(GPA_BASE, REGION_SIZE, UVA_BASE)], [region.fd], need_reply=True),
@@ -667,7 +708,11 @@ def serves_normally(model: Model, region: Region) -> None:
         else:
             rings = [0, 1]  # rx, tx
         num = 8
-        avail_off, used_off, _ = split_layout(num)
+        if packed:  # descriptors, then the driver and device event suppression areas (§2.8.10)
+            avail_off, used_off, ring_base = 16 * num, 16 * num + 4, PACKED_INITIAL_BASE
+        else:
+            avail_off, used_off, _ = split_layout(num)
+            ring_base = 0
         for k, index in enumerate(rings):
             base = k * RING_SLOT
             kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -676,7 +721,7 @@ def serves_normally(model: Model, region: Region) -> None:
             addr = vu.VringAddr(index, 0, UVA_BASE + base, UVA_BASE + base + used_off, UVA_BASE + base + avail_off)
             for out in (
                 codec.set_vring_num(index, num, need_reply=True),
-                codec.set_vring_base(index, 0, need_reply=True),
+                codec.set_vring_base(index, ring_base, need_reply=True),
                 codec.set_vring_addr(addr, need_reply=True),
                 codec.set_vring_kick(index, kick, need_reply=True),
                 codec.set_vring_call(index, call, need_reply=True),
@@ -704,22 +749,32 @@ def serves_normally(model: Model, region: Region) -> None:
             view[status_off] = 0xEE
         for k, chain in enumerate(chains):
             base = k * RING_SLOT
-            for i, (off, length, flags) in enumerate(chain):
+            for i, (off, length, flags) in reversed(list(enumerate(chain))):  # the head last
                 more = DESC_F_NEXT if i + 1 < len(chain) else 0
-                DESC.pack_into(view, base + 16 * i, GPA_BASE + off, length, flags | more, i + 1)
-            struct.pack_into("<HH", view, base + avail_off + 2, 1, 0)  # avail.idx = 1, ring[0] = head 0
+                if packed:  # buffer id 0, available in the first lap (AVAIL = wrap counter 1)
+                    PACKED_DESC.pack_into(view, base + 16 * i, GPA_BASE + off, length, 0,
+                                          flags | more | PACKED_DESC_F_AVAIL)
+                else:
+                    DESC.pack_into(view, base + 16 * i, GPA_BASE + off, length, flags | more, i + 1)
+            if not packed:
+                struct.pack_into("<HH", view, base + avail_off + 2, 1, 0)  # avail.idx = 1, ring[0] = head 0
         for k in range(len(rings)):
             os.eventfd_write(fds[2 * k], 1)
         deadline = time.monotonic() + REPLY_TIMEOUT
         for k in range(len(rings)):
-            while struct.unpack_from("<H", view, k * RING_SLOT + used_off + 2)[0] != 1:
+            while not (
+                struct.unpack_from("<H", view, k * RING_SLOT + 14)[0] & _BOTH == _BOTH  # used in lap 1
+                if packed
+                else struct.unpack_from("<H", view, k * RING_SLOT + used_off + 2)[0] == 1
+            ):
                 if time.monotonic() > deadline:
                     raise Hang(f"a normal frontend's request on ring {rings[k]} was not completed")
                 time.sleep(0.0005)
         if status_off >= 0:
             expect(view[status_off] == 0, f"a normal request completed with status {view[status_off]:#x}")
         else:
-            length = struct.unpack_from("<I", view, used_off + 8)[0]  # rx used.ring[0].len
+            # rx: used.ring[0].len, or the length of the used descriptor in slot 0
+            length = struct.unpack_from("<I", view, 8 if packed else used_off + 8)[0]
             got = bytes(view[data + 1024 + 12 : data + 1024 + length])
             expect(length == 12 + len(frame) and got == frame, f"loopback returned {length} bytes: {got[:16]!r}")
         ok = True
@@ -733,7 +788,7 @@ def serves_normally(model: Model, region: Region) -> None:
 
 # -- the target --------------------------------------------------------------------------
 
-_DECLARED = ("protocol violation: ", "error: ", "frontend disconnected", "connection reset by the frontend",
+DECLARED = ("protocol violation: ", "error: ", "frontend disconnected", "connection reset by the frontend",
              "truncated message")
 
 
@@ -742,35 +797,40 @@ def target_server(data: bytes) -> int:
 
     Input: ``u8`` model (blk, scsi, net), ``u8`` poll choice, ``u8``
     INFLIGHT_SHMFD offered or not, then up to :data:`MAX_OPS` operations
-    (``u8`` opcode, see :class:`_Session`: raw message, handshake, memory
+    (``u8`` opcode, see :class:`Session`: raw message, handshake, memory
     table, memory region, ring set-up, memory write, descriptor, avail
     entry, kick, sync, blk/scsi/net request, misc, inflight area).
     """
+    return serve_fuzzed(data, Session, packed=False)
+
+
+def serve_fuzzed(data: bytes, session_class: type[Session], packed: bool) -> int:
+    """:func:`target_server`'s run with ``session_class`` as the frontend; the normal one on ``packed`` rings."""
     fi = FuzzInput(data)
     region = frontend_region()
     inflight_region()  # both harness memfds exist before the fds are counted
-    fds_before = _open_fds()
+    fds_before = open_fds()
     region.view[:] = bytes(REGION_SIZE)
-    model = _make_model(fi.below(3))
+    model = make_model(fi.below(3))
     try:
-        conn = _Connection(model, poll_us=fi.pick((0, 50)), inflight=fi.flag())
-        session = _Session(fi, conn, region, model)
+        conn = Connection(model, poll_us=fi.pick((0, 50)), inflight=fi.flag())
+        session = session_class(fi, conn, region, model)
         try:
             session.run()
         finally:
             why = conn.finish()
             session.close()
-        expect(why.startswith(_DECLARED), f"the connection ended with an undeclared reason: {why}")
+        expect(why.startswith(DECLARED), f"the connection ended with an undeclared reason: {why}")
         done = conn.backend.chains
-        serves_normally(model, region)
+        serves_normally(model, region, packed)
     finally:
-        _close_model(model)
-    leaked = _open_fds() - fds_before
+        close_model(model)
+    leaked = open_fds() - fds_before
     if leaked:
         gc.collect()  # an mmap caught in a reference cycle keeps its fd until collected
-        leaked = _open_fds() - fds_before
+        leaked = open_fds() - fds_before
     if leaked:
-        what = ", ".join(f"{fd} -> {_fd_target(fd)}" for fd in sorted(leaked))
+        what = ", ".join(f"{fd} -> {fd_target(fd)}" for fd in sorted(leaked))
         for fd in leaked:  # so that the next input starts clean (Hypothesis engine, replays)
             os.close(fd)
         raise InvariantBroken(f"{len(leaked)} fds leaked by a connection that ended with {why!r}: {what}")

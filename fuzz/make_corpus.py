@@ -582,6 +582,18 @@ def _blk_request(s: Seed, rtype_index: int, first: int, *, slot: int = 0, sector
     s.below(dlen_units, 5)
 
 
+def _net_frame_echo(s: Seed) -> None:
+    """With rx and tx rings set up: a frame sent, a receive buffer the loopback delivers it into."""
+    # a frame on tx (ring key 1 of [0, 1]): no NEEDS_CSUM, the standard frame, one descriptor
+    s.below(REQUEST, _OPS).below(1, 2).below(0, 8).u16(0).flag(False).choose(0, (0, 0)).u16(0).u16(0)
+    s.flag(True).flag(False)
+    s.below(KICK, _OPS).below(1, 2)
+    # a 2048-byte receive buffer on rx: the loopback delivers the frame into it
+    s.below(REQUEST, _OPS).below(0, 2).below(1, 8).u16(0).flag(True).choose(0, (0, 0, 0))
+    s.below(KICK, _OPS).below(0, 2)
+    s.below(SYNC, _OPS)
+
+
 def _seed_server(model: int, build: Callable[[Seed], None], *, inflight: bool = False) -> bytes:
     s = Seed().below(model, 3).below(0, 2).flag(inflight)
     build(s)
@@ -649,14 +661,7 @@ def seeds_server() -> dict[str, bytes]:
         _mem_table(s)
         _ring(s, 0)  # rx
         _ring(s, 1)  # tx
-        # a frame on tx (ring key 1 of [0, 1]): no NEEDS_CSUM, the standard frame, one descriptor
-        s.below(REQUEST, _OPS).below(1, 2).below(0, 8).u16(0).flag(False).choose(0, (0, 0)).u16(0).u16(0)
-        s.flag(True).flag(False)
-        s.below(KICK, _OPS).below(1, 2)
-        # a 2048-byte receive buffer on rx: the loopback delivers the frame into it
-        s.below(REQUEST, _OPS).below(0, 2).below(1, 8).u16(0).flag(True).choose(0, (0, 0, 0))
-        s.below(KICK, _OPS).below(0, 2)
-        s.below(SYNC, _OPS)
+        _net_frame_echo(s)
 
     def inflight_session(s: Seed) -> None:
         _handshake(s, protocol=1 << vu.PROTOCOL_F_INFLIGHT_SHMFD)
@@ -707,6 +712,72 @@ def seeds_server() -> dict[str, bytes]:
     }
 
 
+def _packed_ring(s: Seed, index: int, num: int, which: int = 0) -> None:
+    """PackedSession.op_ring: honest, ``num`` descriptors, base kind ``which`` (0 fresh, 1 lap 0), the _ring tail."""
+    s.below(RING, _OPS).below(index, 4).flag(True).below(num - 1, SV.RING_SLOT // 16 - 1).below(which, 4)
+    s.flag(True).below(1, 4).flag(True).below(1, 4).flag(True).choose(0, (1, 0))
+
+
+def seeds_server_packed() -> dict[str, bytes]:
+    """The server target on packed rings (fuzz._server_packed): sessions over odd sizes, laps, hostile flags."""
+
+    def blk_session(s: Seed) -> None:
+        _handshake(s)
+        _mem_table(s)
+        _packed_ring(s, 0, 7)  # 7 slots: the three-descriptor requests below wrap around it
+        for k in range(5):
+            _blk_request(s, (3, 1, 0, 0, 1)[k], 0, slot=k, sector=4, dlen_units=2)
+            s.below(KICK, _OPS).below(0, 1)
+        s.below(SYNC, _OPS)
+        s.below(MISC, _OPS).below(2, 7).below(0, 4)  # GET_VRING_BASE: the wrap counters in the answer
+
+    def lap0_session(s: Seed) -> None:
+        _handshake(s)
+        _mem_table(s)
+        _packed_ring(s, 0, 5, which=1)
+        _blk_request(s, 3, 0)
+        s.below(KICK, _OPS).below(0, 1)
+        s.below(SYNC, _OPS)
+
+    def scsi_session(s: Seed) -> None:
+        _handshake(s)
+        _mem_table(s)
+        _packed_ring(s, 2, 9)
+        s.below(REQUEST, _OPS).below(0, 1).below(0, 8).u16(0).choose(0, (0,) * 5)  # INQUIRY
+        s.take(b"\0\0\0\x60", 15).below(0, 2).u64(1).below(1, 3).flag(True)
+        s.below(KICK, _OPS).below(0, 1)
+        s.below(SYNC, _OPS)
+
+    def net_session(s: Seed) -> None:
+        _handshake(s)
+        _mem_table(s)
+        _packed_ring(s, 0, 3)  # rx
+        _packed_ring(s, 1, 3)  # tx
+        _net_frame_echo(s)
+
+    def hostile_flags(s: Seed) -> None:
+        _handshake(s, acks=False)
+        _mem_table(s)
+        _packed_ring(s, 0, 4)
+        # slot 0: NEXT, available; slots 1-3 too: a chain running round the whole ring
+        for i in range(4):
+            s.below(DESC_OP, _OPS).below(0, 1).u16(i).below(0, 3).u16(0).below(1, 4).u16(16)
+            s.below(1, 4).u16(i).below(1, 4).u8(DESC_F_NEXT).below(1, 2)
+        s.below(KICK, _OPS).below(0, 1)
+        s.below(PUBLISH, _OPS).below(0, 1).below(1, 4).u8(0).below(0, 8)  # the next slot in the wrong lap
+        s.below(KICK, _OPS).below(0, 1)
+        s.below(SYNC, _OPS)
+
+    return {
+        "blk_session": _seed_server(0, blk_session),
+        "lap0_session": _seed_server(0, lap0_session),
+        "scsi_session": _seed_server(1, scsi_session),
+        "net_session": _seed_server(2, net_session),
+        "hostile_flags": _seed_server(0, hostile_flags),
+        "inflight_session": _seed_server(0, blk_session, inflight=True),
+    }
+
+
 def known_inputs() -> dict[str, bytes]:
     """Inputs that reproduce the known issues (fuzz/known/<target>-<issue>), replayed by the tests."""
 
@@ -740,6 +811,7 @@ SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "scsi_driver": seeds_scsi_driver,
     "net_driver": seeds_net_driver,
     "server": seeds_server,
+    "server_packed": seeds_server_packed,
     "packed_reap": _packed.seeds_packed_reap,
     "packed_device_pop": _packed.seeds_packed_device_pop,
 }

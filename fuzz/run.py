@@ -66,6 +66,7 @@ TARGET_NAMES = (
     "server",
     "packed_reap",
     "packed_device_pop",
+    "server_packed",
 )
 
 

@@ -39,6 +39,7 @@ from pyvirtio.backends.inflight import (
 )
 from pyvirtio.errors import DriverProtocolError
 from pyvirtio.ring.device_side import PackedDeviceQueue
+from pyvirtio.spec.ring import PACKED_BASE_EXACT
 from pyvirtio.testing import PackedRingPair
 
 # -- layout -------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_resubmitted_lists_come_from_the_area_not_the_ring() -> None:
         dev.release()
         successor = Device(pair, area, d.restart_base(resubmit=False))
         assert successor.held == [0]  # A, rebuilt from the area
-        assert successor.base == 0x8001_8002  # used side at 1; avail at 2, after A's one slot
+        assert successor.base == 0x8001_8002 | PACKED_BASE_EXACT  # used side at 1; avail at 2, after A's one slot
         successor.use(random.Random(0), 1)
         assert successor.publish()
         assert d.reap() == [("A", 0)]
@@ -228,4 +229,42 @@ def test_a_scribbled_region_is_refused() -> None:
         struct.pack_into("<H", view, PACKED_HEADER_SIZE + PACKED_ENTRY_SIZE * 1 + 2, 500)  # a free list link out
         with pytest.raises(DriverProtocolError, match="links to 500"):
             Device(pair, area, d.restart_base(resubmit=False))
+    area.close()
+
+
+def test_resume_with_the_used_side_at_slot_0_of_lap_0() -> None:
+    """After one lap the used side is at slot 0 with wrap counter 0: the resume base's used half is all zeros.
+
+    That base must not be read as "used = avail" (the reading of a base with an empty upper half,
+    for frontends that send only the avail half): the successor would write its used descriptors
+    over the lists still in flight.
+    """
+    size = 5
+    area = InflightArea.create(1, size, "packed")
+    with PackedRingPair(size) as pair:
+        d = pair.driver
+        buf = pair.buffer(64)
+        dev = Device(pair, area, d.restart_base())
+        rnd = random.Random(0)
+        for token in range(size):  # one lap of single-slot requests, all completed
+            d.submit(token, [(buf.addr, 64, True)])
+            d.kick_prepare()
+            dev.pop(1)
+            dev.use(rnd, 1)
+            assert dev.publish()
+        assert [t for t, _ in d.reap()] == list(range(size))
+        assert (d.next_used, d.used_wrap) == (0, 0)
+        d.submit("A", [(buf.addr, 64, True)])
+        d.submit("B", [(buf.addr, 64, True)])
+        d.kick_prepare()
+        dev.pop(2)
+        dev.release()  # the device dies with A and B popped
+        dev = Device(pair, area, d.restart_base(resubmit=False))
+        assert dev.queue.used_pos == 0 and dev.queue.used_wrap == 0 and dev.queue.last_avail == 2
+        assert len(dev.held) == 2  # A and B, resubmitted from the area
+        dev.use(rnd, 2)
+        assert dev.publish()
+        assert sorted(t for t, _ in d.reap()) == ["A", "B"]  # type: ignore[type-var]
+        d.check_ids()
+        dev.release()
     area.close()

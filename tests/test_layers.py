@@ -31,6 +31,8 @@ LAYERS: dict[str, int] = {
     "transport": 3,
     "backends": 3,
     "testing": 3,
+    "trace": 3,  # a proxy: protocol decoding plus its own sockets
+    "conformance": 3,  # a raw frontend that breaks rules on purpose (testing.hostile, trace)
     "device": 4,
     "targets": 4,
     "drivers": 5,

@@ -18,6 +18,7 @@ import pytest
 from pyvirtio.errors import InvalidArgument
 from pyvirtio.ring import ordering
 from pyvirtio.ring.chain import Chain
+from pyvirtio.ring.packed import PackedQueue
 from pyvirtio.spec.ring import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -432,3 +433,77 @@ def test_many_wraps_random_order() -> None:
         assert returned == total and not completions
         assert q.num_free == size and q.outstanding == 0
         assert dev.base == packed_base(q.next_avail, q.avail_wrap, q.next_used, q.used_wrap)
+
+
+# -- bases in lap 0 (zero_wrap: DPDK's vhost_blk example reads bit 15 as a position) ------------------
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+@pytest.mark.parametrize("size", [3, 8])
+def test_zero_wrap_ring_starts_in_lap_0_and_serves_across_wraps(size: int, in_order: bool) -> None:
+    with PackedRingPair(size, in_order=in_order) as p:
+        p.driver.close()
+        p.driver = PackedQueue(size, p.pool, in_order=in_order, zero_wrap=True)
+        assert p.driver.initial_base == 0 and p.driver.restart_base() == 0
+        assert all(raw(p, i)[3] & (AVAIL | USED) == AVAIL | USED for i in range(size))  # stale in lap 0
+        p.reset_device(0)
+        assert p.device.pop() is None  # nothing looks available
+        b = p.buffer(64)
+        done = []
+        for token in range(5 * size):
+            b.view[0:4] = token.to_bytes(4, "little")
+            p.driver.submit(token, [(b.addr, 4, False), (b.addr + 8, 4, True)])
+            p.driver.flush()
+            p.serve()
+            got = p.driver.reap()
+            assert got == [(token, 4)] and bytes(b.view[8:12]) == token.to_bytes(4, "little")
+            done.append(token)
+            p.driver.check_ids()
+        assert p.driver.avail_wrap in (0, 1)
+
+
+@pytest.mark.parametrize("resubmit", [False, True])
+@pytest.mark.parametrize("in_order", [False, True])
+def test_zero_wrap_restart_moves_the_ring_to_lap_0(in_order: bool, resubmit: bool) -> None:
+    """Whatever lap the used side is in, the base has wrap counters 0; a new device pops exactly what is in flight."""
+    size = 5
+    rng = random.Random(in_order * 2 + resubmit)
+    with PackedRingPair(size, in_order=in_order) as p:
+        p.driver.close()
+        p.driver = PackedQueue(size, p.pool, in_order=in_order, zero_wrap=True)
+        p.reset_device(p.driver.initial_base)
+        b = p.buffer(64)
+        token = 0
+        done: list[object] = []
+        laps_seen = set()
+        for _round in range(40):
+            while p.driver.num_free >= 2:
+                p.driver.submit(token, [(b.addr, 4, False), (b.addr + 8, 4, True)])
+                token += 1
+            p.driver.flush()
+            popped = []
+            while (c := p.device.pop()) is not None:
+                popped.append(c)
+            k = rng.randint(0, len(popped))
+            completed = popped[:k]
+            for c in completed:
+                p.device.add_used(c.head, 4)
+            p.device.flush_used()
+            laps_seen.add(p.driver.used_wrap)
+            base = p.driver.restart_base(resubmit=resubmit)
+            assert base == packed_base(p.driver.next_used, 0, p.driver.next_used, 0)
+            assert p.driver.used_wrap == 0 and p.driver.avail_wrap in (0, 1)
+            p.driver.check_ids()
+            p.reset_device(base)
+            again = []
+            while (c := p.device.pop()) is not None:
+                again.append(c.head)
+            lost = {c.head for c in popped[k:]}
+            assert set(again) == lost and len(again) == len(lost)  # exactly the buffers in flight, once
+            for h in again:
+                p.device.add_used(h, 4)
+            p.device.flush_used()
+            done += [t for t, _ in p.driver.reap()]
+            p.driver.check_ids()
+        assert sorted(done) == list(range(token))  # type: ignore[type-var]
+        assert laps_seen == {0, 1}  # the restarts did happen in lap 1 too

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -153,6 +154,45 @@ def assert_swapped_echo(sent: list[bytes], got: list[bytes]) -> None:
         assert len(g) == len(s), f"frame {i}: {len(g)} bytes back for {len(s)}"
         assert g[0:6] == s[6:12] and g[6:12] == s[0:6], f"frame {i}: MACs not swapped"
         assert g[12:] == s[12:], f"frame {i}: payload differs"
+
+
+RXONLY_SIZES = [60, 64, 128, 512, 1514] * 200 + [64] * 1000  # 2000 frames
+
+
+def send_all(net: object, frames: list[bytes], timeout: float = 20.0) -> int:
+    """Send every frame (batches of 200 as the ring frees up), flush; the count sent."""
+    sent = 0
+    deadline = time.monotonic() + timeout
+    while sent < len(frames) and time.monotonic() < deadline:
+        sent += net.send_batch(frames[sent : sent + 200])  # type: ignore[attr-defined]
+    net.flush_tx()  # type: ignore[attr-defined]
+    return sent
+
+
+def check_txonly_flood(net: object, count: int, timeout: float = 20.0) -> int:
+    """Receive and check ``count`` frames of testpmd's txonly flood; the number checked."""
+    checked = 0
+    deadline = time.monotonic() + timeout
+    while checked < count and time.monotonic() < deadline:
+        for frame, hdr in net.recv_batch(128, with_headers=True):  # type: ignore[attr-defined]
+            assert hdr.gso_type == 0 and hdr.num_buffers == 1  # GSO_NONE, one buffer
+            b = bytes(frame)
+            # testpmd txonly: 64-byte Ether / IPv4 / UDP 198.18.0.1:9 -> 198.18.0.2:9
+            assert len(b) == 64 and b[12:14] == b"\x08\x00"
+            assert b[14] == 0x45 and b[23] == 17
+            assert b[26:30] == bytes([198, 18, 0, 1]) and b[30:34] == bytes([198, 18, 0, 2])
+            assert _ip_ok(b)
+            assert struct.unpack("!HH", b[34:38]) == (9, 9)
+            checked += 1
+    return checked
+
+
+def _ip_ok(frame: bytes) -> bool:
+    ihl = (frame[14] & 0x0F) * 4
+    s = sum(struct.unpack(f"!{ihl // 2}H", frame[14 : 14 + ihl]))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s == 0xFFFF
 
 
 def payload_frames(src: bytes, pair: int, sizes: list[int]) -> list[bytes]:

@@ -22,7 +22,13 @@ offered; False: never; ``"auto"``: :data:`AUTO_IN_ORDER`). ``start`` then
 builds a :class:`~pyvirtio.ring.split.SplitQueue` or a
 :class:`~pyvirtio.ring.packed.PackedQueue`; everything above goes through
 the ring protocol (:class:`~pyvirtio.ring.base.RingQueue`), whatever the
-format.
+format. ``packed_zero_wrap`` (a constructor option) keeps every packed ring
+base the device hands a back end in lap 0 (both wrap counters 0), for DPDK's
+vhost_blk example, which reads bit 15 of the base as part of the position
+(:mod:`pyvirtio.ring.packed`, "Bases in lap 0"). A restart may then move the
+ring to the other lap, where a back end's inflight area no longer applies:
+such a device asks its transport not to hand the area over
+(``hand_over_inflight``) and resubmits requests in flight itself.
 ``stop()`` / ``close()``
     status 0, queues deleted; ``close`` also closes the transport and frees
     the memory. The device is a context manager.
@@ -236,9 +242,12 @@ class VirtioDevice:
         *,
         pool: MemoryPool | None = None,
         pool_size: int = DEFAULT_REGION_SIZE,
+        packed_zero_wrap: bool = False,
     ) -> None:
         self.name = name
         self.transport = transport
+        #: Packed rings start in lap 0 and restart there (module docstring).
+        self.packed_zero_wrap = packed_zero_wrap
         #: The transport as a ReconnectingTransport, if it is one (checked once, here).
         self.reconnecting: ReconnectingTransport | None = _reconnecting(transport)
         self._kept_config: bytearray | None = None  # keep_config: the frontend holds the config
@@ -368,10 +377,13 @@ class VirtioDevice:
         if self.reconnecting is not None:
             # vhost-user sizes its inflight area (INFLIGHT_SHMFD) by the queues really used.
             self.reconnecting.plan_queues(total)
+            # A ring kept in lap 0 changes lap at a restart: an old inflight area's positions no longer hold.
+            self.reconnecting.hand_over_inflight = not (packed and self.packed_zero_wrap)
         self.transport.set_memory(self.pool)
         event_idx = self.has_feature(F_RING_EVENT_IDX)
         indirect = self.has_feature(F_RING_INDIRECT_DESC)
         in_order = self.has_feature(F_IN_ORDER)
+        extra = {"zero_wrap": True} if packed and self.packed_zero_wrap else {}
         make: type[SplitQueue] | type[PackedQueue] = PackedQueue if packed else SplitQueue
         try:
             for i in range(total):
@@ -386,7 +398,9 @@ class VirtioDevice:
                     )
                 if queue_size is not None:
                     size = min(size, queue_size)
-                ring = make(size, self.pool, index=i, event_idx=event_idx, indirect=indirect, in_order=in_order)
+                ring = make(
+                    size, self.pool, index=i, event_idx=event_idx, indirect=indirect, in_order=in_order, **extra
+                )
                 self._queues.append(Virtqueue(ring, self.transport, self))
                 self.transport.setup_queue(QueueSetup.from_ring(ring))
             self._require(STATUS_DRIVER_OK, "start")

@@ -27,6 +27,11 @@ a malformed descriptor chain), or asked for something the device declines
 (:class:`RequestRefused`: a failure ack, the connection stays). The SCSI
 target emulation answers a command it cannot execute with
 :class:`ScsiCheckCondition` or :class:`ScsiOverrun`.
+
+The conformance checker (``pyvirtio check``) ends a rule with
+:class:`RuleFailed` (the back end broke the rule: a device's fault, carrying
+what was sent, what came back and what was expected) or :class:`RuleSkipped`
+(the rule does not apply: a feature not offered).
 """
 
 from __future__ import annotations
@@ -225,3 +230,25 @@ class ScsiCheckCondition(PyvirtioError):
 
 class ScsiOverrun(DriverProtocolError):
     """The CDB asks for more data than the frontend's buffers hold (VIRTIO_SCSI_S_OVERRUN)."""
+
+
+# -- verdicts of the conformance checker (pyvirtio check) -----------------------
+
+
+class RuleFailed(DeviceError):
+    """The back end under test broke a rule of the conformance catalogue.
+
+    ``transcript``: the exchange that led there (messages sent and received,
+    chains posted, completions seen; most recent last); ``got``: what came
+    back; ``expected``: what the rule requires.
+    """
+
+    def __init__(self, expected: str, got: str, transcript: tuple[str, ...] = ()) -> None:
+        super().__init__(f"expected {expected}; got {got}")
+        self.expected = expected
+        self.got = got
+        self.transcript = transcript
+
+
+class RuleSkipped(PyvirtioError):
+    """A conformance rule does not apply to the back end under test (a feature it does not offer)."""

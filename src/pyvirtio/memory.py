@@ -63,7 +63,9 @@ class Region:
 
     ``guest_addr`` is the address a device uses for the region's first byte;
     ``user_addr`` the process address of the mapping; ``fd_offset`` the
-    offset of the mapping within ``fd``.
+    offset of the mapping within ``fd``. ``readonly`` maps it without write
+    permission (an observer's view; its ``view`` is then read-only too, and
+    ``user_addr`` is 0).
     """
 
     __slots__ = ("fd", "size", "fd_offset", "mmap", "view", "user_addr", "guest_addr", "name", "_owns_fd")
@@ -77,6 +79,7 @@ class Region:
         guest_addr: int | None = None,
         name: str = "",
         owns_fd: bool = True,
+        readonly: bool = False,
     ) -> None:
         if size <= 0:
             raise InvalidArgument(f"region size must be positive, got {size}")
@@ -85,9 +88,12 @@ class Region:
         self.fd_offset = fd_offset
         self.name = name
         self._owns_fd = owns_fd
-        self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=fd_offset)
+        # readonly: an observer's view (pyvirtio trace --rings), which must never write.
+        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=fd_offset)
         self.view = memoryview(self.mmap)
-        self.user_addr = _mapping_address(self.mmap)
+        # ctypes cannot take the address of a read-only buffer; an observer never needs it.
+        self.user_addr = 0 if readonly else _mapping_address(self.mmap)
         self.guest_addr = self.user_addr if guest_addr is None else guest_addr
 
     @classmethod

@@ -27,19 +27,22 @@ def parse_target(target: str) -> tuple[str, str]:
     return "vhost-user", target
 
 
-def open_device(target: str, *, device_type: int = DEVICE_ID_BLOCK, **kw: Any) -> VirtioDevice:
-    """Connect to ``target`` and return an un-negotiated VirtioDevice."""
+def open_device(
+    target: str, *, device_type: int = DEVICE_ID_BLOCK, packed_zero_wrap: bool = False, **kw: Any
+) -> VirtioDevice:
+    """Connect to ``target`` and return an un-negotiated VirtioDevice (``kw`` to the transport)."""
     from pyvirtio.transport.vhost_user import VhostUserTransport
 
     kind, addr = parse_target(target)
     transport = VhostUserTransport(addr, device_type=device_type, **kw)
-    return VirtioDevice(target, transport)
+    return VirtioDevice(target, transport, packed_zero_wrap=packed_zero_wrap)
 
 
 D = TypeVar("D")
 
-#: Keyword arguments of a driver's ``open`` that only the transport takes.
-TRANSPORT_OPTIONS = ("reconnect", "server", "connect_timeout")
+#: Keyword arguments of a driver's ``open`` that go to :func:`open_device` only (the transport's, and
+#: ``packed_zero_wrap`` for the device).
+TRANSPORT_OPTIONS = ("reconnect", "server", "connect_timeout", "packed_zero_wrap")
 #: Keyword arguments both take (the transport's reply timeout, its ring size).
 SHARED_OPTIONS = ("queue_size", "timeout")
 

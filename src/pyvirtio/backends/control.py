@@ -68,9 +68,10 @@ Tolerance, where it costs nothing and real frontends need it:
   hide. A request whose data is longer than its size field (SPDK sends its
   whole 256-byte struct; a build patched to ask the exact size still does)
   is answered in the request's length, the asked bytes first, as
-  libvhost-user answers it (SPDK refuses a reply of another length). A GET_CONFIG of size 0, or to a device whose config the frontend
-  keeps (:class:`~pyvirtio.backends.model.OptionalConfigSpace`: CONFIG is
-  then not offered, as by SPDK's vhost-user-scsi targets), gets an empty
+  libvhost-user answers it (SPDK refuses a reply of another length). A
+  GET_CONFIG of size 0, or to a device whose config the frontend keeps
+  (:class:`~pyvirtio.backends.model.OptionalConfigSpace`: CONFIG is then
+  not offered, as by SPDK's vhost-user-scsi targets), gets an empty
   payload: vhost-user.rst's way of saying it failed;
 * SET_FEATURES repeated, with the features in force, while rings run: QEMU
   drives a multi-queue net device as one ``vhost_dev`` per queue pair over

@@ -91,6 +91,7 @@ from pyvirtio.ring.chain import Chain
 from pyvirtio.ring.device_side import DeviceQueue, PackedDeviceQueue
 from pyvirtio.spec.ring import (
     MAX_QUEUE_SIZE,
+    PACKED_BASE_EXACT,
     PACKED_DESC_F_AVAIL,
     PACKED_DESC_F_USED,
     packed_base,
@@ -381,7 +382,7 @@ class PackedQueueInflight:
                 "ring %d: resuming at 0x%08x from the inflight area (the frontend's base was 0x%08x)",
                 self.index, resumed, base,
             )
-        return resumed
+        return resumed | PACKED_BASE_EXACT  # used at 0 in lap 0 is not "used = avail"
 
     def start(self, queue: DeviceRing, ring: memoryview) -> None:
         """Track ``queue`` (started at :meth:`recover`'s base); ``ring`` is its descriptor ring (bytes)."""

@@ -19,7 +19,7 @@ from pyvirtio.backends.inflight import RingTracker
 from pyvirtio.protocol import vhost_user as vu
 from pyvirtio.ring.base import DeviceRing
 from pyvirtio.ring.device_side import DeviceQueue
-from pyvirtio.spec.ring import parse_packed_base
+from pyvirtio.spec.ring import PACKED_BASE_EXACT, parse_packed_base
 
 __all__ = ["RingState", "close_fd"]
 
@@ -84,7 +84,7 @@ class RingState:
         if isinstance(queue, DeviceQueue):
             out.update(format="split", in_order=queue.in_order, last_avail=queue.last_avail, used_idx=queue.used_idx)
         elif queue is not None:
-            avail, avail_wrap, used, used_wrap = parse_packed_base(queue.base)
+            avail, avail_wrap, used, used_wrap = parse_packed_base(queue.base | PACKED_BASE_EXACT)  # both halves
             out.update(format="packed", in_order=queue.in_order, avail=avail, avail_wrap=avail_wrap, used=used,
                        used_wrap=used_wrap)
         else:

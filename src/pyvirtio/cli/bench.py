@@ -215,7 +215,13 @@ def run_lun(args: argparse.Namespace) -> int:
     from pyvirtio.targets import open_device
 
     qsize = queue_size(args)
-    kw = {"connect_timeout": args.connect_timeout, "timeout": args.timeout, **_transport_options(args)}
+    ring = ring_options(args)
+    kw = {
+        "connect_timeout": args.connect_timeout,
+        "timeout": args.timeout,
+        "packed_zero_wrap": ring.pop("packed_zero_wrap"),  # the device's; ring= and in_order= the driver's
+        **_transport_options(args),
+    }
     dev = open_device(args.target, device_type=DEVICE_ID_SCSI, queue_size=qsize, **kw)
     try:
         scsi = VirtioScsi(
@@ -225,7 +231,7 @@ def run_lun(args: argparse.Namespace) -> int:
             event_idx=args.event_idx == "on",
             timeout=args.timeout,
             targets=None if args.lun is None else [args.lun[0]],
-            **ring_options(args),
+            **ring,
         )
     except BaseException:
         dev.close()

@@ -30,6 +30,7 @@ from pyvirtio.cli.common import (
     size_arg,
     stdout_is_tty,
 )
+from pyvirtio.cli.ring_option import add_ring_arguments
 
 if TYPE_CHECKING:
     from pyvirtio.drivers.blk import VirtioBlk
@@ -56,6 +57,7 @@ def register(subparsers: Any) -> None:
         "read", help="read bytes", description=READ_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_target_arguments(r)
+    add_ring_arguments(r)
     _range_arguments(r)
     r.add_argument("-o", "--output", metavar="FILE", help="write the raw bytes to FILE ('-' for stdout)")
     r.add_argument("--hex", action="store_true", help="print a hexdump even when stdout is not a terminal")
@@ -69,6 +71,7 @@ def register(subparsers: Any) -> None:
         "--pattern at OFFSET. The length must be a multiple of the block size.",
     )
     add_target_arguments(w)
+    add_ring_arguments(w)
     w.add_argument("--offset", type=size_arg, required=True, help="byte offset (suffixes k, M, G, T)")
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", "-i", metavar="FILE", help="the data to write ('-' for stdin)")
@@ -79,21 +82,25 @@ def register(subparsers: Any) -> None:
 
     f = sub.add_parser("flush", help="flush the device's write cache")
     add_target_arguments(f)
+    add_ring_arguments(f)
     f.set_defaults(func=cmd_flush)
 
     d = sub.add_parser("discard", help="discard (trim) a range")
     add_target_arguments(d)
+    add_ring_arguments(d)
     _range_arguments(d)
     d.set_defaults(func=cmd_discard)
 
     z = sub.add_parser("write-zeroes", help="zero a range without sending data")
     add_target_arguments(z)
+    add_ring_arguments(z)
     _range_arguments(z)
     z.add_argument("--unmap", action="store_true", help="allow the device to deallocate the range")
     z.set_defaults(func=cmd_write_zeroes)
 
     g = sub.add_parser("get-id", help="print the device's serial number (GET_ID)")
     add_target_arguments(g)
+    add_ring_arguments(g)
     g.set_defaults(func=cmd_get_id)
 
 

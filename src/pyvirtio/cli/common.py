@@ -149,13 +149,18 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_blk(args: argparse.Namespace, **kw: Any) -> Any:
-    """A started :class:`~pyvirtio.drivers.blk.VirtioBlk` for ``args.target``."""
+    """A started :class:`~pyvirtio.drivers.blk.VirtioBlk` for ``args.target`` (with the ring options)."""
+    from pyvirtio.cli.ring_option import ring_options
     from pyvirtio.drivers.blk import VirtioBlk
     from pyvirtio.targets import open_device
 
-    device = open_device(args.target, connect_timeout=args.connect_timeout, timeout=args.timeout)
+    opts = ring_options(args)
+    zero_wrap = opts.pop("packed_zero_wrap")
+    device = open_device(
+        args.target, connect_timeout=args.connect_timeout, timeout=args.timeout, packed_zero_wrap=zero_wrap
+    )
     try:
-        return VirtioBlk(device, timeout=args.timeout, **kw)
+        return VirtioBlk(device, timeout=args.timeout, **opts, **kw)
     except BaseException:
         device.close()
         raise

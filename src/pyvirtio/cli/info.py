@@ -23,6 +23,7 @@ from pyvirtio.cli.common import (
     print_json,
     print_table,
 )
+from pyvirtio.cli.ring_option import add_ring_arguments
 from pyvirtio.cli.scsi import render_scsi, scsi_info
 
 
@@ -34,6 +35,7 @@ def register(subparsers: Any) -> None:
         "print what it offers and what was negotiated.",
     )
     add_target_arguments(p)
+    add_ring_arguments(p)
     p.add_argument("--json", action="store_true", help="print the info dict as JSON")
     p.add_argument("--type", choices=("blk", "scsi"), default=None,
                    help="the device type (vhost-user does not say it; default blk, scsi with --lun)")
@@ -96,6 +98,8 @@ def render(info: dict[str, Any]) -> None:
     qrows = [
         ("queues started", str(virtio.get("vq_count", "-"))),
         ("queue size", str(virtio.get("vq_size", "-"))),
+        ("ring format", str(virtio.get("ring", "-"))),
+        ("in order", _yes(virtio["in_order"]) if "in_order" in virtio else "-"),
     ]
     if "backend_queues" in virtio:
         qrows.append(("back end queues", str(virtio["backend_queues"])))

@@ -28,6 +28,8 @@ SUBCOMMAND_MODULES = (
     "pyvirtio.cli.net",
     "pyvirtio.cli.bench",
     "pyvirtio.cli.serve",
+    "pyvirtio.cli.check",
+    "pyvirtio.cli.trace",
 )
 
 

@@ -52,11 +52,13 @@ def register(sub: Any) -> None:
 
     q = cmds.add_parser("info", help="features, MAC, MTU, link, queues")
     common(q)
+    add_ring_arguments(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=run_info)
 
     q = cmds.add_parser("send", help="send N frames")
     common(q)
+    add_ring_arguments(q)
     q.add_argument("--count", type=positive_int, default=1)
     q.add_argument("--size", type=size_arg, default=64, help="frame bytes without FCS (default 64)")
     q.add_argument("--dst-mac", type=_mac_arg, default="ff:ff:ff:ff:ff:ff", help="default broadcast")
@@ -66,6 +68,7 @@ def register(sub: Any) -> None:
 
     q = cmds.add_parser("recv", help="receive N frames (optionally into a pcap file)")
     common(q)
+    add_ring_arguments(q)
     q.add_argument("--count", type=positive_int, default=1)
     q.add_argument("--pcap", metavar="FILE", default=None, help="write the frames to a pcap file")
     q.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
@@ -89,7 +92,8 @@ def register(sub: Any) -> None:
     q.set_defaults(func=run_bench)
 
 
-def _open(args: argparse.Namespace, pairs: int | None = None, **kw: Any) -> Any:
+def _open(args: argparse.Namespace, pairs: int | None = None, ring: dict[str, Any] | None = None) -> Any:
+    """VirtioNet on ``args.target``; ``ring``: :func:`~pyvirtio.cli.ring_option.ring_options` (default: auto)."""
     from pyvirtio.drivers.net import VirtioNet
 
     return VirtioNet.open(
@@ -100,12 +104,12 @@ def _open(args: argparse.Namespace, pairs: int | None = None, **kw: Any) -> Any:
         mrg_rxbuf=not args.no_mrg_rxbuf,
         connect_timeout=args.connect_timeout,
         timeout=args.timeout,
-        **kw,
+        **(ring or {}),
     )
 
 
 def run_info(args: argparse.Namespace) -> int:
-    with _open(args) as net:
+    with _open(args, ring=ring_options(args)) as net:
         info = net.info()
     if args.json:
         print_json(info)
@@ -119,6 +123,8 @@ def run_info(args: argparse.Namespace) -> int:
         if n["link_status"] is not None else ("link", "not reported (up assumed)"),
         ("queue pairs", f"{n['queue_pairs']} of {n['max_queue_pairs']}"),
         ("queue size", str(n["queue_size"])),
+        ("ring format", info["virtio"]["ring"]),
+        ("in order", "yes" if info["virtio"]["in_order"] else "no"),
         ("mergeable rx buffers", "yes" if n["mrg_rxbuf"] else "no"),
         ("control queue", "yes" if n["control_queue"] else "no"),
         ("offered features", ", ".join(info["offered_features"])),
@@ -132,7 +138,7 @@ def run_send(args: argparse.Namespace) -> int:
     from pyvirtio.bench.net import udp_frame
     from pyvirtio.drivers.net import parse_mac
 
-    with _open(args) as net:
+    with _open(args, ring=ring_options(args)) as net:
         frames = [udp_frame(args.size, parse_mac(args.dst_mac), net.mac, seq=i) for i in range(min(args.count, 256))]
         sent = 0
         t0 = time.monotonic()
@@ -172,7 +178,7 @@ def run_recv(args: argparse.Namespace) -> int:
     try:
         if out is not None:
             write_pcap_header(out)
-        with _open(args) as net:
+        with _open(args, ring=ring_options(args)) as net:
             deadline = time.monotonic() + args.wait
             while got < args.count:
                 left = deadline - time.monotonic()
@@ -211,7 +217,7 @@ def run_bench(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\r[{secs:5.1f}/{args.runtime:.0f}s] {stats.ios / secs:>12,.0f} pps   ")
         sys.stderr.flush()
 
-    with _open(args, pairs=max(pairs, args.queue_pairs), **ring_options(args)) as net:
+    with _open(args, pairs=max(pairs, args.queue_pairs), ring=ring_options(args)) as net:
         if pairs > net.num_pairs:
             raise InvalidArgument(f"--queues {pairs}: the device has {net.num_pairs} pairs")
         stats = run_pairs(net, args.mode, args.runtime, pairs, size=args.size, dst_mac=args.dst_mac,

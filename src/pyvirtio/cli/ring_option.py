@@ -7,8 +7,14 @@ split, §2.8 packed); ``--in-order on|off|auto`` VIRTIO_F_IN_ORDER (§2.7.9,
 device offers the feature is :data:`pyvirtio.device.AUTO_RING` /
 ``AUTO_IN_ORDER``); ``packed`` or ``on`` make a device that does not offer
 the feature fail with a :class:`~pyvirtio.errors.NegotiationError` naming it.
+``--packed-zero-wrap`` keeps every packed ring base in lap 0 (DPDK's
+vhost_blk example reads bit 15 of the base as part of the ring position;
+:mod:`pyvirtio.ring.packed`, "Bases in lap 0").
+
 This module only parses: :func:`ring_options` gives the keyword arguments
-the drivers' constructors and ``open`` take (``ring=``, ``in_order=``).
+a driver's ``open`` takes (``ring=``, ``in_order=``, ``packed_zero_wrap=``);
+a command that builds the device itself passes ``packed_zero_wrap`` to
+:func:`pyvirtio.targets.open_device` and the rest to the driver.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ _IN_ORDER: dict[str, bool | str] = {"on": True, "off": False, "auto": "auto"}
 
 
 def add_ring_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--ring`` and ``--in-order`` to ``parser`` (both default to ``auto``)."""
+    """Add ``--ring``, ``--in-order`` (both default to ``auto``) and ``--packed-zero-wrap`` to ``parser``."""
     parser.add_argument(
         "--ring",
         choices=RING_CHOICES,
@@ -37,8 +43,13 @@ def add_ring_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="VIRTIO_F_IN_ORDER: on (fail if the device does not offer it), off, or auto (the default)",
     )
+    parser.add_argument(
+        "--packed-zero-wrap",
+        action="store_true",
+        help="packed rings: hand the back end ring bases with wrap counters 0 (DPDK's vhost_blk example needs it)",
+    )
 
 
 def ring_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``{"ring": ..., "in_order": ...}`` for a driver, from the parsed ``--ring`` / ``--in-order``."""
-    return {"ring": args.ring, "in_order": _IN_ORDER[args.in_order]}
+    """``{"ring", "in_order", "packed_zero_wrap"}`` for a driver's ``open``, from the parsed options."""
+    return {"ring": args.ring, "in_order": _IN_ORDER[args.in_order], "packed_zero_wrap": args.packed_zero_wrap}

@@ -30,6 +30,7 @@ from pyvirtio.cli.common import (
     print_table,
     size_arg,
 )
+from pyvirtio.cli.ring_option import add_ring_arguments, ring_options
 from pyvirtio.cli.serving import add_serve_options, serve_model, setup_logging
 from pyvirtio.errors import InvalidArgument
 
@@ -42,6 +43,7 @@ def register(subparsers: Any) -> None:
     s = sub.add_parser("scan", help="list targets and LUNs", description="Scan every target and LUN of a "
                        "virtio-scsi device and print what each LUN is.")
     add_target_arguments(s)
+    add_ring_arguments(s)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=run_scan)
 
@@ -55,6 +57,7 @@ def register(subparsers: Any) -> None:
 
     r = sub.add_parser("reset", help="LOGICAL UNIT RESET", description="Send LOGICAL UNIT RESET to one LUN.")
     add_target_arguments(r)
+    add_ring_arguments(r)
     r.add_argument("--lun", type=lun_arg, required=True, metavar="T:L")
     r.set_defaults(func=run_reset)
 
@@ -65,12 +68,17 @@ def open_scsi(args: argparse.Namespace, **kw: Any) -> Any:
     from pyvirtio.spec.common import DEVICE_ID_SCSI
     from pyvirtio.targets import open_device
 
-    transport_kw: dict[str, Any] = {"connect_timeout": args.connect_timeout, "timeout": args.timeout}
+    opts = ring_options(args)
+    transport_kw: dict[str, Any] = {
+        "connect_timeout": args.connect_timeout,
+        "timeout": args.timeout,
+        "packed_zero_wrap": opts.pop("packed_zero_wrap"),
+    }
     if kw.get("queue_size"):
         transport_kw["queue_size"] = kw["queue_size"]
     device = open_device(args.target, device_type=DEVICE_ID_SCSI, **transport_kw)
     try:
-        return VirtioScsi(device, timeout=args.timeout, **kw)
+        return VirtioScsi(device, timeout=args.timeout, **opts, **kw)
     except BaseException:
         device.close()
         raise

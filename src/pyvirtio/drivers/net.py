@@ -362,7 +362,8 @@ class VirtioNet:
         are provided by the frontend
         (:class:`~pyvirtio.transport.vhost_user_net.VhostUserNetTransport`).
         Transport options: ``connect_timeout``, ``timeout`` (also the
-        driver's), ``queue_size``; ``queue_pairs`` sizes the device.
+        driver's), ``queue_size``; ``queue_pairs`` sizes the device;
+        ``packed_zero_wrap`` goes to the device (:class:`VirtioDevice`).
         """
         from pyvirtio.targets import parse_target
         from pyvirtio.transport.vhost_user import VhostUserTransport
@@ -382,7 +383,7 @@ class VirtioNet:
         except BaseException:
             inner.close()
             raise
-        device = VirtioDevice(target, transport)
+        device = VirtioDevice(target, transport, packed_zero_wrap=bool(kw.pop("packed_zero_wrap", False)))
         try:
             return cls(device, **kw)
         except BaseException:

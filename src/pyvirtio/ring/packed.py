@@ -63,6 +63,19 @@ Reconnect (:meth:`PackedQueue.restart_base`): the ring base of a packed ring
 carries positions and wrap counters (vhost-user.rst, "Vring descriptor
 indices for packed virtqueues"; :func:`~pyvirtio.spec.ring.packed_base`).
 
+Bases in lap 0 (``zero_wrap``): both wrap counters start at 1 (§2.8.1), so
+a fresh ring's base has bit 15 set. A vhost-user frontend may hand the back
+end any ring state in SET_VRING_BASE, and DPDK's vhost_blk example (22.11)
+needs that bit clear: it takes the 16-bit value DPDK's vhost library
+reports, wrap counter included, as its ring position, and never reads the
+wrap counters otherwise (it starts them at 0). With ``zero_wrap`` the ring
+starts in lap 0 (every descriptor's AVAIL and USED set: neither available
+nor newly used in that lap), and :meth:`restart_base` moves a ring whose
+used side is in lap 1 to lap 0 before it names the base (:meth:`_relap`:
+the wrap bits of the slots in flight flipped, the free slots marked stale),
+so every base it hands out has both wrap counters 0. A peer that reads the
+base as vhost-user.rst says sees an ordinary ring state either way.
+
 Memory ordering: see :mod:`pyvirtio.ring.ordering`. The API and its
 semantics are the ring protocol's (:mod:`pyvirtio.ring.base`).
 """
@@ -141,6 +154,7 @@ class PackedQueue:
         indirect_threshold: int = 8,
         indirect_max: int = 1024,
         in_order: bool = False,
+        zero_wrap: bool = False,
     ) -> None:
         if not 1 <= size <= MAX_QUEUE_SIZE:
             raise InvalidArgument(f"packed queue size must be 1..{MAX_QUEUE_SIZE}, got {size}")
@@ -152,6 +166,7 @@ class PackedQueue:
         self.indirect_threshold = max(2, indirect_threshold)
         self.indirect_max = indirect_max
         self.in_order = in_order
+        self.zero_wrap = zero_wrap
         driver_off, device_off, total = packed_layout(size)
         self._ring: Buffer = pool.allocate(total, align=4096)
         view = self._ring.view
@@ -192,6 +207,11 @@ class PackedQueue:
         self._avail_bits = _AVAIL  # AVAIL/USED bits of an available descriptor this lap (wrap 1)
         self.next_used = 0  # ring slot where the device writes the next used descriptor
         self._used_bits = _FLIP  # AVAIL|USED of a used descriptor this lap: both = wrap counter 1
+        if self.zero_wrap:  # lap 0 (module docstring): every slot stale, as if used in lap 1
+            for i in range(size):
+                self._desc16[8 * i + 7] = _FLIP
+            self._avail_bits = _USED
+            self._used_bits = 0
         self.num_free = size  # ring slots not held by a published buffer
         self.outstanding = 0  # buffers published and not yet returned by reap()
         self._navail = 0  # descriptors made available, free-running (kick windows)
@@ -242,6 +262,12 @@ class PackedQueue:
     def in_flight_tokens(self) -> list[object]:
         """Tokens published and not yet returned by :meth:`reap`, in no particular order."""
         return [t for t, _ in self._stash] + [t for t in self._tokens if t is not _IDLE]
+
+    @property
+    def initial_base(self) -> int:
+        """The ring base of a fresh ring (SET_VRING_BASE): position 0, both wrap counters 1, or 0 with ``zero_wrap``."""
+        wrap = 0 if self.zero_wrap else 1
+        return packed_base(0, wrap, 0, wrap)
 
     @property
     def avail_wrap(self) -> int:
@@ -783,7 +809,9 @@ class PackedQueue:
 
         The base is :func:`~pyvirtio.spec.ring.packed_base` with both halves
         at ``next_used`` and its wrap counter: the new device has nothing in
-        flight. On a fresh ring: :data:`~pyvirtio.spec.ring.PACKED_INITIAL_BASE`.
+        flight. On a fresh ring: :attr:`initial_base`. With ``zero_wrap`` the
+        ring is first moved to lap 0 (:meth:`_relap`), so the base's wrap
+        counters are 0.
         """
         if self.broken is not None:
             raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
@@ -797,10 +825,44 @@ class PackedQueue:
             raise
         self._stash = held + got
         self.outstanding += len(self._stash)
+        if self.zero_wrap and self._used_bits:
+            self._relap()
         if resubmit and self.outstanding > len(self._stash):
             self._rewrite_in_flight()
         self._kick_navail = self._navail  # the caller kicks once the new device is set up
         return packed_base(self.next_used, self.used_wrap, self.next_used, self.used_wrap)
+
+    def _relap(self) -> None:
+        """Flip the lap the ring is in, with no device attached (``zero_wrap``, module docstring).
+
+        The slots from ``next_used`` to ``next_avail`` hold the chains in
+        flight, each written with the AVAIL/USED bits of its lap: flipping
+        both bits of each keeps them available in the flipped lap. Every
+        other slot is the driver's to reuse and is marked stale for the lap
+        in which the device will next reach it (AVAIL and USED both the
+        inverse of that lap's wrap counter, as a used descriptor of the lap
+        before), so the new device sees nothing available past
+        ``next_avail``. The driver's wrap counters flip with them, and its
+        event suppression structure is written again for the new lap.
+        """
+        size = self.size
+        d16 = self._desc16
+        held = size - self.num_free
+        self._avail_bits ^= _FLIP
+        self._used_bits ^= _FLIP
+        # Stale bits for a free slot at or after next_avail (in the avail lap), and before it (the lap after).
+        stale_here = 0 if self._avail_bits == _AVAIL else _FLIP
+        stale_next = stale_here ^ _FLIP
+        pos = self.next_used
+        for k in range(size):
+            i = 8 * pos + 7
+            if k < held:
+                d16[i] ^= _FLIP
+            else:
+                d16[i] = (d16[i] & ~_FLIP) | (stale_here if pos >= self.next_avail else stale_next)
+            pos = pos + 1 if pos + 1 < size else 0
+        if self._interrupts:
+            self.enable_interrupts()
 
     def _in_flight_order(self) -> list[int]:
         """The ids in flight, oldest first.

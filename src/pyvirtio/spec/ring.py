@@ -150,15 +150,22 @@ def packed_base(avail_pos: int, avail_wrap: int, used_pos: int, used_wrap: int) 
     return (avail_pos & 0x7FFF) | (avail_wrap & 1) << 15 | (used_pos & 0x7FFF) << 16 | (used_wrap & 1) << 31
 
 
+#: Marks a packed ring base whose two halves are meant as given, for bases a back end computes
+#: itself (an inflight area's resume point): bit 32, beyond the 32 bits vhost-user carries.
+PACKED_BASE_EXACT: Final = 1 << 32
+
+
 def parse_packed_base(num: int) -> tuple[int, int, int, int]:
     """(avail position, avail wrap, used position, used wrap) from a packed ring base.
 
     A base whose upper 16 bits are zero (a frontend that sends only the avail
     half, as DPDK reads it) means "used = avail": a stopped ring has used
-    everything it popped.
+    everything it popped. That reading would also swallow a used half of
+    position 0 in lap 0 (wrap counter 0); a base built with both halves
+    meaningful carries :data:`PACKED_BASE_EXACT` and is taken as it is.
     """
     avail_pos, avail_wrap = num & 0x7FFF, num >> 15 & 1
-    if not num >> 16:
+    if not num >> 16 & 0xFFFF and not num & PACKED_BASE_EXACT:
         return avail_pos, avail_wrap, avail_pos, avail_wrap
     return avail_pos, avail_wrap, num >> 16 & 0x7FFF, num >> 31 & 1
 

@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 from pyvirtio.errors import InvalidArgument
 from pyvirtio.memory import MemoryPool
 from pyvirtio.ring.base import RingQueue
-from pyvirtio.spec.ring import PACKED_INITIAL_BASE
+from pyvirtio.ring.packed import PackedQueue
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ class QueueSetup:
     def from_ring(cls, ring: RingQueue) -> QueueSetup:
         """The setup of a fresh driver ring: its addresses, format and initial base."""
         a = ring.addresses()
-        base = PACKED_INITIAL_BASE if ring.format == "packed" else 0
+        base = ring.initial_base if isinstance(ring, PackedQueue) else 0
         return cls(ring.index, ring.size, a.desc, a.driver, a.device, base, ring.format)
 
 
@@ -202,6 +202,9 @@ class ReconnectingTransport(Transport, Protocol):
     generation: int
     #: The current back end took over the previous one's inflight area and resubmits by itself.
     device_resubmits: bool
+    #: Hand the inflight area to a new back end (True, the default); False: a fresh area each time and the
+    #: frontend resubmits (the device layer's choice when its rings cannot resume where the old area says).
+    hand_over_inflight: bool
 
     def reconnect(self, deadline: float | None = None) -> bool:
         """Make sure a working connection is up; True if this call made a new one.

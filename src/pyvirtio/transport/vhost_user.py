@@ -65,7 +65,10 @@ end offers PROTOCOL_F_INFLIGHT_SHMFD the frontend asks it for a shared area
 and hands it back with SET_INFLIGHT_FD to every later connection. A new
 back end that takes it finds what its predecessor had in flight and
 resubmits that itself (:attr:`device_resubmits`); the frontend then leaves
-the avail ring alone and only sends the used index as the ring base.
+the avail ring alone and only sends the used index as the ring base. With
+:attr:`hand_over_inflight` False (packed rings kept in lap 0, whose lap
+changes at a restart: :mod:`pyvirtio.ring.packed`) each new back end gets a
+fresh area instead and the frontend resubmits.
 """
 
 from __future__ import annotations
@@ -173,6 +176,8 @@ class VhostUserTransport:
         self._planned_queues = 0  # how many queues the driver will start (plan_queues), 0: unknown
         #: The back end of this connection took the previous one's inflight area and resubmits itself.
         self.device_resubmits: bool = False
+        #: False: every new back end gets a fresh inflight area, the frontend resubmits (see ReconnectingTransport).
+        self.hand_over_inflight: bool = True
         #: Successful reconnects so far; queues set up on an older one are stale.
         self.generation: int = 0
         self.reconnects = 0
@@ -474,7 +479,7 @@ class VhostUserTransport:
         self.device_resubmits = False
         if self._regions:
             old = self._inflight
-            if old is not None and self._has(vu.PROTOCOL_F_INFLIGHT_SHMFD):
+            if old is not None and self._has(vu.PROTOCOL_F_INFLIGHT_SHMFD) and self.hand_over_inflight:
                 info, fd = old
                 self._call(self._codec.set_inflight_fd(info, fd, need_reply=self._ack))
                 self.device_resubmits = True
