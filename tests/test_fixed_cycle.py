@@ -201,3 +201,20 @@ def test_stream_reposts_at_the_same_positions_and_hands_back_what_it_did_not_tak
     stream.close()
     lengths: list[int] = []
     assert len(fc.reap_slots(lengths=lengths)) == 1 and lengths == [3]
+
+
+@pytest.mark.parametrize("vectorised", [False, True], ids=["python", "numpy"])
+def test_an_idle_turn_polls_spins_times_and_takes_what_arrives(
+    pair: RingPair | PackedRingPair, vectorised: bool
+) -> None:
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    cyc = fc.cycle(DEPTH, lambda: None, vectorised=vectorised)
+    cyc.turn()
+    assert cyc.turn(spins=50) is None  # everything in flight, nothing used
+    chain = pair.device.pop()
+    assert chain is not None
+    pair.device.add_used(chain.head, 1)
+    pair.device.flush_used()
+    done = cyc.turn(spins=50)
+    assert done is not None and len(done) == 1 and len(cyc.posted) == 1
+    assert fc.n_inflight == DEPTH

@@ -63,7 +63,7 @@ class SplitCycle:
         self.posted: list[int] = []
         self.kicks = 0
 
-    def turn(self) -> list[int] | None:
+    def turn(self, spins: int = 1) -> list[int] | None:
         ring = self._ring
         last = ring.last_used
         u16 = self._u16
@@ -71,7 +71,13 @@ class SplitCycle:
         out = ring.outstanding
         depth = self._depth
         if not n and out == depth:
-            return None
+            while spins > 1:  # poll again with everything in locals (an idle pass costs a few stores)
+                spins -= 1
+                n = (u16[1] - last) & 0xFFFF
+                if n:
+                    break
+            else:
+                return None
         if ring.broken is not None:
             self._fc.check_broken()
         if n > out:
@@ -199,7 +205,7 @@ class SplitManyCycle:
         self.posted: Any = self._rq[:0]
         self.kicks = 0
 
-    def turn(self) -> Any:
+    def turn(self, spins: int = 1) -> Any:
         ring = self._ring
         last = ring.last_used
         u16 = self._u16
@@ -207,7 +213,13 @@ class SplitManyCycle:
         out = ring.outstanding
         depth = self._depth
         if not n and out == depth:
-            return None
+            while spins > 1:  # poll again with everything in locals (an idle pass costs a few stores)
+                spins -= 1
+                n = (u16[1] - last) & 0xFFFF
+                if n:
+                    break
+            else:
+                return None
         if ring.broken is not None:
             self._fc.check_broken()
         a = self._a

@@ -107,8 +107,13 @@ class Cycle(Protocol):
     #: Kicks sent so far.
     kicks: int
 
-    def turn(self) -> Any:
-        """One pass: None if nothing happened, else the slots completed (maybe none), now spares."""
+    def turn(self, spins: int = 1) -> Any:
+        """One pass: None if nothing happened, else the slots completed (maybe none), now spares.
+
+        ``spins``: with everything in flight and nothing completed, look at
+        the used side up to this many times before returning None (a poll
+        inside the ring's loop costs less than a call from the engine's).
+        """
         ...
 
 

@@ -285,13 +285,20 @@ class RingCycle:
             self.np = np
         self.posted: Any = [] if self.np is None else self.np.zeros(0, dtype=self.np.intp)
 
-    def turn(self) -> Any:
+    def turn(self, spins: int = 1) -> Any:
         fc = self.fc
         ring = self.ring
         out = ring.outstanding
-        got = fc.take(1 << 16)  # validated by the ring's reap (raises QueueBroken on a broken queue)
+        take = fc.take
+        got = take(1 << 16)  # validated by the ring's reap (raises QueueBroken on a broken queue)
         if not got and out == self.depth:
-            return None
+            while spins > 1:
+                spins -= 1
+                got = take(1 << 16)
+                if got:
+                    break
+            else:
+                return None
         done = [s for s, _n in got]
         spares = self.spares
         want = len(done) + self.depth - out
