@@ -218,3 +218,26 @@ def test_an_idle_turn_polls_spins_times_and_takes_what_arrives(
     done = cyc.turn(spins=50)
     assert done is not None and len(done) == 1 and len(cyc.posted) == 1
     assert fc.n_inflight == DEPTH
+
+
+@pytest.mark.parametrize("vectorised", [False, True], ids=["python", "numpy"])
+def test_a_ring_that_clamps_overlong_lengths_clamps_them_in_the_cycle_too(
+    pair: RingPair | PackedRingPair, vectorised: bool
+) -> None:
+    """``clamp_used_len`` (a driver's tolerance for a peer's quirk): the cycle takes the batch as the ring's reap."""
+    pair.driver.clamp_used_len = True
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    cyc = fc.cycle(DEPTH, lambda: None, vectorised=vectorised)
+    cyc.turn()
+    liar = Liar(pair)
+    try:
+        ids = liar.available()
+        liar.use(ids[0], 5)
+        liar.use(ids[1], 512 + 1 + 4096)  # above the 513 writable bytes: clamped, counted
+        liar.use(ids[2], 5)
+        done = cyc.turn()
+        assert done is not None and len(done) == 3 and fc.ring.broken is None
+        assert pair.driver.long_used == 1
+        assert fc.n_inflight == DEPTH and len(set(fc.in_flight())) == DEPTH
+    finally:
+        liar.release()

@@ -12,7 +12,8 @@ fault they are"):
   :class:`BlockIOError` and its SCSI forms :class:`ScsiError` and
   :class:`LunNotFound`, :class:`NetControlError`;
 * the transport's: :class:`TransportError`, :class:`ConnectionLost`,
-  :class:`ReconnectFailed`, :class:`TransportTimeout`.
+  :class:`ReconnectFailed`, :class:`TransportTimeout`, :class:`DeviceNeedsReset` (a PCI
+  device that must be reset), :class:`PciSetupError` (the host's PCI set-up).
 
 Every exception class of the drivers, the device layer and the transports
 lives here (the driver modules re-export theirs under the old names).
@@ -187,6 +188,22 @@ class ReconnectFailed(ConnectionLost):
 
 class TransportTimeout(TransportError, TimeoutError):
     """The peer did not answer in time."""
+
+
+class DeviceNeedsReset(ConnectionLost):
+    """A PCI device set DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2) or was reset under the driver.
+
+    Its queues are gone until the driver resets it; pending requests fail with this.
+    """
+
+
+class PciSetupError(TransportError):
+    """The host does not give the PCI transport what it needs.
+
+    The message names the missing piece: the function or its driver binding,
+    a BAR, DMA memory (hugepages, locked pages), physical addresses
+    (/proc/self/pagemap without CAP_SYS_ADMIN reads 0), the IOMMU group.
+    """
 
 
 # -- the frontend's fault (seen by the embedded back ends) --------------------

@@ -8,9 +8,23 @@ passed over the socket, so every byte pyvirtio gives a device lives in a
 ``MAP_SHARED``. Pages are allocated lazily by the kernel, so a large region
 costs nothing until it is touched.
 
-The *device address* of a byte is what goes into a descriptor. pyvirtio uses
-the process virtual address (as SPDK's virtio-user does), so one number
-means the same byte to both sides once the back end has mapped the region.
+The *device address* of a byte is what goes into a descriptor. By default
+it is the process virtual address (as SPDK's virtio-user does), so one
+number means the same byte to both sides once a vhost-user back end has
+mapped the region. A device on PCI sees other addresses: physical ones
+(uio, no IOMMU) or I/O virtual ones (vfio). Its transport installs a
+:class:`DeviceAddressing` in the pool (issue 13): it creates each region
+(hugepages, pages locked in memory: memory a device may use never moves)
+and gives it its device addresses, either one base for the whole region
+(``guest_addr``: vfio maps each region at an IOVA of its own) or one address
+per *segment* (``Region.segment_addrs``: the physical address of each
+hugepage or page, read by the transport from /proc/self/pagemap). The one
+place a device address is made is :meth:`Region.device_address` (a
+:class:`Buffer`'s ``addr``); the allocator never hands out a buffer that is
+not contiguous for the device (a buffer crosses a segment boundary only
+where the next segment follows in device address), so one descriptor
+always covers one buffer. Regions of the default (vhost-user) kind have no
+segments: their ``addr`` is ``guest_addr + offset`` as before.
 
 :class:`MemoryPool` hands out aligned :class:`Buffer` objects from its
 regions (first fit, freed blocks coalesce). A buffer's ``view`` is a
@@ -42,11 +56,14 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyvirtio.errors import DriverProtocolError, InvalidArgument, PyvirtioError
 
 PAGE_SIZE = mmap.PAGESIZE
 DEFAULT_REGION_SIZE = 256 << 20
+#: mmap(2) flag: lock the pages in memory as they are mapped (x86-64 value; not in Python's mmap module).
+MAP_LOCKED = 0x2000
 
 
 def _mapping_address(mm: mmap.mmap) -> int:
@@ -68,7 +85,19 @@ class Region:
     ``user_addr`` is 0).
     """
 
-    __slots__ = ("fd", "size", "fd_offset", "mmap", "view", "user_addr", "guest_addr", "name", "_owns_fd")
+    __slots__ = (
+        "fd",
+        "size",
+        "fd_offset",
+        "mmap",
+        "view",
+        "user_addr",
+        "guest_addr",
+        "name",
+        "_owns_fd",
+        "segment_size",
+        "segment_addrs",
+    )
 
     def __init__(
         self,
@@ -80,6 +109,7 @@ class Region:
         name: str = "",
         owns_fd: bool = True,
         readonly: bool = False,
+        locked: bool = False,
     ) -> None:
         if size <= 0:
             raise InvalidArgument(f"region size must be positive, got {size}")
@@ -89,26 +119,78 @@ class Region:
         self.name = name
         self._owns_fd = owns_fd
         # readonly: an observer's view (pyvirtio trace --rings), which must never write.
+        # locked: every page populated and locked now (DMA memory a device may use must never move).
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
-        self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=fd_offset)
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE | MAP_LOCKED if locked else 0)
+        self.mmap = mmap.mmap(fd, size, flags, prot, offset=fd_offset)
         self.view = memoryview(self.mmap)
         # ctypes cannot take the address of a read-only buffer; an observer never needs it.
         self.user_addr = 0 if readonly else _mapping_address(self.mmap)
         self.guest_addr = self.user_addr if guest_addr is None else guest_addr
+        #: Device addresses per segment (see the module docstring); None: contiguous from guest_addr.
+        self.segment_size = 0
+        self.segment_addrs: list[int] | None = None
 
     @classmethod
-    def create(cls, size: int, name: str = "pyvirtio") -> Region:
-        """A new memfd of ``size`` bytes (rounded up to a page), mapped shared."""
+    def create(cls, size: int, name: str = "pyvirtio", *, huge_page: int = 0, locked: bool = False) -> Region:
+        """A new memfd of ``size`` bytes (rounded up to a page), mapped shared.
+
+        ``huge_page``: the hugepage size to back it with (MFD_HUGETLB; the
+        size is rounded up to it), 0 for normal pages. ``locked``: pages
+        populated and locked at once (a device's DMA memory).
+        """
         if size <= 0:
             raise InvalidArgument(f"region size must be positive, got {size}")
-        size = (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        page = huge_page or PAGE_SIZE
+        size = (size + page - 1) // page * page
+        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB | (huge_page.bit_length() - 1) << 26 if huge_page else 0)
+        fd = os.memfd_create(name, flags)
         try:
             os.ftruncate(fd, size)
-            return cls(fd, size, name=name)
+            return cls(fd, size, name=name, locked=locked)
         except BaseException:
             os.close(fd)
             raise
+
+    def set_segments(self, segment_size: int, addrs: list[int]) -> None:
+        """Device addresses per ``segment_size`` bytes (a power of two dividing the size; one per segment)."""
+        if segment_size <= 0 or segment_size & (segment_size - 1) or self.size % segment_size:
+            raise InvalidArgument(f"segment size {segment_size} does not divide region {self.name!r} in powers of two")
+        if len(addrs) != self.size // segment_size:
+            raise InvalidArgument(f"{len(addrs)} segment addresses for {self.size // segment_size} segments")
+        self.segment_size = segment_size
+        self.segment_addrs = list(addrs)
+        self.guest_addr = addrs[0]
+
+    def device_address(self, offset: int) -> int:
+        """The device address of the byte at ``offset`` (the one place one is made: module docstring)."""
+        segs = self.segment_addrs
+        if segs is None:
+            return self.guest_addr + offset
+        seg = self.segment_size
+        return segs[offset // seg] + offset % seg
+
+    def contiguous(self, offset: int, length: int) -> bool:
+        """Are ``length`` bytes at ``offset`` one run of device addresses?"""
+        segs = self.segment_addrs
+        if segs is None or length <= 0:
+            return True
+        seg = self.segment_size
+        first, last = offset // seg, (offset + length - 1) // seg
+        return all(segs[i + 1] == segs[i] + seg for i in range(first, last))
+
+    def device_offset(self, addr: int, length: int) -> int | None:
+        """The offset of device address range ``addr``..+``length`` in this region, None if not wholly inside."""
+        segs = self.segment_addrs
+        if segs is None:
+            off = addr - self.guest_addr
+            return off if 0 <= off and length >= 0 and off + length <= self.size else None
+        seg = self.segment_size
+        for i, base in enumerate(segs):
+            if base <= addr < base + seg:
+                off = i * seg + addr - base
+                return off if length >= 0 and off + length <= self.size and self.contiguous(off, length) else None
+        return None
 
     def close(self) -> None:
         """Unmap and close the fd. Views handed out must be released first."""
@@ -130,8 +212,7 @@ class Region:
         return self.fd < 0
 
     def contains(self, addr: int, length: int) -> bool:
-        off = addr - self.guest_addr
-        return 0 <= off and length >= 0 and off + length <= self.size
+        return self.device_offset(addr, length) is not None
 
     def __repr__(self) -> str:
         return f"Region({self.name!r}, guest=0x{self.guest_addr:x}, size={self.size})"
@@ -150,7 +231,7 @@ class Buffer:
         self.region = region
         self.offset = offset
         self.size = size
-        self.addr = region.guest_addr + offset
+        self.addr = region.guest_addr + offset if region.segment_addrs is None else region.device_address(offset)
         self.view = region.view[offset : offset + size]
 
     def __len__(self) -> int:
@@ -173,9 +254,16 @@ class _Arena:
 
     def take(self, size: int, align: int) -> int | None:
         # Align the device address, not the offset: a region is only page aligned.
-        base = self.region.guest_addr
+        # Segmented regions: segments are aligned in device space, so the offset is.
+        region = self.region
+        base = region.guest_addr if region.segment_addrs is None else 0
         for i, (start, avail) in enumerate(zip(self._starts, self._sizes, strict=True)):
             aligned = ((base + start + align - 1) & ~(align - 1)) - base
+            if region.segment_addrs is not None:
+                # Never a buffer the device cannot address in one piece: skip to the next segment.
+                seg = region.segment_size
+                while aligned + size <= start + avail and not region.contiguous(aligned, size):
+                    aligned = ((aligned // seg + 1) * seg + align - 1) & ~(align - 1)
             pad = aligned - start
             if avail - pad < size:
                 continue
@@ -206,6 +294,31 @@ class _Arena:
             self._starts.pop(i)
 
 
+class DeviceAddressing(Protocol):
+    """How a device addresses a pool's memory, installed by its transport (see the module docstring).
+
+    None (the pool's default) is the vhost-user way: plain memfd regions,
+    device address = process address. A PCI transport supplies one that
+    makes locked (or hugepage) regions and gives them physical addresses
+    (uio) or maps them into an IOMMU (vfio).
+    """
+
+    #: Short name for info dumps ("physical", "iova").
+    kind: str
+
+    def create_region(self, size: int, name: str) -> Region:
+        """A new region of at least ``size`` bytes, of the memory the device can reach."""
+        ...
+
+    def attach(self, region: Region) -> None:
+        """Make ``region`` reachable by the device and set its device addresses (``guest_addr`` or segments)."""
+        ...
+
+    def detach(self, region: Region) -> None:
+        """The device may no longer reach ``region`` (it is about to be closed)."""
+        ...
+
+
 class MemoryPool:
     """Driver-side shared memory: regions plus an aligned allocator.
 
@@ -216,16 +329,25 @@ class MemoryPool:
     device started are only usable if the transport can register them, so
     size the first region for the whole workload when you can: its pages
     are only allocated when touched.
+
+    ``addressing``: how the device addresses the memory (a PCI transport's
+    :class:`DeviceAddressing`); None: process addresses (vhost-user).
     """
 
     def __init__(
-        self, region_size: int = DEFAULT_REGION_SIZE, *, max_regions: int = 8, name: str = "pyvirtio"
+        self,
+        region_size: int = DEFAULT_REGION_SIZE,
+        *,
+        max_regions: int = 8,
+        name: str = "pyvirtio",
+        addressing: DeviceAddressing | None = None,
     ) -> None:
         if region_size <= 0:
             raise InvalidArgument(f"region size must be positive, got {region_size}")
         self.region_size = region_size
         self.max_regions = max_regions
         self.name = name
+        self.addressing = addressing
         self._arenas: list[_Arena] = []
         # Several threads (one per queue) allocate and free at once: the free
         # lists are guarded. Not on any per-request hot path of the engines.
@@ -235,7 +357,18 @@ class MemoryPool:
     def _add_region(self, size: int) -> _Arena:
         if len(self._arenas) >= self.max_regions:
             raise InvalidArgument(f"memory pool {self.name!r} is full ({self.max_regions} regions)")
-        arena = _Arena(Region.create(max(size, self.region_size), f"{self.name}-{len(self._arenas)}"))
+        size, name = max(size, self.region_size), f"{self.name}-{len(self._arenas)}"
+        addressing = self.addressing
+        if addressing is None:
+            region = Region.create(size, name)
+        else:
+            region = addressing.create_region(size, name)
+            try:
+                addressing.attach(region)
+            except BaseException:
+                region.close()
+                raise
+        arena = _Arena(region)
         self._arenas.append(arena)
         return arena
 
@@ -260,7 +393,13 @@ class MemoryPool:
                     return Buffer(arena.region, off, size)
         arena = self._add_region(size + align)
         off = arena.take(size, align)
-        assert off is not None
+        if off is None:
+            region = arena.region
+            raise InvalidArgument(
+                f"{size} bytes cannot be one contiguous block for the device in pool {self.name!r}: its "
+                f"{self.addressing.kind if self.addressing else ''} memory comes in "
+                f"{region.segment_size}-byte segments that are not contiguous (use hugepages or an IOMMU)"
+            )
         return Buffer(arena.region, off, size)
 
     def free(self, buf: Buffer) -> None:
@@ -277,14 +416,19 @@ class MemoryPool:
         """The memoryview of ``length`` bytes at device address ``addr``."""
         for arena in self._arenas:
             region = arena.region
-            if region.contains(addr, length):
-                off = addr - region.guest_addr
+            off = region.device_offset(addr, length)
+            if off is not None:
                 return region.view[off : off + length]
         raise InvalidArgument(f"address 0x{addr:x}+{length} is outside pool {self.name!r}")
 
     def close(self) -> None:
+        addressing = self.addressing
         for arena in self._arenas:
-            arena.region.close()
+            try:
+                if addressing is not None:
+                    addressing.detach(arena.region)
+            finally:
+                arena.region.close()
         self._arenas.clear()
 
     def __enter__(self) -> MemoryPool:

@@ -11,6 +11,16 @@ and checks they want, so the PCI transport's guest stage (pyvirtio itself
 inside the guest, against QEMU's emulated devices) uses the same class with
 other modules (``uio_pci_generic``, 9p) and other devices.
 
+The host's root in the guest (``host_root=True``): the host's ``/`` is
+shared read-only over 9p (``virtio-9p-pci`` at slot :data:`HOST_ROOT_SLOT`,
+driven by the guest's own virtio-pci), and the script gets
+:data:`HOST_ROOT_SH`: ``host_root`` mounts it on ``/host`` with proc, sys,
+devtmpfs and a tmpfs on /tmp inside, and ``in_host CMD...`` runs a command
+chrooted there, so this checkout's Python and pytest run in the guest
+unchanged (``host_python`` is this interpreter with ``PYTHONPATH`` set to
+the checkout's ``src`` and ``tests``). What a test writes in ``/host/tmp``
+stays in the guest.
+
 :func:`require_guest` checks the pieces a guest run needs (QEMU, a static
 busybox, the Debian kernel) and raises :class:`GuestUnavailable` naming the
 missing one.
@@ -18,6 +28,7 @@ missing one.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +43,33 @@ VIRTIO_PCI_MODULES = ("virtio_pci",)
 BLK_MODULES = (*VIRTIO_PCI_MODULES, "virtio_blk")
 SCSI_MODULES = (*VIRTIO_PCI_MODULES, "virtio_scsi", "sd_mod")
 NET_MODULES = (*VIRTIO_PCI_MODULES, "virtio_net")
+#: The host's root over 9p.
+HOST_ROOT_MODULES = (*VIRTIO_PCI_MODULES, "9pnet_virtio", "9p")
+#: PCI slot of the 9p device (clear of the slots tests give their devices, and of q35's own at 0x1f).
+HOST_ROOT_SLOT = 0x1E
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+#: Shell helpers for a guest with the host's root (see the module docstring).
+HOST_ROOT_SH = rf"""
+host_root() {{
+    mkdir -p /host &&
+        mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host || return 1
+    mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys && mount -t devtmpfs devtmpfs /host/dev &&
+        mount -t tmpfs tmpfs /host/tmp
+}}
+in_host() {{ chroot /host /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp "$@"; }}
+host_python() {{
+    in_host PYTHONPATH={_CHECKOUT}/src:{_CHECKOUT}/tests PYTHONDONTWRITEBYTECODE=1 {sys.executable} "$@"
+}}
+"""
+
+
+def host_root_devices() -> list[str]:
+    """QEMU arguments sharing the host's root read-only over 9p (mount tag ``hostroot``)."""
+    return [
+        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", f"virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,addr=0x{HOST_ROOT_SLOT:x}",
+    ]
 
 
 def require_guest() -> Kernel:
@@ -76,14 +114,27 @@ class Guest:
         smp: int = 1,
         memory_mb: int = 512,
         timeout: float = 150.0,
+        host_root: bool = False,
+        machine: str = "pc",
+        cmdline: str = "",
+        cpu: str = "",
     ) -> GuestRun:
-        """Build an initramfs running ``script`` (see :mod:`guest.initramfs`) and boot it with ``devices``."""
+        """Build an initramfs running ``script`` (see :mod:`guest.initramfs`) and boot it with ``devices``.
+
+        ``host_root``: share the host's root (module docstring); ``machine``,
+        ``cmdline`` and ``cpu`` go to :func:`~guest.qemu.run_guest`.
+        """
         n = len(self.runs)
         rundir = self.workdir / f"run{n}"
         rundir.mkdir(parents=True, exist_ok=True)
         initrd = rundir / "initramfs.cpio"
+        if host_root:
+            script = HOST_ROOT_SH + script
+            modules = (*HOST_ROOT_MODULES, *modules)
+            devices = (*devices, *host_root_devices())
         build_initramfs(initrd, self.kernel, script, modules=modules, files=files)
-        run = run_guest(self.kernel, initrd, rundir, devices, memory_mb=memory_mb, smp=smp, timeout=timeout)
+        run = run_guest(self.kernel, initrd, rundir, devices, memory_mb=memory_mb, smp=smp, timeout=timeout,
+                        machine=machine, cmdline=cmdline, cpu=cpu)
         self.runs.append(run)
         return run
 
@@ -105,10 +156,14 @@ class Guest:
 
 __all__ = [
     "BLK_MODULES",
+    "HOST_ROOT_MODULES",
+    "HOST_ROOT_SH",
+    "HOST_ROOT_SLOT",
     "NET_MODULES",
     "SCSI_MODULES",
     "VIRTIO_PCI_MODULES",
     "Guest",
     "GuestUnavailable",
+    "host_root_devices",
     "require_guest",
 ]

@@ -139,12 +139,19 @@ class GuestRun:
 
 
 def qemu_argv(kernel: Kernel, initramfs: Path, serial: Path, devices: Sequence[str], *, memory_mb: int = 512,
-              smp: int = 1, cmdline: str = "") -> list[str]:
-    """The QEMU command line of :func:`run_guest` (see the module docstring)."""
+              smp: int = 1, cmdline: str = "", machine: str = "pc", cpu: str = "") -> list[str]:
+    """The QEMU command line of :func:`run_guest` (see the module docstring).
+
+    ``machine``: ``pc`` (i440FX) by default; ``q35`` for a guest with an
+    emulated IOMMU (``-device intel-iommu`` needs it). ``cpu``: the CPU
+    model (default QEMU's qemu64; ``max`` gives TCG's SSE4.2/POPCNT/AVX2,
+    which a host's numpy wheel may need in the guest).
+    """
     return [
         qemu_binary(),
         "-accel", "tcg",
-        "-machine", "pc,memory-backend=mem",
+        *(["-cpu", cpu] if cpu else []),
+        "-machine", f"{machine},memory-backend=mem",
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         "-m", f"{memory_mb}M",
         "-smp", str(smp),
@@ -159,12 +166,14 @@ def qemu_argv(kernel: Kernel, initramfs: Path, serial: Path, devices: Sequence[s
 
 
 def run_guest(kernel: Kernel, initramfs: Path, workdir: Path, devices: Sequence[str] = (), *,
-              memory_mb: int = 512, smp: int = 1, cmdline: str = "", timeout: float = 120.0) -> GuestRun:
+              memory_mb: int = 512, smp: int = 1, cmdline: str = "", timeout: float = 120.0,
+              machine: str = "pc", cpu: str = "") -> GuestRun:
     """Boot the guest, wait at most ``timeout`` seconds for QEMU to exit, and parse the console."""
     workdir.mkdir(parents=True, exist_ok=True)
     serial = workdir / "console.log"
     out = workdir / "qemu.log"
-    argv = qemu_argv(kernel, initramfs, serial, devices, memory_mb=memory_mb, smp=smp, cmdline=cmdline)
+    argv = qemu_argv(kernel, initramfs, serial, devices, memory_mb=memory_mb, smp=smp, cmdline=cmdline,
+                     machine=machine, cpu=cpu)
     t0 = time.monotonic()
     with open(out, "wb") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)

@@ -130,7 +130,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "target",
         metavar="TARGET",
-        help="the device: vhost-user:PATH or a plain path to a vhost-user socket",
+        help="the device: vhost-user:PATH, a plain path to a vhost-user socket, or "
+        "pci:DDDD:BB:SS.F[,legacy][,irq][,uio|,vfio] (a function bound with pyvirtio pci bind)",
     )
     parser.add_argument(
         "--connect-timeout",

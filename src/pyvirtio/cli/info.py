@@ -6,7 +6,9 @@ The JSON form is :meth:`pyvirtio.drivers.blk.VirtioBlk.info` as is: SPDK's
 names, protocol features and the decoded config space under ``"blk"``.
 vhost-user does not say what a device is: ``--type scsi`` (or ``--lun T:L``)
 opens it as virtio-scsi, and the info gains ``"scsi"`` (config, LUNs found
-by a scan; ``--lun`` keeps one).
+by a scan; ``--lun`` keeps one). A ``pci:`` target says what it is (its PCI
+device ID): without ``--type`` it is opened as that type (blk, scsi or net;
+net's info gains ``"net"``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ from pyvirtio.cli.common import (
     print_json,
     print_table,
 )
+from pyvirtio.cli.net import render_net
 from pyvirtio.cli.ring_option import add_ring_arguments
 from pyvirtio.cli.scsi import render_scsi, scsi_info
+from pyvirtio.spec.common import DEVICE_ID_BLOCK, DEVICE_ID_NET, DEVICE_ID_SCSI
+from pyvirtio.targets import target_device_type
+
+#: Device types ``info`` opens, by virtio device ID.
+TYPE_NAMES = {DEVICE_ID_BLOCK: "blk", DEVICE_ID_SCSI: "scsi", DEVICE_ID_NET: "net"}
 
 
 def register(subparsers: Any) -> None:
@@ -37,15 +45,24 @@ def register(subparsers: Any) -> None:
     add_target_arguments(p)
     add_ring_arguments(p)
     p.add_argument("--json", action="store_true", help="print the info dict as JSON")
-    p.add_argument("--type", choices=("blk", "scsi"), default=None,
-                   help="the device type (vhost-user does not say it; default blk, scsi with --lun)")
+    p.add_argument("--type", choices=("blk", "scsi", "net"), default=None,
+                   help="the device type (vhost-user does not say it: default blk, scsi with --lun; "
+                   "a pci: target's own type)")
     p.add_argument("--lun", type=lun_arg, default=None, metavar="T:L", help="scsi: show this LUN only")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.type == "scsi" or (args.type is None and args.lun is not None):
+    kind = args.type
+    if kind is None:
+        kind = "scsi" if args.lun is not None else TYPE_NAMES.get(target_device_type(args.target) or 0, "blk")
+    if kind == "scsi":
         info = scsi_info(args)
+    elif kind == "net":
+        from pyvirtio.drivers.net import VirtioNet
+
+        with VirtioNet.open(args.target, connect_timeout=args.connect_timeout, timeout=args.timeout) as net:
+            info = net.info()
     else:
         if args.lun is not None:
             raise UsageError("--lun applies to --type scsi")
@@ -56,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             blk.close()
     if args.json:
         print_json(info)
+    elif kind == "net":
+        render_net(info)
     else:
         render(info)
     return 0

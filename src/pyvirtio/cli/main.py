@@ -30,6 +30,7 @@ SUBCOMMAND_MODULES = (
     "pyvirtio.cli.serve",
     "pyvirtio.cli.check",
     "pyvirtio.cli.trace",
+    "pyvirtio.cli.pci",
 )
 
 

@@ -114,6 +114,12 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
         return 0
+    render_net(info)
+    return 0
+
+
+def render_net(info: dict[str, Any]) -> None:
+    """The human form of a VirtioNet info dict (also ``pyvirtio info`` on a net device)."""
     n = info["net"]
     rows = [
         ("device", info["name"]),
@@ -131,7 +137,6 @@ def run_info(args: argparse.Namespace) -> int:
         ("negotiated features", ", ".join(info["negotiated_features"])),
     ]
     print_table("virtio-net", rows)
-    return 0
 
 
 def run_send(args: argparse.Namespace) -> int:

@@ -356,7 +356,7 @@ class VirtioNet:
 
     @classmethod
     def open(cls, target: str, **kw: Any) -> VirtioNet:
-        """Open ``vhost-user:PATH`` (or a socket path) as a virtio-net device.
+        """Open ``vhost-user:PATH`` (or a socket path), or ``pci:ADDR``, as a virtio-net device.
 
         The control queue and (without PROTOCOL_F_CONFIG) the config space
         are provided by the frontend
@@ -365,11 +365,13 @@ class VirtioNet:
         driver's), ``queue_size``; ``queue_pairs`` sizes the device;
         ``packed_zero_wrap`` goes to the device (:class:`VirtioDevice`).
         """
-        from pyvirtio.targets import parse_target
+        from pyvirtio.targets import open_driver, parse_target
         from pyvirtio.transport.vhost_user import VhostUserTransport
         from pyvirtio.transport.vhost_user_net import VhostUserNetTransport
 
-        _kind, path = parse_target(target)
+        kind, path = parse_target(target)
+        if kind == "pci":  # the device has its own config and control queue
+            return open_driver(cls, target, DEVICE_ID_NET, kw)
         tkw: dict[str, Any] = {}
         if kw.get("queue_size"):
             tkw["queue_size"] = kw["queue_size"]

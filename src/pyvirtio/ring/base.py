@@ -121,6 +121,9 @@ class RingQueue(Protocol):
     in_order: bool
     num_free: int
     outstanding: int
+    #: Clamp a used length above the writable bytes offered instead of breaking (a peer's quirk; counted).
+    clamp_used_len: bool
+    long_used: int
 
     def addresses(self) -> RingAddresses: ...
 

@@ -28,7 +28,7 @@ docstring).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import InvalidArgument, QueueStateError
 from pyvirtio.ring import ordering
@@ -135,7 +135,9 @@ class SplitCycle:
                 # hw1[head]: writable bytes + 1 if in flight, else 0 (also after its
                 # first completion in this batch: a duplicate fails).
                 if head >= size or u32[i + 1] >= hw1[head]:
-                    self._violation(posted, done, out, n)
+                    done = self._exact(posted, done, out, n)  # raises, or clamped lengths were accepted
+                    pos = (last + n) & 0xFFFF
+                    break
                 hw1[head] = 0
                 done.append(slot_of[head])
                 pos = (pos + 1) & 0xFFFF
@@ -149,11 +151,14 @@ class SplitCycle:
         ring.outstanding = out
         return done
 
-    def _violation(self, posted: list[int], done: list[int], out: int, n: int) -> NoReturn:
-        """A used entry of the batch of ``n`` broke a rule: undo the check, re-run it entry by entry (it raises).
+    def _exact(self, posted: list[int], done: list[int], out: int, n: int) -> list[int]:
+        """A used entry of the batch of ``n`` failed the quick check: undo it, re-run the batch entry by entry.
 
-        The spares published in this turn are marked in flight only afterwards,
-        as on the fast path: the batch cannot name them.
+        That raises DeviceProtocolError naming the entry, or, on a ring that
+        tolerates overlong used lengths (``clamp_used_len``), returns the
+        batch's slots with those lengths clamped. The spares published in this
+        turn are marked in flight only afterwards, as on the fast path: the
+        batch cannot name them.
         """
         fc = self._fc
         hw1 = self.hw1
@@ -161,12 +166,11 @@ class SplitCycle:
             hw1[fc.heads[s]] = fc.slot_wlen[s] + 1
         self._ring.outstanding = out - len(posted)
         try:
-            fc.take_exact(n, [])  # raises DeviceProtocolError naming the entry
+            return fc.take_exact(n, [])
         finally:
             for s in posted:
                 hw1[fc.heads[s]] = fc.slot_wlen[s] + 1
             self._ring.outstanding += len(posted)
-        raise AssertionError("the exact check accepted a batch the cycle rejected")
 
 
 class SplitManyCycle:
@@ -289,15 +293,18 @@ class SplitManyCycle:
             start = last & mask
             pos = a.idx2[start : start + n]
             ids = a.used_id[pos].astype(a.intp)
-            if a.count_nonzero(a.used_len[pos] >= hw.take(ids, mode="clip")):
-                self._violation(posted, k, out, n)
-            hw[ids] = 0
-            if a.count_nonzero(hw) != out - k - n:  # an id twice in the batch
-                hw[ids] = a.wlen1[a.slot_of[ids]]
-                self._violation(posted, k, out, n)
+            bad = bool(a.count_nonzero(a.used_len[pos] >= hw.take(ids, mode="clip")))
+            if not bad:
+                hw[ids] = 0
+                if a.count_nonzero(hw) != out - k - n:  # an id twice in the batch
+                    hw[ids] = a.wlen1[a.slot_of[ids]]
+                    bad = True
+            if bad:
+                slots = self._exact(posted, k, out, n)  # raises, or clamped lengths were accepted
+            else:
+                slots = ids if self._ident else a.slot_of[ids]
             ring.last_used = (last + n) & 0xFFFF
             out -= n
-            slots = ids if self._ident else a.slot_of[ids]
             # The batch's slots join the spares at the back (never over the slots just published).
             tail = (rh + nr) % nslots
             if tail + n <= nslots:
@@ -318,17 +325,21 @@ class SplitManyCycle:
         ring.outstanding = out
         return slots
 
-    def _violation(self, posted: Any, k: int, out: int, n: int) -> NoReturn:
-        """A batch of ``n`` broke a rule: re-run it entry by entry (it raises), then mark the spares published."""
+    def _exact(self, posted: Any, k: int, out: int, n: int) -> Any:
+        """A batch of ``n`` failed the array check: re-run it entry by entry, then mark the spares published.
+
+        That raises DeviceProtocolError naming the entry, or (``clamp_used_len``)
+        returns the batch's slots with overlong lengths clamped.
+        """
         a = self._a
         self._ring.outstanding = out - k
         try:
-            self._fc.reap_exact(n)  # raises DeviceProtocolError naming the entry
+            slots, _lens = self._fc.reap_exact(n)
         finally:
             if k:
                 a.head_wlen1[a.heads[posted]] = a.wlen1[posted]
             self._ring.outstanding += k
-        raise AssertionError("the exact check accepted a batch the cycle rejected")
+        return slots.astype(a.intp)
 
 
 class SplitStream:

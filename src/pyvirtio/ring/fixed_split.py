@@ -266,9 +266,7 @@ class SplitFixedChains(FixedChains):
             if length >= w:
                 if not w:
                     self._break(f"used id {head} is not the head of an in-flight request", out, lens)
-                self._break(
-                    f"used length {length} for id {head} exceeds the {w - 1} device-writable bytes offered", out, lens
-                )
+                length = self._long_used(head, length, w - 1, out, lens)
             hw1[head] = 0
             out.append(slot_of[head])
             lens.append(length)
@@ -276,6 +274,16 @@ class SplitFixedChains(FixedChains):
         ring.last_used = last
         ring.outstanding -= n
         return out
+
+    def _long_used(self, head: int, length: int, offered: int, slots: list[int], lengths: list[int]) -> int:
+        """A used length above the ``offered`` writable bytes: clamped if the ring tolerates it
+        (``clamp_used_len``, counted in ``long_used``, as its own reap), else the queue breaks."""
+        ring = self.ring
+        if not ring.clamp_used_len:
+            reason = f"used length {length} for id {head} exceeds the {offered} device-writable bytes offered"
+            self._break(reason, slots, lengths)
+        ring.long_used += 1
+        return offered
 
     def _break(self, reason: str, slots: list[int], lengths: list[int]) -> NoReturn:
         ring = self.ring
@@ -363,11 +371,7 @@ class SplitFixedChains(FixedChains):
             if not hw[head]:
                 self._break(f"used id {head} is not the head of an in-flight request", slots, lens)
             if length >= hw[head]:
-                self._break(
-                    f"used length {length} for id {head} exceeds the {int(hw[head]) - 1} device-writable bytes offered",
-                    slots,
-                    lens,
-                )
+                length = self._long_used(head, length, int(hw[head]) - 1, slots, lens)
             hw[head] = 0
             slots.append(int(a.slot_of[head]))
             lens.append(length)

@@ -218,6 +218,12 @@ class PackedQueue:
         self._kick_navail = 0  # _navail at the last kick decision
         self._stash: list[Completion] = []  # validated completions not yet returned (oldest first)
         self.broken: str | None = None
+        #: Tolerate a used length above the device-writable bytes offered (clamped to them, counted in
+        #: long_used) instead of breaking the queue. QEMU's virtio-scsi (7.2) reports a write's data-out
+        #: bytes in its used length (§2.7.8: bytes written); its driver sets this. Safe: a clamped length
+        #: never exceeds the buffers offered. Costs nothing unless a length is too long.
+        self.clamp_used_len = False
+        self.long_used = 0
         self._interrupts = False
         # The request being built: its buffers are written when it is published.
         self._req_bufs: list[tuple[int, int, bool]] | None = None
@@ -662,11 +668,9 @@ class PackedQueue:
             if not flags & _WRITE:
                 length = 0  # §2.8.4: reserved without VIRTQ_DESC_F_WRITE
             elif length > wlen[bid]:
-                self._used_at(pos, ub, nfree)
-                self._break(
-                    f"used length {length} for id {bid} exceeds the {wlen[bid]} device-writable bytes offered",
-                    out,
-                )
+                if not self.clamp_used_len:
+                    self._used_at(pos, ub, nfree)
+                length = self._long_used(bid, length, wlen[bid], out)
             tokens[bid] = _IDLE
             free_id(bid)
             nd = ndescs[bid]
@@ -727,11 +731,9 @@ class PackedQueue:
             if not flags & _WRITE:
                 length = 0
             elif length > wlen[bid]:
-                self._used_at(pos, ub, nfree)
-                self._break(
-                    f"used length {length} for id {bid} exceeds the {wlen[bid]} device-writable bytes offered",
-                    out,
-                )
+                if not self.clamp_used_len:
+                    self._used_at(pos, ub, nfree)
+                length = self._long_used(bid, length, wlen[bid], out)
             # The ids in flight are oldest .. oldest + left - 1 (cyclic): bid is among them.
             i = self._oldest_id
             while True:
@@ -757,6 +759,15 @@ class PackedQueue:
             del out[max_n:]
         self.outstanding -= len(out)
         return out
+
+    def _long_used(self, ident: int, length: int, offered: int, completed: list[Completion]) -> int:
+        """A used length above the ``offered`` writable bytes: clamped if tolerated (clamp_used_len), else broken."""
+        if not self.clamp_used_len:
+            self._break(
+                f"used length {length} for id {ident} exceeds the {offered} device-writable bytes offered", completed
+            )
+        self.long_used += 1
+        return offered
 
     def _break(self, reason: str, completed: list[Completion]) -> None:
         self.outstanding -= len(completed)

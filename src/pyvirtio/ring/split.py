@@ -192,6 +192,12 @@ class SplitQueue:
         self.outstanding = 0  # chains published and not yet completed
         self.kick_from = 0  # avail_idx at the last kick decision (the window of the next one starts here)
         self.broken: str | None = None
+        #: Tolerate a used length above the device-writable bytes offered (clamped to them, counted in
+        #: long_used) instead of breaking the queue. QEMU's virtio-scsi (7.2) reports a write's data-out
+        #: bytes in its used length (§2.7.8: bytes written); its driver sets this. Safe: a clamped length
+        #: never exceeds the buffers offered. Costs nothing unless a length is too long.
+        self.clamp_used_len = False
+        self.long_used = 0
         self._interrupts = False
         # The request being built (seed: req_start .. req_end).
         self._req_token: object = _IDLE
@@ -678,11 +684,7 @@ class SplitQueue:
             if token is _IDLE:
                 self._break(f"used id {head} is not the head of an in-flight request", out)
             if length > wlen[head]:
-                self._break(
-                    f"used length {length} for id {head} exceeds the {wlen[head]} "
-                    "device-writable bytes offered",
-                    out,
-                )
+                length = self._long_used(head, length, wlen[head], out)
             tokens[head] = _IDLE
             self._free_chain(head)
             last = (last + 1) & 0xFFFF
@@ -722,10 +724,7 @@ class SplitQueue:
             if tokens[head] is _IDLE:
                 self._break(f"used id {head} is not the head of an in-flight request", out)
             if length > wlen[head]:
-                self._break(
-                    f"used length {length} for id {head} exceeds the {wlen[head]} device-writable bytes offered",
-                    out,
-                )
+                length = self._long_used(head, length, wlen[head], out)
             k = 1
             h = oldest
             while h != head:  # the chains in flight follow each other in ring order
@@ -755,6 +754,15 @@ class SplitQueue:
         if self._interrupts and self.event_idx:
             self._avail16[self._used_event_i] = last
         return out
+
+    def _long_used(self, ident: int, length: int, offered: int, completed: list[Completion]) -> int:
+        """A used length above the ``offered`` writable bytes: clamped if tolerated (clamp_used_len), else broken."""
+        if not self.clamp_used_len:
+            self._break(
+                f"used length {length} for id {ident} exceeds the {offered} device-writable bytes offered", completed
+            )
+        self.long_used += 1
+        return offered
 
     def _break(self, reason: str, completed: list[Completion]) -> None:
         self.outstanding -= len(completed)

@@ -195,6 +195,11 @@ class VirtioScsi(ScsiRequestQueues):
             device.fail()
             raise InvalidArgument(f"num_queues must be 1..{self.max_queues}, got {nq}")
         device.start(nq, S.FIRST_REQUEST_QUEUE, queue_size=queue_size)
+        if device.transport.kind == "pci":
+            # QEMU's emulated virtio-scsi (a PCI function) counts a write's data-out bytes in the used
+            # length: tolerated there (ring docs). vhost-user-scsi back ends (SPDK, ours) are held to the rule.
+            for i in range(S.FIRST_REQUEST_QUEUE, S.FIRST_REQUEST_QUEUE + nq):
+                device.queue(i).ring.clamp_used_len = True
         self.num_queues = nq
         self.queue_size = device.queue(S.FIRST_REQUEST_QUEUE).size
         self.indirect = device.has_feature(F_RING_INDIRECT_DESC)
