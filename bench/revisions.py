@@ -18,6 +18,15 @@ Prints, per cell, median and best IOPS of each revision and the ratio
 new/old (median/median, best/best). ``--json`` adds the raw rounds.
 
   python bench/revisions.py OLD NEW [--rounds 4] [--seconds 3] [--parts engine sync backend]
+
+``--target`` runs the engine cells against another back end (a vhost-user
+socket: ``pyvirtio serve blk``, DPDK's vhost_blk example) instead of the
+daemon; ``--old-extra`` / ``--new-extra`` give one side's ``pyvirtio bench``
+options of its own, so one checkout can race itself on two ring formats
+(issue 12), e.g.
+
+  python bench/revisions.py NEW NEW --parts engine --target vhost-user:/tmp/blk.sock \
+      --old-extra=--ring=split --new-extra=--ring=packed
 """
 
 from __future__ import annotations
@@ -86,8 +95,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 32, 128, 256])
     ap.add_argument("--parts", nargs="+", choices=("engine", "sync", "backend"), default=["engine", "sync", "backend"])
+    ap.add_argument("--target", default=None, help="engine cells: this vhost-user target instead of the daemon")
+    ap.add_argument("--old-extra", action="append", default=[], help="an option for OLD's pyvirtio bench (repeatable)")
+    ap.add_argument("--new-extra", action="append", default=[], help="an option for NEW's pyvirtio bench (repeatable)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    extra = {"old": a.old_extra, "new": a.new_extra}
     revs = {"old": a.old.resolve(), "new": a.new.resolve()}
     for name, path in revs.items():
         if not (path / "src" / "pyvirtio").is_dir():
@@ -96,8 +109,11 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     rows: list[dict[str, object]] = []
     try:
-        qsd, qsock = start_qsd(tmp, "0")
-        procs.append(qsd)
+        qsock = ""
+        if a.target is None or "sync" in a.parts:
+            qsd, qsock = start_qsd(tmp, "0")
+            procs.append(qsd)
+        target = a.target or f"vhost-user:{qsock}"
         servers: dict[str, str] = {}
         if "backend" in a.parts:
             for name, path in revs.items():
@@ -110,10 +126,10 @@ def main() -> None:
             if "engine" in a.parts:
                 for qd in a.depths:
                     ring = RINGS.get(qd, 1024)
-                    cmd = [sys.executable, "-m", "pyvirtio", "bench", f"vhost-user:{qsock}", "--rw", "randread",
+                    cmd = [sys.executable, "-m", "pyvirtio", "bench", target, "--rw", "randread",
                            "--iodepth", str(qd), "--queue-size", str(ring), "--runtime", str(a.seconds),
                            "--json", "--no-progress"]
-                    cells.append((f"engine qd{qd}", {n: cmd for n in order}))
+                    cells.append((f"engine qd{qd}", {n: [*cmd, *extra[n]] for n in order}))
             if "sync" in a.parts:
                 cmd = [sys.executable, "-c", SYNC_LOOP, qsock, str(a.seconds)]
                 cells.append(("sync readinto qd1", {n: cmd for n in order}))

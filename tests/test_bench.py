@@ -18,6 +18,7 @@ from pyvirtio.bench.block import BlockEngine
 from pyvirtio.bench.stats import LatencyLog, Stats, bucket
 from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken
+from pyvirtio.testing.hostile import HostilePackedDevice
 
 pytest_plugins = ["peers"]
 
@@ -132,11 +133,24 @@ def test_bench_report_keys_and_figures_agree():
     r = _json(bench("--runtime", "0.5", "--size", "8M", "--rw", "randrw", "--bs", "8k", "--iodepth", "4", "--json"))
     assert set(r) == REPORT_KEYS
     assert set(r["latency_us"]) == {"mean", "p50", "p99", "p99.9", "max"}
-    assert r["device"] == {"type": "blk", "capacity": 8 << 20, "block_size": 512}
+    assert r["device"] == {"type": "blk", "capacity": 8 << 20, "block_size": 512, "ring": "split", "in_order": False}
     assert r["ios"] == r["reads"] + r["writes"] and r["reads"] and r["writes"]
     assert r["bandwidth_bytes_per_s"] == pytest.approx(r["ios"] * 8192 / r["seconds"], rel=0.01)
     assert r["rwmixread"] == 70 and r["queue_size"] == 256 and r["engine"] == "python"
     assert r["errors"] == 0 and r["first_error"] is None and r["reconnects"] == 0 and r["reconnect"] is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("ring", "args"), [
+    ("packed", ("--iodepth", "8", "--rw", "randrw", "--verify")),
+    ("packed", ("--iodepth", "64", "--mode", "numpy")),
+    ("split", ("--iodepth", "4", "--in-order", "on")),
+])
+def test_bench_ring_option_runs_the_engines_on_that_format(ring, args):
+    r = _json(bench("--ring", ring, "--runtime", "0.4", "--size", "8M", *args, "--json"))
+    assert r["device"]["ring"] == ring and r["device"]["in_order"] == ("on" in args)
+    assert r["ios"] > 0 and r["errors"] == 0 and r["verify_errors"] == 0
+    assert r["engine"] == ("numpy" if "numpy" in args else "python")
 
 
 @pytest.mark.timeout(60)
@@ -207,42 +221,74 @@ def test_engine_verify_catches_corruption(loop_blk):
     assert st2.verify_errors > 0
 
 
+RINGS = ["split", "packed"]
+#: The reason each format gives for a used id that is not in flight.
+NOT_IN_FLIGHT = "not the head of an in-flight request|is not in flight"
+
+
+class PackedLiar:
+    """``add_used`` for a packed ring that writes whatever it is told (HostilePackedDevice), bypassing the
+    honest device side, which refuses ids it did not pop."""
+
+    def __init__(self, ring) -> None:
+        self.dev = HostilePackedDevice(ring)
+        self.ndescs: dict[int, int] = {}
+
+    def add_used(self, head: int, length: int) -> None:
+        self.ndescs.update(self.dev.available())
+        self.dev.use(head, length, self.ndescs.get(head, 1), write=True)
+
+
 @contextlib.contextmanager
-def blk_completing(complete):
-    """A VirtioBlk on an in-process device whose used entries ``complete(q, [(chain, written), ...])`` writes."""
+def blk_completing(complete, ring="split", liar=False):
+    """A VirtioBlk on an in-process device whose used entries ``complete(q, [(chain, written), ...])`` writes.
+
+    With ``liar`` on a packed ring, ``q.add_used`` writes any id (:class:`PackedLiar`).
+    """
     be = BlockBackend(Storage(size=1 << 20))
     t = loopback_blk(be, queue_size=64)
+    liars: dict[int, PackedLiar] = {}
 
     def process(index, limit=None):
         q = t.queues[index]
         chains = []
         while (chain := q.pop()) is not None:
             chains.append((chain, be.handle(index, chain)))
-        complete(q, chains)
+        if liar and ring == "packed":
+            if index not in liars:
+                liars[index] = PackedLiar(blk.device.queue(index).ring)
+            complete(liars[index], chains)
+        else:
+            complete(q, chains)
         if chains and q.flush_used():
             t.signal(index)
         q.enable_notifications()
         return len(chains)
 
     t.process = process  # type: ignore[method-assign]
-    blk = VirtioBlk(VirtioDevice("liar", t, pool_size=4 << 20))
+    blk = VirtioBlk(VirtioDevice("liar", t, pool_size=4 << 20), ring=ring)
+    assert blk.device.ring_format == ring
     try:
         yield blk
     finally:
+        for lr in liars.values():
+            lr.dev.release()
         blk.device.close()
 
 
+@pytest.mark.parametrize("ring", RINGS)
 @pytest.mark.parametrize("mode", ["python", "numpy"])
-def test_engine_validates_used_entries(mode):
-    # Every request completed with an id that heads no chain: the queue's last
-    # descriptor (the engine's 8 chains take the first 24 of 64).
+def test_engine_validates_used_entries(mode, ring):
+    # Every request completed with an id that heads no chain (split: the queue's
+    # last descriptor, the engine's 8 chains take the first 24 of 64; packed: an
+    # id no slot has).
     def complete(q, chains):
         for _, written in chains:
             q.add_used(63, written)
 
-    with blk_completing(complete) as blk:
+    with blk_completing(complete, ring, liar=True) as blk:
         e = BlockEngine(blk, iodepth=4, mode=mode)
-        with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
+        with pytest.raises(DeviceProtocolError, match=NOT_IN_FLIGHT):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
         with pytest.raises(QueueBroken):
@@ -254,17 +300,18 @@ def test_engine_validates_used_entries(mode):
                 e.fixed.post_many(np.asarray([0]))
 
 
+@pytest.mark.parametrize("ring", RINGS)
 @pytest.mark.parametrize("mode", ["python", "numpy"])
 @pytest.mark.parametrize(
     ("lie", "reason"),
     [
-        ("duplicate", "not the head of an in-flight request"),
+        ("duplicate", NOT_IN_FLIGHT),
         ("too_long", "exceeds"),
         ("out_of_range", "out of range"),
-        ("too_many", "used index moved by"),
+        ("too_many", "used index moved by|with no request in flight"),
     ],
 )
-def test_engine_rejects_bad_completions(mode, lie, reason):
+def test_engine_rejects_bad_completions(mode, lie, reason, ring):
     """A duplicate id within one batch, a length beyond what the chain offered, an id beyond
     the ring, or more entries than requests in flight must fail."""
 
@@ -278,21 +325,22 @@ def test_engine_rejects_bad_completions(mode, lie, reason):
                 q.add_used(c.head, 4096 + 2)
         elif lie == "out_of_range":
             for i, (c, written) in enumerate(chains):
-                q.add_used(70000 if i == len(chains) - 1 else c.head, written)
+                q.add_used((70000 if ring == "split" else 0xFFFF) if i == len(chains) - 1 else c.head, written)
         elif lie == "too_many":
             for c, written in [*chains, chains[0]]:
                 q.add_used(c.head, written)
 
-    with blk_completing(complete) as blk:
+    with blk_completing(complete, ring, liar=True) as blk:
         e = BlockEngine(blk, iodepth=4, mode=mode)
         with pytest.raises(DeviceProtocolError, match=reason):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
 
 
+@pytest.mark.parametrize("ring", RINGS)
 @pytest.mark.parametrize("mode", ["python", "numpy"])
 @pytest.mark.parametrize("iodepth", [1, 5, 16])
-def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth):
+def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth, ring):
     """Spare slots are published ahead of the batch's checks, but only one per completion seen."""
     seen: list[int] = []
 
@@ -301,7 +349,7 @@ def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth):
         for c, written in chains:
             q.add_used(c.head, written)
 
-    with blk_completing(complete) as blk:
+    with blk_completing(complete, ring) as blk:
         e = BlockEngine(blk, iodepth=iodepth, mode=mode)
         assert e.spares > 0
         st = e.run(0.2)
@@ -310,8 +358,9 @@ def test_engine_keeps_at_most_iodepth_in_flight(mode, iodepth):
     assert max(seen) == iodepth
 
 
+@pytest.mark.parametrize("ring", RINGS)
 @pytest.mark.parametrize("mode", ["python", "numpy"])
-def test_engine_rejects_the_completion_of_a_spare_slot(mode):
+def test_engine_rejects_the_completion_of_a_spare_slot(mode, ring):
     """A spare slot is prepared but not published: a device naming its head is lying."""
     spare_head: list[int] = []
 
@@ -319,10 +368,10 @@ def test_engine_rejects_the_completion_of_a_spare_slot(mode):
         for i, (c, _) in enumerate(chains):
             q.add_used(spare_head[0] if i == 0 else c.head, 1)
 
-    with blk_completing(complete) as blk:
+    with blk_completing(complete, ring, liar=True) as blk:
         e = BlockEngine(blk, iodepth=4, mode=mode)
         spare_head.append(e.fixed.heads[e.qd])  # the first spare: published only after a completion
-        with pytest.raises(DeviceProtocolError, match="not the head of an in-flight request"):
+        with pytest.raises(DeviceProtocolError, match=NOT_IN_FLIGHT):
             e.run(1.0)
         assert e.fixed.ring.broken is not None
 
@@ -400,7 +449,9 @@ def test_bench_on_a_scsi_lun(tmp_path):
             time.sleep(0.05)
         r = _json(bench(sock, "--lun", "0:1", "--runtime", "0.5", "--iodepth", "4", "--json"))
         assert r["ios"] > 100 and r["errors"] == 0 and r["writes"] == 0 and r["lun"] == "0:1"
-        assert r["device"] == {"type": "scsi", "capacity": 8 << 20, "block_size": 512}
+        assert r["device"] == {
+            "type": "scsi", "capacity": 8 << 20, "block_size": 512, "ring": "split", "in_order": False,
+        }
         out = bench(sock, "--lun", "0:9", "--runtime", "0.5")
         assert out.returncode == 1 and out.stderr.startswith("pyvirtio: error:")
     finally:

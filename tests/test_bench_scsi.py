@@ -299,7 +299,7 @@ def test_bench_lun_verify_randrw_two_queues(tmp_path: Path, mode: str) -> None:
         assert res.returncode == 0, res.stderr
         r = json.loads(res.stdout)
     assert r["lun"] == "0:1" and r["queues"] == 2 and r["engine"] == mode
-    assert r["device"] == {"type": "scsi", "capacity": 8 << 20, "block_size": 512}
+    assert r["device"] == {"type": "scsi", "capacity": 8 << 20, "block_size": 512, "ring": "split", "in_order": False}
     assert r["errors"] == 0 and r["verify_errors"] == 0 and r["first_error"] is None
     assert r["reads"] > 0 and r["writes"] > 0 and r["ios"] == r["reads"] + r["writes"]
     if mode == "python":

@@ -95,7 +95,9 @@ def test_bench_on_a_scsi_lun(two_luns: Serve) -> None:
     report = json.loads(res.stdout)
     assert report["lun"] == "0:1" and report["errors"] == 0 and report["ios"] > 100
     assert report["reads"] and report["writes"] and report["ios"] == report["reads"] + report["writes"]
-    assert report["device"] == {"type": "scsi", "capacity": 8 << 20, "block_size": 512}
+    assert report["device"] == {
+        "type": "scsi", "capacity": 8 << 20, "block_size": 512, "ring": "split", "in_order": False,
+    }
     assert report["engine"] == "python" and report["bs"] == 4096 and report["iodepth"] == 8
     assert {"mean", "p50", "p99", "max"} <= set(report["latency_us"])
     assert report["iops"] > 0 and report["mb_per_s"] > 0

@@ -21,9 +21,11 @@ one engine and one set of loops drive both devices, with the same options
 and the same report.
 
 Three loops share that ring (:mod:`pyvirtio.bench.loops`): plain Python,
-fused Python (pure reads or writes, the ring's post and reap inlined),
-fastest at low depth, and NumPy, whose cost per pass does not grow with the
-number of requests, fastest at high depth. ``mode="auto"`` picks NumPy when
+fused Python (pure reads or writes, one call of the ring's cycle per pass),
+fastest at low depth, and NumPy (the ring's vectorised cycle), whose cost
+per pass does not grow with the number of requests, fastest at high depth.
+The engine works on split and packed rings alike: everything it does to the
+ring goes through the FixedChains API. ``mode="auto"`` picks NumPy when
 it is installed and the depth is at least :data:`NUMPY_MIN_DEPTH` (measured:
 docs/benchmarks.md).
 
@@ -39,7 +41,7 @@ write workload reads back every block it wrote at the end.
 Reconnect. When the device's transport has a reconnect policy
 (``VirtioBlk.open(..., reconnect=...)``, ``pyvirtio bench --reconnect``), a
 lost back end does not end the run: the loop notices in its idle checks
-(every 1024 empty passes), writes its ring state back, and the queue is
+(every 1024 empty passes), and the queue is
 restored (:meth:`VirtioDevice.recover <pyvirtio.device.VirtioDevice.recover>`):
 the slots in flight that did not complete are resubmitted once, those that
 did are reaped as usual. The loops do no extra work per request for this.
@@ -65,7 +67,6 @@ from pyvirtio.drivers.blk import VirtioBlk, pack_pattern
 from pyvirtio.drivers.scsi import ScsiDisk
 from pyvirtio.errors import ConnectionLost, InvalidArgument
 from pyvirtio.ring.fixed import FixedChains
-from pyvirtio.ring.split import SplitQueue
 
 NUMPY_MIN_DEPTH = 64
 #: At most this many bytes of data buffers for the fused loop's spare slots.
@@ -160,10 +161,8 @@ class BlockEngine:
             fmt.close()
             raise
         try:
-            ring = vq.ring
-            if not isinstance(ring, SplitQueue):
-                raise InvalidArgument(f"the block engine runs on split rings, not {ring.format} (issue 12)")
-            self.fixed = FixedChains(ring, fmt.chains(self.data.addr))
+            first, other = fmt.chains(self.data.addr)
+            self.fixed = FixedChains(vq.ring, first, alternate=other)
         except BaseException:
             fmt.close()
             fmt.free(self.data)
@@ -244,14 +243,14 @@ class BlockEngine:
         gc_was_enabled = gc.isenabled()
         gc.collect()
         gc.disable()
-        ring = self.fixed.ring
+        fixed = self.fixed
         if self.device_signals:
             # Let the device signal the call eventfd per batch although we poll.
             # Measured against qemu-storage-daemon on this kind of machine it
             # cuts round-trip latency at low depth from ~16 to ~6 us (p50), as
             # if the signalling syscall kept the device's thread from a slower
             # sleep path (docs/benchmarks.md). Nobody reads the eventfd.
-            ring.enable_interrupts()
+            fixed.enable_interrupts()
         try:
             if self.mode == "numpy":
                 stats = loops.run_numpy(self, seconds, stop, progress, progress_interval)
@@ -261,7 +260,7 @@ class BlockEngine:
                 stats = loops.run_python(self, seconds, stop, progress, progress_interval)
         finally:
             if self.device_signals:
-                ring.disable_interrupts()
+                fixed.disable_interrupts()
             if gc_was_enabled:
                 gc.enable()
         if self.verify and not self.reads_only and stats.error is None:
@@ -269,15 +268,6 @@ class BlockEngine:
         return stats
 
     # -- shared with the loops ----------------------------------------------------
-
-    def sync_ring(self, avail_idx: int, kick_from: int, last: int, outstanding: int) -> None:
-        """Write a loop's local ring state back to the queue and its FixedChains."""
-        ring = self.fixed.ring
-        ring.avail_idx = avail_idx
-        ring._kick_from = kick_from
-        ring.last_used = last
-        ring.outstanding = outstanding
-        self.fixed.n_inflight = outstanding
 
     def drain(self, stats: Stats | None = None) -> int:
         """Reap what is still in flight so the queue can be reused; returns errors seen."""
@@ -340,18 +330,9 @@ class BlockEngine:
             return True
         return False
 
-    def _in_flight_heads(self) -> list[int]:
-        fixed = self.fixed
-        if fixed._np is not None:
-            hw = fixed._np["head_wlen1"]
-            return [int(h) for h in hw[: fixed.ring.size].nonzero()[0]]
-        hw1 = fixed.hw1
-        return [h for h in fixed.heads if hw1[h]]
-
     def recover(self, lost: ConnectionLost, stats: Stats | None, since_ns: int) -> None:
         """Restore the queue after the device was lost, or raise ``lost`` if the transport cannot.
 
-        The ring state must have been written back (:meth:`sync_ring`).
         Returns at the first completion on the new connection (at once if
         nothing was left for the device), and counts the pause from
         ``since_ns``.
@@ -359,20 +340,21 @@ class BlockEngine:
         device = self.device
         if not device.can_reconnect:
             raise lost
-        ring = self.fixed.ring
+        fixed = self.fixed
         vq = self.vq
-        base = [ring._used16[1]]
+        ready = [fixed.pending()]  # completions the old device left in the ring, reaped as usual
 
         def restart(resubmit: bool) -> int:
-            base[0] = ring.restart_base(resubmit, in_flight=self._in_flight_heads())
-            return base[0]
+            base = fixed.restart_base(resubmit)
+            ready[0] = fixed.pending()
+            return base
 
         device.recover(vq, restart)
         policy = device.reconnecting.reconnect_policy if device.reconnecting is not None else None
         deadline = time.monotonic() + (policy.timeout if policy is not None else 30.0)
         spins = 0
         # Left for the new device: what is in flight and was not in the used ring when it started.
-        while ring.outstanding > (base[0] - ring.last_used) & 0xFFFF and ring._used16[1] == base[0]:
+        while fixed.n_inflight > ready[0] and fixed.pending() == ready[0]:
             spins += 1
             if not spins & 0x3F:
                 try:

@@ -23,7 +23,10 @@ once per run, so the engine's loops never ask which device they drive:
   SCSI status GOOD and the residual 0 (the status qualifier is not looked at).
 
 What the loops use, per format (set up by :meth:`CommandFormat.layout`,
-:meth:`~CommandFormat.chains` and :meth:`~CommandFormat.bind`):
+:meth:`~CommandFormat.chains` and :meth:`~CommandFormat.bind`). A slot's
+chain has two shapes, a read and a write, given to the FixedChains once
+(``chains`` and ``alternate``); turning a slot around is the ring's
+:meth:`~pyvirtio.ring.fixed.FixedChains.use_alternate`:
 
 ``lba[lba_k * s + lba_o] = address``
     stores slot ``s``'s address (``lba_size`` bytes per unit). For blk
@@ -41,8 +44,6 @@ What the loops use, per format (set up by :meth:`CommandFormat.layout`,
 
 A device whose status test needs Python code (scsi) pays for a Python
 ``__getitem__`` per request; blk's loops run as before, with memoryviews.
-:class:`SlotDescriptors` is the one place that writes a FixedChains' chains
-after they were linked (the ring module has no public call for it).
 """
 
 from __future__ import annotations
@@ -62,40 +63,8 @@ from pyvirtio.ring.fixed import FixedChains
 from pyvirtio.spec import blk as B
 from pyvirtio.spec import scsi as S
 from pyvirtio.spec import t10 as T
-from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
 
 Chain = list[tuple[int, int, bool]]
-
-class SlotDescriptors:
-    """Rewrites descriptors of a FixedChains' slots (address, length, flags) after linking.
-
-    Reaches into the split ring's descriptor table and the FixedChains'
-    per-slot descriptor lists: the one place in the bench that does.
-    """
-
-    def __init__(self, fixed: FixedChains) -> None:
-        ring = fixed.ring
-        self.fixed = fixed
-        self.addr = ring._desc64  # [2 d]: address of descriptor d
-        self.length = ring._desc32  # [4 d + 2]: its length
-        self.flags = ring._desc16  # [8 d + 6]: its flags
-        #: Descriptor numbers of each slot's chain, in chain order.
-        self.of_slot: list[list[int]] = [list(d) for d in fixed._descs]
-        #: Device-writable bytes of each slot's chain (FixedChains' bound for used lengths).
-        self.wlen = fixed.wlen
-
-    def numpy(self) -> dict[str, Any]:
-        """The same tables as NumPy arrays (``wlen1``: writable bytes + 1, the NumPy path's bound)."""
-        import numpy as np
-
-        ring = self.fixed.ring
-        return {
-            "addr": np.frombuffer(ring._desc64, dtype="<u8"),
-            "length": np.frombuffer(ring._desc32, dtype="<u4"),
-            "flags": np.frombuffer(ring._desc16, dtype="<u2"),
-            "wlen1": self.fixed._arrays()["wlen1"],
-        }
-
 
 @dataclass
 class NumpyViews:
@@ -135,6 +104,8 @@ class CommandFormat(ABC):
         self._bufs: list[Buffer] = []
         self.bs = 0
         self.nslots = 0
+        self._write = False  # the direction of layout(): the first shape of every slot
+        self.data_addr = 0
 
     # -- memory ---------------------------------------------------------------
 
@@ -163,13 +134,23 @@ class CommandFormat(ABC):
     def layout(self, nslots: int, bs: int, write: bool) -> None:
         """Allocate and fill ``nslots`` headers and statuses of ``bs``-byte requests, all reads or all writes."""
 
-    @abstractmethod
-    def chains(self, data_addr: int) -> list[Chain]:
-        """The chain of every slot (after :meth:`layout`); slot s moves the bytes at ``data_addr + bs * s``."""
+    def chains(self, data_addr: int) -> tuple[list[Chain], list[Chain]]:
+        """Every slot's chain in the direction of :meth:`layout`, and in the other (after :meth:`layout`).
+
+        Slot s moves the bytes at ``data_addr + bs * s``.
+        """
+        self.data_addr = data_addr
+        write = self._write
+        slots = range(self.nslots)
+        return [self._chain(s, write) for s in slots], [self._chain(s, not write) for s in slots]
 
     @abstractmethod
+    def _chain(self, s: int, write: bool) -> Chain:
+        """Slot s's chain for a write (True) or a read."""
+
     def bind(self, fixed: FixedChains) -> None:
-        """Learn where the linked chains are (for :meth:`set_direction`)."""
+        """Learn the FixedChains holding :meth:`chains` (its alternate shape is the other direction)."""
+        self._fixed = fixed
 
     @abstractmethod
     def set_direction(self, s: int, write: bool) -> None:
@@ -225,41 +206,29 @@ class BlkFormat(CommandFormat):
         self.lba, self.lba_k, self.lba_o = self.hdrs.view.cast("Q"), 2, 1  # the sector: le64 at offset 8
         self.status, self.unset = self.status_buf.view, 0xFF
 
-    def chains(self, data_addr: int) -> list[Chain]:
-        bs, write = self.bs, self._write
+    def _chain(self, s: int, write: bool) -> Chain:
         return [
-            [
-                (self.hdrs.addr + 16 * s, 16, False),
-                (data_addr + bs * s, bs, not write),
-                (self.status_buf.addr + s, 1, True),
-            ]
-            for s in range(self.nslots)
+            (self.hdrs.addr + 16 * s, 16, False),
+            (self.data_addr + self.bs * s, self.bs, not write),
+            (self.status_buf.addr + s, 1, True),
         ]
 
-    def bind(self, fixed: FixedChains) -> None:
-        self._descs = SlotDescriptors(fixed)
-        self._data_desc = [d[1] for d in self._descs.of_slot]
-
     def set_direction(self, s: int, write: bool) -> None:
-        self._descs.flags[8 * self._data_desc[s] + 6] = DESC_F_NEXT if write else DESC_F_NEXT | DESC_F_WRITE
-        self._descs.wlen[s] = 1 if write else self.bs + 1
+        self._fixed.use_alternate(s, write != self._write)
         self._h32[4 * s] = B.T_OUT if write else B.T_IN
 
     def numpy_views(self) -> NumpyViews:
         import numpy as np
 
-        nslots, bs = self.nslots, self.bs
-        t = self._descs.numpy()
-        flags, wlen1 = t["flags"], t["wlen1"]
+        nslots = self.nslots
         hdr_type = np.frombuffer(self.hdrs.view, dtype="<u4").reshape(nslots, 4)[:, 0]
-        data_flags = np.asarray(self._data_desc, dtype=np.int64) * 8 + 6
-        read_flags = DESC_F_NEXT | DESC_F_WRITE
         where = np.where
+        flip = self._fixed.use_alternate_many
+        first_write = self._write
 
         def set_directions(slots: Any, w: Any) -> None:
             hdr_type[slots] = where(w, B.T_OUT, B.T_IN)
-            flags[data_flags[slots]] = where(w, DESC_F_NEXT, read_flags)
-            wlen1[slots] = where(w, 2, bs + 2)  # writable bytes + 1
+            flip(slots, ~w if first_write else w, check=False)
 
         return NumpyViews(
             lba=np.frombuffer(self.hdrs.view, dtype="<u8").reshape(nslots, 2)[:, 1],
@@ -378,63 +347,30 @@ class ScsiFormat(CommandFormat):
         self.status = _ResponseSlots(view.cast("Q"), stride // 8, self._resp_word(0) // 8)
         self.unset = _RESP_UNSET
 
-    def chains(self, data_addr: int) -> list[Chain]:
-        self.data_addr = data_addr
-        return [self._chain(s, self._write) for s in range(self.nslots)]
-
     def _chain(self, s: int, write: bool) -> Chain:
         req = self.slots.addr + self.stride * s
         resp = (req + self.resp_off, self.resp_size, True)
         data = (self.data_addr + self.bs * s, self.bs, not write)
         return [(req, self.req_size, False), data, resp] if write else [(req, self.req_size, False), resp, data]
 
-    def bind(self, fixed: FixedChains) -> None:
-        self._descs = SlotDescriptors(fixed)
-        self._d1 = [d[1] for d in self._descs.of_slot]
-        self._d2 = [d[2] for d in self._descs.of_slot]
-
     def set_direction(self, s: int, write: bool) -> None:
-        t = self._descs
-        d1, d2 = self._d1[s], self._d2[s]
-        resp = self.slots.addr + self.stride * s + self.resp_off
-        data = self.data_addr + self.bs * s
-        first, second = (data, self.bs), (resp, self.resp_size)
-        if not write:
-            first, second = second, first
-        t.addr[2 * d1], t.length[4 * d1 + 2] = first
-        t.addr[2 * d2], t.length[4 * d2 + 2] = second
-        t.flags[8 * d1 + 6] = DESC_F_NEXT if write else DESC_F_NEXT | DESC_F_WRITE
-        t.flags[8 * d2 + 6] = DESC_F_WRITE  # the last part is device-writable either way
-        t.wlen[s] = self.resp_size if write else self.resp_size + self.bs
+        self._fixed.use_alternate(s, write != self._write)
         self._view[self.stride * s + _CDB_OFF] = T.WRITE_16 if write else T.READ_16
 
     def numpy_views(self) -> NumpyViews:
         import numpy as np
 
-        nslots, bs, stride, rs = self.nslots, self.bs, self.stride, self.resp_size
+        nslots, stride = self.nslots, self.stride
         view = self._view
-        t = self._descs.numpy()
-        addr, length, flags, wlen1 = t["addr"], t["length"], t["flags"], t["wlen1"]
-        d1 = np.asarray(self._d1, dtype=np.int64)
-        d2 = np.asarray(self._d2, dtype=np.int64)
-        slot_addr = self.slots.addr + stride * np.arange(nslots, dtype=np.uint64)
-        resp_addr = slot_addr + np.uint64(self.resp_off)
-        data_addr = self.data_addr + bs * np.arange(nslots, dtype=np.uint64)
         opcode = np.ndarray((nslots,), dtype=np.uint8, buffer=view, offset=_CDB_OFF, strides=(stride,))
-        flags[8 * d2 + 6] = DESC_F_WRITE
         where = np.where
         mask = np.uint64(_RESP_MASK)
         count_nonzero = np.count_nonzero
+        flip = self._fixed.use_alternate_many
+        first_write = self._write
 
         def set_directions(slots: Any, w: Any) -> None:
-            a1, a2 = 2 * d1[slots], 2 * d2[slots]
-            ra, da = resp_addr[slots], data_addr[slots]
-            addr[a1] = where(w, da, ra)
-            addr[a2] = where(w, ra, da)
-            length[2 * a1 + 2] = where(w, bs, rs)
-            length[2 * a2 + 2] = where(w, rs, bs)
-            flags[4 * a1 + 6] = where(w, DESC_F_NEXT, DESC_F_NEXT | DESC_F_WRITE)
-            wlen1[slots] = where(w, rs + 1, rs + bs + 1)
+            flip(slots, ~w if first_write else w, check=False)
             opcode[slots] = where(w, T.WRITE_16, T.READ_16)
 
         def count_bad(words: Any) -> Any:
@@ -481,4 +417,4 @@ def command_format(target: VirtioBlk | ScsiDisk | CommandFormat) -> CommandForma
     raise InvalidArgument(f"cannot benchmark a {type(target).__name__}: a VirtioBlk or a ScsiDisk")
 
 
-__all__ = ["BlkFormat", "CommandFormat", "NumpyViews", "ScsiFormat", "SlotDescriptors", "command_format"]
+__all__ = ["BlkFormat", "CommandFormat", "NumpyViews", "ScsiFormat", "command_format"]

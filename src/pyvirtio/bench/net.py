@@ -6,18 +6,21 @@ slow for that (a few hundred ns of interpreter work per frame caps a loop
 near 1-2 Mpps), so the tx and rx loops do *no per-frame work at all*:
 
 * Layout once. Every slot of the ring carries the same frame (tx) or an
-  empty buffer (rx), and slot ``p`` sits at avail-ring position ``p``, for
-  good: re-posting the slots reaped from positions ``i .. i+n`` puts the
-  same heads at the same positions, so the avail ring's entries never change
-  and posting n slots is *one* avail-index store plus one kick decision.
+  empty buffer (rx), and each slot sits at its own ring position for good
+  (the ring's *stream*, :meth:`FixedChains.stream
+  <pyvirtio.ring.fixed.FixedChains.stream>`): re-posting the slots reaped
+  puts the same buffers at the same positions, so posting n slots is *one*
+  store plus one kick decision on a split ring (the avail index); on a
+  packed ring (or with IN_ORDER) the slots taken are submitted again
+  through the ring protocol (:mod:`pyvirtio.ring.fixed_ring`).
 * Reap and check in bulk. A device that completes in order (DPDK's vhost
-  and the embedded back end do, split rings) writes at used position ``p``
-  the head published at position ``p``. Each pass reads the used index once
-  and checks the whole batch at once: tx compares the used entries' bytes
-  with the expected ``(head, 0)`` pairs (one ``bytes ==``, a memcmp); rx
-  compares the ids and bounds the lengths with NumPy (a handful of array
-  operations per batch; with MRG_RXBUF it also checks every header's
-  ``num_buffers`` is 1).
+  and the embedded back end do) writes at used position ``p`` the buffer
+  published at position ``p``. Each pass checks the whole batch at once
+  against those expected entries (:meth:`Stream.peek
+  <pyvirtio.ring.fixed.Stream.peek>`: tx, the entries' bytes in one
+  comparison; rx, :meth:`~pyvirtio.ring.fixed.Stream.peek_many`: ids and
+  length bounds with NumPy, and here every header's ``num_buffers`` is 1
+  with MRG_RXBUF), then takes and re-posts it.
 * Anything else (an entry out of order, a length out of bounds) drops to
   the validating path: :class:`~pyvirtio.ring.fixed.FixedChains` reaps the
   batch entry by entry, which reports the exact violation (queue broken), or
@@ -42,9 +45,7 @@ from typing import Any
 
 from pyvirtio.bench.stats import LatencyLog, Stats
 from pyvirtio.drivers.net import HDR_SIZE, VirtioNet, parse_mac
-from pyvirtio.errors import ConnectionLost, DeviceProtocolError, InvalidArgument, QueueBroken
-from pyvirtio.ring import ordering
-from pyvirtio.ring.fixed import FixedChains
+from pyvirtio.errors import ConnectionLost, DeviceProtocolError, InvalidArgument
 
 MODES = ("tx", "rx", "echo")
 SEQ_OFF = 42  # UDP payload offset in the template frame (14 + 20 + 8)
@@ -68,13 +69,6 @@ def udp_frame(size: int, dst: bytes, src: bytes, seq: int = 0) -> bytes:
     if len(payload) >= 8:
         struct.pack_into("<Q", payload, 0, seq)
     return dst + src + b"\x08\x00" + bytes(ip) + udp + bytes(payload)
-
-
-def _fixed(slots: object) -> FixedChains:
-    """The pre-linked chains of a driver queue: the engine's fast path needs a split ring without IN_ORDER."""
-    if not isinstance(slots, FixedChains):
-        raise InvalidArgument("the net engine runs on split rings without IN_ORDER (issue 12)")
-    return slots
 
 
 class NetStats(Stats):
@@ -132,41 +126,23 @@ class NetEngine:
         p = net.queue_pair(self.pair)
         tx = p.tx
         net.flush_tx(self.pair)
-        fixed = _fixed(tx.fixed)
-        ring = fixed.ring
-        if ring.broken is not None:
-            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
-        size = ring.size
-        mask = size - 1
-        heads = fixed.heads
+        fixed = tx.fixed
+        size = tx.nslots
         view = tx.view
-        d32 = ring._desc32
         data = bytes(HDR_SIZE) + self.frame
         for s in range(size):
             base = tx.slot_size * s
             view[base : base + len(data)] = data
-            d32[4 * heads[s] + 2] = len(data)
+            fixed.set_length(s, 0, len(data))
             tx.hdr_dirty[s] = 0
-        a16 = ring._avail16
-        for pos in range(size):
-            a16[2 + pos] = heads[pos]  # slot p lives at avail position p for the whole run
-        expected = b"".join(struct.pack("<II", heads[pos], 0) for pos in range(size))
-        used_b = ring._used32.cast("B")  # [idx/flags: 4 bytes][ring: 8 bytes per entry]...
-        u16 = ring._used16
-        kick = net.device.transport.notifier(tx.index)
+        # Every slot at its own ring position; re-posting is one store (the ring's stream).
+        stream = fixed.stream(net.device.transport.notifier(tx.index))
+        peek, advance = stream.peek, stream.advance
         stats = NetStats()
         stats.path = "in-order"  # type: ignore[attr-defined]
-        fence = ordering._fence_lock
-        acquire, release = fence.acquire, fence.release
-        event_idx = ring.event_idx
-        avail_event_i = ring._avail_event_i
         check_alive = net.device.transport.check_alive
         perf = time.perf_counter_ns
-        avail = ring.avail_idx
-        last = ring.last_used
-        kick_from = ring._kick_from
-        outstanding = 0
-        frames = kicks = passes = idle = 0
+        frames = passes = idle = 0
         fsize = self.size
         gc_was = gc.isenabled()
         gc.disable()
@@ -176,45 +152,13 @@ class NetEngine:
         next_progress = t0 + 500_000_000
         fell_back = False
         try:
+            advance(0)  # post every slot
             while True:
-                # Post every free slot: one index store, one kick decision.
-                free = size - outstanding
-                if free:
-                    avail = (avail + free) & 0xFFFF
-                    outstanding = size
-                    a16[1] = avail
-                    acquire()
-                    release()
-                    if event_idx:
-                        need = ((avail - u16[avail_event_i] - 1) & 0xFFFF) < ((avail - kick_from) & 0xFFFF)
-                    else:
-                        need = not u16[0] & 1
-                    kick_from = avail
-                    if need:
-                        kick()
-                        kicks += 1
-                n = (u16[1] - last) & 0xFFFF
+                n = peek()
                 passes += 1
-                if n:
+                if n > 0:
                     idle = 0
-                    if n > outstanding:
-                        fell_back = True
-                        break
-                    start = last & mask
-                    end = start + n
-                    if end <= size:
-                        ok = used_b[4 + 8 * start : 4 + 8 * end] == expected[8 * start : 8 * end]
-                    else:
-                        end -= size
-                        ok = (
-                            used_b[4 + 8 * start : 4 + 8 * size] == expected[8 * start :]
-                            and used_b[4 : 4 + 8 * end] == expected[: 8 * end]
-                        )
-                    if not ok:
-                        fell_back = True
-                        break
-                    last = (last + n) & 0xFFFF
-                    outstanding -= n
+                    advance(n)  # take them, post them again: one index store, one kick decision
                     frames += n
                     t = perf()
                     if t >= next_check:
@@ -223,8 +167,11 @@ class NetEngine:
                             break
                         if progress is not None and t >= next_progress:
                             next_progress = t + 500_000_000
-                            self._fill(stats, frames, fsize, kicks, passes, t - t0)
+                            self._fill(stats, frames, fsize, stream.kicks, passes, t - t0)
                             progress(stats)
+                elif n < 0:
+                    fell_back = True
+                    break
                 else:
                     idle += 1
                     if not idle & 0x3FF:
@@ -237,7 +184,10 @@ class NetEngine:
             elapsed = perf() - t0
             if gc_was:
                 gc.enable()
-            self._sync_tx(avail, last, kick_from, outstanding)
+            stream.close()
+            busy = set(fixed.in_flight())
+            tx.free = [s for s in range(size) if s not in busy]
+        kicks = stream.kicks
         if fell_back:
             # Validate the batch entry by entry (raises on a violation), then go on generically.
             got = net.reclaim_tx(self.pair)
@@ -251,23 +201,6 @@ class NetEngine:
         stats.drained = tx.nslots - len(tx.free)  # type: ignore[attr-defined]
         net.flush_tx(self.pair, timeout=5.0)
         return stats
-
-    def _sync_tx(self, avail: int, last: int, kick_from: int, outstanding: int) -> None:
-        """Write the loop's ring state back so the general driver calls can take over."""
-        tx = self.net.queue_pair(self.pair).tx
-        fixed = _fixed(tx.fixed)
-        ring = fixed.ring
-        size = ring.size
-        ring.avail_idx = avail
-        ring._kick_from = kick_from
-        ring.last_used = last
-        ring.outstanding = outstanding
-        fixed.n_inflight = outstanding
-        inflight = {(last + k) & (size - 1) for k in range(outstanding)}
-        hw1 = fixed.hw1
-        for pos in range(size):
-            hw1[fixed.heads[pos]] = fixed.wlen[pos] + 1 if pos in inflight else 0
-        tx.free = [s for s in range(size) if s not in inflight]
 
     def _generic_tx(self, seconds: float, stop: threading.Event | None) -> int:
         net = self.net
@@ -289,43 +222,18 @@ class NetEngine:
         net = self.net
         net.release_rx(self.pair)  # every receive buffer posted
         rx = net.queue_pair(self.pair).rx
-        fixed = _fixed(rx.fixed)
-        ring = fixed.ring
-        if ring.broken is not None:
-            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
-        size = ring.size
-        mask = size - 1
-        if rx.partial_want or fixed.n_inflight != size:
+        fixed = rx.fixed
+        if rx.partial_want or fixed.n_inflight != rx.nslots:
             raise InvalidArgument("the receive ring must have every buffer posted (no frame held)")
-        a16 = ring._avail16
-        # Expected head per avail position: what we published (a permutation of the heads, checked).
-        exp = np.frombuffer(a16, dtype="<u2", count=size, offset=4).astype(np.int64)
-        heads = np.asarray(fixed.heads, dtype=np.int64)
-        if not np.array_equal(np.sort(exp), np.sort(heads)):
-            raise InvalidArgument("the receive ring's avail entries are not one of each buffer")
-        slot_of = np.asarray(fixed.slot_of, dtype=np.int64)
-        slot_at = slot_of[exp]
-        used = np.frombuffer(ring._used32, dtype="<u4", count=1 + 2 * size)
-        ids = used[1::2]
-        lens = used[2::2]
+        # A frame is at least a header and an Ethernet header (virtio 1.2 §5.1.6.4); shorter: the exact path.
+        stream = fixed.stream(net.device.transport.notifier(rx.index), min_len=HDR_SIZE + 14)
+        peek_many, advance = stream.peek_many, stream.advance
         nbv = np.frombuffer(rx.view, dtype="<u2")[5 :: rx.buf_size // 2] if net.mrg_rxbuf else None
-        nb_at = nbv is not None
-        bs = rx.buf_size
-        min_len = HDR_SIZE + 14
-        u16 = ring._used16
-        kick = net.device.transport.notifier(rx.index)
-        fence = ordering._fence_lock
-        acquire, release = fence.acquire, fence.release
-        event_idx = ring.event_idx
-        avail_event_i = ring._avail_event_i
         check_alive = net.device.transport.check_alive
         stats = NetStats()
         stats.path = "in-order"  # type: ignore[attr-defined]
         perf = time.perf_counter_ns
-        avail = ring.avail_idx
-        last = ring.last_used
-        kick_from = ring._kick_from
-        frames = nbytes = kicks = passes = idle = 0
+        frames = nbytes = passes = idle = 0
         gc_was = gc.isenabled()
         gc.disable()
         t0 = perf()
@@ -335,48 +243,18 @@ class NetEngine:
         fell_back = False
         try:
             while True:
-                n = (u16[1] - last) & 0xFFFF
+                got = peek_many()
                 passes += 1
-                if n:
+                if got:
                     idle = 0
-                    if n > size:
+                    slots, lens = got
+                    if nbv is not None and not (nbv[slots] == 1).all():  # a merged frame: the general path
                         fell_back = True
                         break
-                    start = last & mask
-                    end = start + n
-                    segs = ((start, end),) if end <= size else ((start, size), (0, end - size))
-                    ok = True
-                    got = 0
-                    for a, b in segs:
-                        ln = lens[a:b]
-                        if (
-                            not np.array_equal(ids[a:b], exp[a:b])
-                            or int(ln.min()) < min_len
-                            or int(ln.max()) > bs
-                            or (nb_at and not (nbv[slot_at[a:b]] == 1).all())  # type: ignore[index]
-                        ):
-                            ok = False
-                            break
-                        got += int(ln.sum())
-                    if not ok:
-                        fell_back = True
-                        break
-                    nbytes += got - HDR_SIZE * n
+                    n = len(lens)
+                    nbytes += int(lens.sum()) - HDR_SIZE * n
                     frames += n
-                    last = (last + n) & 0xFFFF
-                    # Re-post the same buffers: same heads at the same positions, one index store.
-                    avail = (avail + n) & 0xFFFF
-                    a16[1] = avail
-                    acquire()
-                    release()
-                    if event_idx:
-                        need = ((avail - u16[avail_event_i] - 1) & 0xFFFF) < ((avail - kick_from) & 0xFFFF)
-                    else:
-                        need = not u16[0] & 1
-                    kick_from = avail
-                    if need:
-                        kick()
-                        kicks += 1
+                    advance(n)  # re-post the same buffers: same positions, one index store
                     t = perf()
                     if t >= next_check:
                         next_check = t + 10_000_000
@@ -384,8 +262,11 @@ class NetEngine:
                             break
                         if progress is not None and t >= next_progress:
                             next_progress = t + 500_000_000
-                            self._fill(stats, frames, 0, kicks, passes, t - t0, nbytes)
+                            self._fill(stats, frames, 0, stream.kicks, passes, t - t0, nbytes)
                             progress(stats)
+                elif got is not None:
+                    fell_back = True
+                    break
                 else:
                     idle += 1
                     if not idle & 0x3FF:
@@ -398,16 +279,14 @@ class NetEngine:
             elapsed = perf() - t0
             if gc_was:
                 gc.enable()
-            ring.avail_idx = avail
-            ring.last_used = last
-            ring._kick_from = kick_from
+            stream.close()
         if fell_back:
             more, more_bytes = self._generic_rx(max(0.0, (deadline - perf()) / 1e9), stop)
             frames += more
             nbytes += more_bytes
             elapsed = perf() - t0
             stats.path = "generic"  # type: ignore[attr-defined]
-        self._fill(stats, frames, 0, kicks, passes, elapsed, nbytes)
+        self._fill(stats, frames, 0, stream.kicks, passes, elapsed, nbytes)
         return stats
 
     def _generic_rx(self, seconds: float, stop: threading.Event | None) -> tuple[int, int]:

@@ -37,6 +37,7 @@ from typing import Any
 from pyvirtio.bench.block import MODES, RW_MODES, run_queues
 from pyvirtio.bench.stats import Stats
 from pyvirtio.cli.common import lun_arg, positive_int, seconds_arg, size_arg
+from pyvirtio.cli.ring_option import add_ring_arguments, ring_options
 from pyvirtio.errors import InvalidArgument, TransportError
 
 MAX_QUEUE_SIZE = 1024  # QEMU's VIRTQUEUE_MAX_SIZE: the largest ring every back end takes
@@ -67,6 +68,7 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
                    help="listen on TARGET's socket and let the back end connect (vhost-user server mode)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
+    add_ring_arguments(p)
 
 
 def register(sub: Any) -> None:
@@ -192,10 +194,15 @@ def _run_blk(args: argparse.Namespace, target: str, backend_name: str) -> int:
 
     qsize = queue_size(args)
     blk = VirtioBlk.open(
-        target, num_queues=args.queues, queue_size=qsize, event_idx=args.event_idx == "on", **_transport_options(args)
+        target,
+        num_queues=args.queues,
+        queue_size=qsize,
+        event_idx=args.event_idx == "on",
+        **ring_options(args),
+        **_transport_options(args),
     )
     try:
-        device = {"type": "blk", "capacity": blk.capacity, "block_size": blk.block_size}
+        device = {"type": "blk", "capacity": blk.capacity, "block_size": blk.block_size, **ring_info(blk.device)}
         return _bench(args, blk, device, backend_name, qsize, None)
     finally:
         blk.close()
@@ -208,7 +215,13 @@ def run_lun(args: argparse.Namespace) -> int:
     from pyvirtio.targets import open_device
 
     qsize = queue_size(args)
-    kw = {"connect_timeout": args.connect_timeout, "timeout": args.timeout, **_transport_options(args)}
+    ring = ring_options(args)
+    kw = {
+        "connect_timeout": args.connect_timeout,
+        "timeout": args.timeout,
+        "packed_zero_wrap": ring.pop("packed_zero_wrap"),  # the device's; ring= and in_order= the driver's
+        **_transport_options(args),
+    }
     dev = open_device(args.target, device_type=DEVICE_ID_SCSI, queue_size=qsize, **kw)
     try:
         scsi = VirtioScsi(
@@ -218,6 +231,7 @@ def run_lun(args: argparse.Namespace) -> int:
             event_idx=args.event_idx == "on",
             timeout=args.timeout,
             targets=None if args.lun is None else [args.lun[0]],
+            **ring,
         )
     except BaseException:
         dev.close()
@@ -231,10 +245,17 @@ def run_lun(args: argparse.Namespace) -> int:
             t, lun = args.lun
         disk = scsi.disk(t, lun)
         scsi.release_queue()  # the scan's: the bench threads take a queue each
-        device = {"type": "scsi", "capacity": disk.capacity, "block_size": disk.block_size}
+        device = {"type": "scsi", "capacity": disk.capacity, "block_size": disk.block_size, **ring_info(dev)}
         return _bench(args, disk, device, args.target, qsize, f"{t}:{lun}")
     finally:
         scsi.close()
+
+
+def ring_info(device: Any) -> dict[str, Any]:
+    """The ring format and IN_ORDER a device negotiated, for the report."""
+    from pyvirtio.spec.common import F_IN_ORDER
+
+    return {"ring": device.ring_format, "in_order": device.has_feature(F_IN_ORDER)}
 
 
 def _bench(
@@ -293,7 +314,9 @@ def print_report(r: dict[str, Any]) -> None:
     lun = f" lun={r['lun']}" if r.get("lun") else ""
     print(f"pyvirtio bench: {r['rw']}{mix} bs={r['bs']} iodepth={r['iodepth']} queues={r['queues']} "
           f"runtime={r['seconds']}s engine={r['engine']}{lun}")
-    print(f"  back end: {r['backend']}")
+    dev = r.get("device") or {}
+    ring = f"   ring: {dev['ring']}{', IN_ORDER' if dev.get('in_order') else ''}" if dev.get("ring") else ""
+    print(f"  back end: {r['backend']}{ring}")
     print(f"  IOPS: {r['iops']:,}   bandwidth: {r['mb_per_s']:,} MB/s   ios: {r['ios']:,} "
           f"(reads {r['reads']:,}, writes {r['writes']:,})")
     print(f"  latency (us): mean {lat['mean']}  p50 {lat['p50']}  p99 {lat['p99']}  "

@@ -21,6 +21,7 @@ from pyvirtio.cli.common import add_target_arguments, positive_int, print_json, 
 from pyvirtio.cli.ring_option import add_ring_arguments, ring_options
 from pyvirtio.cli.serving import add_serve_options, serve_model, setup_logging
 from pyvirtio.errors import InvalidArgument, TransportTimeout
+from pyvirtio.spec.common import F_IN_ORDER
 
 BENCH_MODES = ("tx", "rx", "echo")
 
@@ -87,6 +88,7 @@ def register(sub: Any) -> None:
     q.add_argument("--dst-mac", type=_mac_arg, default="02:00:00:00:00:02")
     q.add_argument("--no-swap", action="store_true", help="echo: the peer does not swap MACs")
     q.add_argument("--json", action="store_true", help="one JSON object")
+    add_ring_arguments(q)
     q.set_defaults(func=run_bench)
 
 
@@ -220,13 +222,15 @@ def run_bench(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\r[{secs:5.1f}/{args.runtime:.0f}s] {stats.ios / secs:>12,.0f} pps   ")
         sys.stderr.flush()
 
-    with _open(args, pairs=max(pairs, args.queue_pairs)) as net:
+    with _open(args, pairs=max(pairs, args.queue_pairs), ring=ring_options(args)) as net:
         if pairs > net.num_pairs:
             raise InvalidArgument(f"--queues {pairs}: the device has {net.num_pairs} pairs")
         stats = run_pairs(net, args.mode, args.runtime, pairs, size=args.size, dst_mac=args.dst_mac,
                           window=args.window, swapped=not args.no_swap,
                           progress=progress if show_progress else None)
         queue_size = net.queue_size
+        ring = net.device.ring_format
+        in_order = net.device.has_feature(F_IN_ORDER)
     if show_progress:
         sys.stderr.write("\n")
     s = stats.summary()
@@ -235,6 +239,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "size": args.size,
         "queues": pairs,
         "queue_size": queue_size,
+        "ring": ring,
+        "in_order": in_order,
         "runtime": args.runtime,
         "target": args.target,
         **s,
@@ -245,7 +251,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(f"pyvirtio net bench: mode={args.mode} size={args.size} queues={pairs} queue_size={queue_size} "
-              f"seconds={s['seconds']} path={s['path']}")
+              f"ring={ring}{'+in_order' if in_order else ''} seconds={s['seconds']} path={s['path']}")
         print(f"  packets/s: {s['pps']:,}   bits/s: {s['bps']:,}   frames: {s['frames']:,}")
         if args.mode == "echo":
             lat = s["latency_us"]

@@ -4,19 +4,12 @@ Theory of operation. The general API builds every request anew (request
 object, argument checks, a slot, the chain, waiting with the general
 machinery): ~10 µs of Python, which is what a loop of ``blk.readinto``
 costs (docs/benchmarks.md §1.3). A program that reads or writes the same
-buffer again and again can instead open a :class:`FixedIO` on it: the two
-chains (header, the buffer, status byte; the buffer device-writable for a
-read, device-readable for a write) are built once; a call writes the
-header, publishes the chain, kicks if the device wants a kick, and polls for
-the completion, validated as everywhere.
-
-On a split ring without VIRTIO_F_IN_ORDER the two chains are linked once in
-the descriptor table (:class:`~pyvirtio.ring.fixed.FixedChains`, one slot
-each), so a call is one avail-ring store. On a packed ring, or with
-IN_ORDER (whose rings lay chains out in ring order), a call submits the
-prebuilt chain through the ring protocol
-(:class:`~pyvirtio.ring.base.RingQueue`): still no request object, no slot
-and no argument re-checks.
+buffer again and again can instead open a :class:`FixedIO` on it: the chain
+(header, the buffer, status byte; the buffer device-writable for a read, its
+alternate shape device-readable for a write) is prepared once by the ring's
+fast path (:class:`~pyvirtio.ring.fixed.FixedChains`, on either ring
+format); a call writes the header, publishes the chain, kicks if the device
+wants a kick, and polls for the completion, validated as everywhere.
 
 While it is open, the calling thread's queue belongs to it: the general
 API on that thread raises until :meth:`FixedIO.close`. Other threads use
@@ -29,7 +22,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pyvirtio.drivers.blk import short_read
@@ -43,7 +35,6 @@ from pyvirtio.errors import (
 )
 from pyvirtio.memory import Buffer
 from pyvirtio.ring.fixed import FixedChains
-from pyvirtio.ring.split import SplitQueue
 from pyvirtio.spec import blk as B
 
 if TYPE_CHECKING:
@@ -73,25 +64,20 @@ class FixedIO:
         self._ctx = ctx
         self._owner = threading.get_ident()
         self._hdr = blk.allocate(32, align=64)
-        hdr = self._hdr.addr
-        # Slot 0 reads into the buffer, slot 1 writes from it.
-        self._chains = [
-            [(hdr, 16, False), (buf.addr, n, True), (hdr + _STATUS, 1, True)],
-            [(hdr, 16, False), (buf.addr, n, False), (hdr + _STATUS, 1, True)],
-        ]
-        ring = ctx.vq.ring
-        self._ring = ring
-        self._fixed: FixedChains | None = None
-        if isinstance(ring, SplitQueue) and not ring.in_order and ring.num_free >= 6:
-            try:
-                self._fixed = FixedChains(ring, self._chains)
-            except BaseException:
-                blk.free(self._hdr)
-                raise
+        try:
+            hdr = self._hdr.addr
+            self._fixed = FixedChains(  # a read; its alternate shape, a write
+                ctx.vq.ring,
+                [[(hdr, 16, False), (buf.addr, n, True), (hdr + _STATUS, 1, True)]],
+                alternate=[[(hdr, 16, False), (buf.addr, n, False), (hdr + _STATUS, 1, True)]],
+            )
+        except BaseException:
+            blk.free(self._hdr)
+            raise
+        self._head = self._fixed.heads[0]
+        self._writing = False
         self._h = self._hdr.view
         self._kick = blk.device.transport.notifier(ctx.vq.index)
-        self._slot = 0  # the slot of the request last posted
-        self._in_flight = False
         self.closed = False
         ctx.held = self
 
@@ -115,32 +101,23 @@ class FixedIO:
         blk = self.blk
         name = "read" if op == B.T_IN else "write"
         blk.check_range(name, offset, self.length)
+        fixed = self._fixed
         write = op == B.T_OUT
-        slot = 1 if write else 0
+        if write != self._writing:  # the data buffer's direction, and the bound on the used length
+            fixed.use_alternate(0, write)
+            self._writing = write
         B.OUTHDR.pack_into(self._h, 0, op, 0, offset // B.SECTOR_SIZE)
         self._h[_STATUS] = 0xFF
-        self._slot = slot
-        fixed = self._fixed
-        done: Sequence[tuple[object, int]]
-        if fixed is not None:
-            if fixed.post((slot,)):
-                self._kick()
-            done = fixed.reap(1)
-        else:
-            ring = self._ring
-            ring.submit(slot, self._chains[slot])
-            self._in_flight = True
-            if ring.kick_prepare():
-                self._kick()
-            done = ring.reap(1)
+        if fixed.post((0,)):
+            self._kick()
+        done = fixed.reap(1)
         if not done:
             done = self._wait()
-        self._in_flight = False
         written = done[0][1]
         status = self._h[_STATUS]
         if status != B.S_OK:
             raise BlockIOError(name, offset, self.length, status, B.STATUS_NAMES.get(status, "UNKNOWN"))
-        if not write and short_read(written, self.length, self._ring.format):
+        if not write and short_read(written, self.length, fixed.ring.format):
             raise BlockIOError(
                 name,
                 offset,
@@ -149,10 +126,10 @@ class FixedIO:
                 f"short read: the device reported {written} bytes written for {self.length} bytes of data",
             )
 
-    def _wait(self) -> Sequence[tuple[object, int]]:
+    def _wait(self) -> list[tuple[int, int]]:
         blk = self.blk
         fixed = self._fixed
-        reap: Callable[[int], Sequence[tuple[object, int]]] = fixed.reap if fixed is not None else self._ring.reap
+        reap = fixed.reap
         vq = self._ctx.vq
         spins = 0
         deadline = None
@@ -180,9 +157,7 @@ class FixedIO:
 
     def _restart(self, resubmit: bool) -> int:
         fixed = self._fixed
-        if fixed is None:
-            return self._ring.restart_base(resubmit)
-        return fixed.ring.restart_base(resubmit, in_flight=[fixed.heads[self._slot]] if fixed.n_inflight else [])
+        return fixed.restart_base(resubmit)
 
     # -- closing ------------------------------------------------------------------
 
@@ -197,12 +172,9 @@ class FixedIO:
             return
         self.closed = True
         fixed = self._fixed
-        if fixed is not None:
-            if fixed.n_inflight and fixed.ring.broken is None:
-                return
-            fixed.detach()
-        elif self._in_flight and self._ring.broken is None:
+        if fixed.n_inflight and fixed.ring.broken is None:
             return
+        fixed.detach()
         self.blk.free(self._hdr)
         self._ctx.held = None
 

@@ -12,13 +12,11 @@ and without MRG_RXBUF).
 Rings. Both rings of a pair have one single-buffer chain per *slot*: slot s
 of the receive ring is a device-writable buffer of ``rx_buf_size`` bytes,
 slot s of the transmit ring a device-readable buffer holding header + frame
-(only its length changes per frame). On a split ring without
-VIRTIO_F_IN_ORDER the chains are pre-linked once
-(:class:`~pyvirtio.ring.fixed.FixedChains`): posting n slots is n avail-ring
-stores, one index store and one kick decision. On a packed ring, or with
-IN_ORDER, a slot is submitted through the ring protocol
-(:class:`_RingSlots`, the same calls over :class:`~pyvirtio.ring.base.RingQueue`).
-Either way reaping validates every used entry (the id must be a slot in
+(only its length changes per frame). The slots are the ring's batch fast
+path (:class:`~pyvirtio.ring.fixed.FixedChains`, either ring format):
+posting n slots publishes them at once with one kick decision (on a split
+ring without VIRTIO_F_IN_ORDER the chains are pre-linked once and posting
+is n avail-ring stores and one index store). Reaping validates every used entry (the id must be a slot in
 flight, the length must fit the slot; a transmit entry must report 0 bytes
 written), and a violation marks the queue broken
 (:class:`~pyvirtio.errors.DeviceProtocolError`).
@@ -85,9 +83,7 @@ from pyvirtio.errors import (
     TransportTimeout,
 )
 from pyvirtio.memory import Buffer
-from pyvirtio.ring.base import RingQueue
 from pyvirtio.ring.fixed import FixedChains
-from pyvirtio.ring.split import SplitQueue
 from pyvirtio.spec import net as N
 from pyvirtio.spec.common import DEVICE_ID_NET, F_RING_EVENT_IDX
 
@@ -169,59 +165,6 @@ def random_mac() -> bytes:
     return bytes(b)
 
 
-SlotChains = list[list[tuple[int, int, bool]]]
-
-
-class _RingSlots:
-    """Fixed single-buffer slots over any ring, through the ring protocol (packed rings, IN_ORDER).
-
-    The calls of :class:`~pyvirtio.ring.fixed.FixedChains` the driver uses:
-    ``post`` (submit each slot, then the kick decision), ``reap_slots``
-    (validated by the ring's ``reap``; a slot is its request's token) and
-    ``length_fields`` (the buffer length of each slot, set before posting).
-    """
-
-    def __init__(self, ring: RingQueue, chains: SlotChains) -> None:
-        self.ring = ring
-        self.addrs = [c[0][0] for c in chains]
-        self.lengths = [c[0][1] for c in chains]
-        self.writable = chains[0][0][2]
-        self.chains = chains
-
-    @property
-    def n_inflight(self) -> int:
-        """Slots posted and not yet reaped."""
-        return self.ring.outstanding
-
-    def length_fields(self) -> tuple[list[int], list[int]]:
-        """(lengths, index): ``lengths[index[s]]`` is the length slot s is posted with next."""
-        return self.lengths, list(range(len(self.lengths)))
-
-    def post(self, slots: Sequence[int]) -> bool:
-        """Submit ``slots``; True if the device must be kicked."""
-        submit = self.ring.submit
-        addrs = self.addrs
-        lengths = self.lengths
-        w = self.writable
-        for s in slots:
-            submit(s, [(addrs[s], lengths[s], w)])
-        return self.ring.kick_prepare()
-
-    def reap_slots(self, max_n: int = 1 << 16, lengths: list[int] | None = None) -> list[int]:
-        """Slots the device has used (up to ``max_n``); their lengths appended to ``lengths`` if given."""
-        done = self.ring.reap(max_n)
-        if lengths is not None:
-            lengths.extend(n for _s, n in done)
-        return [s for s, _n in done]  # type: ignore[misc]  # tokens are the slots posted
-
-
-def _slots(ring: RingQueue, chains: SlotChains) -> FixedChains | _RingSlots:
-    """Pre-linked chains where the ring allows them (split, not in order), the ring protocol otherwise."""
-    if isinstance(ring, SplitQueue) and not ring.in_order:
-        return FixedChains(ring, chains)
-    return _RingSlots(ring, chains)
-
-
 class _RxQueue:
     """A receive ring: one writable buffer per slot, all posted but those the caller holds."""
 
@@ -235,7 +178,7 @@ class _RxQueue:
         self.view = self.buf.view
         self.h16 = self.view.cast("H")
         base = self.buf.addr
-        self.fixed = _slots(vq.ring, [[(base + buf_size * s, buf_size, True)] for s in range(self.nslots)])
+        self.fixed = FixedChains(vq.ring, [[(base + buf_size * s, buf_size, True)] for s in range(self.nslots)])
         self.held: list[int] = []  # slots whose frames the caller holds
         self.views: list[memoryview] = []
         self.partial: list[tuple[int, int]] = []  # (slot, length) of a merged frame in progress
@@ -269,7 +212,7 @@ class _TxQueue:
         self.buf: Buffer = net.pool.allocate(slot_size * self.nslots, align=4096)
         self.view = self.buf.view
         base = self.buf.addr
-        self.fixed = _slots(vq.ring, [[(base + slot_size * s, HDR_SIZE, False)] for s in range(self.nslots)])
+        self.fixed = FixedChains(vq.ring, [[(base + slot_size * s, HDR_SIZE, False)] for s in range(self.nslots)])
         # Where each slot's frame length is written before it is posted.
         self.lengths: memoryview | list[int]
         self.lengths, self.length_at = self.fixed.length_fields()

@@ -1,162 +1,245 @@
-"""Fixed chains: the split ring of a batch engine (benchmarks, fixed-shape I/O).
+"""Fixed chains: the batch fast path of both ring formats (benchmark engines, fixed-shape I/O).
 
 Theory of operation. When every request has the same shape (a virtio-blk
 header, one data buffer, a status byte), building chains per request is
-wasted work. :class:`FixedChains` takes descriptors from a
-:class:`~pyvirtio.ring.split.SplitQueue` once, writes one pre-linked chain
-per *slot*, and from then on a request is just "post slot s": its head goes
-into the avail ring. Posting many slots publishes the avail index once and
-makes one kick decision (EVENT_IDX aware, via the queue's ``kick_prepare``);
-reaping takes every used entry at once.
+wasted work. :class:`FixedChains` prepares one chain per *slot* once, and
+from then on a request is just "post slot s". It is a facade over the
+ring's own fast paths: on a :class:`~pyvirtio.ring.split.SplitQueue`
+without VIRTIO_F_IN_ORDER it is a
+:class:`~pyvirtio.ring.fixed_split.SplitFixedChains` (one pre-linked chain
+per slot in the descriptor table; posting writes the head into the avail
+ring; its loops in :mod:`pyvirtio.ring.cycle_split`); on any other ring (a
+:class:`~pyvirtio.ring.packed.PackedQueue`, or a split ring with IN_ORDER,
+whose descriptors follow ring order) a
+:class:`~pyvirtio.ring.fixed_ring.RingFixedChains` (each slot's chain kept
+here and submitted through the ring protocol, the slot being the token).
+Engines, drivers and back ends use this API and never a ring's private
+state.
 
-Used entries are validated by the same rules as ``SplitQueue.reap``
-(virtio 1.2 §2.7.8): the used index may not move by more than is in flight,
-an id must be the head of a slot that is in flight, a length may not exceed
-the slot's device-writable bytes. A violation marks the queue broken and
-raises :class:`~pyvirtio.errors.DeviceProtocolError` carrying the
-(slot, length) completions validated before it.
+Posting many slots publishes them at once (split: one avail index store;
+packed: each head's flags last, behind a release barrier, §2.8.21.1)
+and makes one kick decision (split: flags or EVENT_IDX, §2.7.10; packed:
+event suppression, §2.8.10). Reaping takes every used entry at once.
 
-Two implementations of post and reap share that state: plain Python
-(:meth:`post` / :meth:`reap`), cheapest for a handful of requests, and NumPy
-(:meth:`post_many` / :meth:`reap_many`), a fixed number of array operations
-per batch whatever its size. The NumPy reap checks the whole batch with
-vector operations and, if anything is wrong, re-runs the batch through the
-Python path, which finds and reports the exact entry.
+Every used entry is validated before it is believed, by the rules of the
+ring's own reap (virtio 1.2 §2.7.8 / §2.8.4, §2.8.6): more completions than
+are in flight, an id out of range or not the head of a slot in flight, a
+length above the slot's device-writable bytes, and for packed a descriptor
+whose AVAIL/USED bits match neither the used nor the available pattern of
+the current lap (a wrong wrap counter). A violation marks the queue broken
+and raises :class:`~pyvirtio.errors.DeviceProtocolError` whose ``completed``
+holds the (slot, length) pairs validated before the bad entry; the bad
+entry's slot stays in flight, nothing is returned twice. The same rules and
+errors hold on every path below.
 
-While a FixedChains is attached, the queue must not be used through
-``SplitQueue.start/submit/reap``; :meth:`detach` gives the descriptors back.
+Paths, sharing one state:
+
+* plain calls: :meth:`~FixedChains.post`, :meth:`~FixedChains.reap_slots`,
+  cheapest for a handful of requests;
+* NumPy (the ``fast`` extra): :meth:`~FixedChains.post_many`,
+  :meth:`~FixedChains.reap_many`, a fixed number of array operations per
+  batch whatever its size; a NumPy batch with anything wrong is re-run entry
+  by entry, which finds and reports the exact entry. A FixedChains is driven
+  through one of the two (switching needs nothing in flight);
+* the *cycle* (:meth:`~FixedChains.cycle`), an engine's closed loop in one
+  call per pass: keep ``depth`` slots in flight, the others *spares* the
+  caller has prepared. :meth:`Cycle.turn` looks at the used side, publishes
+  one spare per completion seen (and any shortfall) and makes the kick
+  decision, calling the transport's notifier if the device wants a kick
+  (the ring decides; the notifier does the I/O, as Linux's ``vq->notify``);
+  only then does it validate the completions, so the device's next work is
+  in the ring one store after the last completion is seen (docs/benchmarks.md
+  §1.2). The slots it returns are spares from then on: the caller prepares
+  them before the next turn. The spares published are marked in flight only
+  after the batch was checked, so an entry naming one is rejected. The
+  vectorised cycle (``vectorised=True``) does the same in array operations;
+* the *stream* (:meth:`~FixedChains.stream`), the net engine's: every slot
+  a one-buffer chain, all of them in flight all the time, each slot fixed
+  at its ring position, so re-posting n slots is one store (split: the avail
+  index; elsewhere the slots are submitted again through the ring),
+  and a batch of completions is checked against the expected entries in
+  bulk (:meth:`Stream.peek`), then taken and re-posted
+  (:meth:`Stream.advance`). Anything unexpected is left in the ring for the
+  exact path (:meth:`Stream.close`, then ``reap_slots``).
+
+A slot has one or two *shapes*: ``chains[s]`` and, optionally,
+``alternate[s]`` (e.g. a read and a write, with as many buffers);
+:meth:`~FixedChains.use_alternate` switches between them and
+:meth:`~FixedChains.set_buffer` changes one buffer of the current shape. A
+slot in flight cannot be changed. The device-writable bytes of each slot's
+current shape (``wlen``) bound its used lengths.
+
+Reconnect: :meth:`~FixedChains.restart_base` prepares the ring for a new
+device behind the same memory (vhost-user) and returns the base for
+SET_VRING_BASE: completions the old device published are reaped once; with
+``resubmit`` every slot in flight is made available again, exactly once.
+
+While a FixedChains is attached, the queue is used only through it;
+:meth:`~FixedChains.detach` gives the queue back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken, QueueStateError
-from pyvirtio.ring import ordering
-from pyvirtio.ring.split import END, SplitQueue
-from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
+from pyvirtio.errors import InvalidArgument, QueueBroken
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from pyvirtio.ring.base import RingQueue
+
+#: One completion of a slot: (slot, bytes written).
 SlotCompletion = tuple[int, int]
+#: One buffer of a chain: (address, length, device-writable).
+BufferSpec = tuple[int, int, bool]
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+class Cycle(Protocol):
+    """An engine's closed loop on a FixedChains (see the module docstring)."""
+
+    #: The slots the last busy :meth:`turn` published (a list, or an array when vectorised).
+    posted: Any
+    #: Kicks sent so far.
+    kicks: int
+
+    def turn(self, spins: int = 1) -> Any:
+        """One pass: None if nothing happened, else the slots completed (maybe none), now spares.
+
+        ``spins``: with everything in flight and nothing completed, look at
+        the used side up to this many times before returning None (a poll
+        inside the ring's loop costs less than a call from the engine's).
+        """
+        ...
+
+
+class Stream(Protocol):
+    """Every slot in flight at a fixed ring position (see the module docstring)."""
+
+    #: Kicks sent so far.
+    kicks: int
+
+    def peek(self) -> int:
+        """Completions seen that match the expected entries (0: none); -1: anything else (see :meth:`close`)."""
+        ...
+
+    def peek_many(self) -> tuple[Any, ...] | None:
+        """:meth:`peek` with the (slots, lengths) of the completions as NumPy arrays; None if none; ``()`` if
+        anything else was seen."""
+        ...
+
+    def advance(self, n: int) -> None:
+        """Take the ``n`` completions just peeked, publish every slot not in flight (one store), kick if wanted."""
+        ...
+
+    def close(self) -> None:
+        """Back to the plain path (``reap_slots`` validates whatever is left in the used ring)."""
+        ...
 
 
 class FixedChains:
-    """Pre-linked chains, one per slot, reserved on ``ring`` (see the module docstring)."""
+    """Fixed chains, one per slot, reserved on ``ring`` (see the module docstring).
 
-    def __init__(self, ring: SplitQueue, chains: Sequence[Sequence[tuple[int, int, bool]]]) -> None:
-        if ring.outstanding or ring._req_head != END:
-            raise QueueStateError("FixedChains needs an idle queue")
-        if ring.in_order:
-            raise InvalidArgument("FixedChains lays chains out of ring order: not for a VIRTIO_F_IN_ORDER queue")
-        total = sum(len(c) for c in chains)
-        if not chains or any(not c for c in chains):
-            raise InvalidArgument("every chain needs at least one buffer")
-        if total > ring.num_free:
-            raise InvalidArgument(f"{len(chains)} chains need {total} descriptors, the queue has {ring.num_free}")
-        self.ring = ring
-        self.nslots = len(chains)
-        self.heads: list[int] = []
-        self.wlen: list[int] = []
-        self._descs: list[list[int]] = []
-        self.slot_of: list[int] = [-1] * ring.size
-        d64, d32, d16 = ring._desc64, ring._desc32, ring._desc16
-        carved = self._carve(ring, [len(c) for c in chains]) if ring.num_free == ring.size else None
-        for slot, chain in enumerate(chains):
-            taken: list[int] = []
-            wlen = 0
-            for k, (addr, length, writable) in enumerate(chain):
-                if carved is not None:
-                    i = carved[slot][k]
-                else:
-                    i = ring.free_head
-                    ring.free_head = ring._next[i]
-                    ring.num_free -= 1
-                taken.append(i)
-                d64[2 * i] = addr
-                d32[4 * i + 2] = length
-                d16[8 * i + 6] = (DESC_F_WRITE if writable else 0) | DESC_F_NEXT
-                if writable:
-                    wlen += length
-            for a, b in zip(taken, taken[1:], strict=False):
-                d16[8 * a + 7] = b
-            d16[8 * taken[-1] + 6] &= ~DESC_F_NEXT
-            self.heads.append(taken[0])
-            self.wlen.append(wlen)
-            self._descs.append(taken)
-            self.slot_of[taken[0]] = slot
-        #: Slot s is headed by descriptor s (always, when the queue had every
-        #: descriptor free): callers may then use used ids as slots directly.
-        self.heads_are_slots = self.heads == list(range(self.nslots))
-        # hw1[h]: 0 unless descriptor h heads an in-flight slot, then its
-        # device-writable bytes + 1. One lookup checks "in flight" and bounds
-        # the used length (length < hw1[h]); an id >= size raises IndexError.
-        self.hw1: list[int] = [0] * ring.size
-        self.n_inflight = 0
-        self._np: Any = None
+    ``FixedChains(ring, chains)`` builds the implementation for the ring's
+    format. ``chains[s]`` is slot s's list of (addr, length, writable)
+    buffers, device-readable ones first; ``alternate[s]``, if given, its
+    other shape with as many buffers.
+    """
 
-    @staticmethod
-    def _carve(ring: SplitQueue, lengths: list[int]) -> list[list[int]]:
-        """Descriptors for chains on a queue whose descriptors are all free: chain s headed by descriptor s.
+    ring: RingQueue
+    #: Number of slots.
+    nslots: int
+    #: What identifies each slot in the ring's used entries: split, its head descriptor; over the ring
+    #: protocol (packed, IN_ORDER), the slot itself (the request's token; the ring maps buffer ids).
+    heads: list[int]
+    #: The slot of each id (-1: none).
+    slot_of: list[int]
+    #: ``heads[s] == s`` for every slot: used ids are slots.
+    heads_are_slots: bool
 
-        The heads are 0..n-1, the other descriptors of the chains follow in
-        order, and the rest of the queue stays on the free list, in order.
-        """
-        n = len(lengths)
-        nxt = n
-        out: list[list[int]] = []
-        for s, k in enumerate(lengths):
-            out.append([s, *range(nxt, nxt + k - 1)])
-            nxt += k - 1
-        size = ring.size
-        for i in range(nxt, size):
-            ring._next[i] = i + 1 if i + 1 < size else END
-            ring._desc16[8 * i + 7] = i + 1 if i + 1 < size else 0
-        ring.free_head = nxt if nxt < size else END
-        ring.free_tail = size - 1
-        ring.num_free = size - nxt
-        return out
+    def __new__(
+        cls,
+        ring: RingQueue,
+        chains: Sequence[Sequence[BufferSpec]],
+        *,
+        alternate: Sequence[Sequence[BufferSpec]] | None = None,
+    ) -> FixedChains:
+        if cls is FixedChains:
+            # Imported here: the implementations import this module.
+            if ring.format == "split" and not ring.in_order:
+                from pyvirtio.ring.fixed_split import SplitFixedChains
 
-    def length_fields(self, k: int = 0) -> tuple[memoryview, list[int]]:
+                return cast(FixedChains, super().__new__(SplitFixedChains))
+            from pyvirtio.ring.fixed_ring import RingFixedChains
+
+            return cast(FixedChains, super().__new__(RingFixedChains))
+        return super().__new__(cls)
+
+    # -- state ------------------------------------------------------------------
+
+    @property
+    def n_inflight(self) -> int:
+        """Slots published and not yet reaped."""
+        raise NotImplementedError
+
+    @property
+    def wlen(self) -> Sequence[int]:
+        """Device-writable bytes of each slot's current shape (read only)."""
+        raise NotImplementedError
+
+    def in_flight(self) -> list[int]:
+        """The slots in flight, in no particular order."""
+        raise NotImplementedError
+
+    def pending(self) -> int:
+        """Completions the device has published and nobody has reaped (up to the first malformed entry)."""
+        raise NotImplementedError
+
+    # -- shapes -------------------------------------------------------------------
+
+    def set_buffer(
+        self, s: int, k: int, addr: int | None = None, length: int | None = None, writable: bool | None = None
+    ) -> None:
+        """Change buffer ``k`` of slot ``s``'s current shape (the slot must not be in flight)."""
+        raise NotImplementedError
+
+    def set_length(self, s: int, k: int, length: int) -> None:
+        """Change the length of buffer ``k`` of slot ``s`` (cheaper than :meth:`set_buffer`; not in flight)."""
+        raise NotImplementedError
+
+    def length_fields(self, k: int = 0) -> tuple[memoryview | list[int], list[int]]:
         """(lengths, index): ``lengths[index[s]]`` is the length of buffer ``k`` of slot s's chain.
 
         For a caller whose device-readable buffer changes length per request
-        (a frame to send): it writes the length there while the slot is not
-        in flight, then posts the slot.
+        (a frame to send): it stores the length there while the slot is not
+        in flight, then posts the slot; one store, no call. Buffer ``k`` must
+        be device-readable in every slot and shape (a writable one bounds the
+        used length, which such a store would not update).
         """
-        return self.ring._desc32, [4 * d[k] + 2 for d in self._descs]
+        raise NotImplementedError
 
-    # -- plain Python ---------------------------------------------------------
+    def use_alternate(self, s: int, on: bool) -> None:
+        """Give slot ``s`` its alternate shape (True) or its first one (the slot must not be in flight)."""
+        raise NotImplementedError
+
+    def use_alternate_many(self, slots: np.ndarray, on: np.ndarray, *, check: bool = True) -> None:
+        """:meth:`use_alternate` for arrays of slots and flags (NumPy path; ``check=False``: the caller
+        guarantees none of them is in flight)."""
+        raise NotImplementedError
+
+    # -- plain calls --------------------------------------------------------------
 
     def post(self, slots: Sequence[int]) -> bool:
-        """Publish ``slots`` (one avail index store); True if the device must be kicked."""
-        ring = self.ring
-        if ring.broken is not None:
-            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
-        if self._np is not None:
-            raise QueueStateError("this FixedChains is driven through the NumPy path")
-        hw1 = self.hw1
-        wlen = self.wlen
-        heads = self.heads
-        a16 = ring._avail16
-        mask = ring.size - 1
-        idx = ring.avail_idx
-        for s in slots:
-            h = heads[s]
-            if hw1[h]:
-                raise QueueStateError(f"slot {s} is already in flight")
-            hw1[h] = wlen[s] + 1
-            a16[2 + (idx & mask)] = h
-            idx = (idx + 1) & 0xFFFF
-        n = len(slots)
-        self.n_inflight += n
-        ring.outstanding += n
-        ring.avail_idx = idx
-        ordering.write_barrier()
-        a16[1] = idx
-        return ring.kick_prepare()
+        """Publish ``slots`` at once; True if the device must be kicked."""
+        raise NotImplementedError
+
+    def reap_slots(self, max_n: int = 1 << 16, lengths: list[int] | None = None) -> list[int]:
+        """Validated slots of every used entry (up to ``max_n``); lengths appended to ``lengths`` if given."""
+        raise NotImplementedError
 
     def reap(self, max_n: int = 1 << 16) -> list[SlotCompletion]:
         """Validated (slot, bytes written) pairs of every used entry (up to ``max_n``)."""
@@ -164,209 +247,124 @@ class FixedChains:
         slots = self.reap_slots(max_n, lengths)
         return list(zip(slots, lengths, strict=True))
 
-    def reap_slots(self, max_n: int = 1 << 16, lengths: list[int] | None = None) -> list[int]:
-        """Validated slots of every used entry (up to ``max_n``); lengths appended to ``lengths`` if given."""
-        ring = self.ring
-        last = ring.last_used
-        n = (ring._used16[1] - last) & 0xFFFF
-        if not n:
-            return []
-        if ring.broken is not None:
-            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
-        if n > ring.outstanding:
-            self._break(f"used index moved by {n} with only {ring.outstanding} requests in flight", [], [])
-        ordering.read_barrier()
-        if n > max_n:
-            n = max_n
-        used32 = ring._used32
-        mask = ring.size - 1
-        slot_of = self.slot_of
-        hw1 = self.hw1
-        out: list[int] = []
-        lens = [] if lengths is None else lengths
-        for _ in range(n):
-            pos = 1 + 2 * (last & mask)
-            head = used32[pos]
-            length = used32[pos + 1]
-            try:
-                w = hw1[head]
-            except IndexError:
-                self._break(f"used id {head} is out of range (queue size {ring.size})", out, lens)
-            if length >= w:
-                if not w:
-                    self._break(f"used id {head} is not the head of an in-flight request", out, lens)
-                if not ring.clamp_used_len:
-                    self._break(
-                        f"used length {length} for id {head} exceeds the {w - 1} device-writable bytes offered",
-                        out,
-                        lens,
-                    )
-                ring.long_used += 1
-                length = w - 1
-            hw1[head] = 0
-            out.append(slot_of[head])
-            lens.append(length)
-            last = (last + 1) & 0xFFFF
-        ring.last_used = last
-        self.n_inflight -= n
-        ring.outstanding -= n
-        if ring._interrupts and ring.event_idx:
-            ring._avail16[ring._used_event_i] = last  # keep the next completion signalled
-        return out
-
-    def _break(self, reason: str, slots: list[int], lengths: list[int]) -> NoReturn:
-        ring = self.ring
-        done = len(slots)
-        ring.last_used = (ring.last_used + done) & 0xFFFF
-        self.n_inflight -= done
-        ring.outstanding -= done
-        ring.broken = reason
-        raise DeviceProtocolError(f"queue {ring.index}: {reason}", list(zip(slots, lengths, strict=True)))
-
-    # -- NumPy ----------------------------------------------------------------
-    #
-    # The vectorised path keeps its own state in arrays; a FixedChains is used
-    # through one path or the other, never both. ``head_wlen1[h]`` is 0 when
-    # descriptor h is not an in-flight head, else the chain's device-writable
-    # bytes + 1: one gather then checks "in flight" and "length within bounds"
-    # together (``lens < head_wlen1[ids]``). Index ``size`` is a permanent 0 so
-    # that out-of-range ids, clipped to it, fail the same check.
-
-    def _arrays(self) -> Any:
-        if self._np is None:
-            if self.n_inflight:
-                raise QueueStateError("switch to the NumPy path with nothing in flight")
-            import numpy as np
-
-            ring = self.ring
-            size = ring.size
-            used = np.frombuffer(ring._used32, dtype="<u4", count=1 + 2 * size)
-            idx2 = np.arange(2 * size, dtype=np.int64) & (size - 1)
-            # The used ring's lengths are uint32: comparing them with uint32 is
-            # cheaper than with int64 (no conversion), when every bound fits.
-            wdt = np.uint32 if max(self.wlen) + 1 <= 0xFFFFFFFF else np.int64
-            self._np = {
-                "np": np,
-                "avail": np.frombuffer(ring._avail16, dtype="<u2"),
-                "used_id": used[1::2],
-                "used_len": used[2::2],
-                "heads": np.asarray(self.heads, dtype=np.int64),
-                "slot_of": np.asarray(self.slot_of + [-1], dtype=np.int64),
-                "wlen1": np.asarray([w + 1 for w in self.wlen], dtype=wdt),  # per slot: writable bytes + 1
-                "head_wlen1": np.zeros(size + 1, dtype=wdt),
-                "arange": np.arange(size, dtype=np.int64),
-                # ring positions of k consecutive indices from i: idx2[i & mask : (i & mask) + k]
-                "idx2": idx2,
-                "avail_pos2": idx2 + 2,
-            }
-        return self._np
+    # -- NumPy --------------------------------------------------------------------
 
     def post_many(self, slots: np.ndarray, *, check: bool = True) -> bool:
         """Publish an integer array of slots in array operations; True if the device must be kicked.
 
         ``check=False`` skips the "already in flight" test, for callers that
-        only ever post slots they reaped (the benchmark engine).
+        only ever post slots they reaped.
         """
-        ring = self.ring
-        if ring.broken is not None:
-            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
-        a = self._arrays()
-        n = len(slots)
-        if not n:
-            return False
-        heads = a["heads"][slots]
-        hw = a["head_wlen1"]
-        if check and hw[heads].any():
-            raise QueueStateError("a slot posted is already in flight")
-        hw[heads] = a["wlen1"][slots]
-        idx = ring.avail_idx
-        start = idx & (ring.size - 1)
-        a["avail"][a["avail_pos2"][start : start + n]] = heads
-        idx = (idx + n) & 0xFFFF
-        self.n_inflight += n
-        ring.outstanding += n
-        ring.avail_idx = idx
-        ordering.write_barrier()
-        ring._avail16[1] = idx
-        return ring.kick_prepare()
+        raise NotImplementedError
 
     def reap_many(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Every used entry as (slots, lengths) arrays, validated in array operations; None if none."""
-        ring = self.ring
-        last = ring.last_used
-        n = (ring._used16[1] - last) & 0xFFFF
-        if not n:
-            return None
-        if ring.broken is not None:
-            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
-        a = self._arrays()
-        if n > ring.outstanding:
-            self._break(f"used index moved by {n} with only {ring.outstanding} requests in flight", [], [])
-        ordering.read_barrier()
-        start = last & (ring.size - 1)
-        pos = a["idx2"][start : start + n]
-        ids = a["used_id"][pos]
-        lens = a["used_len"][pos]
-        hw = a["head_wlen1"]
-        np = a["np"]
-        if (lens < hw.take(ids, mode="clip")).all():
-            hw[ids] = 0
-            after = self.n_inflight - n
-            if np.count_nonzero(hw) == after:
-                self.n_inflight = after
-                ring.outstanding -= n
-                ring.last_used = (last + n) & 0xFFFF
-                if ring._interrupts and ring.event_idx:
-                    ring._avail16[ring._used_event_i] = ring.last_used
-                return a["slot_of"][ids], lens
-            hw[ids] = a["wlen1"][a["slot_of"][ids]]  # a duplicate id: undo
-        return self._reap_exact(n)
+        raise NotImplementedError
 
-    def _reap_exact(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Entry-by-entry validation of the NumPy path's batch: finds and reports the bad entry."""
-        a = self._arrays()
-        np = a["np"]
-        ring = self.ring
-        hw = a["head_wlen1"]
-        last = ring.last_used
-        slots: list[int] = []
-        lens: list[int] = []
-        for k in range(n):
-            pos = (last + k) & (ring.size - 1)
-            head = int(a["used_id"][pos])
-            length = int(a["used_len"][pos])
-            if head >= ring.size:
-                self._break(f"used id {head} is out of range (queue size {ring.size})", slots, lens)
-            if not hw[head]:
-                self._break(f"used id {head} is not the head of an in-flight request", slots, lens)
-            if length >= hw[head]:
-                if not ring.clamp_used_len:
-                    self._break(
-                        f"used length {length} for id {head} exceeds the {int(hw[head]) - 1} device-writable "
-                        "bytes offered",
-                        slots,
-                        lens,
-                    )
-                ring.long_used += 1
-                length = int(hw[head]) - 1
-            hw[head] = 0
-            slots.append(int(a["slot_of"][head]))
-            lens.append(length)
-        ring.last_used = (last + n) & 0xFFFF
-        self.n_inflight -= n
-        ring.outstanding -= n
-        return np.asarray(slots, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+    # -- engines ------------------------------------------------------------------
 
-    # -- teardown -------------------------------------------------------------
+    def cycle(self, depth: int, notify: Callable[[], object], *, vectorised: bool = False) -> Cycle:
+        """The closed loop of an engine: ``depth`` slots in flight, the others spares (nothing may be in flight).
+
+        Every slot must be prepared by the caller before the first turn.
+        """
+        raise NotImplementedError
+
+    def stream(self, notify: Callable[[], object], *, min_len: int = 0) -> Stream:
+        """Every one-buffer slot at its own ring position, for packet engines (see the module docstring).
+
+        Starts with no slot in flight (all are published by the first
+        :meth:`Stream.advance`) or every slot in flight. A used length below
+        ``min_len`` is not an expected entry (the exact path sees it).
+        """
+        raise NotImplementedError
+
+    # -- interrupts, reconnect, teardown -----------------------------------------------
+
+    def enable_interrupts(self) -> None:
+        """Ask the device to signal used buffers (the ring's, kept current by every reap)."""
+        raise NotImplementedError
+
+    def disable_interrupts(self) -> None:
+        """Ask the device not to signal (polling, the default)."""
+        raise NotImplementedError
+
+    def restart_base(self, resubmit: bool = True) -> int:
+        """Prepare the ring for a new device behind the same memory; returns the base for SET_VRING_BASE."""
+        raise NotImplementedError
 
     def detach(self) -> None:
-        """Return every chain's descriptors to the queue (nothing may be in flight)."""
-        if self.n_inflight and self.ring.broken is None:
-            raise QueueStateError(f"{self.n_inflight} slots still in flight")
+        """Give the queue back (nothing may be in flight unless the queue is broken)."""
+        raise NotImplementedError
+
+    # -- shared helpers -----------------------------------------------------------------
+
+    def check_broken(self) -> None:
         ring = self.ring
-        for taken in self._descs:
-            ring._release_chain(taken[0], taken[-1], len(taken))
-            for a, b in zip(taken, taken[1:], strict=False):
-                ring._next[a] = b
-        self._descs.clear()
-        self._np = None
+        if ring.broken is not None:
+            raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
+
+
+def changed_buffer(
+    form: Sequence[Sequence[Any]], s: int, k: int, addr: int | None, length: int | None, writable: bool | None
+) -> list[Any]:
+    """Buffer ``k`` of slot ``s``'s shape ``form`` with the changes given (None: unchanged), checked."""
+    if not 0 <= k < len(form):
+        raise InvalidArgument(f"slot {s} has {len(form)} buffers, not {k + 1}")
+    old = form[k]
+    new = [old[0] if addr is None else addr, old[1] if length is None else length,
+           old[2] if writable is None else bool(writable)]
+    if not (0 <= new[1] <= _U32 and 0 <= new[0] <= _U64):
+        raise InvalidArgument(f"bad buffer addr=0x{new[0]:x} length={new[1]}")
+    if (k and form[k - 1][2] and not new[2]) or (k + 1 < len(form) and new[2] and not form[k + 1][2]):
+        raise InvalidArgument(f"slot {s}: a device-readable buffer after a writable one (§2.7.4.2)")
+    return new
+
+
+def check_length_field(shapes: Sequence[Sequence[Sequence[Sequence[Any]]]], k: int) -> None:
+    """Refuse :meth:`FixedChains.length_fields` for a buffer that is missing or device-writable somewhere."""
+    for s, forms in enumerate(shapes):
+        for form in forms:
+            if not 0 <= k < len(form):
+                raise InvalidArgument(f"slot {s} has {len(form)} buffers, not {k + 1}")
+            if form[k][2]:
+                raise InvalidArgument(f"buffer {k} of slot {s} is device-writable: its length bounds the used length")
+
+
+def chain_shapes(
+    chains: Sequence[Sequence[BufferSpec]], alternate: Sequence[Sequence[BufferSpec]] | None
+) -> list[list[list[BufferSpec]]]:
+    """Validate the chains and return the shapes of every slot: [[first], [first, alternate]...]."""
+    if not chains:
+        raise InvalidArgument("fixed chains need at least one slot")
+    if alternate is not None and len(alternate) != len(chains):
+        raise InvalidArgument(f"{len(alternate)} alternate chains for {len(chains)} slots")
+    shapes: list[list[list[BufferSpec]]] = []
+    for s, chain in enumerate(chains):
+        forms = [list(chain)] if alternate is None else [list(chain), list(alternate[s])]
+        for form in forms:
+            if not form:
+                raise InvalidArgument("every chain needs at least one buffer")
+            seen_writable = False
+            for addr, length, writable in form:
+                if not (0 <= length <= _U32 and 0 <= addr <= _U64):
+                    raise InvalidArgument(f"slot {s}: bad buffer addr=0x{addr:x} length={length}")
+                if seen_writable and not writable:
+                    raise InvalidArgument(f"slot {s}: a device-readable buffer after a writable one (§2.7.4.2)")
+                seen_writable = seen_writable or bool(writable)
+        if len(forms) == 2 and len(forms[1]) != len(forms[0]):
+            raise InvalidArgument(f"slot {s}: the alternate chain has {len(forms[1])} buffers, not {len(forms[0])}")
+        shapes.append(forms)
+    return shapes
+
+
+__all__ = [
+    "BufferSpec",
+    "Cycle",
+    "FixedChains",
+    "SlotCompletion",
+    "Stream",
+    "chain_shapes",
+    "changed_buffer",
+    "check_length_field",
+]

@@ -22,6 +22,10 @@ fence: CPython's lock acquire is an atomic compare-and-swap.
 On other architectures (aarch64) plain stores may be reordered, and
 ``STRONGLY_ORDERED`` is False: the rings then call :func:`full_barrier` for
 (1) and (2) as well. That path is correct but slower, and untested in CI.
+
+Hot loops (the rings' batch fast paths, :mod:`pyvirtio.ring.fixed`) inline
+the full barrier as its two halves, :data:`fence_acquire` then
+:data:`fence_release` (two C calls instead of a Python call around them).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from typing import Final
 STRONGLY_ORDERED: Final = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 _fence_lock = threading.Lock()
+
+#: :func:`full_barrier` inlined: call ``fence_acquire()`` then ``fence_release()``.
+fence_acquire: Final = _fence_lock.acquire
+fence_release: Final = _fence_lock.release
 
 
 def full_barrier() -> None:

@@ -43,11 +43,19 @@ one no longer in flight).
 
 Memory ordering: see :mod:`pyvirtio.ring.ordering`. The API and its
 semantics are the ring protocol's (:mod:`pyvirtio.ring.base`).
+
+The batch fast path (:mod:`pyvirtio.ring.fixed_split`, behind
+:class:`~pyvirtio.ring.fixed.FixedChains`) is this ring's too: it reserves
+descriptors (:meth:`SplitQueue.take_descriptors`), works on the ring memory
+(:meth:`SplitQueue.shared_views`) and keeps the shadow indices below
+(``avail_idx``, ``last_used``, ``outstanding``, ``kick_from``) current after
+every call. Nothing above the ring layer uses those two calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from pyvirtio.errors import (
@@ -82,7 +90,29 @@ _IDLE: Final = object()  # token slot of a descriptor that is not an in-flight h
 _U32: Final = 0xFFFFFFFF
 _U64: Final = 0xFFFFFFFFFFFFFFFF
 
-__all__ = ["END", "Completion", "SplitQueue"]
+__all__ = ["END", "Completion", "SplitMemory", "SplitQueue"]
+
+
+@dataclass(frozen=True)
+class SplitMemory:
+    """A split ring's shared memory as typed views (for the ring package's batch fast path only).
+
+    ``desc64[2 d]`` is descriptor d's address, ``desc32[4 d + 2]`` its
+    length, ``desc16[8 d + 6]`` its flags and ``desc16[8 d + 7]`` its next;
+    ``avail16[0]`` / ``[1]`` / ``[2 + i]`` the avail flags, index and ring,
+    ``avail16[used_event]`` used_event; ``used16[0]`` / ``[1]`` the used
+    flags and index, ``used32[1 + 2 i]`` / ``[2 + 2 i]`` entry i's id and
+    length, ``used16[avail_event]`` avail_event (virtio 1.2 §2.7).
+    """
+
+    desc64: memoryview
+    desc32: memoryview
+    desc16: memoryview
+    avail16: memoryview
+    used16: memoryview
+    used32: memoryview
+    used_event: int
+    avail_event: int
 
 
 class SplitQueue:
@@ -160,7 +190,7 @@ class SplitQueue:
         self.avail_idx = 0  # next avail index the driver will publish (shadow of avail.idx)
         self.last_used = 0  # next used index the driver will consume
         self.outstanding = 0  # chains published and not yet completed
-        self._kick_from = 0  # avail_idx at the last kick decision
+        self.kick_from = 0  # avail_idx at the last kick decision (the window of the next one starts here)
         self.broken: str | None = None
         #: Tolerate a used length above the device-writable bytes offered (clamped to them, counted in
         #: long_used) instead of breaking the queue. QEMU's virtio-scsi (7.2) reports a write's data-out
@@ -216,6 +246,76 @@ class SplitQueue:
     def request_open(self) -> bool:
         """A request was started and not yet published or aborted."""
         return self._req_head != END
+
+    # -- the batch fast path's share (ring/fixed_split.py) -------------------------
+
+    def shared_views(self) -> SplitMemory:
+        """The ring memory as typed views, for :mod:`pyvirtio.ring.fixed_split` (not for layers above)."""
+        return SplitMemory(
+            self._desc64,
+            self._desc32,
+            self._desc16,
+            self._avail16,
+            self._used16,
+            self._used32,
+            self._used_event_i,
+            self._avail_event_i,
+        )
+
+    def take_descriptors(self, counts: Sequence[int]) -> list[list[int]]:
+        """Reserve ``len(counts)`` chains of ``counts[s]`` descriptors off the free list, for fixed chains.
+
+        On a queue whose descriptors are all free, chain s is headed by
+        descriptor s, the chains' other descriptors follow in order, and the
+        rest of the queue stays on the free list, in order; otherwise the
+        chains are taken from the head of the free list. The caller links and
+        fills them (next fields included) and gives them back with
+        :meth:`give_back_descriptors`. The queue must be idle (nothing in
+        flight, no request open) and not VIRTIO_F_IN_ORDER (fixed chains lie
+        out of ring order).
+        """
+        if self.broken is not None:
+            raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
+        if self.outstanding or self._req_head != END:
+            raise QueueStateError("fixed chains need an idle queue")
+        if self.in_order:
+            raise InvalidArgument("fixed chains lie out of ring order: not for a VIRTIO_F_IN_ORDER queue")
+        if not counts or min(counts) < 1:
+            raise InvalidArgument("every chain needs at least one buffer")
+        total = sum(counts)
+        if total > self.num_free:
+            raise InvalidArgument(f"{len(counts)} chains need {total} descriptors, the queue has {self.num_free}")
+        size = self.size
+        out: list[list[int]] = []
+        if self.num_free == size:
+            n = len(counts)
+            nxt = n
+            for s, k in enumerate(counts):
+                out.append([s, *range(nxt, nxt + k - 1)])
+                nxt += k - 1
+            for i in range(nxt, size):
+                self._next[i] = i + 1 if i + 1 < size else END
+                self._desc16[8 * i + 7] = i + 1 if i + 1 < size else 0
+            self.free_head = nxt if nxt < size else END
+            self.free_tail = size - 1
+            self.num_free = size - nxt
+            return out
+        for k in counts:
+            taken = []
+            for _ in range(k):
+                i = self.free_head
+                self.free_head = self._next[i]
+                self.num_free -= 1
+                taken.append(i)
+            out.append(taken)
+        return out
+
+    def give_back_descriptors(self, chains: Iterable[Sequence[int]]) -> None:
+        """Return chains from :meth:`take_descriptors` to the free list (their requests must be done)."""
+        for taken in chains:
+            self._release_chain(taken[0], taken[-1], len(taken))
+            for a, b in zip(taken, taken[1:], strict=False):
+                self._next[a] = b
 
     # -- a new device behind the same ring (vhost-user reconnect) --------------
 
@@ -303,7 +403,7 @@ class SplitQueue:
             a16[2 + ((used_idx + k) & mask)] = head
         ordering.write_barrier()
         a16[1] = avail
-        self._kick_from = avail  # the caller kicks once the new device is set up
+        self.kick_from = avail  # the caller kicks once the new device is set up
         return used_idx
 
     # -- request building (seed: virtqueue_req_start / add_iovs / flush / abort)
@@ -529,10 +629,10 @@ class SplitQueue:
     def kick_prepare(self) -> bool:
         """The kick decision for everything published since the last one."""
         new = self.avail_idx
-        old = self._kick_from
+        old = self.kick_from
         if new == old:
             return False
-        self._kick_from = new
+        self.kick_from = new
         if self.event_idx and not self._interrupts:
             # Keep the device from ever reaching used_event (seed v18.07+): a
             # size + 1 behind the last used index. Rewritten only once the used

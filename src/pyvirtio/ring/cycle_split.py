@@ -1,0 +1,505 @@
+"""The engines' loops on a split ring: the cycle and the stream of :class:`~pyvirtio.ring.fixed_split.SplitFixedChains`.
+
+Theory of operation (the contract: :mod:`pyvirtio.ring.fixed`, ``Cycle`` and
+``Stream``). These objects are the ring's batch fast path for a closed loop:
+they keep the ring's shadow indices (``avail_idx``, ``last_used``,
+``outstanding``, ``kick_from``) and the fixed chains' in-flight table
+(``hw1``: writable bytes + 1 per head in flight, else 0) current after every
+call, so the plain calls, the ring's ``kick_prepare`` and ``restart_base``
+can take over at any time.
+
+:class:`SplitCycle` (plain Python) and :class:`SplitManyCycle` (NumPy) each
+turn: (1) publish one spare per completion seen, one avail index store
+(virtio 1.2 §2.7.13), and make the kick decision (§2.7.10:
+VRING_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX); (2) validate the
+batch of used entries (§2.7.8: id in range and heading a slot in flight,
+length within the slot's device-writable bytes; a duplicate fails because
+its first occurrence cleared the entry); (3) mark the slots just published
+in flight, only now, so an entry naming one of them is rejected. On any
+anomaly the batch is re-run entry by entry by the fixed chains
+(``take_exact`` / ``reap_exact``), which raise
+:class:`~pyvirtio.errors.DeviceProtocolError` naming the entry with the
+completions validated before it.
+
+:class:`SplitStream` keeps every slot at its own avail position (see its
+docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pyvirtio.errors import InvalidArgument, QueueStateError
+from pyvirtio.ring import ordering
+
+if TYPE_CHECKING:
+    from pyvirtio.ring.fixed_split import SplitFixedChains
+
+
+class SplitCycle:
+    """The closed loop of :meth:`SplitFixedChains.cycle`, in plain Python (one call per pass)."""
+
+    def __init__(self, fc: SplitFixedChains, depth: int, notify: Callable[[], object]) -> None:
+        ring = fc.ring
+        m = fc.mem
+        self._fc = fc
+        self._ring = ring
+        self._notify = notify
+        self._depth = depth
+        self._a16 = m.avail16
+        self._u16 = m.used16
+        self._u32 = m.used32
+        self._used_event = m.used_event
+        self._avail_event = m.avail_event
+        self._event_idx = ring.event_idx
+        self._signals = ring.interrupts_enabled  # read once: the interrupt mode of the whole loop
+        self._size = ring.size
+        self._heads = fc.heads
+        self._slot_of = fc.slot_of
+        self.hw1 = fc.hw1
+        self.slot_wlen = fc.slot_wlen
+        self._spares = list(range(fc.nslots))  # prepared, not published; oldest first
+        self.posted: list[int] = []
+        self.kicks = 0
+
+    def turn(self, spins: int = 1) -> list[int] | None:
+        ring = self._ring
+        last = ring.last_used
+        u16 = self._u16
+        n = (u16[1] - last) & 0xFFFF
+        out = ring.outstanding
+        depth = self._depth
+        if not n and out == depth:
+            while spins > 1:  # poll again with everything in locals (an idle pass costs a few stores)
+                spins -= 1
+                n = (u16[1] - last) & 0xFFFF
+                if n:
+                    break
+            else:
+                return None
+        if ring.broken is not None:
+            self._fc.check_broken()
+        if n > out:
+            self._fc.reap_slots()  # raises: the used index moved by more than is in flight
+        size = self._size
+        mask = size - 1
+        heads = self._heads
+        spares = self._spares
+        # 1. Publish one spare per completion seen (and any shortfall), decide the kick.
+        want = n + depth - out
+        posted = spares[:want]
+        if posted:
+            del spares[:want]
+            a16 = self._a16
+            idx = ring.avail_idx
+            for s in posted:
+                a16[2 + (idx & mask)] = heads[s]
+                idx = (idx + 1) & 0xFFFF
+            if not ordering.STRONGLY_ORDERED:
+                ordering.write_barrier()
+            a16[1] = idx
+            ring.avail_idx = idx
+            # The kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare.
+            if self._event_idx:
+                ue = self._used_event
+                if self._signals:
+                    a16[ue] = (last + n) & 0xFFFF  # signal the next completion after this batch
+                elif (a16[ue] - last) & 0xFFFF < 0x8000:
+                    a16[ue] = (last - size - 1) & 0xFFFF
+                ordering.fence_acquire()
+                ordering.fence_release()
+                need = ((idx - u16[self._avail_event] - 1) & 0xFFFF) < ((idx - ring.kick_from) & 0xFFFF)
+            else:
+                ordering.fence_acquire()
+                ordering.fence_release()
+                need = not u16[0] & 1
+            ring.kick_from = idx
+            if need:
+                self._notify()
+                self.kicks += 1
+            out += len(posted)
+        self.posted = posted
+        # 2. Check the completions (the spares just published are not in flight yet).
+        done: list[int] = []
+        hw1 = self.hw1
+        if n:
+            if not ordering.STRONGLY_ORDERED:
+                ordering.read_barrier()
+            u32 = self._u32
+            slot_of = self._slot_of
+            pos = last
+            for _ in range(n):
+                i = 1 + 2 * (pos & mask)
+                head = u32[i]
+                # hw1[head]: writable bytes + 1 if in flight, else 0 (also after its
+                # first completion in this batch: a duplicate fails).
+                if head >= size or u32[i + 1] >= hw1[head]:
+                    done = self._exact(posted, done, out, n)  # raises, or clamped lengths were accepted
+                    pos = (last + n) & 0xFFFF
+                    break
+                hw1[head] = 0
+                done.append(slot_of[head])
+                pos = (pos + 1) & 0xFFFF
+            ring.last_used = pos
+            out -= n
+            spares += done
+        # 3. What was published is in flight from now on.
+        wlen = self.slot_wlen
+        for s in posted:
+            hw1[heads[s]] = wlen[s] + 1
+        ring.outstanding = out
+        return done
+
+    def _exact(self, posted: list[int], done: list[int], out: int, n: int) -> list[int]:
+        """A used entry of the batch of ``n`` failed the quick check: undo it, re-run the batch entry by entry.
+
+        That raises DeviceProtocolError naming the entry, or, on a ring that
+        tolerates overlong used lengths (``clamp_used_len``), returns the
+        batch's slots with those lengths clamped. The spares published in this
+        turn are marked in flight only afterwards, as on the fast path: the
+        batch cannot name them.
+        """
+        fc = self._fc
+        hw1 = self.hw1
+        for s in done:
+            hw1[fc.heads[s]] = fc.slot_wlen[s] + 1
+        self._ring.outstanding = out - len(posted)
+        try:
+            return fc.take_exact(n, [])
+        finally:
+            for s in posted:
+                hw1[fc.heads[s]] = fc.slot_wlen[s] + 1
+            self._ring.outstanding += len(posted)
+
+
+class SplitManyCycle:
+    """The closed loop of :meth:`SplitFixedChains.cycle` in array operations (a fixed number per pass).
+
+    Spare slots are a circular queue in one array (slices, no copies but at
+    the wrap), so a device that completes in order sees them published in a
+    fixed cyclic order (docs/benchmarks.md §1.1: it keeps the device's reads
+    of request headers sequential). Each array operation costs ~0.2-0.7 us
+    whatever its size: used ids are converted to intp once, bounds are
+    uint32 like the used lengths, ring positions are slices.
+    """
+
+    def __init__(self, fc: SplitFixedChains, depth: int, notify: Callable[[], object]) -> None:
+        a = fc.arrays()
+        ring = fc.ring
+        m = fc.mem
+        np = a.np
+        self._fc = fc
+        self._a = a
+        self._ring = ring
+        self._notify = notify
+        self._depth = depth
+        self._nslots = fc.nslots
+        self._a16 = m.avail16
+        self._u16 = m.used16
+        self._used_event = m.used_event
+        self._avail_event = m.avail_event
+        self._event_idx = ring.event_idx
+        self._signals = ring.interrupts_enabled
+        self._size = ring.size
+        self._ident = fc.heads_are_slots
+        self._rq = np.arange(fc.nslots, dtype=np.intp)  # spares: rq[rh], rq[rh + 1] ... (nr of them, cyclic)
+        self._rh = 0
+        self._nr = fc.nslots
+        self.posted: Any = self._rq[:0]
+        self.kicks = 0
+
+    def turn(self, spins: int = 1) -> Any:
+        ring = self._ring
+        last = ring.last_used
+        u16 = self._u16
+        n = (u16[1] - last) & 0xFFFF
+        out = ring.outstanding
+        depth = self._depth
+        if not n and out == depth:
+            while spins > 1:  # poll again with everything in locals (an idle pass costs a few stores)
+                spins -= 1
+                n = (u16[1] - last) & 0xFFFF
+                if n:
+                    break
+            else:
+                return None
+        if ring.broken is not None:
+            self._fc.check_broken()
+        a = self._a
+        if n > out:
+            self._fc.reap_many()  # raises: the used index moved by more than is in flight
+        size = self._size
+        mask = size - 1
+        nslots = self._nslots
+        rq = self._rq
+        rh = self._rh
+        nr = self._nr
+        # 1. Publish one spare per completion seen (and any shortfall), decide the kick.
+        k = n + depth - out
+        if k > nr:
+            k = nr
+        if k:
+            if rh + k <= nslots:
+                posted = rq[rh : rh + k]
+            else:
+                posted = a.np.concatenate((rq[rh:], rq[: rh + k - nslots]))
+            rh = (rh + k) % nslots
+            nr -= k
+            ph = posted if self._ident else a.heads[posted]
+            idx = ring.avail_idx
+            start = idx & mask
+            avail = a.avail
+            if start + k <= size:
+                avail[2 + start : 2 + start + k] = ph
+            else:
+                cut = size - start
+                avail[2 + start : 2 + size] = ph[:cut]
+                avail[2 : 2 + k - cut] = ph[cut:]
+            idx = (idx + k) & 0xFFFF
+            if not ordering.STRONGLY_ORDERED:
+                ordering.write_barrier()
+            a16 = self._a16
+            a16[1] = idx
+            ring.avail_idx = idx
+            if self._event_idx:  # the kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare
+                ue = self._used_event
+                if self._signals:
+                    a16[ue] = (last + n) & 0xFFFF
+                elif (a16[ue] - last) & 0xFFFF < 0x8000:
+                    a16[ue] = (last - size - 1) & 0xFFFF
+                ordering.fence_acquire()
+                ordering.fence_release()
+                need = ((idx - u16[self._avail_event] - 1) & 0xFFFF) < ((idx - ring.kick_from) & 0xFFFF)
+            else:
+                ordering.fence_acquire()
+                ordering.fence_release()
+                need = not u16[0] & 1
+            ring.kick_from = idx
+            if need:
+                self._notify()
+                self.kicks += 1
+            out += k
+        else:
+            posted = ph = rq[:0]
+        self.posted = posted
+        # 2. Check the batch. hw[h]: writable bytes + 1 if h heads a slot in flight,
+        #    else 0 (the spares just published are not marked yet); ids out of range
+        #    clip to a permanent 0.
+        hw = a.head_wlen1
+        if n:
+            if not ordering.STRONGLY_ORDERED:
+                ordering.read_barrier()
+            start = last & mask
+            pos = a.idx2[start : start + n]
+            ids = a.used_id[pos].astype(a.intp)
+            bad = bool(a.count_nonzero(a.used_len[pos] >= hw.take(ids, mode="clip")))
+            if not bad:
+                hw[ids] = 0
+                if a.count_nonzero(hw) != out - k - n:  # an id twice in the batch
+                    hw[ids] = a.wlen1[a.slot_of[ids]]
+                    bad = True
+            if bad:
+                slots = self._exact(posted, k, out, n)  # raises, or clamped lengths were accepted
+            else:
+                slots = ids if self._ident else a.slot_of[ids]
+            ring.last_used = (last + n) & 0xFFFF
+            out -= n
+            # The batch's slots join the spares at the back (never over the slots just published).
+            tail = (rh + nr) % nslots
+            if tail + n <= nslots:
+                rq[tail : tail + n] = slots
+            else:
+                cut = nslots - tail
+                rq[tail:] = slots[:cut]
+                rq[: n - cut] = slots[cut:]
+            nr += n
+        else:
+            slots = rq[:0]
+        # 3. What was published is in flight from now on.
+        if k:
+            w1 = a.uniform
+            hw[ph] = a.wlen1[posted] if w1 is None else w1
+        self._rh = rh
+        self._nr = nr
+        ring.outstanding = out
+        return slots
+
+    def _exact(self, posted: Any, k: int, out: int, n: int) -> Any:
+        """A batch of ``n`` failed the array check: re-run it entry by entry, then mark the spares published.
+
+        That raises DeviceProtocolError naming the entry, or (``clamp_used_len``)
+        returns the batch's slots with overlong lengths clamped.
+        """
+        a = self._a
+        self._ring.outstanding = out - k
+        try:
+            slots, _lens = self._fc.reap_exact(n)
+        finally:
+            if k:
+                a.head_wlen1[a.heads[posted]] = a.wlen1[posted]
+            self._ring.outstanding += k
+        return slots.astype(a.intp)
+
+
+class SplitStream:
+    """Every slot a one-buffer chain at its own avail position, all in flight (:meth:`SplitFixedChains.stream`).
+
+    Slot p's head sits at avail position p for good (or, when every slot was
+    already in flight, wherever the ring published them: read back once and
+    checked to hold each head once), so re-posting the n slots just reaped
+    puts the same heads at the same positions: one avail index store. A
+    device that completes in order writes at used position p the head
+    published at avail position p; each batch is compared with those
+    expected entries in bulk (:meth:`peek`: the (id, length 0) pairs, one
+    ``bytes ==``; :meth:`peek_many`: ids and length bounds in NumPy).
+    Anything else is -1 / ``()`` and stays in the used ring: the caller
+    closes the stream and ``reap_slots`` takes over, which raises on a
+    violation and accepts a legal out-of-order batch.
+    """
+
+    def __init__(self, fc: SplitFixedChains, notify: Callable[[], object], min_len: int) -> None:
+        ring = fc.ring
+        size = ring.size
+        m = fc.mem
+        if fc.nslots != size or any(len(d) != 1 for d in fc.descs):
+            raise InvalidArgument("a stream needs one one-buffer slot per ring descriptor")
+        a16 = m.avail16
+        if ring.outstanding == 0:
+            for pos in range(size):
+                a16[2 + pos] = fc.heads[pos]  # slot p lives at avail position p for the whole run
+        elif ring.outstanding == size:
+            exp = [a16[2 + pos] for pos in range(size)]  # what the ring published
+            if sorted(exp) != sorted(fc.heads):
+                raise InvalidArgument("the ring's avail entries are not one of each slot's head")
+        else:
+            raise QueueStateError("a stream starts with no slot or every slot in flight")
+        self._fc = fc
+        self._ring = ring
+        self._notify = notify
+        self._size = size
+        self._min_len = min_len
+        self._a16 = a16
+        self._u16 = m.used16
+        self._used_b = m.used32.cast("B")  # [flags/idx: 4 bytes][ring: 8 bytes per entry]...
+        self._avail_event = m.avail_event
+        self._event_idx = ring.event_idx
+        self._expected = [a16[2 + pos] for pos in range(size)]  # the head expected at each used position
+        self._exp_bytes = b"".join(h.to_bytes(4, "little") + bytes(4) for h in self._expected)
+        self._many: StreamArrays | None = None
+        self.kicks = 0
+        fc.streaming = True
+
+    def peek(self) -> int:
+        ring = self._ring
+        last = ring.last_used
+        n = (self._u16[1] - last) & 0xFFFF
+        if not n:
+            return 0
+        if n > ring.outstanding:
+            return -1
+        if not ordering.STRONGLY_ORDERED:
+            ordering.read_barrier()
+        size = self._size
+        ub = self._used_b
+        exp = self._exp_bytes
+        start = last & (size - 1)
+        end = start + n
+        if end <= size:
+            ok = ub[4 + 8 * start : 4 + 8 * end] == exp[8 * start : 8 * end]
+        else:
+            end -= size
+            ok = ub[4 + 8 * start : 4 + 8 * size] == exp[8 * start :] and ub[4 : 4 + 8 * end] == exp[: 8 * end]
+        return n if ok else -1
+
+    def peek_many(self) -> tuple[Any, ...] | None:
+        ring = self._ring
+        last = ring.last_used
+        n = (self._u16[1] - last) & 0xFFFF
+        if not n:
+            return None
+        if n > ring.outstanding:
+            return ()
+        t = self._many
+        if t is None:
+            t = self._many = StreamArrays(self._fc, self._expected)
+        if not ordering.STRONGLY_ORDERED:
+            ordering.read_barrier()
+        size = self._size
+        start = last & (size - 1)
+        end = start + n
+        ids, lens, exp = t.ids, t.lens, t.exp
+        if end <= size:
+            if not t.array_equal(ids[start:end], exp[start:end]):
+                return ()
+            got = lens[start:end]
+            slots = t.slot_at[start:end]
+        else:
+            end -= size
+            if not (t.array_equal(ids[start:], exp[start:]) and t.array_equal(ids[:end], exp[:end])):
+                return ()
+            got = t.np.concatenate((lens[start:], lens[:end]))
+            slots = t.np.concatenate((t.slot_at[start:], t.slot_at[:end]))
+        if int(got.max()) >= t.max_len1 or int(got.min()) < self._min_len:
+            return ()
+        return slots, got
+
+    def advance(self, n: int) -> None:
+        ring = self._ring
+        if n:
+            ring.last_used = (ring.last_used + n) & 0xFFFF
+            ring.outstanding -= n
+        free = self._size - ring.outstanding
+        if not free:
+            return
+        idx = (ring.avail_idx + free) & 0xFFFF
+        ring.outstanding = self._size
+        ring.avail_idx = idx
+        if not ordering.STRONGLY_ORDERED:
+            ordering.write_barrier()
+        u16 = self._u16
+        self._a16[1] = idx
+        ordering.fence_acquire()
+        ordering.fence_release()
+        if self._event_idx:
+            need = ((idx - u16[self._avail_event] - 1) & 0xFFFF) < ((idx - ring.kick_from) & 0xFFFF)
+        else:
+            need = not u16[0] & 1
+        ring.kick_from = idx
+        if need:
+            self._notify()
+            self.kicks += 1
+
+    def close(self) -> None:
+        """Back to the plain path: the slots at positions [last used, avail index) are in flight."""
+        fc = self._fc
+        if not fc.streaming:
+            return
+        ring = self._ring
+        size = self._size
+        fc.streaming = False
+        inflight = {(ring.last_used + k) & (size - 1) for k in range(ring.outstanding)}
+        hw1 = fc.hw1
+        for pos in range(size):
+            h = self._expected[pos]
+            hw1[h] = fc.slot_wlen[fc.slot_of[h]] + 1 if pos in inflight else 0
+
+
+class StreamArrays:
+    """The NumPy views of a :class:`SplitStream`."""
+
+    def __init__(self, fc: SplitFixedChains, expected: list[int]) -> None:
+        import numpy as np
+
+        size = fc.ring.size
+        used = np.frombuffer(fc.mem.used32, dtype="<u4", count=1 + 2 * size)
+        self.np = np
+        self.array_equal = np.array_equal
+        self.ids = used[1::2]
+        self.lens = used[2::2]
+        self.exp = np.asarray(expected, dtype=np.uint32)
+        self.slot_at = np.asarray([fc.slot_of[h] for h in expected], dtype=np.intp)
+        self.max_len1 = min(fc.slot_wlen) + 1  # the smallest writable buffer of a slot bounds every length
+
+
+__all__ = ["SplitCycle", "SplitManyCycle", "SplitStream", "StreamArrays"]
