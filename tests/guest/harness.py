@@ -15,7 +15,9 @@ The host's root in the guest (``host_root=True``): the host's ``/`` is
 shared read-only over 9p (``virtio-9p-pci`` at slot :data:`HOST_ROOT_SLOT`,
 driven by the guest's own virtio-pci), and the script gets
 :data:`HOST_ROOT_SH`: ``host_root`` mounts it on ``/host`` with proc, sys,
-devtmpfs and a tmpfs on /tmp inside, and ``in_host CMD...`` runs a command
+devtmpfs and a tmpfs on /tmp inside (with the checkout and the interpreter's
+environment bound back when they live under the host's /tmp, as in a CI
+clone), and ``in_host CMD...`` runs a command
 chrooted there, so this checkout's Python and pytest run in the guest
 unchanged (``host_python`` is this interpreter with ``PYTHONPATH`` set to
 the checkout's ``src`` and ``tests``). What a test writes in ``/host/tmp``
@@ -48,14 +50,23 @@ HOST_ROOT_MODULES = (*VIRTIO_PCI_MODULES, "9pnet_virtio", "9p")
 #: PCI slot of the 9p device (clear of the slots tests give their devices, and of q35's own at 0x1f).
 HOST_ROOT_SLOT = 0x1E
 _CHECKOUT = Path(__file__).resolve().parents[2]
+#: What the guest must still see of the host's /tmp once its own tmpfs is there: this
+#: checkout and this interpreter's environment when they live under /tmp (CI clones there).
+_KEEP_FROM_TMP = sorted(
+    {str(p) for p in (_CHECKOUT, Path(sys.prefix).resolve()) if str(p).startswith("/tmp/")}
+)
+_KEEP_SH = "".join(
+    f" &&\n        mkdir -p /host{p} && mount -o bind /hosttmp{p[len('/tmp'):]} /host{p}" for p in _KEEP_FROM_TMP
+)
 
 #: Shell helpers for a guest with the host's root (see the module docstring).
 HOST_ROOT_SH = rf"""
 host_root() {{
-    mkdir -p /host &&
+    mkdir -p /host /hosttmp &&
         mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host || return 1
+    mount -o bind /host/tmp /hosttmp &&
     mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys && mount -t devtmpfs devtmpfs /host/dev &&
-        mount -t tmpfs tmpfs /host/tmp
+        mount -t tmpfs tmpfs /host/tmp{_KEEP_SH}
 }}
 in_host() {{ chroot /host /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp "$@"; }}
 host_python() {{
