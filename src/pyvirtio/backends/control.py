@@ -475,18 +475,17 @@ class ControlPlane:
             log.warning("GET_CONFIG of 0 bytes at %d: empty reply", value.offset)
             return vu.encode_reply(vu.GET_CONFIG, None)
         config = self.hooks.config()
-        end = value.offset + value.size
-        data = bytes(config[value.offset : end])
+        data = bytes(config[value.offset : value.offset + value.size])
         if len(data) < value.size:
-            # The reply's size MUST match the request's (vhost-user.rst); what lies past
-            # the config reads as zeros (SPDK asks 256 bytes whatever the device).
             log.debug(
                 "GET_CONFIG of %d bytes at %d: the config has %d bytes, the rest reads as zeros",
                 value.size, value.offset, len(config),
             )
-            data += bytes(value.size - len(data))
-        # A request with more data bytes than its size field (SPDK's whole struct) is
-        # answered in the request's length, as libvhost-user echoes it: SPDK checks that.
+        # The reply's size MUST match the request's (vhost-user.rst): what lies past the
+        # config reads as zeros (SPDK asks 256 bytes whatever the device), and a request
+        # with more data bytes than its size field (SPDK's whole struct; the codec
+        # guarantees at least ``size``) is answered in its length, as libvhost-user
+        # echoes it: SPDK checks that.
         data += bytes(len(value.data) - len(data))
         return vu.encode_reply(vu.GET_CONFIG, vu.ConfigSpace(value.offset, value.size, value.flags, data))
 
