@@ -31,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: The loopback device and 4 KiB reads at ``n`` random offsets; argv: n, then "time" (print
+#: µs per readinto and per fixed_io read as JSON) or "count" (just the readinto loop, for callgrind).
 CHILD = r"""
 import json, random, sys, time
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
@@ -40,9 +42,13 @@ storage = Storage(size=64 << 20)
 dev = VirtioDevice("loopback", loopback_blk(BlockBackend(storage), queue_size=256), pool_size=8 << 20)
 blk = VirtioBlk(dev)
 buf = blk.allocate(4096, align=4096)
-blocks = blk.capacity // 4096
 n = int(sys.argv[1])
-offs = [random.randrange(blocks) * 4096 for _ in range(n)]
+random.seed(1)
+offs = [random.randrange(blk.capacity // 4096) * 4096 for _ in range(n)]
+if sys.argv[2] == "count":
+    for o in offs:
+        blk.readinto(o, buf)
+    sys.exit(0)
 out = {}
 for _ in range(2):
     t0 = time.perf_counter_ns()
@@ -60,28 +66,13 @@ storage.close()
 print(json.dumps(out))
 """
 
-IR_CHILD = r"""
-import random, sys
-from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
-from pyvirtio.device import VirtioDevice
-from pyvirtio.drivers.blk import VirtioBlk
-storage = Storage(size=64 << 20)
-dev = VirtioDevice("loopback", loopback_blk(BlockBackend(storage), queue_size=256), pool_size=8 << 20)
-blk = VirtioBlk(dev)
-buf = blk.allocate(4096, align=4096)
-random.seed(1)
-offs = [random.randrange(blk.capacity // 4096) * 4096 for _ in range(int(sys.argv[1]))]
-for o in offs:
-    blk.readinto(o, buf)
-"""
-
 
 def instructions(src: str, n: int) -> int:
     """Instructions callgrind counts for a readinto loop of ``n`` requests (whole process)."""
     env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"))
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg",
-                              sys.executable, "-c", IR_CHILD, str(n)],
+                              sys.executable, "-c", CHILD, str(n), "count"],
                              capture_output=True, text=True, env=env, timeout=1800, check=True)
     m = re.search(r"refs:\s*([\d,]+)", out.stderr)
     if m is None:
@@ -109,7 +100,7 @@ def main() -> None:
         order = a.src[r % len(a.src):] + a.src[: r % len(a.src)]
         for src in order:
             env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"))
-            out = subprocess.run([sys.executable, "-c", CHILD, str(a.n)], capture_output=True, text=True,
+            out = subprocess.run([sys.executable, "-c", CHILD, str(a.n), "time"], capture_output=True, text=True,
                                  env=env, timeout=600, check=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             for k, v in res.items():
