@@ -23,6 +23,15 @@ better stick and to SPDK (median/median, best/best), and the mean latency
 of pyvirtio and SPDK (each as its own tool reports it; the sticks do not
 report latency). ``--json`` prints the raw rounds too.
 
+With each run it counts the back end's sleeps: the voluntary context
+switches of all its threads (``/proc/PID/task/*/status``) over the run,
+per I/O. A back end that does not poll (qemu-storage-daemon, ``pyvirtio
+serve``) sleeps in ppoll/epoll whenever its queue is empty, and a kick
+that comes after it fell asleep costs a wake-up; at QD1 this count is
+what separates the clients (docs/benchmarks.md §8). The I/Os are IOPS x
+seconds; the count also holds the run's start and end (a few dozen
+switches), which is noise at these rates.
+
   python bench/compare.py [--rounds 4] [--seconds 3] [--depths 1 32 128 256]
                           [--backend qsd|embedded] [--spdk DIR | --no-spdk] [--json]
 """
@@ -104,6 +113,24 @@ def run_json(cmd: list[str], cpu: str, env: dict[str, str] | None = None) -> dic
     return result
 
 
+def sleeps(pid: int) -> int:
+    """Voluntary context switches of every thread of process ``pid`` so far (0 if it is gone)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return total
+
+
 def pyvirtio_run(sock: str, qd: int, ring: int, seconds: float, rw: str = "randread") -> Result:
     py = sys.executable
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -162,6 +189,9 @@ def summarise(rounds: list[dict[str, object]], depths: list[int]) -> dict[int, d
                 continue
             v = [float(x["iops"]) for x in mine]  # type: ignore[arg-type]
             cell: dict[str, float] = {"median": round(statistics.median(v)), "best": round(max(v))}
+            sl = [float(x["sleeps_per_io"]) for x in mine if "sleeps_per_io" in x]  # type: ignore[arg-type]
+            if sl:
+                cell["sleeps_per_io"] = round(statistics.median(sl), 3)
             lats = [float(x["lat_us"]) for x in mine if "lat_us" in x]  # type: ignore[arg-type]
             if lats:
                 cell["lat_median_us"] = round(statistics.median(lats), 2)
@@ -211,10 +241,14 @@ def main() -> None:
                 order = list(runs)
                 order = order[r % len(order):] + order[: r % len(order)]  # rotate who goes first
                 for name in order:
+                    s0 = sleeps(backend.pid)
                     res = runs[name](sock, qd, ring, a.seconds)
+                    if res["iops"]:
+                        res["sleeps_per_io"] = round((sleeps(backend.pid) - s0) / (res["iops"] * a.seconds), 4)
                     rounds.append({"round": r, "qd": qd, "ring": ring, "who": name, **res})
                     lat = f"  mean {res['lat_us']:8.2f} us" if "lat_us" in res else ""
-                    print(f"round {r} qd {qd:>3} {name:<12} {int(res['iops']):>10,} IOPS{lat}", file=sys.stderr)
+                    print(f"round {r} qd {qd:>3} {name:<12} {int(res['iops']):>10,} IOPS{lat}"
+                          f"  back end sleeps/IO {res.get('sleeps_per_io', float('nan')):.3f}", file=sys.stderr)
     finally:
         backend.send_signal(signal.SIGTERM)
         backend.wait(10)
@@ -250,6 +284,12 @@ def main() -> None:
             line += f" {row['vs_spdk_median']:>5} ({row['vs_spdk_best']}) {lat:>17}"
             line += f" {row.get('lat_vs_spdk_median', '-'):>9}"
         print(line)
+    print("\nback end sleeps per I/O (voluntary context switches of its threads per I/O, median):")
+    whos = [w for w in ("pyvirtio", "python_stick", "numpy_stick", "spdk") if any(w in r for r in summary.values())]
+    print(f"{'QD':>4} " + " ".join(f"{w:>13}" for w in whos))
+    for qd, row in summary.items():
+        vals = [row.get(w, {}).get("sleeps_per_io") for w in whos]  # type: ignore[attr-defined]
+        print(f"{qd:>4} " + " ".join(f"{v:>13.3f}" if v is not None else f"{'-':>13}" for v in vals))
 
 
 if __name__ == "__main__":

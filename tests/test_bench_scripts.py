@@ -6,6 +6,7 @@ pin down the parts a wrong number would come from.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -82,3 +83,23 @@ def test_contestants_leave_spdk_out_without_a_build_and_the_python_stick_out_abo
     assert set(compare.contestants(None, 1)) == {"pyvirtio", "numpy_stick", "python_stick"}
     assert set(compare.contestants(None, 128)) == {"pyvirtio", "numpy_stick"}
     assert "spdk" in compare.contestants(Path("/nonexistent"), 256)
+
+
+def test_summary_takes_the_median_of_the_back_ends_sleeps_per_io() -> None:
+    rounds = [row(r, 1, "spdk", 100, 3.0) for r in range(3)]
+    for r, v in zip(range(3), (0.5, 0.01, 0.02), strict=True):
+        rounds[r]["sleeps_per_io"] = v
+    rounds += [row(0, 1, "pyvirtio", 100), row(0, 1, "python_stick", 100)]  # runs without the count
+    s = compare.summarise(rounds, [1])[1]
+    assert s["spdk"]["sleeps_per_io"] == 0.02  # type: ignore[index]
+    assert "sleeps_per_io" not in s["pyvirtio"]  # type: ignore[operator]
+
+
+def test_sleeps_counts_a_process_s_voluntary_context_switches() -> None:
+    import time
+
+    before = compare.sleeps(os.getpid())
+    for _ in range(5):
+        time.sleep(0.001)  # each sleep is a voluntary switch of this thread
+    assert compare.sleeps(os.getpid()) >= before + 5
+    assert compare.sleeps(2**22 + 12345) == 0  # no such process (above pid_max's default)
