@@ -15,6 +15,10 @@ bench/spdk.py), SPDK's bdevperf at QD1 runs in the same rounds, and the
 table adds each API's time per request (1 / IOPS: one request at a time)
 over SPDK's mean latency: the one-request goal of issue 15 is <= 2.
 
+Each run also counts the back end's sleeps per request (its threads'
+voluntary context switches, as bench/compare.py does): a request that
+finds the back end asleep pays its wake-up.
+
   python bench/sync_api.py [--rounds 3] [--seconds 2] [--spdk DIR | --no-spdk] [--json]
 """
 
@@ -29,7 +33,7 @@ import sys
 import tempfile
 
 import spdk
-from compare import REPO, STICKS, run_json, spdk_runner, start_embedded, start_qsd
+from compare import REPO, STICKS, run_json, sleeps, spdk_runner, start_embedded, start_qsd
 
 LOOP = """
 import json, random, sys, time
@@ -78,7 +82,7 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     try:
         for r in range(a.rounds):
-            for device, sock in (("qsd", qsock), ("embedded", esock)):
+            for device, sock, pid in (("qsd", qsock, qsd.pid), ("embedded", esock, emb.pid)):
                 runs = {
                     "readinto": [sys.executable, "-c", loop, sock, str(a.seconds), "readinto"],
                     "fixed_io": [sys.executable, "-c", loop, sock, str(a.seconds), "fixed_io"],
@@ -88,11 +92,14 @@ def main() -> None:
                 order = list(runs) + (["spdk"] if spdk_run is not None else [])
                 order = order[r % len(order) :] + order[: r % len(order)]  # rotate who goes first
                 for who in order:
+                    s0 = sleeps(pid)
                     if who == "spdk" and spdk_run is not None:
                         sp = spdk_run(sock, 1, 256, a.seconds)
                         res: dict[str, object] = {"iops": sp["iops"], "lat_us": sp["lat_us"]}
                     else:
                         res = run_json(runs[who], "1")
+                    if res["iops"]:
+                        res["sleeps_per_io"] = round((sleeps(pid) - s0) / (float(res["iops"]) * a.seconds), 4)  # type: ignore[arg-type]
                     rows.append({"round": r, "device": device, "who": who, **res})
                     print(f"round {r} {device:<9} {who:<9} {int(res['iops']):>9,} IOPS", file=sys.stderr)  # type: ignore[call-overload]
     finally:
@@ -106,6 +113,10 @@ def main() -> None:
         for who in ("readinto", "fixed_io", "stick"):
             v = [float(x["iops"]) for x in rows if x["device"] == device and x["who"] == who]  # type: ignore[arg-type]
             got[who] = {"median": round(statistics.median(v)), "best": round(max(v))}
+            mine = [x for x in rows if x["device"] == device and x["who"] == who and "sleeps_per_io" in x]
+            sl = [float(x["sleeps_per_io"]) for x in mine]  # type: ignore[arg-type]
+            if sl:
+                got[who]["sleeps_per_io"] = round(statistics.median(sl), 3)  # type: ignore[assignment]
         for who in ("readinto", "fixed_io"):
             got[f"{who}_ratio"] = round(got[who]["median"] / got["stick"]["median"], 2)  # type: ignore[assignment]
         lats = [float(x["lat_us"]) for x in rows if x["device"] == device and x["who"] == "spdk"]  # type: ignore[arg-type]
@@ -126,6 +137,8 @@ def main() -> None:
             for who in ("readinto", "fixed_io", "stick")
         )
         print(f"{device:<9} {cells}   ratios {got['readinto_ratio']} / {got['fixed_io_ratio']}")
+        sl = "  ".join(f"{who} {got[who].get('sleeps_per_io', '-')}" for who in ("readinto", "fixed_io", "stick"))  # type: ignore[union-attr]
+        print(f"{'':<9} back end sleeps per request (median): {sl}")
         if "spdk_lat_us" in got:
             print(f"{'':<9} SPDK QD1 mean latency {got['spdk_lat_us']} us; time per request over it: "
                   f"readinto {got['readinto_vs_spdk_lat']}, fixed_io {got['fixed_io_vs_spdk_lat']}")
