@@ -291,9 +291,16 @@ class SplitManyCycle:
             if not ordering.STRONGLY_ORDERED:
                 ordering.read_barrier()
             start = last & mask
-            pos = a.idx2[start : start + n]
-            ids = a.used_id[pos].astype(a.intp)
-            bad = bool(a.count_nonzero(a.used_len[pos] >= hw.take(ids, mode="clip")))
+            if start + n <= size:
+                # No wrap: strided views of the used ring instead of two gathers. The ids are
+                # copied (astype) before use; the lengths are read once, by this comparison.
+                ids = a.used_id[start : start + n].astype(a.intp)
+                lens = a.used_len[start : start + n]
+            else:
+                pos = a.idx2[start : start + n]
+                ids = a.used_id[pos].astype(a.intp)
+                lens = a.used_len[pos]
+            bad = bool(a.count_nonzero(lens >= hw.take(ids, mode="clip")))
             if not bad:
                 hw[ids] = 0
                 if a.count_nonzero(hw) != out - k - n:  # an id twice in the batch
