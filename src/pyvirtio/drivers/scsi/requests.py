@@ -6,8 +6,9 @@ attribute, CDB padded to ``cdb_size``), data-out, then
 bytes of sense) and data-in. Header and response live in the request's slot
 (:class:`~pyvirtio.drivers.requests.QueueContext`: the response at an 8-byte
 boundary after the header; slots of a power-of-two size aligned to it, so
-that neither header crosses a 4 KiB page, see :data:`HEADER_PAGE`); data is bounced through the shared pool unless
-a :class:`~pyvirtio.memory.Buffer` from the pool is given. Each queue hands
+that neither header crosses a 4 KiB page, see :data:`HEADER_PAGE`); data is
+bounced through the shared pool unless a :class:`~pyvirtio.memory.Buffer`
+from the pool is given. Each queue hands
 out its own tags (queue index in the top 16 bits).
 
 Every completion is checked: a response the device never wrote (a sentinel
