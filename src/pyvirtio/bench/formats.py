@@ -56,7 +56,7 @@ from typing import Any
 
 from pyvirtio.device import VirtioDevice, Virtqueue
 from pyvirtio.drivers.blk import VirtioBlk
-from pyvirtio.drivers.scsi import ScsiDisk
+from pyvirtio.drivers.scsi import ScsiDisk, slot_stride
 from pyvirtio.errors import InvalidArgument
 from pyvirtio.memory import Buffer
 from pyvirtio.ring.fixed import FixedChains
@@ -312,9 +312,12 @@ class ScsiFormat(CommandFormat):
         self.req_size = 19 + scsi.cdb_size
         self.resp_size = 12 + scsi.sense_size
         # Slot layout: the request, then the response at 4 mod 8, so that its
-        # resid / qualifier / status / response bytes are one aligned le64.
+        # resid / qualifier / status / response bytes are one aligned le64. The
+        # stride is a power of two and the slots are aligned to it, so neither
+        # header crosses a 4 KiB page in device address space (slot_stride: a
+        # response split there makes QEMU's virtio-scsi put data into it).
         self.resp_off = _align(self.req_size, 8) + 4
-        self.stride = _align(self.resp_off + self.resp_size, 64)
+        self.stride = slot_stride(self.resp_off + self.resp_size)
 
     def allocate(self, size: int, align: int) -> Buffer:
         return self.scsi.allocate(size, align)  # thread-safe: several bench threads share the pool
@@ -330,7 +333,7 @@ class ScsiFormat(CommandFormat):
             raise InvalidArgument(f"bs {bs} is more blocks than one READ(16) moves")
         self.bs, self.nslots, self._write = bs, nslots, write
         stride = self.stride
-        self.slots = self._own(stride * nslots, 64)
+        self.slots = self._own(stride * nslots, stride)
         view = self.slots.view
         self._view = view
         lun8 = S.lun_address(self.disk.target, self.disk.lun)

@@ -157,7 +157,10 @@ class RequestEngine(Generic[R]):
         self._queues = ThreadQueues(self.device, first, self._make_queue, what)
 
     def _make_queue(self, vq: Virtqueue) -> QueueContext:
-        slots = self.allocate(self._slot_size * vq.size, align=64)
+        # Aligned to the slot size's largest power-of-two factor (64 .. 4096): a power-of-two slot then
+        # never crosses a page (virtio-scsi's headers must not: drivers/scsi/requests.py, HEADER_PAGE).
+        size = self._slot_size
+        slots = self.allocate(size * vq.size, align=min(max(64, size & -size), 4096))
         if not self.in_device_memory(slots):
             self.free(slots)
             raise QueueFull(f"queue {vq.index}: no room for request headers in the device's shared memory")

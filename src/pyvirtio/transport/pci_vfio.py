@@ -17,7 +17,12 @@ region's ``guest_addr`` is its IOVA, so a buffer's device address is
 ``IOVA + offset`` (contiguous, whatever the pages are). The whole scheme
 stays far below 2^39, the smallest address width of QEMU's emulated
 intel-iommu. A region is unmapped when the pool closes it, after the device
-was reset.
+was reset. Contiguous IOVAs do not make a buffer one piece for the device:
+QEMU translates DMA one IOMMU page (4 KiB) at a time, so a buffer that
+crosses a page reaches the device model as two pieces. Most models do not
+care; QEMU's virtio-scsi takes the first piece as the whole response, so
+its drivers keep headers inside one page
+(:data:`pyvirtio.drivers.scsi.HEADER_PAGE`, docs/testing.md).
 
 Interrupts: VFIO_DEVICE_SET_IRQS binds MSI-X vectors to eventfds
 (ACTION_TRIGGER, DATA_EVENTFD): the transport reads an eventfd to wait for

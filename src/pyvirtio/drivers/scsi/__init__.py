@@ -25,7 +25,14 @@ from pyvirtio.drivers.scsi.driver import (
     VirtioScsi,
     frontend_config,
 )
-from pyvirtio.drivers.scsi.requests import MAX_CDB_SIZE, MAX_SENSE_SIZE, UA_RETRIES, ScsiRequest
+from pyvirtio.drivers.scsi.requests import (
+    HEADER_PAGE,
+    MAX_CDB_SIZE,
+    MAX_SENSE_SIZE,
+    UA_RETRIES,
+    ScsiRequest,
+    slot_stride,
+)
 from pyvirtio.drivers.scsi.scan import MAX_ATTEMPTS, LunInfo, LunScanner
 from pyvirtio.errors import LunNotFound, ScsiError
 from pyvirtio.spec.t10_cdb import inquiry_cdb, read_capacity_16_cdb, report_luns_cdb, rw_cdb
@@ -34,6 +41,7 @@ __all__ = [
     "DRIVER_FEATURES",
     "EVENT_BUFFERS",
     "FRONTEND_CONFIG_DEFAULTS",
+    "HEADER_PAGE",
     "MAX_ATTEMPTS",
     "MAX_CDB_SIZE",
     "MAX_SENSE_SIZE",
@@ -51,4 +59,5 @@ __all__ = [
     "read_capacity_16_cdb",
     "report_luns_cdb",
     "rw_cdb",
+    "slot_stride",
 ]

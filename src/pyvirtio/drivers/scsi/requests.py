@@ -5,8 +5,10 @@ attribute, CDB padded to ``cdb_size``), data-out, then
 ``virtio_scsi_cmd_resp`` (sense_len, resid, status, response, ``sense_size``
 bytes of sense) and data-in. Header and response live in the request's slot
 (:class:`~pyvirtio.drivers.requests.QueueContext`: the response at an 8-byte
-boundary after the header); data is bounced through the shared pool unless
-a :class:`~pyvirtio.memory.Buffer` from the pool is given. Each queue hands
+boundary after the header; slots of a power-of-two size aligned to it, so
+that neither header crosses a 4 KiB page, see :data:`HEADER_PAGE`); data is
+bounced through the shared pool unless a :class:`~pyvirtio.memory.Buffer`
+from the pool is given. Each queue hands
 out its own tags (queue index in the top 16 bits).
 
 Every completion is checked: a response the device never wrote (a sentinel
@@ -43,6 +45,30 @@ MAX_SENSE_SIZE = 256
 
 #: A response code no device writes: "the response was never written".
 RESP_SENTINEL = 0xFF
+
+#: No request header or response may cross a boundary of this many bytes in device address space.
+#: QEMU's virtio-scsi, unless VIRTIO_F_ANY_LAYOUT (a legacy bit, virtio 1.2 §6.3) is negotiated, takes
+#: the first mapped piece of the device-writable buffers as the whole response (and of the readable
+#: ones as the whole request): its "old BIOS padding" workaround, kept for virtio 1.x devices too. Behind
+#: an IOMMU (vfio, ``iommu_platform=on``) QEMU maps a buffer one IOMMU page at a time, so a response
+#: that crosses a 4 KiB page arrives as two pieces: the device then moves data into the response's
+#: tail, the data buffer gets the rest shifted, and the residual comes back negative (-104 for a
+#: 108-byte response cut 4 bytes in). Keeping each header inside one page avoids that on every device.
+HEADER_PAGE = 4096
+
+
+def slot_stride(nbytes: int) -> int:
+    """The size of a header slot holding ``nbytes``: a power of two, at least 64, at most :data:`HEADER_PAGE`.
+
+    Slots of this size in a block aligned to it never cross a :data:`HEADER_PAGE`
+    boundary, whatever the block's address.
+    """
+    stride = 64
+    while stride < nbytes:
+        stride *= 2
+    if stride > HEADER_PAGE:
+        raise InvalidArgument(f"a {nbytes}-byte SCSI header slot cannot fit one {HEADER_PAGE}-byte page")
+    return stride
 
 
 def _align(n: int, a: int) -> int:
@@ -142,11 +168,12 @@ class ScsiRequestQueues(RequestEngine[ScsiRequest]):
         super().__init__(device, poll=poll, timeout=timeout, request_type=ScsiRequest)
         self.cdb_size = cdb_size
         self.sense_size = sense_size
-        # Slot layout: request header, then the response at an 8-byte boundary.
+        # Slot layout: request header, then the response at an 8-byte boundary; slots of a power-of-two
+        # size, which the request engine aligns to their size: no header crosses a page (HEADER_PAGE).
         self._req_size = 19 + cdb_size
         self._resp_size = 12 + sense_size
         self._resp_off = _align(self._req_size, 8)
-        self.slot_size = _align(self._resp_off + self._resp_size, 64)
+        self.slot_size = slot_stride(self._resp_off + self._resp_size)
 
     # -- sending -----------------------------------------------------------------------
 
@@ -269,4 +296,13 @@ class ScsiRequestQueues(RequestEngine[ScsiRequest]):
         return f"{req.name} on {req.target}:{req.lun}"
 
 
-__all__ = ["MAX_CDB_SIZE", "MAX_SENSE_SIZE", "RESP_SENTINEL", "UA_RETRIES", "ScsiRequest", "ScsiRequestQueues"]
+__all__ = [
+    "HEADER_PAGE",
+    "MAX_CDB_SIZE",
+    "MAX_SENSE_SIZE",
+    "RESP_SENTINEL",
+    "UA_RETRIES",
+    "ScsiRequest",
+    "ScsiRequestQueues",
+    "slot_stride",
+]
