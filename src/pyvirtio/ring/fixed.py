@@ -174,6 +174,12 @@ class FixedChains:
                 from pyvirtio.ring.fixed_split import SplitFixedChains
 
                 return cast(FixedChains, super().__new__(SplitFixedChains))
+            if ring.format == "packed" and not ring.in_order:
+                from pyvirtio.ring.fixed_packed import PackedFixedChains, fits
+                from pyvirtio.ring.packed import PackedQueue
+
+                if fits(cast(PackedQueue, ring), chains):
+                    return cast(FixedChains, super().__new__(PackedFixedChains))
             from pyvirtio.ring.fixed_ring import RingFixedChains
 
             return cast(FixedChains, super().__new__(RingFixedChains))
