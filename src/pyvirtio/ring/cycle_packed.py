@@ -78,6 +78,7 @@ class PackedCycle:
         self._stash = sh.stash
         self._size = ring.size
         self._event_idx = ring.event_idx
+        self._signals = ring.interrupts_enabled and ring.event_idx  # read once: the interrupt mode of the whole loop
         self._spares = list(range(fc.nslots))  # prepared, not published; oldest first
         self.np: Any = None
         if vectorised:
@@ -152,7 +153,7 @@ class PackedCycle:
                     ring.used_bits = ub
                     ring.num_free += nfree
                     ring.outstanding = left
-                    if ring.interrupts_enabled and self._event_idx:
+                    if self._signals:  # the next used descriptor wanted (§2.8.10), as PackedQueue's reap
                         self._drv16[0] = pos | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
                     break
         # 2. Publish one spare per completion (and any shortfall).
