@@ -1,4 +1,4 @@
-"""The engines' loops on a packed ring: the cycle and the stream of :class:`~pyvirtio.ring.fixed_packed.PackedFixedChains`.
+"""The engines' loops on a packed ring: the cycle and stream of :class:`~pyvirtio.ring.fixed_packed.PackedFixedChains`.
 
 Theory of operation (the contract: :mod:`pyvirtio.ring.fixed`, ``Cycle`` and
 ``Stream``; the ring memory and checks: :mod:`pyvirtio.ring.fixed_packed`).
@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pyvirtio.errors import QueueStateError
 from pyvirtio.ring import ordering
 from pyvirtio.spec.ring import (
     DESC_F_WRITE,

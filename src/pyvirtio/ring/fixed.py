@@ -8,9 +8,14 @@ ring's own fast paths: on a :class:`~pyvirtio.ring.split.SplitQueue`
 without VIRTIO_F_IN_ORDER it is a
 :class:`~pyvirtio.ring.fixed_split.SplitFixedChains` (one pre-linked chain
 per slot in the descriptor table; posting writes the head into the avail
-ring; its loops in :mod:`pyvirtio.ring.cycle_split`); on any other ring (a
-:class:`~pyvirtio.ring.packed.PackedQueue`, or a split ring with IN_ORDER,
-whose descriptors follow ring order) a
+ring; its loops in :mod:`pyvirtio.ring.cycle_split`); on a
+:class:`~pyvirtio.ring.packed.PackedQueue` without IN_ORDER whose slots all
+fit the ring at once, a :class:`~pyvirtio.ring.fixed_packed.PackedFixedChains`
+(buffer id = slot, each slot's descriptors prepared as bytes per lap;
+posting writes them at the next ring positions, the head's flags last; its
+loops in :mod:`pyvirtio.ring.cycle_packed`); on any other ring (IN_ORDER
+on either format, whose ids or descriptors follow ring order, or a packed
+ring with more slots than fit, going indirect) a
 :class:`~pyvirtio.ring.fixed_ring.RingFixedChains` (each slot's chain kept
 here and submitted through the ring protocol, the slot being the token).
 Engines, drivers and back ends use this API and never a ring's private
@@ -56,7 +61,8 @@ Paths, sharing one state:
 * the *stream* (:meth:`~FixedChains.stream`), the net engine's: every slot
   a one-buffer chain, all of them in flight all the time, each slot fixed
   at its ring position, so re-posting n slots is one store (split: the avail
-  index; elsewhere the slots are submitted again through the ring),
+  index; packed: each slot's prepared descriptors; elsewhere the slots are
+  submitted again through the ring),
   and a batch of completions is checked against the expected entries in
   bulk (:meth:`Stream.peek`), then taken and re-posted
   (:meth:`Stream.advance`). Anything unexpected is left in the ring for the

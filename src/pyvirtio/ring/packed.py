@@ -78,6 +78,16 @@ base as vhost-user.rst says sees an ordinary ring state either way.
 
 Memory ordering: see :mod:`pyvirtio.ring.ordering`. The API and its
 semantics are the ring protocol's (:mod:`pyvirtio.ring.base`).
+
+The batch fast path (:mod:`pyvirtio.ring.fixed_packed`, behind
+:class:`~pyvirtio.ring.fixed.FixedChains`) is this ring's too: it reserves
+buffer ids 0 .. n-1 (:meth:`PackedQueue.reserve_ids`, which shares the ring
+memory and the per-id shadow lists, :class:`PackedShared`) and keeps the
+shadow state below (``next_avail``, ``avail_bits``, ``next_used``,
+``used_bits``, ``num_free``, ``outstanding``, each id's token) current after
+every call, so this ring's reap, ``restart_base`` and ``reset`` can take
+over. A reserved id a reap completes stays idle, off the free id list.
+Nothing above the ring layer uses ``reserve_ids`` / ``give_back_ids``.
 """
 
 from __future__ import annotations
