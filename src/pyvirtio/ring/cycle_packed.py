@@ -77,6 +77,7 @@ class PackedCycle:
         self._stash = sh.stash
         self._size = ring.size
         self._event_idx = ring.event_idx
+        self._weak = not ordering.STRONGLY_ORDERED  # barriers are instructions only there (ordering.py)
         self._signals = ring.interrupts_enabled and ring.event_idx  # read once: the interrupt mode of the whole loop
         self._spares = list(range(fc.nslots))  # prepared, not published; oldest first
         self.np: Any = None
@@ -95,44 +96,49 @@ class PackedCycle:
         pos = ring.next_used
         ub = ring.used_bits
         flags = d16[8 * pos + 7]
+        used = flags & FLIP == ub
         out = ring.outstanding
         depth = self._depth
-        if flags & FLIP != ub and not self._stash:
-            if out == depth:
-                while spins > 1:  # poll again with everything in locals
-                    spins -= 1
-                    flags = d16[8 * pos + 7]
-                    if flags & FLIP == ub:
-                        break
-                else:
-                    if flags & FLIP != ub ^ USED:
-                        self._fc.take(1 << 16, [], [])  # raises: neither used nor available (wrong wrap counter)
-                    return None
+        stash = self._stash
+        if not used and not stash and out == depth:
+            while spins > 1:  # poll again with everything in locals
+                spins -= 1
+                flags = d16[8 * pos + 7]
+                if flags & FLIP == ub:
+                    used = True
+                    break
+            else:
+                if flags & FLIP != ub ^ USED:
+                    self._fc.take(1 << 16, [], [])  # raises: neither used nor available (wrong wrap counter)
+                return None
         fc = self._fc
         tokens = self._tokens
         idle = self._idle
         size = self._size
+        nd = self._nd
         done: list[int] = []
+        nfree = 0
         # 1. Take and check the completions.
-        if self._stash:
-            fc.take(1 << 16, done, [])
-        elif flags & FLIP == ub:
+        if stash:
+            fc.take(1 << 16, done, [])  # a reconnect's completions first (committed by take)
+            out = ring.outstanding
+        elif used:
             d32 = self._d32
             wlen = self._wlen
-            nd = self._nd
-            left = out
-            nfree = 0
+            weak = self._weak
             while True:
-                if not ordering.STRONGLY_ORDERED:
+                if weak:
                     ordering.read_barrier()
                 bid = d16[8 * pos + 6]
                 if (
-                    not left
+                    not out
                     or bid >= size
                     or tokens[bid] is idle
                     or (d32[4 * pos + 2] if flags & WRITE else 0) > wlen[bid]
                 ):
-                    done = self._retake(done)  # raises, or clamped lengths were accepted
+                    done = self._retake(done)  # raises, or clamped lengths were accepted (committed)
+                    nfree = 0
+                    out = ring.outstanding
                     break
                 tokens[bid] = idle
                 done.append(bid)
@@ -142,36 +148,34 @@ class PackedCycle:
                 if pos >= size:
                     pos -= size
                     ub ^= FLIP
-                left -= 1
+                out -= 1
                 flags = d16[8 * pos + 7]
                 if flags & FLIP != ub:
-                    if left and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
+                    if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
                         done = self._retake(done)  # raises
-                        break
-                    ring.next_used = pos
-                    ring.used_bits = ub
-                    ring.num_free += nfree
-                    ring.outstanding = left
-                    if self._signals:  # the next used descriptor wanted (§2.8.10), as PackedQueue's reap
-                        self._drv16[0] = pos | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
+                        nfree = 0
+                        out = ring.outstanding
+                    else:
+                        ring.next_used = pos
+                        ring.used_bits = ub
+                        if self._signals:  # the next used descriptor wanted (§2.8.10), as PackedQueue's reap
+                            self._drv16[0] = pos | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
                     break
         # 2. Publish one spare per completion (and any shortfall).
-        out = ring.outstanding
         spares = self._spares
         want = depth - out
         posted = spares[:want]
         if posted:
             del spares[:want]
-            fc_ = fc
             pos = ring.next_avail
             bits = ring.avail_bits
             if bits == AVAIL:
-                img, hf = fc_.img1, fc_.hf1
+                img, hf = fc.img1, fc.hf1
             else:
-                img, hf = fc_.img0, fc_.hf0
+                img, hf = fc.img0, fc.hf0
             desc = self._desc
-            nd = self._nd
-            vol = fc_.vol
+            vol = fc.vol
+            weak = self._weak
             total = 0
             for s in posted:
                 n = nd[s]
@@ -182,19 +186,19 @@ class PackedCycle:
                     h = hf[s]
                     pos = end
                 else:
-                    h, pos, bits = fc_.write_wrapping(s, pos, bits)
-                    img, hf = (fc_.img1, fc_.hf1) if bits == AVAIL else (fc_.img0, fc_.hf0)
+                    h, pos, bits = fc.write_wrapping(s, pos, bits)
+                    img, hf = (fc.img1, fc.hf1) if bits == AVAIL else (fc.img0, fc.hf0)
                 if vol is not None:
-                    p = head + fc_.vol_k
+                    p = head + fc.vol_k
                     self._d32[4 * (p - size if p >= size else p) + 2] = vol[s]
                 tokens[s] = s
-                if not ordering.STRONGLY_ORDERED:
+                if weak:
                     ordering.write_barrier()
                 d16[8 * head + 7] = h  # the head's flags last (§2.8.21.1)
                 total += n
             ring.next_avail = pos
             ring.avail_bits = bits
-            ring.num_free -= total
+            ring.num_free += nfree - total
             ring.outstanding = out + len(posted)
             # 3. The kick decision (§2.8.10), as PackedQueue.kick_prepare.
             ordering.fence_acquire()
@@ -208,16 +212,18 @@ class PackedCycle:
                 if total >= size:
                     need = True
                 else:
-                    lap = 2 * size
                     new = pos if bits == AVAIL else pos + size
                     off = dev[0]
-                    event = (off & 0x7FFF) + (0 if off >> RING_EVENT_WRAP_SHIFT & 1 else size)
-                    need = (new - event - 1) % lap < total
+                    event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
+                    need = (new - event - 1) % (2 * size) < total
             else:
                 need = True
             if need:
                 self._notify()
                 self.kicks += 1
+        elif nfree:
+            ring.num_free += nfree
+            ring.outstanding = out
         spares += done
         np = self.np
         if np is None:
@@ -225,7 +231,6 @@ class PackedCycle:
             return done
         self.posted = np.asarray(posted, dtype=np.intp)
         return np.asarray(done, dtype=np.intp)
-
 
     def _retake(self, done: list[int]) -> list[int]:
         """An anomaly in the batch: put back what this turn took, let the fixed chains' reap re-run it."""
