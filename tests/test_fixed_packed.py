@@ -331,3 +331,26 @@ def test_fast_path_and_plain_calls_interleaved_cross_many_wraps(
         event(f"laps of the ring: {laps}" if laps < 10 else "laps of the ring: 10+")
     finally:
         run.close()
+
+
+def test_a_length_stored_through_length_fields_is_posted_and_resubmitted(pair: PackedRingPair) -> None:
+    """A frame's length stored per request (the net tx stream's way) reaches the device, also after a reconnect."""
+    size = pair.driver.size
+    bufs = [pair.buffer(64) for _ in range(4)]
+    fc = FixedChains(pair.driver, [[(b.addr, 64, False)] for b in bufs])
+    lengths, index = fc.length_fields()
+    for rnd in range(2 * size):  # across wraps
+        s = rnd % 4
+        lengths[index[s]] = 10 + rnd % 50
+        fc.post([s])
+        chain = pair.device.pop()
+        assert chain is not None and chain.head == s and [len(b) for b in chain.readable] == [10 + rnd % 50]
+        pair.device.push_used(chain.head, 0)
+        assert fc.reap_slots() == [s]
+    lengths[index[2]] = 33
+    fc.post([2])
+    base = fc.restart_base(True)  # the device went away before it popped slot 2: resubmitted from the shadow
+    pair.reset_device(base)
+    chain = pair.device.pop()
+    assert chain is not None and chain.head == 2 and [len(b) for b in chain.readable] == [33]
+    assert pair.device.pop() is None
