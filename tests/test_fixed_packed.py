@@ -19,7 +19,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from pyvirtio.errors import DeviceProtocolError, QueueBroken
+from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken, QueueStateError
 from pyvirtio.memory import MemoryPool, MemoryTable
 from pyvirtio.ring.chain import Chain
 from pyvirtio.ring.device_packed import PackedDeviceQueue
@@ -354,3 +354,13 @@ def test_a_length_stored_through_length_fields_is_posted_and_resubmitted(pair: P
     chain = pair.device.pop()
     assert chain is not None and chain.head == 2 and [len(b) for b in chain.readable] == [33]
     assert pair.device.pop() is None
+
+
+def test_a_refused_post_publishes_nothing(pair: PackedRingPair) -> None:
+    fc = FixedChains(pair.driver, chains(pair, 4))
+    fc.post([1])
+    for bad, err in (([0, 1], QueueStateError), ([2, 2], QueueStateError), ([3, 4], InvalidArgument)):
+        with pytest.raises(err):
+            fc.post(bad)
+        assert fc.in_flight() == [1] and fc.n_inflight == 1
+    pair.driver.check_ids()

@@ -229,12 +229,23 @@ class PackedFixedChains(FixedChains):
         self.check_broken()
         if self.streaming:
             raise QueueStateError("this FixedChains is streaming: close the stream first")
+        # Checked before anything is written: a refused post publishes nothing (no kick decision is lost).
+        tokens = self.sh.tokens
+        idle = self.sh.idle
+        n = self.nslots
+        for s in slots:
+            if not 0 <= s < n:
+                raise InvalidArgument(f"slot {s} out of range (0..{n - 1})")
+            if tokens[s] is not idle:
+                raise QueueStateError(f"slot {s} is already in flight")
+        if len(slots) > 1 and len(set(slots)) != len(slots):
+            raise QueueStateError("a slot posted twice in one call")
         return self.publish(slots)
 
     def publish(self, slots: Sequence[int]) -> bool:
         """Write and publish ``slots`` (each head's flags last), make the kick decision; True: kick.
 
-        A slot already in flight raises QueueStateError; the slots before it stay published.
+        The slots must be idle (a slot in flight raises QueueStateError; the slots before it stay published).
         """
         ring = self.ring
         sh = self.sh
