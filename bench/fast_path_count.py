@@ -8,7 +8,8 @@ scripted one, the same few stores per completion for both formats: it takes
 every chain published since its last look, in order, and writes one used
 entry per chain (split: id and length in the used ring, one used index store
 per pass; packed: length, id and flags in the used descriptor at its used
-position). An engine-like loop runs one ``turn()`` per pass and the device
+position), through views of one field per entry (no index arithmetic
+beyond a mask). An engine-like loop runs one ``turn()`` per pass and the device
 after it (a kick is a no-op), every chain blk-shaped (16-byte header, 4 KiB
 data, status byte), ``depth`` in flight with as many spares as the block
 engine keeps (``vectorised`` above QD 128, as its ``auto`` mode).
@@ -53,24 +54,25 @@ fc = FixedChains(ring, [[(h.addr, 16, False), (d.addr, 4096, True), (s.addr, 1, 
 cyc = fc.cycle(depth, lambda: None, vectorised=depth > 128)
 a = ring.addresses()
 if fmt == "packed":
-    d16 = pool.translate(a.desc, a.desc_size).cast("H")
-    d32 = pool.translate(a.desc, a.desc_size).cast("I")
+    fl = pool.translate(a.desc, a.desc_size).cast("H")[7::8]  # one field of every descriptor, by ring slot
+    ids = pool.translate(a.desc, a.desc_size).cast("H")[6::8]
+    lens = pool.translate(a.desc, a.desc_size).cast("I")[2::4]
     st = [0, 1, 0, 1]  # avail pos, avail wrap, used pos, used wrap
 
     def device() -> int:
         pos, aw, upos, uw = st
         n = 0
         while True:
-            if d16[8 * pos + 7] & 0x8080 != (0x80 if aw else 0x8000):  # available: AVAIL = wrap, USED = !wrap
+            if fl[pos] & 0x8080 != (0x80 if aw else 0x8000):  # available: AVAIL = wrap, USED = !wrap
                 break
-            bid = d16[8 * pos + 6]
+            bid = ids[pos]
             pos += 3
             if pos >= size:
                 pos -= size
                 aw ^= 1
-            d32[4 * upos + 2] = 1
-            d16[8 * upos + 6] = bid
-            d16[8 * upos + 7] = (0x8080 if uw else 0) | 2  # used, VIRTQ_DESC_F_WRITE
+            lens[upos] = 1
+            ids[upos] = bid
+            fl[upos] = (0x8080 if uw else 0) | 2  # used, VIRTQ_DESC_F_WRITE
             upos += 3
             if upos >= size:
                 upos -= size
@@ -80,8 +82,10 @@ if fmt == "packed":
         return n
 else:
     avail = pool.translate(a.driver, a.driver_size).cast("H")
+    ring16 = avail[2 : 2 + size]
     used16 = pool.translate(a.device, a.device_size).cast("H")
     used32 = pool.translate(a.device, a.device_size - (a.device_size % 4)).cast("I")
+    uids, ulens = used32[1::2], used32[2::2]
     mask = size - 1
     st = [0]
 
@@ -91,9 +95,9 @@ else:
         n = (idx - last) & 0xFFFF
         u = used16[1]
         for _ in range(n):
-            i = 1 + 2 * (u & mask)
-            used32[i] = avail[2 + (last & mask)]
-            used32[i + 1] = 1
+            i = u & mask
+            uids[i] = ring16[last & mask]
+            ulens[i] = 1
             u = (u + 1) & 0xFFFF
             last = (last + 1) & 0xFFFF
         used16[1] = u

@@ -66,8 +66,10 @@ class PackedCycle:
         self._notify = notify
         self._depth = depth
         self._desc = sh.desc
-        self._d16 = sh.desc16
-        self._d32 = sh.desc32
+        self._fl = sh.flags
+        self._ids = sh.ids
+        self._lv = sh.lens
+        self._o16 = fc.o16
         self._dev16 = sh.device16
         self._drv16 = sh.driver16
         self._tokens = sh.tokens
@@ -92,10 +94,10 @@ class PackedCycle:
         ring = self._ring
         if ring.broken is not None:
             self._fc.check_broken()
-        d16 = self._d16
+        fl = self._fl
         pos = ring.next_used
         ub = ring.used_bits
-        flags = d16[8 * pos + 7]
+        flags = fl[pos]
         used = flags & FLIP == ub
         out = ring.outstanding
         depth = self._depth
@@ -103,7 +105,7 @@ class PackedCycle:
         if not used and not stash and out == depth:
             while spins > 1:  # poll again with everything in locals
                 spins -= 1
-                flags = d16[8 * pos + 7]
+                flags = fl[pos]
                 if flags & FLIP == ub:
                     used = True
                     break
@@ -123,18 +125,19 @@ class PackedCycle:
             fc.take(1 << 16, done, [])  # a reconnect's completions first (committed by take)
             out = ring.outstanding
         elif used:
-            d32 = self._d32
+            ids = self._ids
+            lens = self._lv
             wlen = self._wlen
             weak = self._weak
             while True:
                 if weak:
                     ordering.read_barrier()
-                bid = d16[8 * pos + 6]
+                bid = ids[pos]
                 if (
                     not out
                     or bid >= size
                     or tokens[bid] is idle
-                    or (d32[4 * pos + 2] if flags & WRITE else 0) > wlen[bid]
+                    or (lens[pos] if flags & WRITE else 0) > wlen[bid]
                 ):
                     done = self._retake(done)  # raises, or clamped lengths were accepted (committed)
                     nfree = 0
@@ -149,7 +152,7 @@ class PackedCycle:
                     pos -= size
                     ub ^= FLIP
                 out -= 1
-                flags = d16[8 * pos + 7]
+                flags = fl[pos]
                 if flags & FLIP != ub:
                     if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
                         done = self._retake(done)  # raises
@@ -174,15 +177,33 @@ class PackedCycle:
             else:
                 img, hf = fc.img0, fc.hf0
             desc = self._desc
+            o16 = self._o16
             vol = fc.vol
             weak = self._weak
-            total = 0
-            for s in posted:
+            n1 = fc.n1
+            k = len(posted)
+            if n1 and vol is None and pos + n1 * k < size:
+                # Every slot n1 descriptors, the batch before the end of the ring: its bodies in one store
+                # (a head's flags in its image say "not available"), then each head's flags, in order.
+                total = n1 * k
+                end = pos + total
+                desc[o16[pos] : o16[end]] = img[posted[0]] if k == 1 else b"".join(map(img.__getitem__, posted))
+                if weak:
+                    ordering.write_barrier()
+                for s in posted:
+                    tokens[s] = s
+                    fl[pos] = hf[s]  # the head's flags last (§2.8.21.1)
+                    pos += n1
+                posted_all: list[int] = []
+            else:
+                total = 0
+                posted_all = posted
+            for s in posted_all:
                 n = nd[s]
                 head = pos
                 end = pos + n
                 if end < size:
-                    desc[16 * pos : 16 * end] = img[s]
+                    desc[o16[pos] : o16[end]] = img[s]
                     h = hf[s]
                     pos = end
                 else:
@@ -190,16 +211,16 @@ class PackedCycle:
                     img, hf = (fc.img1, fc.hf1) if bits == AVAIL else (fc.img0, fc.hf0)
                 if vol is not None:
                     p = head + fc.vol_k
-                    self._d32[4 * (p - size if p >= size else p) + 2] = vol[s]
+                    self._lv[p - size if p >= size else p] = vol[s]
                 tokens[s] = s
                 if weak:
                     ordering.write_barrier()
-                d16[8 * head + 7] = h  # the head's flags last (§2.8.21.1)
+                fl[head] = h  # the head's flags last (§2.8.21.1)
                 total += n
             ring.next_avail = pos
             ring.avail_bits = bits
             ring.num_free += nfree - total
-            ring.outstanding = out + len(posted)
+            ring.outstanding = out + k
             # 3. The kick decision (§2.8.10), as PackedQueue.kick_prepare.
             ordering.fence_acquire()
             ordering.fence_release()

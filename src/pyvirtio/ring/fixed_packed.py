@@ -115,6 +115,9 @@ class PackedFixedChains(FixedChains):
         self.vol_k = 0
         for s in range(n):
             self._write_slot(s)
+        self.o16 = [16 * p for p in range(ring.size + 1)]  # byte offset of each ring slot (no multiplication)
+        counts = {len(forms[0]) for forms in self.shapes}
+        self.n1 = counts.pop() if len(counts) == 1 else 0  # descriptors of every slot (0: they differ)
 
     def _write_slot(self, s: int) -> None:
         """Prepare slot s's current shape: images, head flags, the ring's shadow entries for id s."""
@@ -250,7 +253,8 @@ class PackedFixedChains(FixedChains):
         ring = self.ring
         sh = self.sh
         desc = sh.desc
-        d16 = sh.desc16
+        fl = sh.flags
+        o16 = self.o16
         tokens = sh.tokens
         idle = sh.idle
         nd = sh.ndescs
@@ -272,7 +276,7 @@ class PackedFixedChains(FixedChains):
                 head = pos
                 end = pos + n
                 if end < size:
-                    desc[16 * pos : 16 * end] = img[s]
+                    desc[o16[pos] : o16[end]] = img[s]
                     h = hf[s]
                     pos = end
                 else:
@@ -280,11 +284,11 @@ class PackedFixedChains(FixedChains):
                     img, hf = (self.img1, self.hf1) if bits == AVAIL else (self.img0, self.hf0)
                 if vol is not None:
                     p = head + self.vol_k
-                    sh.desc32[4 * (p - size if p >= size else p) + 2] = vol[s]
+                    sh.lens[p - size if p >= size else p] = vol[s]
                 tokens[s] = s
                 if not ordering.STRONGLY_ORDERED:
                     ordering.write_barrier()
-                d16[8 * head + 7] = h  # the head's flags last (§2.8.21.1)
+                fl[head] = h  # the head's flags last (§2.8.21.1)
                 total += n
                 count += 1
         finally:
@@ -345,16 +349,17 @@ class PackedFixedChains(FixedChains):
             max_n -= len(got)
             if max_n <= 0:
                 return
-        d16 = sh.desc16
+        fl = sh.flags
         pos = ring.next_used
         ub = ring.used_bits
-        flags = d16[8 * pos + 7]
+        flags = fl[pos]
         left = ring.outstanding
         if flags & FLIP != ub:
             if left and flags & FLIP != ub ^ USED:
                 self.exact(max_n, slots, lens, first)  # raises: a wrong wrap counter
             return
-        d32 = sh.desc32
+        ids = sh.ids
+        lv = sh.lens
         tokens = sh.tokens
         idle = sh.idle
         wlen = sh.wlen
@@ -364,8 +369,8 @@ class PackedFixedChains(FixedChains):
         while True:
             if not ordering.STRONGLY_ORDERED:
                 ordering.read_barrier()
-            bid = d16[8 * pos + 6]
-            length = d32[4 * pos + 2] if flags & DESC_F_WRITE else 0  # §2.8.4: reserved without WRITE
+            bid = ids[pos]
+            length = lv[pos] if flags & DESC_F_WRITE else 0  # §2.8.4: reserved without WRITE
             if not left or bid >= size or tokens[bid] is idle or length > wlen[bid]:
                 break
             tokens[bid] = idle
@@ -382,7 +387,7 @@ class PackedFixedChains(FixedChains):
             if k >= max_n:
                 flags = -1
                 break
-            flags = d16[8 * pos + 7]
+            flags = fl[pos]
             if flags & FLIP != ub:
                 if not left or flags & FLIP == ub ^ USED:
                     flags = -1

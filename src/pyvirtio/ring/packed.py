@@ -148,7 +148,8 @@ class PackedShared:
     """The ring memory and shadow lists of a :class:`PackedQueue`, shared with its batch fast path.
 
     ``desc`` is the descriptor ring as bytes, ``desc16``/``desc32`` the same
-    as 16/32-bit fields; ``driver16``/``device16`` the two event suppression
+    as 16/32-bit fields, ``flags``/``ids``/``lens`` one field of every
+    descriptor indexed by ring slot; ``driver16``/``device16`` the two event suppression
     structures. ``tokens``, ``ndescs``, ``wlen``, ``bufs`` are the per-id
     shadow lists (``idle`` is the token of an id not in flight); ``stash``
     the validated completions a reconnect left for the next reap.
@@ -157,6 +158,9 @@ class PackedShared:
     desc: memoryview
     desc16: memoryview
     desc32: memoryview
+    flags: memoryview
+    ids: memoryview
+    lens: memoryview
     driver16: memoryview
     device16: memoryview
     tokens: list[object]
@@ -212,6 +216,10 @@ class PackedQueue:
         self._desc64 = view[:n].cast("Q")
         self._desc32 = view[:n].cast("I")
         self._desc16 = view[:n].cast("H")
+        # One field of every descriptor, indexed by ring slot (strided views): the batch fast path's (PackedShared).
+        self._flags16 = self._desc16[7::8]
+        self._ids16 = self._desc16[6::8]
+        self._lens32 = self._desc32[2::4]
         # Event suppression: [0] desc_event_off_wrap, [1] desc_event_flags.
         self._drv16 = view[driver_off : driver_off + EVENT_SUPPRESS_SIZE].cast("H")  # ours
         self._dev16 = view[device_off : device_off + EVENT_SUPPRESS_SIZE].cast("H")  # the device's
@@ -286,7 +294,8 @@ class PackedQueue:
         for buf in self._tables.values():
             self.pool.free(buf)
         self._tables.clear()
-        for v in (self._desc64, self._desc32, self._desc16, self._drv16, self._dev16):
+        for v in (self._flags16, self._ids16, self._lens32, self._desc64, self._desc32, self._desc16, self._drv16,
+                  self._dev16):
             v.release()
         self.pool.free(self._ring)
         self.broken = "closed"
@@ -990,6 +999,9 @@ class PackedQueue:
             self._ring.view[: DESC_SIZE * self.size],
             self._desc16,
             self._desc32,
+            self._flags16,
+            self._ids16,
+            self._lens32,
             self._drv16,
             self._dev16,
             self._tokens,
