@@ -133,12 +133,8 @@ class PackedCycle:
                 if weak:
                     ordering.read_barrier()
                 bid = ids[pos]
-                if (
-                    not out
-                    or bid >= size
-                    or tokens[bid] is idle
-                    or (lens[pos] if flags & WRITE else 0) > wlen[bid]
-                ):
+                # With nothing in flight every token is idle: a used descriptor then fails the token test.
+                if bid >= size or tokens[bid] is idle or (lens[pos] if flags & WRITE else 0) > wlen[bid]:
                     done = self._retake(done)  # raises, or clamped lengths were accepted (committed)
                     nfree = 0
                     out = ring.outstanding
