@@ -168,73 +168,48 @@ class PackedCycle:
             del spares[:want]
             pos = ring.next_avail
             bits = ring.avail_bits
-            if bits == AVAIL:
-                img, hf = fc.img1, fc.hf1
-            else:
-                img, hf = fc.img0, fc.hf0
-            desc = self._desc
-            o16 = self._o16
-            vol = fc.vol
-            weak = self._weak
             n1 = fc.n1
             k = len(posted)
-            if n1 and vol is None and pos + n1 * k < size:
+            if n1 and fc.vol is None and pos + n1 * k < size:
                 # Every slot n1 descriptors, the batch before the end of the ring: its bodies in one store
                 # (a head's flags in its image say "not available"), then each head's flags, in order.
+                img, hf = (fc.img1, fc.hf1) if bits == AVAIL else (fc.img0, fc.hf0)
                 total = n1 * k
-                end = pos + total
-                desc[o16[pos] : o16[end]] = img[posted[0]] if k == 1 else b"".join(map(img.__getitem__, posted))
-                if weak:
+                o16 = self._o16
+                self._desc[o16[pos] : o16[pos + total]] = (
+                    img[posted[0]] if k == 1 else b"".join(map(img.__getitem__, posted))
+                )
+                if self._weak:
                     ordering.write_barrier()
                 for s in posted:
                     tokens[s] = s
                     fl[pos] = hf[s]  # the head's flags last (§2.8.21.1)
                     pos += n1
-                posted_all: list[int] = []
-            else:
-                total = 0
-                posted_all = posted
-            for s in posted_all:
-                n = nd[s]
-                head = pos
-                end = pos + n
-                if end < size:
-                    desc[o16[pos] : o16[end]] = img[s]
-                    h = hf[s]
-                    pos = end
+                ring.next_avail = pos
+                ring.num_free += nfree - total
+                ring.outstanding = out + k
+                # 3. The kick decision (§2.8.10), as PackedQueue.kick_prepare.
+                ordering.fence_acquire()
+                ordering.fence_release()
+                dev = self._dev16
+                ev = dev[1] & RING_EVENT_FLAGS_MASK
+                if ev == RING_EVENT_FLAGS_DISABLE:
+                    need = False
+                elif ev == RING_EVENT_FLAGS_DESC and self._event_idx:
+                    # packed_need_event inlined: positions along two laps (wrap counter 1: the even lap).
+                    if total >= size:
+                        need = True
+                    else:
+                        new = pos if bits == AVAIL else pos + size
+                        off = dev[0]
+                        event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
+                        need = (new - event - 1) % (2 * size) < total
                 else:
-                    h, pos, bits = fc.write_wrapping(s, pos, bits)
-                    img, hf = (fc.img1, fc.hf1) if bits == AVAIL else (fc.img0, fc.hf0)
-                if vol is not None:
-                    p = head + fc.vol_k
-                    self._lv[p - size if p >= size else p] = vol[s]
-                tokens[s] = s
-                if weak:
-                    ordering.write_barrier()
-                fl[head] = h  # the head's flags last (§2.8.21.1)
-                total += n
-            ring.next_avail = pos
-            ring.avail_bits = bits
-            ring.num_free += nfree - total
-            ring.outstanding = out + k
-            # 3. The kick decision (§2.8.10), as PackedQueue.kick_prepare.
-            ordering.fence_acquire()
-            ordering.fence_release()
-            dev = self._dev16
-            ev = dev[1] & RING_EVENT_FLAGS_MASK
-            if ev == RING_EVENT_FLAGS_DISABLE:
-                need = False
-            elif ev == RING_EVENT_FLAGS_DESC and self._event_idx:
-                # packed_need_event inlined: positions along two laps (wrap counter 1: the even lap).
-                if total >= size:
                     need = True
-                else:
-                    new = pos if bits == AVAIL else pos + size
-                    off = dev[0]
-                    event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
-                    need = (new - event - 1) % (2 * size) < total
-            else:
-                need = True
+            else:  # across the end of the ring, slots of different lengths, or lengths stored per request
+                ring.num_free += nfree
+                ring.outstanding = out
+                need = fc.publish(posted)
             if need:
                 self._notify()
                 self.kicks += 1

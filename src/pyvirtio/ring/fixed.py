@@ -295,11 +295,11 @@ class FixedChains:
 
     def enable_interrupts(self) -> None:
         """Ask the device to signal used buffers (the ring's, kept current by every reap)."""
-        raise NotImplementedError
+        self.ring.enable_interrupts()
 
     def disable_interrupts(self) -> None:
         """Ask the device not to signal (polling, the default)."""
-        raise NotImplementedError
+        self.ring.disable_interrupts()
 
     def restart_base(self, resubmit: bool = True) -> int:
         """Prepare the ring for a new device behind the same memory; returns the base for SET_VRING_BASE."""
@@ -315,6 +315,33 @@ class FixedChains:
         ring = self.ring
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
+
+    def check_depth(self, depth: int) -> None:
+        """Refuse a cycle depth the slots cannot give."""
+        if not 1 <= depth <= self.nslots:
+            raise InvalidArgument(f"depth must be 1..{self.nslots}, got {depth}")
+
+
+class ListArrays(FixedChains):
+    """The NumPy calls for API parity, over the plain ones (lists converted to arrays and back)."""
+
+    def use_alternate_many(self, slots: np.ndarray, on: np.ndarray, *, check: bool = True) -> None:
+        for s, v in zip(slots.tolist(), on.tolist(), strict=True):
+            self.use_alternate(s, bool(v))
+
+    def post_many(self, slots: np.ndarray, *, check: bool = True) -> bool:
+        if not len(slots):
+            return False
+        return self.post(slots.tolist())
+
+    def reap_many(self) -> tuple[np.ndarray, np.ndarray] | None:
+        import numpy as np
+
+        lengths: list[int] = []
+        slots = self.reap_slots(1 << 16, lengths)
+        if not slots:
+            return None
+        return np.asarray(slots, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
 
 
 def changed_buffer(
@@ -374,6 +401,7 @@ __all__ = [
     "BufferSpec",
     "Cycle",
     "FixedChains",
+    "ListArrays",
     "SlotCompletion",
     "Stream",
     "chain_shapes",

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueStateError
 from pyvirtio.ring import ordering
 from pyvirtio.ring.cycle_packed import PackedCycle, PackedStream
-from pyvirtio.ring.fixed import BufferSpec, FixedChains, chain_shapes, changed_buffer, check_length_field
+from pyvirtio.ring.fixed import BufferSpec, ListArrays, chain_shapes, changed_buffer, check_length_field
 from pyvirtio.ring.packed import PackedQueue
 from pyvirtio.spec.ring import (
     DESC_F_NEXT,
@@ -67,7 +67,7 @@ from pyvirtio.spec.ring import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 AVAIL = PACKED_DESC_F_AVAIL
 USED = PACKED_DESC_F_USED
@@ -79,7 +79,7 @@ def fits(ring: PackedQueue, chains: Sequence[Sequence[BufferSpec]]) -> bool:
     return not ring.in_order and 0 < len(chains) <= ring.size and sum(len(c) for c in chains) <= ring.size
 
 
-class PackedFixedChains(FixedChains):
+class PackedFixedChains(ListArrays):
     """Fixed chains on a :class:`~pyvirtio.ring.packed.PackedQueue` (see the module docstring)."""
 
     ring: PackedQueue
@@ -221,10 +221,6 @@ class PackedFixedChains(FixedChains):
             self._write_slot(s)
             if self.vol is not None:
                 self.vol[s] = self.shapes[s][v][self.vol_k][1]
-
-    def use_alternate_many(self, slots: np.ndarray, on: np.ndarray, *, check: bool = True) -> None:
-        for s, v in zip(slots.tolist(), on.tolist(), strict=True):
-            self.use_alternate(s, bool(v))
 
     # -- plain calls --------------------------------------------------------------
 
@@ -426,19 +422,7 @@ class PackedFixedChains(FixedChains):
 
     # -- NumPy --------------------------------------------------------------------
 
-    def post_many(self, slots: np.ndarray, *, check: bool = True) -> bool:
-        if not len(slots):
-            return False
-        return self.post(slots.tolist())
-
-    def reap_many(self) -> tuple[np.ndarray, np.ndarray] | None:
-        import numpy as np
-
-        lengths: list[int] = []
-        slots = self.reap_slots(1 << 16, lengths)
-        if not slots:
-            return None
-        return np.asarray(slots, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    # (post_many, reap_many, use_alternate_many: ListArrays, over the plain calls)
 
     # -- engines ------------------------------------------------------------------
 
@@ -446,8 +430,7 @@ class PackedFixedChains(FixedChains):
         self.check_broken()
         if self.ring.outstanding or self.streaming:
             raise QueueStateError("a cycle starts with nothing in flight")
-        if not 1 <= depth <= self.nslots:
-            raise InvalidArgument(f"depth must be 1..{self.nslots}, got {depth}")
+        self.check_depth(depth)
         return PackedCycle(self, depth, notify, vectorised)
 
     def stream(self, notify: Callable[[], object], *, min_len: int = 0) -> PackedStream:
@@ -461,12 +444,6 @@ class PackedFixedChains(FixedChains):
         return PackedStream(self, notify, min_len)
 
     # -- interrupts, reconnect, teardown -----------------------------------------------
-
-    def enable_interrupts(self) -> None:
-        self.ring.enable_interrupts()
-
-    def disable_interrupts(self) -> None:
-        self.ring.disable_interrupts()
 
     def restart_base(self, resubmit: bool = True) -> int:
         self._fold()  # a resubmission writes the chains from the ring's shadow buffers
