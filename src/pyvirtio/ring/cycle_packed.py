@@ -13,9 +13,13 @@ inlined; on any anomaly the entries taken in this turn are put back and
 <pyvirtio.ring.fixed_packed.PackedFixedChains.take>` re-runs them, which
 raises :class:`~pyvirtio.errors.DeviceProtocolError` naming the bad one with
 the completions validated before it (or clamps, ``clamp_used_len``); (2)
-publish one spare per completion (and any shortfall): each slot's prepared
-descriptors, then its head's flags (§2.8.21.1); (3) one kick decision from
-the device's event suppression structure (§2.8.10). Unlike the split cycle,
+publish one spare per completion (and any shortfall): when every slot has as
+many descriptors and the batch ends before the end of the ring, the slots'
+prepared descriptors in one store, then each head's flags in order
+(§2.8.21.1; a head's flags in its image say "not available"), otherwise
+:meth:`PackedFixedChains.publish
+<pyvirtio.ring.fixed_packed.PackedFixedChains.publish>` slot by slot; (3) one
+kick decision from the device's event suppression structure (§2.8.10). Unlike the split cycle,
 which publishes before it validates (its used index says how many
 completions there are), a packed ring's completions are counted by walking
 them, so this one validates first; an entry can then never name a slot
