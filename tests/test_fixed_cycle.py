@@ -1,7 +1,8 @@
 """The ring-owned batch fast path on every format: FixedChains.cycle and .stream (issue 12).
 
-Split rings without IN_ORDER get the pre-linked implementation (ring/fixed_split.py, ring/cycle_split.py);
-packed rings and IN_ORDER split rings the one over the ring protocol (ring/fixed_ring.py). Both must keep
+Split rings without IN_ORDER get the pre-linked implementation (ring/fixed_split.py, ring/cycle_split.py),
+packed rings without IN_ORDER their prepared descriptors (ring/fixed_packed.py, ring/cycle_packed.py), and
+IN_ORDER rings of either format the one over the ring protocol (ring/fixed_ring.py). Both must keep
 ``depth`` slots in flight, hand every completed slot back exactly once, and on a lying device raise
 DeviceProtocolError carrying the completions validated before the bad entry, with the queue broken and
 no slot lost or returned twice.
@@ -15,6 +16,7 @@ import pytest
 
 from pyvirtio.errors import DeviceProtocolError, QueueBroken
 from pyvirtio.ring.fixed import FixedChains
+from pyvirtio.ring.fixed_packed import PackedFixedChains
 from pyvirtio.ring.fixed_ring import RingFixedChains
 from pyvirtio.ring.fixed_split import SplitFixedChains
 from pyvirtio.testing import HostileDevice, HostilePackedDevice, PackedRingPair, RingPair
@@ -22,8 +24,15 @@ from pyvirtio.testing import HostileDevice, HostilePackedDevice, PackedRingPair,
 np = pytest.importorskip("numpy")
 
 #: (format, ring size, IN_ORDER)
-FORMATS = [("split", 64, False), ("packed", 64, False), ("packed", 50, False), ("split", 64, True)]
-FORMAT_IDS = ["split", "packed", "packed-odd-size", "split-in-order"]
+FORMATS = [
+    ("split", 64, False),
+    ("packed", 64, False),
+    ("packed", 50, False),
+    ("packed", 37, False),
+    ("split", 64, True),
+    ("packed", 50, True),
+]
+FORMAT_IDS = ["split", "packed", "packed-odd-size", "packed-prime-size", "split-in-order", "packed-in-order"]
 DEPTH = 8
 NSLOTS = 12
 
@@ -32,7 +41,9 @@ NSLOTS = 12
 def pair(request: pytest.FixtureRequest) -> Iterator[RingPair | PackedRingPair]:
     fmt, size, in_order = request.param
     p: RingPair | PackedRingPair = (
-        RingPair(size, event_idx=True, in_order=in_order) if fmt == "split" else PackedRingPair(size, event_idx=True)
+        RingPair(size, event_idx=True, in_order=in_order)
+        if fmt == "split"
+        else PackedRingPair(size, event_idx=True, in_order=in_order)
     )
     yield p
     p.close()
@@ -79,8 +90,10 @@ class Liar:
 
 def test_the_facade_picks_the_ring_s_own_fast_path(pair: RingPair | PackedRingPair) -> None:
     fc = FixedChains(pair.driver, chains(pair, 4))
-    pre_linked = pair.driver.format == "split" and not pair.driver.in_order
-    assert isinstance(fc, SplitFixedChains if pre_linked else RingFixedChains)
+    kind = RingFixedChains if pair.driver.in_order else SplitFixedChains
+    if pair.driver.format == "packed" and not pair.driver.in_order:
+        kind = PackedFixedChains
+    assert isinstance(fc, kind)
 
 
 @pytest.mark.parametrize("vectorised", [False, True], ids=["python", "numpy"])

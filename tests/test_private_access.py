@@ -21,7 +21,10 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "pyvirtio"
 SCANNED = sorted([*SRC.glob("bench/*.py"), *SRC.glob("drivers/**/*.py"), *SRC.glob("cli/*.py")])
 #: Public names of the ring classes that only the ring package's fast paths use.
-RING_INTERNAL = {"shared_views", "take_descriptors", "give_back_descriptors", "kick_from"}
+RING_INTERNAL = {
+    "shared_views", "take_descriptors", "give_back_descriptors", "kick_from",
+    "reserve_ids", "give_back_ids", "avail_bits", "used_bits",
+}
 
 
 def _private(name: str) -> bool:

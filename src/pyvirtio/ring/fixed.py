@@ -8,9 +8,14 @@ ring's own fast paths: on a :class:`~pyvirtio.ring.split.SplitQueue`
 without VIRTIO_F_IN_ORDER it is a
 :class:`~pyvirtio.ring.fixed_split.SplitFixedChains` (one pre-linked chain
 per slot in the descriptor table; posting writes the head into the avail
-ring; its loops in :mod:`pyvirtio.ring.cycle_split`); on any other ring (a
-:class:`~pyvirtio.ring.packed.PackedQueue`, or a split ring with IN_ORDER,
-whose descriptors follow ring order) a
+ring; its loops in :mod:`pyvirtio.ring.cycle_split`); on a
+:class:`~pyvirtio.ring.packed.PackedQueue` without IN_ORDER whose slots all
+fit the ring at once, a :class:`~pyvirtio.ring.fixed_packed.PackedFixedChains`
+(buffer id = slot, each slot's descriptors prepared as bytes per lap;
+posting writes them at the next ring positions, the head's flags last; its
+loops in :mod:`pyvirtio.ring.cycle_packed`); on any other ring (IN_ORDER
+on either format, whose ids or descriptors follow ring order, or a packed
+ring with more slots than fit, going indirect) a
 :class:`~pyvirtio.ring.fixed_ring.RingFixedChains` (each slot's chain kept
 here and submitted through the ring protocol, the slot being the token).
 Engines, drivers and back ends use this API and never a ring's private
@@ -56,7 +61,8 @@ Paths, sharing one state:
 * the *stream* (:meth:`~FixedChains.stream`), the net engine's: every slot
   a one-buffer chain, all of them in flight all the time, each slot fixed
   at its ring position, so re-posting n slots is one store (split: the avail
-  index; elsewhere the slots are submitted again through the ring),
+  index; packed: each slot's prepared descriptors; elsewhere the slots are
+  submitted again through the ring),
   and a batch of completions is checked against the expected entries in
   bulk (:meth:`Stream.peek`), then taken and re-posted
   (:meth:`Stream.advance`). Anything unexpected is left in the ring for the
@@ -174,6 +180,12 @@ class FixedChains:
                 from pyvirtio.ring.fixed_split import SplitFixedChains
 
                 return cast(FixedChains, super().__new__(SplitFixedChains))
+            if ring.format == "packed" and not ring.in_order:
+                from pyvirtio.ring.fixed_packed import PackedFixedChains, fits
+                from pyvirtio.ring.packed import PackedQueue
+
+                if fits(cast(PackedQueue, ring), chains):
+                    return cast(FixedChains, super().__new__(PackedFixedChains))
             from pyvirtio.ring.fixed_ring import RingFixedChains
 
             return cast(FixedChains, super().__new__(RingFixedChains))
@@ -283,11 +295,11 @@ class FixedChains:
 
     def enable_interrupts(self) -> None:
         """Ask the device to signal used buffers (the ring's, kept current by every reap)."""
-        raise NotImplementedError
+        self.ring.enable_interrupts()
 
     def disable_interrupts(self) -> None:
         """Ask the device not to signal (polling, the default)."""
-        raise NotImplementedError
+        self.ring.disable_interrupts()
 
     def restart_base(self, resubmit: bool = True) -> int:
         """Prepare the ring for a new device behind the same memory; returns the base for SET_VRING_BASE."""
@@ -303,6 +315,33 @@ class FixedChains:
         ring = self.ring
         if ring.broken is not None:
             raise QueueBroken(f"queue {ring.index} is broken: {ring.broken}")
+
+    def check_depth(self, depth: int) -> None:
+        """Refuse a cycle depth the slots cannot give."""
+        if not 1 <= depth <= self.nslots:
+            raise InvalidArgument(f"depth must be 1..{self.nslots}, got {depth}")
+
+
+class ListArrays(FixedChains):
+    """The NumPy calls for API parity, over the plain ones (lists converted to arrays and back)."""
+
+    def use_alternate_many(self, slots: np.ndarray, on: np.ndarray, *, check: bool = True) -> None:
+        for s, v in zip(slots.tolist(), on.tolist(), strict=True):
+            self.use_alternate(s, bool(v))
+
+    def post_many(self, slots: np.ndarray, *, check: bool = True) -> bool:
+        if not len(slots):
+            return False
+        return self.post(slots.tolist())
+
+    def reap_many(self) -> tuple[np.ndarray, np.ndarray] | None:
+        import numpy as np
+
+        lengths: list[int] = []
+        slots = self.reap_slots(1 << 16, lengths)
+        if not slots:
+            return None
+        return np.asarray(slots, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
 
 
 def changed_buffer(
@@ -362,6 +401,7 @@ __all__ = [
     "BufferSpec",
     "Cycle",
     "FixedChains",
+    "ListArrays",
     "SlotCompletion",
     "Stream",
     "chain_shapes",

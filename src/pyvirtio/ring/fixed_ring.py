@@ -35,15 +35,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueStateError
-from pyvirtio.ring.fixed import BufferSpec, FixedChains, chain_shapes, changed_buffer, check_length_field
+from pyvirtio.ring.fixed import BufferSpec, ListArrays, chain_shapes, changed_buffer, check_length_field
 
 if TYPE_CHECKING:
-    import numpy as np
 
     from pyvirtio.ring.base import RingQueue
 
 
-class RingFixedChains(FixedChains):
+class RingFixedChains(ListArrays):
     """Fixed chains submitted through the ring protocol (see the module docstring)."""
 
     def __init__(
@@ -162,10 +161,6 @@ class RingFixedChains(FixedChains):
                 self.addrs[b + k], self.lengths[b + k], self.writable[b + k] = addr, length, bool(w)
             self.chain[s] = None
 
-    def use_alternate_many(self, slots: np.ndarray, on: np.ndarray, *, check: bool = True) -> None:
-        for s, v in zip(slots.tolist(), on.tolist(), strict=True):
-            self.use_alternate(s, bool(v))
-
     # -- plain calls --------------------------------------------------------------
 
     def post(self, slots: Sequence[int]) -> bool:
@@ -215,19 +210,7 @@ class RingFixedChains(FixedChains):
 
     # -- NumPy --------------------------------------------------------------------
 
-    def post_many(self, slots: np.ndarray, *, check: bool = True) -> bool:
-        if not len(slots):
-            return False
-        return self.post(slots.tolist())
-
-    def reap_many(self) -> tuple[np.ndarray, np.ndarray] | None:
-        import numpy as np
-
-        lengths: list[int] = []
-        slots = self.reap_slots(1 << 16, lengths)
-        if not slots:
-            return None
-        return np.asarray(slots, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    # (post_many, reap_many, use_alternate_many: ListArrays, over the plain calls)
 
     # -- engines ------------------------------------------------------------------
 
@@ -235,8 +218,7 @@ class RingFixedChains(FixedChains):
         self.check_broken()
         if self.ring.outstanding or self.held or self.streaming:
             raise QueueStateError("a cycle starts with nothing in flight")
-        if not 1 <= depth <= self.nslots:
-            raise InvalidArgument(f"depth must be 1..{self.nslots}, got {depth}")
+        self.check_depth(depth)
         return RingCycle(self, depth, notify, vectorised)
 
     def stream(self, notify: Callable[[], object], *, min_len: int = 0) -> RingStream:
@@ -250,12 +232,6 @@ class RingFixedChains(FixedChains):
         return RingStream(self, notify, min_len)
 
     # -- interrupts, reconnect, teardown -----------------------------------------------
-
-    def enable_interrupts(self) -> None:
-        self.ring.enable_interrupts()
-
-    def disable_interrupts(self) -> None:
-        self.ring.disable_interrupts()
 
     def restart_base(self, resubmit: bool = True) -> int:
         return self.ring.restart_base(resubmit)

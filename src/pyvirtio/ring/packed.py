@@ -78,12 +78,23 @@ base as vhost-user.rst says sees an ordinary ring state either way.
 
 Memory ordering: see :mod:`pyvirtio.ring.ordering`. The API and its
 semantics are the ring protocol's (:mod:`pyvirtio.ring.base`).
+
+The batch fast path (:mod:`pyvirtio.ring.fixed_packed`, behind
+:class:`~pyvirtio.ring.fixed.FixedChains`) is this ring's too: it reserves
+buffer ids 0 .. n-1 (:meth:`PackedQueue.reserve_ids`, which shares the ring
+memory and the per-id shadow lists, :class:`PackedShared`) and keeps the
+shadow state below (``next_avail``, ``avail_bits``, ``next_used``,
+``used_bits``, ``num_free``, ``outstanding``, each id's token) current after
+every call, so this ring's reap, ``restart_base`` and ``reset`` can take
+over. A reserved id a reap completes stays idle, off the free id list.
+Nothing above the ring layer uses ``reserve_ids`` / ``give_back_ids``.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from pyvirtio.errors import (
@@ -132,6 +143,34 @@ _WN: Final = DESC_F_WRITE | DESC_F_NEXT
 Buffers = Sequence[tuple[int, int, bool]]
 
 
+@dataclass(frozen=True)
+class PackedShared:
+    """The ring memory and shadow lists of a :class:`PackedQueue`, shared with its batch fast path.
+
+    ``desc`` is the descriptor ring as bytes, ``desc16``/``desc32`` the same
+    as 16/32-bit fields, ``flags``/``ids``/``lens`` one field of every
+    descriptor indexed by ring slot; ``driver16``/``device16`` the two event suppression
+    structures. ``tokens``, ``ndescs``, ``wlen``, ``bufs`` are the per-id
+    shadow lists (``idle`` is the token of an id not in flight); ``stash``
+    the validated completions a reconnect left for the next reap.
+    """
+
+    desc: memoryview
+    desc16: memoryview
+    desc32: memoryview
+    flags: memoryview
+    ids: memoryview
+    lens: memoryview
+    driver16: memoryview
+    device16: memoryview
+    tokens: list[object]
+    ndescs: list[int]
+    wlen: list[int]
+    bufs: list[Buffers | None]
+    stash: list[Completion]
+    idle: object
+
+
 class PackedQueue:
     """Driver-side packed virtqueue over memory from a :class:`MemoryPool`.
 
@@ -177,6 +216,10 @@ class PackedQueue:
         self._desc64 = view[:n].cast("Q")
         self._desc32 = view[:n].cast("I")
         self._desc16 = view[:n].cast("H")
+        # One field of every descriptor, indexed by ring slot (strided views): the batch fast path's (PackedShared).
+        self._flags16 = self._desc16[7::8]
+        self._ids16 = self._desc16[6::8]
+        self._lens32 = self._desc32[2::4]
         # Event suppression: [0] desc_event_off_wrap, [1] desc_event_flags.
         self._drv16 = view[driver_off : driver_off + EVENT_SUPPRESS_SIZE].cast("H")  # ours
         self._dev16 = view[device_off : device_off + EVENT_SUPPRESS_SIZE].cast("H")  # the device's
@@ -202,16 +245,18 @@ class PackedQueue:
         self._free_ids = ids
         self._take_id: Callable[[], int] = ids.popleft if self.in_order else ids.pop
         self._untake_id: Callable[[int], None] = ids.appendleft if self.in_order else ids.append
+        self._release_id: Callable[[int], None] = ids.append  # a reaped id back to the free list
+        self.reserved_ids = 0  # ids 0 .. reserved_ids - 1 belong to the batch fast path (reserve_ids)
         self._oldest_id = 0  # IN_ORDER: the id in flight the longest
         self.next_avail = 0  # ring slot of the next descriptor the driver writes
-        self._avail_bits = _AVAIL  # AVAIL/USED bits of an available descriptor this lap (wrap 1)
+        self.avail_bits = _AVAIL  # AVAIL/USED bits of an available descriptor this lap (wrap 1)
         self.next_used = 0  # ring slot where the device writes the next used descriptor
-        self._used_bits = _FLIP  # AVAIL|USED of a used descriptor this lap: both = wrap counter 1
+        self.used_bits = _FLIP  # AVAIL|USED of a used descriptor this lap: both = wrap counter 1
         if self.zero_wrap:  # lap 0 (module docstring): every slot stale, as if used in lap 1
             for i in range(size):
                 self._desc16[8 * i + 7] = _FLIP
-            self._avail_bits = _USED
-            self._used_bits = 0
+            self.avail_bits = _USED
+            self.used_bits = 0
         self.num_free = size  # ring slots not held by a published buffer
         self.outstanding = 0  # buffers published and not yet returned by reap()
         self._navail = 0  # descriptors made available, free-running (kick windows)
@@ -249,7 +294,8 @@ class PackedQueue:
         for buf in self._tables.values():
             self.pool.free(buf)
         self._tables.clear()
-        for v in (self._desc64, self._desc32, self._desc16, self._drv16, self._dev16):
+        for v in (self._flags16, self._ids16, self._lens32, self._desc64, self._desc32, self._desc16, self._drv16,
+                  self._dev16):
             v.release()
         self.pool.free(self._ring)
         self.broken = "closed"
@@ -278,12 +324,12 @@ class PackedQueue:
     @property
     def avail_wrap(self) -> int:
         """The Driver Ring Wrap Counter (§2.8.1)."""
-        return 1 if self._avail_bits == _AVAIL else 0
+        return 1 if self.avail_bits == _AVAIL else 0
 
     @property
     def used_wrap(self) -> int:
         """The wrap counter the next used descriptor must carry."""
-        return 1 if self._used_bits else 0
+        return 1 if self.used_bits else 0
 
     # -- request building -------------------------------------------------------
 
@@ -381,7 +427,7 @@ class PackedQueue:
         d16 = self._desc16
         size = self.size
         head = pos = self.next_avail
-        bits = head_bits = self._avail_bits
+        bits = head_bits = self.avail_bits
         hflags = f = 0
         last = pos
         wlen = 0
@@ -416,7 +462,7 @@ class PackedQueue:
         self._wlen[bid] = wlen
         self._bufs[bid] = buffers
         self.next_avail = pos
-        self._avail_bits = bits
+        self.avail_bits = bits
         self.num_free -= n
         self._navail += n
         self.outstanding += 1
@@ -492,7 +538,7 @@ class PackedQueue:
         bid = self._req_id
         table = self._req_table
         head = self.next_avail
-        bits = self._avail_bits
+        bits = self.avail_bits
         if table is not None:
             n = 1
             nbytes = DESC_SIZE * len(bufs)
@@ -512,7 +558,7 @@ class PackedQueue:
         self._req_table = None
         self._req_token = _IDLE
         self.next_avail = pos
-        self._avail_bits = bits
+        self.avail_bits = bits
         self.num_free -= n
         self._navail += n
         self.outstanding += 1
@@ -584,7 +630,7 @@ class PackedQueue:
         count = len(self._stash)
         d16 = self._desc16
         size = self.size
-        pos, ub = self.next_used, self._used_bits
+        pos, ub = self.next_used, self.used_bits
         left = self.outstanding - count
         oldest = self._oldest_id
         while left > 0 and d16[8 * pos + 7] & _FLIP == ub:
@@ -636,7 +682,7 @@ class PackedQueue:
         d16 = self._desc16
         pos = self.next_used
         flags = d16[8 * pos + 7]
-        ub = self._used_bits
+        ub = self.used_bits
         left = self.outstanding - len(out)
         if flags & _FLIP != ub:
             self._not_used(pos, flags, ub, left, 0, out)
@@ -647,7 +693,7 @@ class PackedQueue:
         tokens = self._tokens
         ndescs = self._ndescs
         wlen = self._wlen
-        free_id = self._free_ids.append
+        free_id = self._release_id
         size = self.size
         nfree = 0
         while True:
@@ -694,7 +740,7 @@ class PackedQueue:
     def _used_at(self, pos: int, ub: int, nfree: int) -> None:
         """Commit the used side: next used slot, its wrap bits, ring slots given back."""
         self.next_used = pos
-        self._used_bits = ub
+        self.used_bits = ub
         self.num_free += nfree
         if self._interrupts and self.event_idx:
             self._drv16[0] = pos | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
@@ -706,9 +752,9 @@ class PackedQueue:
         tokens = self._tokens
         ndescs = self._ndescs
         wlen = self._wlen
-        free_id = self._free_ids.append
+        free_id = self._release_id
         size = self.size
-        pos, ub = self.next_used, self._used_bits
+        pos, ub = self.next_used, self.used_bits
         left = self.outstanding - len(out)
         nfree = 0
         while len(out) < max_n:
@@ -792,7 +838,7 @@ class PackedQueue:
         else:
             drv[1] = RING_EVENT_FLAGS_ENABLE
         ordering.full_barrier()
-        return bool(self._stash) or self._desc16[8 * self.next_used + 7] & _FLIP == self._used_bits
+        return bool(self._stash) or self._desc16[8 * self.next_used + 7] & _FLIP == self.used_bits
 
     @property
     def interrupts_enabled(self) -> bool:
@@ -826,17 +872,17 @@ class PackedQueue:
         """
         if self.broken is not None:
             raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
-        held = self._stash
-        self._stash = []
+        held = self._stash[:]  # the list itself stays (the batch fast path holds it, shared_state)
+        del self._stash[:]
         self.outstanding -= len(held)
         try:
             got = self.reap(1 << 30)
         except DeviceProtocolError as exc:
             exc.completed[:0] = held  # nothing validated is lost
             raise
-        self._stash = held + got
+        self._stash[:] = held + got
         self.outstanding += len(self._stash)
-        if self.zero_wrap and self._used_bits:
+        if self.zero_wrap and self.used_bits:
             self._relap()
         if resubmit and self.outstanding > len(self._stash):
             self._rewrite_in_flight()
@@ -859,10 +905,10 @@ class PackedQueue:
         size = self.size
         d16 = self._desc16
         held = size - self.num_free
-        self._avail_bits ^= _FLIP
-        self._used_bits ^= _FLIP
+        self.avail_bits ^= _FLIP
+        self.used_bits ^= _FLIP
         # Stale bits for a free slot at or after next_avail (in the avail lap), and before it (the lap after).
-        stale_here = 0 if self._avail_bits == _AVAIL else _FLIP
+        stale_here = 0 if self.avail_bits == _AVAIL else _FLIP
         stale_next = stale_here ^ _FLIP
         pos = self.next_used
         for k in range(size):
@@ -902,7 +948,7 @@ class PackedQueue:
 
     def _rewrite_in_flight(self) -> None:
         pos = self.next_used
-        bits = _AVAIL if self._used_bits else _USED  # the lap the device's used side is in
+        bits = _AVAIL if self.used_bits else _USED  # the lap the device's used side is in
         d16 = self._desc16
         for bid in self._in_flight_order():
             head = pos
@@ -913,8 +959,68 @@ class PackedQueue:
                 pos, bits, _wlen, hflags = self._write_chain(pos, bits, bid, bufs)
             ordering.write_barrier()
             d16[8 * head + 7] = hflags
-        if (pos, bits) != (self.next_avail, self._avail_bits):
+        if (pos, bits) != (self.next_avail, self.avail_bits):
             raise AssertionError(f"resubmission ended at {pos}, the driver's next slot is {self.next_avail}")
+
+    # -- the batch fast path's surface (pyvirtio.ring.fixed_packed; not for layers above) ----------
+
+    def reserve_ids(self, n: int) -> PackedShared:
+        """Reserve buffer ids 0 .. n-1 for :mod:`pyvirtio.ring.fixed_packed` and share the shadow state.
+
+        The queue must be idle, without VIRTIO_F_IN_ORDER (whose ids must
+        stay a cyclic range). The reserved ids leave the free id list and
+        never come back to it while reserved (a reap of one leaves it
+        idle, not free); the fast path owns them: it sets their shadow
+        entries (token, ring slots, device-writable bytes, buffers) itself,
+        so this queue's reap, ``restart_base``, ``in_flight_tokens`` and
+        ``reset`` see the truth. :meth:`give_back_ids` ends it. A
+        :meth:`reset` rebuilds the shadow state: the lists shared here are
+        then stale.
+        """
+        if self.broken is not None:
+            raise QueueBroken(f"queue {self.index} is broken: {self.broken}")
+        if self.outstanding or self._req_bufs is not None or self.reserved_ids:
+            raise QueueStateError("the batch fast path needs an idle queue")
+        if self.in_order:
+            raise InvalidArgument("reserved ids would break the cyclic ids of a VIRTIO_F_IN_ORDER queue")
+        if not 1 <= n <= self.size:
+            raise InvalidArgument(f"{n} ids asked of a queue of {self.size}")
+        self.reserved_ids = n
+        ids = self._free_ids
+        ids.clear()
+        ids.extend(range(self.size - 1, n - 1, -1))
+
+        def release(i: int, append: Callable[[int], None] = ids.append) -> None:
+            if i >= n:
+                append(i)
+
+        self._release_id = release
+        return PackedShared(
+            self._ring.view[: DESC_SIZE * self.size],
+            self._desc16,
+            self._desc32,
+            self._flags16,
+            self._ids16,
+            self._lens32,
+            self._drv16,
+            self._dev16,
+            self._tokens,
+            self._ndescs,
+            self._wlen,
+            self._bufs,
+            self._stash,
+            _IDLE,
+        )
+
+    def give_back_ids(self) -> None:
+        """End :meth:`reserve_ids`: the reserved ids not in flight go back on the free list."""
+        n = self.reserved_ids
+        if not n:
+            return
+        self.reserved_ids = 0
+        ids = self._free_ids
+        ids.extend(i for i in range(n - 1, -1, -1) if self._tokens[i] is _IDLE)
+        self._release_id = ids.append
 
     # -- introspection --------------------------------------------------------------
 
@@ -924,7 +1030,10 @@ class PackedQueue:
         busy = [i for i in range(self.size) if self._tokens[i] is not _IDLE]
         if len(set(free)) != len(free) or set(free) & set(busy):
             raise AssertionError("an id is both free and in flight, or free twice")
-        if len(free) + len(busy) != self.size - (1 if self._req_bufs is not None else 0):
+        if min(free, default=self.reserved_ids) < self.reserved_ids:
+            raise AssertionError("an id reserved for the batch fast path is on the free list")
+        idle_reserved = sum(1 for i in range(self.reserved_ids) if self._tokens[i] is _IDLE)
+        if len(free) + len(busy) + idle_reserved != self.size - (1 if self._req_bufs is not None else 0):
             raise AssertionError(f"{len(free)} free + {len(busy)} in flight ids != {self.size}")
         held = sum(self._ndescs[i] for i in busy)
         if held + self.num_free != self.size:

@@ -1,0 +1,366 @@
+"""The packed ring's own batch fast path (ring/fixed_packed.py, ring/cycle_packed.py; issue 12).
+
+Each validation rule of a used descriptor (virtio 1.2 §2.8.1 wrap bits, §2.8.4 length, §2.8.6 id) is
+broken by a hostile device on both of the fast path's readers (the plain ``reap_slots`` and the cycle's
+inlined loop): the queue breaks, DeviceProtocolError carries exactly the completions validated before the
+bad descriptor, and every other slot stays in flight. A Hypothesis test then interleaves cycles, plain
+calls, reconnects (restart_base with a new device at the returned base) and the ring's own calls after
+``detach`` against the packed device side, over many wraps of rings of odd sizes, with and without
+EVENT_IDX and ``zero_wrap``: every completion comes back once with the length the device wrote, and the
+ring's shadow state stays whole (``check_ids``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken, QueueStateError
+from pyvirtio.memory import MemoryPool, MemoryTable
+from pyvirtio.ring.chain import Chain
+from pyvirtio.ring.device_packed import PackedDeviceQueue
+from pyvirtio.ring.fixed import FixedChains
+from pyvirtio.ring.fixed_packed import PackedFixedChains
+from pyvirtio.ring.packed import PackedQueue
+from pyvirtio.spec.ring import (
+    DESC_F_WRITE,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+)
+from pyvirtio.testing import HostilePackedDevice, PackedRingPair
+from pyvirtio.testing.hostile import packed_used_flags
+
+NSLOTS = 6
+DEPTH = 4
+WLEN = 512 + 1  # the device-writable bytes of every slot: data + status
+
+
+@pytest.fixture(params=[24, 23], ids=["size24", "size23"])
+def pair(request: pytest.FixtureRequest) -> Iterator[PackedRingPair]:
+    p = PackedRingPair(request.param, event_idx=True)
+    yield p
+    p.close()
+
+
+def chains(p: PackedRingPair, n: int) -> list[list[tuple[int, int, bool]]]:
+    out = []
+    for _ in range(n):
+        hdr, data, st_ = p.buffer(16), p.buffer(512), p.buffer(1)
+        out.append([(hdr.addr, 16, False), (data.addr, 512, True), (st_.addr, 1, True)])
+    return out
+
+
+def test_the_facade_picks_it_and_falls_back_when_ids_cannot_be_slots(pair: PackedRingPair) -> None:
+    fc = FixedChains(pair.driver, chains(pair, 4))
+    assert isinstance(fc, PackedFixedChains)
+    fc.detach()
+    pair.driver.check_ids()
+    with PackedRingPair(16, indirect=True) as p:  # 18 descriptors > the ring: indirect, over the ring protocol
+        too_many = FixedChains(p.driver, chains(p, 6))
+        assert not isinstance(too_many, PackedFixedChains)
+    with PackedRingPair(16, in_order=True) as p:  # IN_ORDER ids must stay a cyclic range
+        assert not isinstance(FixedChains(p.driver, chains(p, 2)), PackedFixedChains)
+
+
+# -- one hostile-device test per rule, on both readers ---------------------------------------------------
+
+RULES = ["wrong_wrap", "avail_differs_from_used", "out_of_range", "not_in_flight", "too_long", "duplicate",
+         "nothing_in_flight"]
+
+
+def _lie(dev: HostilePackedDevice, rule: str, ids: list[int], fc: PackedFixedChains) -> None:
+    """Three good used descriptors, then one that breaks ``rule`` at the used cursor."""
+    for i in ids[:3]:
+        dev.use(i, 5, 3)
+    pos, wrap = dev.used_pos, dev.used_wrap
+    if rule == "wrong_wrap":
+        dev.write_used(pos, ids[3], 5, packed_used_flags(wrap ^ 1) | DESC_F_WRITE)
+    elif rule == "avail_differs_from_used":
+        dev.write_used(pos, ids[3], 5, (PACKED_DESC_F_USED if wrap else PACKED_DESC_F_AVAIL) | DESC_F_WRITE)
+    elif rule == "out_of_range":
+        dev.use(fc.ring.size, 5, 3)
+    elif rule == "not_in_flight":
+        dev.use(next(s for s in range(fc.nslots) if s not in ids[:DEPTH]), 5, 3)
+    elif rule == "too_long":
+        dev.use(ids[3], WLEN + 1, 3)
+    elif rule == "duplicate":
+        dev.use(ids[0], 5, 3)
+    else:  # nothing_in_flight: the last one in flight, then one more
+        dev.use(ids[3], 5, 3)
+        dev.use(ids[3], 5, 3)
+
+
+@pytest.mark.parametrize("reader", ["reap_slots", "cycle"])
+@pytest.mark.parametrize("rule", RULES)
+def test_each_rule_breaks_the_queue_with_what_was_validated_before(
+    pair: PackedRingPair, rule: str, reader: str
+) -> None:
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    assert isinstance(fc, PackedFixedChains)
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    try:
+        if reader == "cycle":
+            cyc = fc.cycle(DEPTH, lambda: None)
+            cyc.turn()
+        else:
+            fc.post(list(range(DEPTH)))
+        ids = [i for i, n in dev.available()]
+        assert len(ids) == DEPTH
+        _lie(dev, rule, ids, fc)
+        with pytest.raises(DeviceProtocolError) as ei:
+            cyc.turn() if reader == "cycle" else fc.reap_slots()
+        expected = 4 if rule == "nothing_in_flight" else 3
+        assert [(int(s), n) for s, n in ei.value.completed] == [(i, 5) for i in ids[:expected]]
+        assert fc.ring.broken is not None
+        assert sorted(fc.in_flight()) == sorted(ids[expected:])  # nothing lost, nothing returned twice
+        with pytest.raises(QueueBroken):
+            cyc.turn() if reader == "cycle" else fc.reap_slots()
+    finally:
+        dev.release()
+
+
+@pytest.mark.parametrize("reader", ["reap_slots", "cycle"])
+def test_a_length_without_the_write_flag_is_reserved_and_taken_as_0(pair: PackedRingPair, reader: str) -> None:
+    """§2.8.4: without VIRTQ_DESC_F_WRITE the used length is reserved: not checked, reported as 0."""
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    try:
+        cyc = fc.cycle(DEPTH, lambda: None) if reader == "cycle" else None
+        if cyc is not None:
+            cyc.turn()
+        else:
+            fc.post(list(range(DEPTH)))
+        ids = [i for i, _n in dev.available()]
+        dev.use(ids[0], 99999, 3, write=False)
+        if cyc is not None:
+            assert cyc.turn() == [ids[0]]
+        else:
+            lengths: list[int] = []
+            assert fc.reap_slots(lengths=lengths) == [ids[0]] and lengths == [0]
+        assert fc.ring.broken is None
+    finally:
+        dev.release()
+
+
+@pytest.mark.parametrize("mode", [RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_DESC])
+def test_the_kick_decision_follows_the_device_event_suppression(pair: PackedRingPair, mode: int) -> None:
+    """§2.8.10: DISABLE never kicks, ENABLE always, DESC when the descriptor named was made available."""
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    try:
+        dev.set_event(mode, 3 | 1 << 15)  # DESC: descriptor 3 of the lap with wrap counter 1 (the 2nd chain)
+        assert fc.post([0]) is (mode == RING_EVENT_FLAGS_ENABLE)  # descriptors 0..2
+        assert fc.post([1]) is (mode != RING_EVENT_FLAGS_DISABLE)  # 3..5
+        assert fc.post([2]) is (mode == RING_EVENT_FLAGS_ENABLE)
+    finally:
+        dev.release()
+
+
+def test_a_chain_across_the_end_of_the_ring_is_written_in_two_laps(pair: PackedRingPair) -> None:
+    fc = FixedChains(pair.driver, chains(pair, 4))
+    size = pair.driver.size
+    seen = 0
+    for rnd in range(3 * size):  # 3-descriptor chains on a ring of 24 or 23: every offset at the wrap
+        fc.post([rnd % 4])
+        chain = pair.device.pop()
+        assert chain is not None and chain.head == rnd % 4
+        assert [len(b) for b in chain.writable] == [512, 1]
+        pair.device.push_used(chain.head, 7)
+        lengths: list[int] = []
+        assert fc.reap_slots(lengths=lengths) == [rnd % 4] and lengths == [7]
+        seen += 1
+    pair.driver.check_ids()
+    assert seen == 3 * size
+
+
+# -- interleaved: cycles, plain calls, reconnects, the ring's own calls --------------------------------
+
+
+class Run:
+    """A packed driver ring, its device, fixed chains on it, and the model of what is in flight."""
+
+    def __init__(self, size: int, nbuf: int, nslots: int, event_idx: bool, zero_wrap: bool, seed: int) -> None:
+        self.pool = MemoryPool(1 << 20, name="pyvirtio-fixed-packed")
+        self.table = MemoryTable.from_pool(self.pool)
+        self.ring = PackedQueue(size, self.pool, event_idx=event_idx, zero_wrap=zero_wrap)
+        self.event_idx = event_idx
+        self.device = self.new_device(self.ring.initial_base)
+        self.rng = random.Random(seed)
+        self.nbuf = nbuf
+        self.bufs = [[self.pool.allocate(64) for _ in range(nbuf)] for _ in range(nslots)]
+        self.fc = self.attach()
+        self.in_flight: set[int] = set()
+        self.popped: list[Chain] = []
+        self.written: dict[int, int] = {}  # slot -> length used by the device, not yet reaped
+        self.returned = 0
+
+    def new_device(self, base: int) -> PackedDeviceQueue:
+        r = self.ring
+        return PackedDeviceQueue.from_addresses(
+            self.table, r.size, r.desc_addr, r.driver_addr, r.device_addr, event_idx=self.event_idx, base=base
+        )
+
+    def attach(self) -> FixedChains:
+        # The first buffer device-readable, the rest device-writable (a request header, data, a status).
+        chains = [[(b.addr, 64, k > 0) for k, b in enumerate(bs)] for bs in self.bufs]
+        return FixedChains(self.ring, chains)
+
+    def serve(self, k: int) -> None:
+        """The device pops what is available and completes ``k`` of its chains, in random order."""
+        while (chain := self.device.pop()) is not None:
+            self.popped.append(chain)
+        self.rng.shuffle(self.popped)
+        for chain in self.popped[:k]:
+            n = self.rng.randrange(0, 64 * (self.nbuf - 1) + 1)
+            assert chain.head in self.in_flight and chain.head not in self.written
+            self.written[chain.head] = n
+            self.device.add_used(chain.head, n)
+        del self.popped[:k]
+        self.device.flush_used()
+
+    def took(self, slots: list[int], lengths: list[int] | None = None) -> None:
+        for k, s in enumerate(slots):
+            assert s in self.in_flight, f"slot {s} returned but not in flight"
+            n = self.written.pop(s)
+            if lengths is not None:
+                assert lengths[k] == n
+            self.in_flight.discard(s)
+            self.returned += 1
+
+    def check(self) -> None:
+        self.ring.check_ids()
+        assert set(self.fc.in_flight()) == self.in_flight
+        assert self.fc.n_inflight == len(self.in_flight)
+
+    def close(self) -> None:
+        self.device.release()
+        self.ring.close()
+        self.pool.close()
+
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["cycle", "plain", "restart", "detach"]), st.integers(1, 40)), min_size=1, max_size=8
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    size=st.integers(3, 41),
+    nbuf=st.integers(1, 3),
+    event_idx=st.booleans(),
+    zero_wrap=st.booleans(),
+    ops=OPS,
+    seed=st.integers(0, 1 << 16),
+)
+def test_fast_path_and_plain_calls_interleaved_cross_many_wraps(
+    size: int, nbuf: int, event_idx: bool, zero_wrap: bool, ops: list[tuple[str, int]], seed: int
+) -> None:
+    nbuf = min(nbuf, size)
+    nslots = max(1, min(size // nbuf, 7))
+    run = Run(size, nbuf, nslots, event_idx, zero_wrap, seed)
+    try:
+        assert isinstance(run.fc, PackedFixedChains)
+        for op, k in ops:
+            fc = run.fc
+            if op == "cycle" and not run.in_flight:
+                depth = 1 + k % nslots
+                cyc = fc.cycle(depth, lambda: None)
+                for t in range(k * 3):
+                    done = cyc.turn()
+                    run.took(list(done or []))
+                    run.in_flight |= set(cyc.posted if done is not None else [])
+                    run.check()
+                    if t == k and run.rng.random() < 0.3:  # a reconnect in the middle of the loop
+                        run.serve(run.rng.randrange(0, depth + 1))
+                        run.popped.clear()  # the old device forgot what it popped
+                        base = fc.restart_base(True)
+                        run.device.release()
+                        run.device = run.new_device(base)
+                        run.check()
+                    run.serve(1 + t % depth)
+            elif op == "plain":
+                for _ in range(k):
+                    idle = [s for s in range(nslots) if s not in run.in_flight]
+                    post = run.rng.sample(idle, run.rng.randrange(0, len(idle) + 1))
+                    fc.post(post)
+                    run.in_flight |= set(post)
+                    run.serve(run.rng.randrange(0, nslots + 1))
+                    lengths: list[int] = []
+                    run.took(fc.reap_slots(run.rng.randrange(1, nslots + 1), lengths), lengths)
+                    run.check()
+            elif op == "restart":
+                run.serve(run.rng.randrange(0, nslots + 1))
+                run.popped.clear()
+                base = fc.restart_base(True)
+                run.device.release()
+                run.device = run.new_device(base)
+                if zero_wrap:
+                    assert base & 0x8000 == 0 and base & 0x80000000 == 0  # both wrap counters 0: lap 0
+                run.check()
+            else:  # detach: drain, the ring's own calls for a while, then fixed chains again
+                while run.in_flight:
+                    run.serve(nslots)
+                    lengths = []
+                    run.took(fc.reap_slots(lengths=lengths), lengths)
+                fc.detach()
+                run.ring.check_ids()
+                for j in range(k):
+                    run.ring.submit(("plain", j), [(run.bufs[0][0].addr, 64, True)])
+                    chain = run.device.pop()
+                    assert chain is not None
+                    run.device.push_used(chain.head, 3)
+                    assert run.ring.reap() == [(("plain", j), 3)]
+                run.ring.check_ids()
+                run.fc = run.attach()
+            run.check()
+        # Drain: every slot posted comes back exactly once.
+        while run.in_flight:
+            run.serve(nslots)
+            lengths = []
+            run.took(run.fc.reap_slots(lengths=lengths), lengths)
+        assert not run.written and run.ring.outstanding == 0
+        run.check()
+        laps = run.returned * nbuf // size
+        event(f"laps of the ring: {laps}" if laps < 10 else "laps of the ring: 10+")
+    finally:
+        run.close()
+
+
+def test_a_length_stored_through_length_fields_is_posted_and_resubmitted(pair: PackedRingPair) -> None:
+    """A frame's length stored per request (the net tx stream's way) reaches the device, also after a reconnect."""
+    size = pair.driver.size
+    bufs = [pair.buffer(64) for _ in range(4)]
+    fc = FixedChains(pair.driver, [[(b.addr, 64, False)] for b in bufs])
+    lengths, index = fc.length_fields()
+    for rnd in range(2 * size):  # across wraps
+        s = rnd % 4
+        lengths[index[s]] = 10 + rnd % 50
+        fc.post([s])
+        chain = pair.device.pop()
+        assert chain is not None and chain.head == s and [len(b) for b in chain.readable] == [10 + rnd % 50]
+        pair.device.push_used(chain.head, 0)
+        assert fc.reap_slots() == [s]
+    lengths[index[2]] = 33
+    fc.post([2])
+    base = fc.restart_base(True)  # the device went away before it popped slot 2: resubmitted from the shadow
+    pair.reset_device(base)
+    chain = pair.device.pop()
+    assert chain is not None and chain.head == 2 and [len(b) for b in chain.readable] == [33]
+    assert pair.device.pop() is None
+
+
+def test_a_refused_post_publishes_nothing(pair: PackedRingPair) -> None:
+    fc = FixedChains(pair.driver, chains(pair, 4))
+    fc.post([1])
+    for bad, err in (([0, 1], QueueStateError), ([2, 2], QueueStateError), ([3, 4], InvalidArgument)):
+        with pytest.raises(err):
+            fc.post(bad)
+        assert fc.in_flight() == [1] and fc.n_inflight == 1
+    pair.driver.check_ids()
