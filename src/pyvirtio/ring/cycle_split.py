@@ -62,6 +62,7 @@ class SplitCycle:
         self._spares = list(range(fc.nslots))  # prepared, not published; oldest first
         self.posted: list[int] = []
         self.kicks = 0
+        self._fence_acquire, self._fence_release = ordering.private_fence()
 
     def turn(self, spins: int = 1) -> list[int] | None:
         ring = self._ring
@@ -100,24 +101,29 @@ class SplitCycle:
                 ordering.write_barrier()
             a16[1] = idx
             ring.avail_idx = idx
-            # The kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare.
+            # The kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare, on the
+            # round trip's critical path (docs/benchmarks.md §1.2): the fence's first half
+            # (a locked compare-and-swap, a full fence on x86-64) orders the avail index
+            # store before the reads below; its second half and the used_event hint wait
+            # until after the kick.
+            self._fence_acquire()
+            try:
+                if self._event_idx:
+                    need = ((idx - u16[self._avail_event] - 1) & 0xFFFF) < ((idx - ring.kick_from) & 0xFFFF)
+                else:
+                    need = not u16[0] & 1
+                ring.kick_from = idx
+                if need:
+                    self._notify()
+                    self.kicks += 1
+            finally:
+                self._fence_release()
             if self._event_idx:
                 ue = self._used_event
                 if self._signals:
                     a16[ue] = (last + n) & 0xFFFF  # signal the next completion after this batch
                 elif (a16[ue] - last) & 0xFFFF < 0x8000:
                     a16[ue] = (last - size - 1) & 0xFFFF
-                ordering.fence_acquire()
-                ordering.fence_release()
-                need = ((idx - u16[self._avail_event] - 1) & 0xFFFF) < ((idx - ring.kick_from) & 0xFFFF)
-            else:
-                ordering.fence_acquire()
-                ordering.fence_release()
-                need = not u16[0] & 1
-            ring.kick_from = idx
-            if need:
-                self._notify()
-                self.kicks += 1
             out += len(posted)
         self.posted = posted
         # 2. Check the completions (the spares just published are not in flight yet).
