@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import compare  # noqa: E402
 import spdk  # noqa: E402
+import turnaround  # noqa: E402
 
 BDEVPERF_TAIL = """
  Job: VirtioBlk0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
@@ -103,3 +104,19 @@ def test_sleeps_counts_a_process_s_voluntary_context_switches() -> None:
         time.sleep(0.001)  # each sleep is a voluntary switch of this thread
     assert compare.sleeps(os.getpid()) >= before + 5
     assert compare.sleeps(2**22 + 12345) == 0  # no such process (above pid_max's default)
+
+
+def test_turnaround_times_the_checkout_s_turn_and_fails_when_it_does_not_kick(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert turnaround.pyvirtio_turn(200) > 0  # a kick per turnaround, else SystemExit
+    assert turnaround.python_minimal(2000) > 0
+    from pyvirtio.ring import cycle_split
+
+    # A cycle whose kicks go nowhere is reported, not timed as fast.
+    real_init = cycle_split.SplitCycle.__init__
+
+    def no_kicks(self: cycle_split.SplitCycle, fc: object, depth: int, notify: object) -> None:
+        real_init(self, fc, depth, lambda: None)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cycle_split.SplitCycle, "__init__", no_kicks)
+    with pytest.raises(SystemExit, match="did not kick"):
+        turnaround.pyvirtio_turn(10)

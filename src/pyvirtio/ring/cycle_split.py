@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import InvalidArgument, QueueStateError
 from pyvirtio.ring import ordering
+from pyvirtio.ring.ordering import STRONGLY_ORDERED
 
 if TYPE_CHECKING:
     from pyvirtio.ring.fixed_split import SplitFixedChains
@@ -51,10 +52,10 @@ class SplitCycle:
         self._u16 = m.used16
         self._u32 = m.used32
         self._used_event = m.used_event
-        self._avail_event = m.avail_event
-        self._event_idx = ring.event_idx
+        self._avail_event = m.avail_event if ring.event_idx else -1
         self._signals = ring.interrupts_enabled  # read once: the interrupt mode of the whole loop
         self._size = ring.size
+        self._mask = ring.size - 1
         self._heads = fc.heads
         self._slot_of = fc.slot_of
         self.hw1 = fc.hw1
@@ -62,14 +63,28 @@ class SplitCycle:
         self._spares = list(range(fc.nslots))  # prepared, not published; oldest first
         self.posted: list[int] = []
         self.kicks = 0
+        self._fence_acquire, self._fence_release = ordering.private_fence()
 
     def turn(self, spins: int = 1) -> list[int] | None:
         ring = self._ring
         last = ring.last_used
         u16 = self._u16
-        n = (u16[1] - last) & 0xFFFF
         out = ring.outstanding
         depth = self._depth
+        # What the path from a completion seen to the kick needs, in locals before polling:
+        # that path is the QD1 round trip's (docs/benchmarks.md §1.2), and each attribute
+        # load on it costs ~15-20 ns; loaded here they cost an idle turn ~0.2 us per `spins`
+        # polls. Nothing else touches the ring during this call (the calling thread owns it).
+        spares = self._spares
+        heads = self._heads
+        a16 = self._a16
+        mask = self._mask
+        idx = ring.avail_idx
+        kick_from = ring.kick_from
+        avail_event = self._avail_event  # -1 without EVENT_IDX
+        notify = self._notify
+        fence = self._fence_acquire
+        n = (u16[1] - last) & 0xFFFF
         if not n and out == depth:
             while spins > 1:  # poll again with everything in locals (an idle pass costs a few stores)
                 spins -= 1
@@ -82,42 +97,40 @@ class SplitCycle:
             self._fc.check_broken()
         if n > out:
             self._fc.reap_slots()  # raises: the used index moved by more than is in flight
-        size = self._size
-        mask = size - 1
-        heads = self._heads
-        spares = self._spares
         # 1. Publish one spare per completion seen (and any shortfall), decide the kick.
         want = n + depth - out
         posted = spares[:want]
         if posted:
             del spares[:want]
-            a16 = self._a16
-            idx = ring.avail_idx
             for s in posted:
                 a16[2 + (idx & mask)] = heads[s]
                 idx = (idx + 1) & 0xFFFF
-            if not ordering.STRONGLY_ORDERED:
+            if not STRONGLY_ORDERED:
                 ordering.write_barrier()
             a16[1] = idx
-            ring.avail_idx = idx
-            # The kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare.
-            if self._event_idx:
+            # The kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare: the fence's
+            # first half (a locked compare-and-swap, a full fence on x86-64) orders the avail
+            # index store before the reads below; its second half, the shadow indices and the
+            # used_event hint come after the kick.
+            fence()
+            try:
+                if avail_event >= 0:
+                    need = ((idx - u16[avail_event] - 1) & 0xFFFF) < ((idx - kick_from) & 0xFFFF)
+                else:
+                    need = not u16[0] & 1
+                if need:
+                    notify()
+                    self.kicks += 1
+            finally:
+                self._fence_release()
+                ring.avail_idx = idx
+                ring.kick_from = idx
+            if avail_event >= 0:
                 ue = self._used_event
                 if self._signals:
                     a16[ue] = (last + n) & 0xFFFF  # signal the next completion after this batch
                 elif (a16[ue] - last) & 0xFFFF < 0x8000:
-                    a16[ue] = (last - size - 1) & 0xFFFF
-                ordering.fence_acquire()
-                ordering.fence_release()
-                need = ((idx - u16[self._avail_event] - 1) & 0xFFFF) < ((idx - ring.kick_from) & 0xFFFF)
-            else:
-                ordering.fence_acquire()
-                ordering.fence_release()
-                need = not u16[0] & 1
-            ring.kick_from = idx
-            if need:
-                self._notify()
-                self.kicks += 1
+                    a16[ue] = (last - mask - 2) & 0xFFFF  # size + 1 behind, as kick_prepare
             out += len(posted)
         self.posted = posted
         # 2. Check the completions (the spares just published are not in flight yet).
@@ -128,6 +141,7 @@ class SplitCycle:
                 ordering.read_barrier()
             u32 = self._u32
             slot_of = self._slot_of
+            size = self._size
             pos = last
             for _ in range(n):
                 i = 1 + 2 * (pos & mask)

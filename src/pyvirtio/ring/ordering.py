@@ -26,12 +26,16 @@ On other architectures (aarch64) plain stores may be reordered, and
 Hot loops (the rings' batch fast paths, :mod:`pyvirtio.ring.fixed`) inline
 the full barrier as its two halves, :data:`fence_acquire` then
 :data:`fence_release` (two C calls instead of a Python call around them).
+A loop that wants the fence on its critical path and the rest after it
+takes a lock of its own (:func:`private_fence`): the acquire is the fence,
+the release may come later, and no other thread ever waits on that lock.
 """
 
 from __future__ import annotations
 
 import platform
 import threading
+from collections.abc import Callable
 from typing import Final
 
 STRONGLY_ORDERED: Final = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -47,6 +51,18 @@ def full_barrier() -> None:
     """A full memory fence: a locked atomic operation (acquire + release)."""
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+def private_fence() -> tuple[Callable[[], bool], Callable[[], None]]:
+    """A full fence of the caller's own: (acquire, release) of a fresh lock.
+
+    ``acquire()`` is the fence (a locked compare-and-swap); ``release()``
+    must follow before the next ``acquire()``, but may wait until after
+    work that is off the ordering's path (e.g. a kick). The lock is the
+    caller's alone, so no other thread waits while it is held.
+    """
+    lock = threading.Lock()
+    return lock.acquire, lock.release
 
 
 def write_barrier() -> None:
