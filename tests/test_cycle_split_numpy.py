@@ -97,3 +97,28 @@ def test_a_lie_in_a_batch_is_caught_wherever_the_batch_lies(pair: RingPair, star
     slots = {s for s, _n in completed}
     assert slots <= before and not slots & set(fc.in_flight())
     assert before - slots <= set(fc.in_flight())  # nothing lost
+
+
+def test_the_stepper_is_turn_and_after_a_lie_turn_reports_the_broken_queue(pair: RingPair) -> None:
+    from pyvirtio.errors import QueueBroken
+
+    fc = fixed(pair)
+    cyc = fc.cycle(DEPTH, lambda: None)  # the plain-Python cycle: its stepper is its loop's send
+    step = cyc.stepper()
+    first = step(1)
+    assert first is not None and len(first) == 0 and len(cyc.posted) == DEPTH
+    # Passes through the stepper and through turn() share one state, interleaved.
+    for k in range(40):
+        chain = pair.device.pop()
+        assert chain is not None
+        pair.device.add_used(chain.head, 3)
+        pair.device.flush_used()
+        done = (step if k % 2 else cyc.turn)(1)
+        assert done is not None and len(done) == 1 and fc.n_inflight == DEPTH
+    assert step(4) is None  # idle: everything in flight, nothing completed
+    liar = HostileDevice(pair.driver, pair.pool)
+    liar.complete((70000, 1))  # an id out of range
+    with pytest.raises(DeviceProtocolError):
+        step(1)
+    with pytest.raises(QueueBroken):
+        cyc.turn()  # a fresh loop from the ring's state: the queue is broken

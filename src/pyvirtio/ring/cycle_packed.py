@@ -94,6 +94,9 @@ class PackedCycle:
         self.posted: Any = []
         self.kicks = 0
 
+    def stepper(self) -> Callable[[int], Any]:
+        return self.turn
+
     def turn(self, spins: int = 1) -> Any:
         ring = self._ring
         if ring.broken is not None:

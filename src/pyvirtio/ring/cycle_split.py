@@ -27,7 +27,7 @@ docstring).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import InvalidArgument, QueueStateError
@@ -55,7 +55,6 @@ class SplitCycle:
         self._avail_event = m.avail_event if ring.event_idx else -1
         self._signals = ring.interrupts_enabled  # read once: the interrupt mode of the whole loop
         self._size = ring.size
-        self._mask = ring.size - 1
         self._heads = fc.heads
         self._slot_of = fc.slot_of
         self.hw1 = fc.hw1
@@ -63,107 +62,134 @@ class SplitCycle:
         self._spares = list(range(fc.nslots))  # prepared, not published; oldest first
         self.posted: list[int] = []
         self.kicks = 0
-        self._fence_acquire, self._fence_release = ordering.private_fence()
+        self._start()
 
     def turn(self, spins: int = 1) -> list[int] | None:
+        try:
+            return self._send(spins)
+        except StopIteration:  # the loop ended on an exception: a new one starts from the ring's state
+            self._start()
+            return self._send(spins)
+
+    def stepper(self) -> Callable[[int], list[int] | None]:
+        """:meth:`turn` as a bare callable: the loop's ``send`` (see :meth:`_steps`); after it raised, use turn."""
+        return self._send
+
+    def _start(self) -> None:
+        steps = self._steps()
+        next(steps)
+        self._send = steps.send
+
+    def _steps(self) -> Generator[list[int] | None, int, None]:
+        """The cycle as a generator: one pass per ``send(spins)``.
+
+        Its locals are the loop's state and outlive each pass, so a pass
+        loads nothing from an object before its kick: the path from a
+        completion seen to the kick is the QD1 round trip's
+        (docs/benchmarks.md §1.2, §7), where each attribute load costs
+        ~15-20 ns and a method call's set-up more. The ring's shadow indices
+        are read at the start of every pass and written back in it, so
+        plain calls between passes see the truth and are seen.
+        """
         ring = self._ring
-        last = ring.last_used
+        fc = self._fc
         u16 = self._u16
-        out = ring.outstanding
+        u32 = self._u32
+        a16 = self._a16
         depth = self._depth
-        # What the path from a completion seen to the kick needs, in locals before polling:
-        # that path is the QD1 round trip's (docs/benchmarks.md §1.2), and each attribute
-        # load on it costs ~15-20 ns; loaded here they cost an idle turn ~0.2 us per `spins`
-        # polls. Nothing else touches the ring during this call (the calling thread owns it).
         spares = self._spares
         heads = self._heads
-        a16 = self._a16
-        mask = self._mask
-        idx = ring.avail_idx
-        kick_from = ring.kick_from
-        avail_event = self._avail_event  # -1 without EVENT_IDX
-        notify = self._notify
-        fence = self._fence_acquire
-        n = (u16[1] - last) & 0xFFFF
-        if not n and out == depth:
-            while spins > 1:  # poll again with everything in locals (an idle pass costs a few stores)
-                spins -= 1
-                n = (u16[1] - last) & 0xFFFF
-                if n:
-                    break
-            else:
-                return None
-        if ring.broken is not None:
-            self._fc.check_broken()
-        if n > out:
-            self._fc.reap_slots()  # raises: the used index moved by more than is in flight
-        # 1. Publish one spare per completion seen (and any shortfall), decide the kick.
-        want = n + depth - out
-        posted = spares[:want]
-        if posted:
-            del spares[:want]
-            for s in posted:
-                a16[2 + (idx & mask)] = heads[s]
-                idx = (idx + 1) & 0xFFFF
-            if not STRONGLY_ORDERED:
-                ordering.write_barrier()
-            a16[1] = idx
-            # The kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare: the fence's
-            # first half (a locked compare-and-swap, a full fence on x86-64) orders the avail
-            # index store before the reads below; its second half, the shadow indices and the
-            # used_event hint come after the kick.
-            fence()
-            try:
-                if avail_event >= 0:
-                    need = ((idx - u16[avail_event] - 1) & 0xFFFF) < ((idx - kick_from) & 0xFFFF)
-                else:
-                    need = not u16[0] & 1
-                if need:
-                    notify()
-                    self.kicks += 1
-            finally:
-                self._fence_release()
-                ring.avail_idx = idx
-                ring.kick_from = idx
-            if avail_event >= 0:
-                ue = self._used_event
-                if self._signals:
-                    a16[ue] = (last + n) & 0xFFFF  # signal the next completion after this batch
-                elif (a16[ue] - last) & 0xFFFF < 0x8000:
-                    a16[ue] = (last - mask - 2) & 0xFFFF  # size + 1 behind, as kick_prepare
-            out += len(posted)
-        self.posted = posted
-        # 2. Check the completions (the spares just published are not in flight yet).
-        done: list[int] = []
+        slot_of = self._slot_of
         hw1 = self.hw1
-        if n:
-            if not ordering.STRONGLY_ORDERED:
-                ordering.read_barrier()
-            u32 = self._u32
-            slot_of = self._slot_of
-            size = self._size
-            pos = last
-            for _ in range(n):
-                i = 1 + 2 * (pos & mask)
-                head = u32[i]
-                # hw1[head]: writable bytes + 1 if in flight, else 0 (also after its
-                # first completion in this batch: a duplicate fails).
-                if head >= size or u32[i + 1] >= hw1[head]:
-                    done = self._exact(posted, done, out, n)  # raises, or clamped lengths were accepted
-                    pos = (last + n) & 0xFFFF
-                    break
-                hw1[head] = 0
-                done.append(slot_of[head])
-                pos = (pos + 1) & 0xFFFF
-            ring.last_used = pos
-            out -= n
-            spares += done
-        # 3. What was published is in flight from now on.
         wlen = self.slot_wlen
-        for s in posted:
-            hw1[heads[s]] = wlen[s] + 1
-        ring.outstanding = out
-        return done
+        size = self._size
+        mask = size - 1
+        avail_event = self._avail_event  # -1 without EVENT_IDX
+        used_event = self._used_event
+        signals = self._signals
+        notify = self._notify
+        fence, fence_end = ordering.private_fence()
+        result: list[int] | None = None
+        while True:
+            spins = yield result
+            last = ring.last_used
+            out = ring.outstanding
+            n = (u16[1] - last) & 0xFFFF
+            if not n and out == depth:
+                while spins > 1:  # poll again (an idle poll costs a few stores)
+                    spins -= 1
+                    n = (u16[1] - last) & 0xFFFF
+                    if n:
+                        break
+                else:
+                    result = None
+                    continue
+            if ring.broken is not None:
+                fc.check_broken()
+            if n > out:
+                fc.reap_slots()  # raises: the used index moved by more than is in flight
+            # 1. Publish one spare per completion seen (and any shortfall), decide the kick.
+            want = n + depth - out
+            posted = spares[:want]
+            if posted:
+                del spares[:want]
+                idx = ring.avail_idx
+                for s in posted:
+                    a16[2 + (idx & mask)] = heads[s]
+                    idx = (idx + 1) & 0xFFFF
+                if not STRONGLY_ORDERED:
+                    ordering.write_barrier()
+                a16[1] = idx
+                # The kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare: the fence's
+                # first half (a locked compare-and-swap, a full fence on x86-64) orders the avail
+                # index store before the reads below; its second half, the shadow indices and the
+                # used_event hint come after the kick.
+                fence()
+                try:
+                    if avail_event >= 0:
+                        need = ((idx - u16[avail_event] - 1) & 0xFFFF) < ((idx - ring.kick_from) & 0xFFFF)
+                    else:
+                        need = not u16[0] & 1
+                    if need:
+                        notify()
+                        self.kicks += 1
+                finally:
+                    fence_end()
+                    ring.avail_idx = idx
+                    ring.kick_from = idx
+                if avail_event >= 0:
+                    if signals:
+                        a16[used_event] = (last + n) & 0xFFFF  # signal the next completion after this batch
+                    elif (a16[used_event] - last) & 0xFFFF < 0x8000:
+                        a16[used_event] = (last - size - 1) & 0xFFFF  # as kick_prepare
+                out += len(posted)
+            self.posted = posted
+            # 2. Check the completions (the spares just published are not in flight yet).
+            done: list[int] = []
+            if n:
+                if not STRONGLY_ORDERED:
+                    ordering.read_barrier()
+                pos = last
+                for _ in range(n):
+                    i = 1 + 2 * (pos & mask)
+                    head = u32[i]
+                    # hw1[head]: writable bytes + 1 if in flight, else 0 (also after its
+                    # first completion in this batch: a duplicate fails).
+                    if head >= size or u32[i + 1] >= hw1[head]:
+                        done = self._exact(posted, done, out, n)  # raises, or clamped lengths were accepted
+                        pos = (last + n) & 0xFFFF
+                        break
+                    hw1[head] = 0
+                    done.append(slot_of[head])
+                    pos = (pos + 1) & 0xFFFF
+                ring.last_used = pos
+                out -= n
+                spares += done
+            # 3. What was published is in flight from now on.
+            for s in posted:
+                hw1[heads[s]] = wlen[s] + 1
+            ring.outstanding = out
+            result = done
 
     def _exact(self, posted: list[int], done: list[int], out: int, n: int) -> list[int]:
         """A used entry of the batch of ``n`` failed the quick check: undo it, re-run the batch entry by entry.
@@ -222,6 +248,9 @@ class SplitManyCycle:
         self._nr = fc.nslots
         self.posted: Any = self._rq[:0]
         self.kicks = 0
+
+    def stepper(self) -> Callable[[int], Any]:
+        return self.turn
 
     def turn(self, spins: int = 1) -> Any:
         ring = self._ring

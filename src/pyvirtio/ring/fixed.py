@@ -122,6 +122,15 @@ class Cycle(Protocol):
         """
         ...
 
+    def stepper(self) -> Callable[[int], Any]:
+        """A callable doing what :meth:`turn` does, cheaper to call in a closed loop.
+
+        (The split cycle's is its loop's generator ``send``: no set-up per
+        pass.) After it raised, go on with :meth:`turn`, which starts afresh
+        from the ring's state.
+        """
+        ...
+
 
 class Stream(Protocol):
     """Every slot in flight at a fixed ring position (see the module docstring)."""

@@ -261,6 +261,9 @@ class RingCycle:
             self.np = np
         self.posted: Any = [] if self.np is None else self.np.zeros(0, dtype=self.np.intp)
 
+    def stepper(self) -> Callable[[int], Any]:
+        return self.turn
+
     def turn(self, spins: int = 1) -> Any:
         fc = self.fc
         ring = self.ring
