@@ -11,8 +11,9 @@ near 1-2 Mpps), so the tx and rx loops do *no per-frame work at all*:
   <pyvirtio.ring.fixed.FixedChains.stream>`): re-posting the slots reaped
   puts the same buffers at the same positions, so posting n slots is *one*
   store plus one kick decision on a split ring (the avail index); on a
-  packed ring (or with IN_ORDER) the slots taken are submitted again
-  through the ring protocol (:mod:`pyvirtio.ring.fixed_ring`).
+  packed ring each slot's prepared descriptors are written again
+  (:mod:`pyvirtio.ring.cycle_packed`); with IN_ORDER the slots taken are
+  submitted again through the ring protocol (:mod:`pyvirtio.ring.fixed_ring`).
 * Reap and check in bulk. A device that completes in order (DPDK's vhost
   and the embedded back end do) writes at used position ``p`` the buffer
   published at position ``p``. Each pass checks the whole batch at once
