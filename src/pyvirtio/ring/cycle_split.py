@@ -8,8 +8,9 @@ they keep the ring's shadow indices (``avail_idx``, ``last_used``,
 call, so the plain calls, the ring's ``kick_prepare`` and ``restart_base``
 can take over at any time.
 
-:class:`SplitCycle` (plain Python) and :class:`SplitManyCycle` (NumPy) each
-turn: (1) publish one spare per completion seen, one avail index store
+:class:`SplitCycle` (plain Python, its loop a generator whose locals
+outlive each pass; ``stepper()`` hands out its ``send``) and
+:class:`SplitManyCycle` (NumPy) each turn: (1) publish one spare per completion seen, one avail index store
 (virtio 1.2 §2.7.13), and make the kick decision (§2.7.10:
 VRING_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX); (2) validate the
 batch of used entries (§2.7.8: id in range and heading a slot in flight,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 
 class SplitCycle:
-    """The closed loop of :meth:`SplitFixedChains.cycle`, in plain Python (one call per pass)."""
+    """The closed loop of :meth:`SplitFixedChains.cycle`, in plain Python (one ``send`` of its generator per pass)."""
 
     def __init__(self, fc: SplitFixedChains, depth: int, notify: Callable[[], object]) -> None:
         ring = fc.ring
