@@ -10,9 +10,10 @@ can take over at any time.
 
 :class:`SplitCycle` (plain Python, its loop a generator whose locals
 outlive each pass; ``stepper()`` hands out its ``send``) and
-:class:`SplitManyCycle` (NumPy) each turn: (1) publish one spare per completion seen, one avail index store
-(virtio 1.2 §2.7.13), and make the kick decision (§2.7.10:
-VRING_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX); (2) validate the
+:class:`SplitManyCycle` (NumPy) each turn: (1) publish one spare per
+completion seen, one avail index store (virtio 1.2 §2.7.13), and make the
+kick decision (§2.7.10: VRING_USED_F_NO_NOTIFY, or avail_event with
+EVENT_IDX); (2) validate the
 batch of used entries (§2.7.8: id in range and heading a slot in flight,
 length within the slot's device-writable bytes; a duplicate fails because
 its first occurrence cleared the entry); (3) mark the slots just published
@@ -117,7 +118,7 @@ class SplitCycle:
             out = ring.outstanding
             n = (u16[1] - last) & 0xFFFF
             if not n and out == depth:
-                while spins > 1:  # poll again (an idle poll costs a few stores)
+                while spins > 1:  # poll again without leaving the pass (an idle poll stores nothing)
                     spins -= 1
                     n = (u16[1] - last) & 0xFFFF
                     if n:
