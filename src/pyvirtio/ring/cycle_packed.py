@@ -26,18 +26,20 @@ them, so this one validates first; an entry can then never name a slot
 published in the same turn. With ``vectorised`` it hands out NumPy arrays
 (the work stays per descriptor).
 
-:class:`PackedStream` (one-buffer slots, all in flight) takes a batch of
-validated completions in :meth:`~PackedStream.peek` and re-posts it in
-:meth:`~PackedStream.advance`; a batch it does not expect (a length below
-``min_len``) goes back to the ring's stash at :meth:`~PackedStream.close`,
-where ``reap_slots`` finds it first.
+:class:`PackedStream` (one one-buffer slot per ring descriptor, all in
+flight) keeps each slot at its ring position: a batch is counted and checked
+in a few bulk operations (:meth:`~PackedStream.peek`) and re-posted in two
+stores (:meth:`~PackedStream.advance`); anything unexpected is left in the
+ring for the exact path (its class docstring).
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pyvirtio.errors import InvalidArgument
 from pyvirtio.ring import ordering
 from pyvirtio.spec.ring import (
     DESC_F_WRITE,
@@ -242,65 +244,233 @@ class PackedCycle:
 
 
 class PackedStream:
-    """:meth:`PackedFixedChains.stream`: every one-buffer slot in flight, re-posted as it completes."""
+    """:meth:`PackedFixedChains.stream`: slot at ring position p for good, all in flight, batches in bulk.
+
+    Every slot is one descriptor and there are as many slots as ring
+    descriptors, so with every slot in flight the used position and the next
+    available position are the same slot of the ring, a lap apart: the n
+    descriptors the device used from there are exactly where the n slots they
+    name are re-posted. Slot p's descriptor therefore stays at position p (or,
+    when the stream starts with every slot in flight, wherever the ring put
+    it: read back once and used only if it names each slot once).
+
+    :meth:`peek` counts the used descriptors at the used position from the
+    high byte of their flags (one strided copy and a ``find``: VIRTQ_DESC_F_USED
+    is the only flag bit in that byte, §2.8.1), then compares their ids and
+    flags with the expected ones in one comparison (id = the slot at that
+    position, flags = the used wrap counter in AVAIL and USED, and
+    VIRTQ_DESC_F_WRITE exactly when the slot is device-writable, §2.8.4:
+    without it the length is reserved) and checks the lengths against
+    ``min_len`` and the smallest slot's writable bytes. Anything else is -1 /
+    ``()`` and stays in the ring for the exact path (:meth:`close`, then
+    ``reap_slots``, which raises on a violation). Nothing is taken until
+    :meth:`advance`.
+
+    :meth:`advance` re-posts the n descriptors in place: their prepared images
+    in one store, whose flags say "used" as the device left them (only
+    VIRTQ_DESC_F_WRITE may change), then, behind the write barrier, every
+    flags field in one strided store. Between the device's used pattern and
+    the next lap's available pattern only VIRTQ_DESC_F_AVAIL changes (USED
+    keeps the used wrap counter), so a descriptor turns available in one byte
+    whatever the width of the store, and only after its body (§2.8.21.1). One
+    kick decision per batch (§2.8.10). The ring's tokens never change: every
+    slot is in flight from the first :meth:`advance` to :meth:`close`. The
+    slots' buffers and lengths (``length_fields``) are read when the stream
+    starts.
+    """
 
     def __init__(self, fc: PackedFixedChains, notify: Callable[[], object], min_len: int) -> None:
+        ring = fc.ring
+        size = ring.size
+        sh = fc.sh
+        if fc.nslots != size:
+            raise InvalidArgument("a stream needs one one-buffer slot per ring descriptor")
+        fc.fold()  # the lengths stored through length_fields, into the images
         self._fc = fc
-        self._ring = fc.ring
+        self._ring = ring
         self._notify = notify
         self._min_len = min_len
-        self._slots: list[int] = []  # the batch taken and not yet advanced past
-        self._lens: list[int] = []
-        self._started = False  # the first advance publishes every slot not in flight
+        self._size = size
+        if ring.outstanding == 0:
+            first = ring.next_avail  # the first advance publishes slot k at first + k
+            slot_at = [(p - first) % size for p in range(size)]
+            self._usable = True
+        else:  # every slot in flight: where the ring (or, for used ones, the device) says each one is
+            slot_at = [sh.ids[p] for p in range(size)]
+            self._usable = sorted(slot_at) == list(range(size))
+            if not self._usable:
+                slot_at = list(range(size))  # never compared: every batch goes to the exact path
+        self._slot_at = slot_at
+        self._started = ring.outstanding == size
+        desc = sh.desc
+        self._desc = desc
+        self._hi = desc[15::16]  # the high byte of each descriptor's flags: VIRTQ_DESC_F_USED only
+        self._idf = sh.desc32[3::4]  # each descriptor's id | flags << 16
+        self._fl = sh.flags
+        self._lv = sh.lens
+        writable = [w > 0 for w in sh.wlen[:size]]
+        if any(writable) != all(writable) or (min_len and not all(writable)):
+            self._usable = False  # a device-readable slot's length is 0 (§2.8.4): only the exact path judges
+        self._wmax = min(sh.wlen[:size]) if all(writable) else 0  # 0: no length to check
+        # Per used wrap counter (0 / FLIP): the expected id | flags of each position.
+        self._exp: dict[int, memoryview] = {}
+        for ub in (0, FLIP):
+            exp = array("I", (slot_at[p] | (ub | (WRITE if writable[slot_at[p]] else 0)) << 16 for p in range(size)))
+            self._exp[ub] = memoryview(exp)
+        # Per lap (the avail bits): the bodies (flags: not available, §2.8.1) and the flags that publish them.
+        self._img: dict[int, memoryview] = {
+            AVAIL: memoryview(b"".join(fc.img1[slot_at[p]] for p in range(size))),
+            USED: memoryview(b"".join(fc.img0[slot_at[p]] for p in range(size))),
+        }
+        self._hf: dict[int, memoryview] = {
+            AVAIL: memoryview(array("H", (fc.hf1[slot_at[p]] for p in range(size)))),
+            USED: memoryview(array("H", (fc.hf0[slot_at[p]] for p in range(size)))),
+        }
+        self._drv16 = sh.driver16
+        self._weak = not ordering.STRONGLY_ORDERED
+        self._ok = 0  # completions validated by the last peek, not yet advanced past
+        self._many: Any = None
         self.kicks = 0
         fc.streaming = True
 
-    def peek(self) -> int:
-        slots = self._slots
-        if not slots:
-            self._fc.take(1 << 16, slots, self._lens)
-            if not slots:
-                return 0
-        if min(self._lens) < self._min_len:
+    def _count(self) -> tuple[int, int]:
+        """The used descriptors at the used position: (before the end of the ring, after it); (-1, 0): the
+        descriptor there is neither used nor available in its lap (a wrong wrap counter, §2.8.1)."""
+        if not self._started:
+            return 0, 0
+        ring = self._ring
+        pos = ring.next_used
+        ub = ring.used_bits
+        f = self._fl[pos] & FLIP
+        if f != ub:
+            return (0, 0) if f == ub ^ USED else (-1, 0)
+        size = self._size
+        hi = self._hi
+        got = hi[pos:size].tobytes().find(b"\x00" if ub else b"\x80")  # USED as in an available one
+        if got >= 0:
+            return got, 0
+        if not pos:
+            return size, 0
+        got = hi[:pos].tobytes().find(b"\x80" if ub else b"\x00")  # the next lap
+        return size - pos, pos if got < 0 else got
+
+    def _checked(self) -> int:
+        """The completions at the used position if their ids and flags are the expected ones; -1 otherwise."""
+        ring = self._ring
+        if ring.broken is not None:
+            self._fc.check_broken()
+        n1, n2 = self._count()
+        if n1 <= 0:
+            return n1
+        if not self._usable:
             return -1
-        return len(slots)
+        if self._weak:
+            ordering.read_barrier()  # the flags seen before the ids and lengths are read
+        pos = ring.next_used
+        ub = ring.used_bits
+        idf = self._idf
+        exp = self._exp
+        if idf[pos : pos + n1] != exp[ub][pos : pos + n1] or (n2 and idf[:n2] != exp[ub ^ FLIP][:n2]):
+            return -1
+        return n1 + n2
+
+    def peek(self) -> int:
+        n = self._checked()
+        if n > 0 and self._wmax:
+            pos = self._ring.next_used
+            lv = self._lv
+            lens = list(lv[pos : pos + n])
+            if pos + n > self._size:
+                lens += lv[: pos + n - self._size]
+            if min(lens) < self._min_len or max(lens) > self._wmax:
+                return -1
+        self._ok = max(n, 0)
+        return n
 
     def peek_many(self) -> tuple[Any, ...] | None:
-        n = self.peek()
+        n = self._checked()
         if not n:
             return None
         if n < 0:
             return ()
-        import numpy as np
+        t = self._many
+        if t is None:
+            import numpy as np
 
-        return np.asarray(self._slots, dtype=np.intp), np.asarray(self._lens, dtype=np.int64)
+            t = self._many = (
+                np,
+                np.frombuffer(self._desc, dtype="<u4")[2::4],  # the lengths
+                np.asarray(self._slot_at, dtype=np.intp),
+            )
+        np, lv, slot_at = t
+        pos = self._ring.next_used
+        end = pos + n
+        if end <= self._size:
+            slots = slot_at[pos:end]
+            lens = lv[pos:end].astype(np.int64)
+        else:
+            end -= self._size
+            slots = np.concatenate((slot_at[pos:], slot_at[:end]))
+            lens = np.concatenate((lv[pos:], lv[:end])).astype(np.int64)
+        if self._wmax and (int(lens.min()) < self._min_len or int(lens.max()) > self._wmax):
+            return ()
+        self._ok = n
+        return slots, lens
 
     def advance(self, n: int) -> None:
         fc = self._fc
-        if self._started:
-            slots = self._slots[:n]  # the slots just taken: the only ones not in flight
-        else:
+        ring = self._ring
+        if not self._started:  # the first advance publishes every slot, in position order
             self._started = True
-            idle = fc.sh.idle
-            tokens = fc.sh.tokens
-            slots = [s for s in range(fc.nslots) if tokens[s] is idle]
-        del self._slots[:n]
-        del self._lens[:n]
-        if slots and fc.publish(slots):
+            first = ring.next_avail
+            size = self._size
+            if fc.publish([self._slot_at[(first + k) % size] for k in range(size)]):
+                self._notify()
+                self.kicks += 1
+            return
+        if n <= 0:
+            return
+        if n > self._ok:
+            raise InvalidArgument(f"advance({n}): only {self._ok} completions were peeked")
+        self._ok -= n
+        size = self._size
+        pos = ring.next_avail  # == the used position: every slot is in flight
+        bits = ring.avail_bits
+        desc = self._desc
+        fl = self._fl
+        weak = self._weak
+        end = pos + n
+        if end > size:
+            end -= size
+            desc[16 * pos : 16 * size] = self._img[bits][16 * pos :]
+            desc[: 16 * end] = self._img[bits ^ FLIP][: 16 * end]
+            if weak:
+                ordering.write_barrier()
+            fl[pos:] = self._hf[bits][pos:]
+            fl[:end] = self._hf[bits ^ FLIP][:end]
+            bits ^= FLIP
+        else:
+            desc[16 * pos : 16 * end] = self._img[bits][16 * pos : 16 * end]
+            if weak:
+                ordering.write_barrier()
+            fl[pos:end] = self._hf[bits][pos:end]
+            if end == size:
+                end = 0
+                bits ^= FLIP
+        ring.next_avail = end
+        ring.avail_bits = bits
+        ring.next_used = end
+        ub = ring.used_bits = FLIP if bits == USED else 0  # the lap before the next publication's
+        if ring.interrupts_enabled and ring.event_idx:  # the next used descriptor wanted (§2.8.10)
+            self._drv16[0] = end | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
+        if fc.kick_needed(n):
             self._notify()
             self.kicks += 1
 
     def close(self) -> None:
-        fc = self._fc
-        if not fc.streaming:
-            return
-        fc.streaming = False
-        batch = list(zip(self._slots, self._lens, strict=True))
-        if batch:  # back to the ring's validated completions: reap_slots returns them first
-            fc.sh.stash[:0] = batch
-            self._ring.outstanding += len(batch)
-        self._slots = []
-        self._lens = []
+        """Back to the plain path: every slot is in flight, a batch not advanced past is still in the ring."""
+        self._fc.streaming = False
+        self._ok = 0
 
 
 __all__ = ["PackedCycle", "PackedStream"]

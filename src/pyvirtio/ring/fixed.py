@@ -61,8 +61,8 @@ Paths, sharing one state:
 * the *stream* (:meth:`~FixedChains.stream`), the net engine's: every slot
   a one-buffer chain, all of them in flight all the time, each slot fixed
   at its ring position, so re-posting n slots is one store (split: the avail
-  index; packed: each slot's prepared descriptors; elsewhere the slots are
-  submitted again through the ring),
+  index; packed: the batch's prepared descriptors, then their flags;
+  elsewhere the slots are submitted again through the ring),
   and a batch of completions is checked against the expected entries in
   bulk (:meth:`Stream.peek`), then taken and re-posted
   (:meth:`Stream.advance`). Anything unexpected is left in the ring for the

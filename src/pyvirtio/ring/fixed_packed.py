@@ -147,7 +147,7 @@ class PackedFixedChains(ListArrays):
         sh.wlen[s] = wlen
         sh.bufs[s] = bufs
 
-    def _fold(self) -> None:
+    def fold(self) -> None:
         """Take the lengths stored through :meth:`length_fields` into the shapes (before they are read)."""
         vol = self.vol
         if vol is None:
@@ -193,7 +193,7 @@ class PackedFixedChains(ListArrays):
         self, s: int, k: int, addr: int | None = None, length: int | None = None, writable: bool | None = None
     ) -> None:
         self.check_idle(s)
-        self._fold()
+        self.fold()
         form = self.shapes[s][self.alt_now[s]]
         form[k] = changed_buffer(form, s, k, addr, length, writable)
         if self.vol is not None and k == self.vol_k:
@@ -205,7 +205,7 @@ class PackedFixedChains(ListArrays):
 
     def length_fields(self, k: int = 0) -> tuple[list[int], list[int]]:
         check_length_field(self.shapes, k)
-        self._fold()
+        self.fold()
         self.vol_k = k
         self.vol = [self.shapes[s][self.alt_now[s]][k][1] for s in range(self.nslots)]
         return self.vol, list(range(self.nslots))
@@ -216,7 +216,7 @@ class PackedFixedChains(ListArrays):
             raise InvalidArgument(f"slot {s} has no alternate chain")
         v = 1 if on else 0
         if self.alt_now[s] != v:
-            self._fold()
+            self.fold()
             self.alt_now[s] = v
             self._write_slot(s)
             if self.vol is not None:
@@ -446,7 +446,7 @@ class PackedFixedChains(ListArrays):
     # -- interrupts, reconnect, teardown -----------------------------------------------
 
     def restart_base(self, resubmit: bool = True) -> int:
-        self._fold()  # a resubmission writes the chains from the ring's shadow buffers
+        self.fold()  # a resubmission writes the chains from the ring's shadow buffers
         return self.ring.restart_base(resubmit)
 
     def detach(self) -> None:
