@@ -89,7 +89,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from pyvirtio.errors import InvalidArgument, QueueBroken
+from pyvirtio.errors import InvalidArgument, QueueBroken, QueueStateError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -175,6 +175,8 @@ class FixedChains:
     slot_of: list[int]
     #: ``heads[s] == s`` for every slot: used ids are slots.
     heads_are_slots: bool
+    #: A stream is open (the plain calls are refused until it closes).
+    streaming: bool
 
     def __new__(
         cls,
@@ -329,6 +331,25 @@ class FixedChains:
         """Refuse a cycle depth the slots cannot give."""
         if not 1 <= depth <= self.nslots:
             raise InvalidArgument(f"depth must be 1..{self.nslots}, got {depth}")
+
+    def check_cycle_start(self, depth: int, held: int = 0) -> None:
+        """Refuse a cycle on a broken queue, while streaming, with anything in flight (``held``: slots
+        completed but not yet returned), or at a depth the slots cannot give."""
+        self.check_broken()
+        if self.ring.outstanding or held or self.streaming:
+            raise QueueStateError("a cycle starts with nothing in flight")
+        self.check_depth(depth)
+
+    def check_stream_start(self, descs: Sequence[int], held: int = 0) -> None:
+        """Refuse a stream on a broken queue, while streaming, over slots of more than one buffer (``descs``:
+        each slot's count), or with some slots in flight and others not."""
+        self.check_broken()
+        if self.streaming:
+            raise QueueStateError("this FixedChains is streaming already")
+        if any(n != 1 for n in descs):
+            raise InvalidArgument("a stream needs one-buffer slots")
+        if held or self.ring.outstanding not in (0, self.nslots):
+            raise QueueStateError("a stream starts with no slot or every slot in flight")
 
 
 class ListArrays(FixedChains):

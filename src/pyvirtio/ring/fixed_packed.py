@@ -427,20 +427,11 @@ class PackedFixedChains(ListArrays):
     # -- engines ------------------------------------------------------------------
 
     def cycle(self, depth: int, notify: Callable[[], object], *, vectorised: bool = False) -> PackedCycle:
-        self.check_broken()
-        if self.ring.outstanding or self.streaming:
-            raise QueueStateError("a cycle starts with nothing in flight")
-        self.check_depth(depth)
+        self.check_cycle_start(depth)
         return PackedCycle(self, depth, notify, vectorised)
 
     def stream(self, notify: Callable[[], object], *, min_len: int = 0) -> PackedStream:
-        self.check_broken()
-        if self.streaming:
-            raise QueueStateError("this FixedChains is streaming already")
-        if any(n != 1 for n in self.sh.ndescs[: self.nslots]):
-            raise InvalidArgument("a stream needs one-buffer slots")
-        if self.sh.stash or self.ring.outstanding not in (0, self.nslots):
-            raise QueueStateError("a stream starts with no slot or every slot in flight")
+        self.check_stream_start(self.sh.ndescs[: self.nslots], len(self.sh.stash))
         return PackedStream(self, notify, min_len)
 
     # -- interrupts, reconnect, teardown -----------------------------------------------

@@ -215,20 +215,11 @@ class RingFixedChains(ListArrays):
     # -- engines ------------------------------------------------------------------
 
     def cycle(self, depth: int, notify: Callable[[], object], *, vectorised: bool = False) -> RingCycle:
-        self.check_broken()
-        if self.ring.outstanding or self.held or self.streaming:
-            raise QueueStateError("a cycle starts with nothing in flight")
-        self.check_depth(depth)
+        self.check_cycle_start(depth, len(self.held))
         return RingCycle(self, depth, notify, vectorised)
 
     def stream(self, notify: Callable[[], object], *, min_len: int = 0) -> RingStream:
-        self.check_broken()
-        if self.streaming:
-            raise QueueStateError("this FixedChains is streaming already")
-        if any(c != 1 for c in self.count):
-            raise InvalidArgument("a stream needs one-buffer slots")
-        if self.held or self.ring.outstanding not in (0, self.nslots):
-            raise QueueStateError("a stream starts with no slot or every slot in flight")
+        self.check_stream_start(self.count, len(self.held))
         return RingStream(self, notify, min_len)
 
     # -- interrupts, reconnect, teardown -----------------------------------------------
