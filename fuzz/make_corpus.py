@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fuzz import _packed
+from fuzz import _packed, _packed_stream
 from fuzz import _server as SV
 from fuzz._input import Seed
 from fuzz.targets import _DEV_GPA, _SENDERS, device_ring_layout
@@ -814,6 +814,7 @@ SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "server_packed": seeds_server_packed,
     "packed_reap": _packed.seeds_packed_reap,
     "packed_device_pop": _packed.seeds_packed_device_pop,
+    "packed_stream": _packed_stream.seeds_packed_stream,
 }
 
 

@@ -67,6 +67,7 @@ TARGET_NAMES = (
     "packed_reap",
     "packed_device_pop",
     "server_packed",
+    "packed_stream",
 )
 
 

@@ -886,6 +886,7 @@ TARGETS: dict[str, Callable[[bytes], int]] = {
     "packed_reap": _late("fuzz._packed", "target_packed_reap"),
     "packed_device_pop": _late("fuzz._packed", "target_packed_device_pop"),
     "server_packed": _late("fuzz._server_packed", "target_server_packed"),
+    "packed_stream": _late("fuzz._packed_stream", "target_packed_stream"),
 }
 
 __all__ = ["KNOWN_ISSUES", "TARGETS", "InvariantBroken", "expect", "note_known", "quiet_logs", "strict"]

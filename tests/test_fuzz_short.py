@@ -8,7 +8,7 @@
   a change of input format cannot silently turn the corpus into noise;
 * each target then gets ``FUZZ_CI_SECONDS`` (default 3) of Hypothesis:
   random bytes and mutated seeds, a per-input time limit, any crash fails
-  the test and is saved under ``fuzz/crashes/``. Seventeen targets take about
+  the test and is saved under ``fuzz/crashes/``. Eighteen targets take about
   a minute on a 2-core machine.
 
 Fuzzer findings fixed in the library keep a reproducer here each (a
