@@ -254,8 +254,12 @@ class RequestEngine(Generic[R]):
                 ctx.vq.flush()
         return n
 
-    def _post(self, ctx: QueueContext, req: R) -> None:
-        """Put one request on the ring (no kick)."""
+    def _post(self, ctx: QueueContext, req: R, decide: bool = False) -> bool:
+        """Put one request on the ring, kick not sent; with ``decide``, the one-request lane: returns the kick decision.
+
+        Without ``decide`` (batches) the caller flushes once for the batch
+        and False is returned.
+        """
         if ctx.held is not None:
             raise QueueStateError(f"queue {ctx.vq.index} is held by an open {type(ctx.held).__name__}; close it first")
         free = ctx.free_slots
@@ -263,7 +267,11 @@ class RequestEngine(Generic[R]):
             raise QueueFull(f"queue {ctx.vq.index}: {ctx.nslots} requests in flight")
         slot = free.pop()
         try:
-            self._add_chain(ctx, req, self._build(ctx, req, slot))
+            if decide:
+                kick = self._publish_one(ctx, req, slot)
+            else:
+                self._add_chain(ctx, req, self._build(ctx, req, slot))
+                kick = False
         except BaseException:
             free.append(slot)
             self._drop_bounce(req)
@@ -271,6 +279,32 @@ class RequestEngine(Generic[R]):
         req.slot = slot
         req.done = False
         ctx.inflight += 1
+        return kick
+
+    def _publish_one(self, ctx: QueueContext, req: R, slot: int) -> bool:
+        """Fill ``slot`` for ``req``, publish it and return the ring's kick decision (``run``'s lane).
+
+        The default goes the general way (:meth:`_publish_chain`); a driver
+        whose common requests are three-buffer chains publishes those with
+        :meth:`_submit3` and the rest with :meth:`_publish_chain`. May raise:
+        nothing is published then.
+        """
+        return self._publish_chain(ctx, req, slot)
+
+    def _publish_chain(self, ctx: QueueContext, req: R, slot: int) -> bool:
+        """:meth:`_build`'s chain published, and the kick decision."""
+        self._add_chain(ctx, req, self._build(ctx, req, slot))
+        return ctx.vq.ring.kick_prepare()
+
+    def _submit3(
+        self, ctx: QueueContext, req: R, a0: int, l0: int, a1: int, l1: int, w1: bool, a2: int, l2: int
+    ) -> bool:
+        """The ring's one-request fast lane (``submit3``: readable, either, writable; kick decision returned)."""
+        ring = ctx.vq.ring
+        if ring.indirect and 3 >= min(ring.indirect_threshold, ring.num_free + 1):
+            with self._pool_lock:  # the ring may take an indirect table from the pool (as _add_chain)
+                return ring.submit3(req, a0, l0, a1, l1, w1, a2, l2)
+        return ring.submit3(req, a0, l0, a1, l1, w1, a2, l2)
 
     def _add_chain(self, ctx: QueueContext, req: R, chain: Chain) -> None:
         """Add ``req``'s chain to the ring, published but not kicked (also to send a request in flight again)."""
@@ -301,7 +335,7 @@ class RequestEngine(Generic[R]):
         try:
             # Every token on this ring is one of our requests (the queue is not held). The
             # ring directly: ctx is the calling thread's queue (thread_queue checked ownership).
-            done = cast("list[tuple[R, int]]", vq.ring.reap(max_n))
+            done: list[tuple[Any, int]] = vq.ring.reap(max_n)
         except DeviceProtocolError as exc:
             for token, written in exc.completed:
                 req = cast(R, token)
@@ -313,6 +347,7 @@ class RequestEngine(Generic[R]):
         free = ctx.free_slots
         n = 0
         resent = False
+        req: R
         for req, written in done:
             if complete(ctx, req, written):
                 free.append(req.slot)
@@ -482,18 +517,21 @@ class RequestEngine(Generic[R]):
         """Submit one request and wait for it; (``check``) raise its error.
 
         The one-request path of ``read``/``write``/``readinto`` (docs/benchmarks.md
-        §1.3): post, publish and kick, then reap the ring until the request is
-        done, with no per-call lists; a request not done after :data:`RUN_SPINS`
-        empty polls goes to the general wait (poll policy, timeout, reconnect).
+        §1.3): post and publish with the kick decision in one ring call where
+        the driver can (:meth:`_publish_one`, the ring's ``submit3``), kick,
+        then reap the ring until the request is done, with no per-call lists;
+        a request not done after :data:`RUN_SPINS` empty polls goes to the
+        general wait (poll policy, timeout, reconnect).
         """
         ctx = self._queues.get()
         try:
-            self._post(ctx, req)
+            kick = self._post(ctx, req, True)
         except QueueFull as exc:
             ctx.full_reason = str(exc)
             self._check_alive(ctx)  # a queue full of a dead peer's requests: say so (or reconnect)
             raise
-        ctx.vq.flush()
+        if kick:
+            ctx.vq.notify()
         reap = self._reap
         for _ in range(RUN_SPINS if self.poll != "wait" else 1):
             if req.done or reap(ctx, 1 << 16, None) and req.done:
