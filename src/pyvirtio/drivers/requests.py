@@ -338,9 +338,9 @@ class RequestEngine(Generic[R]):
             done: list[tuple[Any, int]] = vq.ring.reap(max_n)
         except DeviceProtocolError as exc:
             for token, written in exc.completed:
-                req = cast(R, token)
-                if self._complete(ctx, req, written):
-                    self._finished(ctx, req)
+                bad = cast(R, token)
+                if self._complete(ctx, bad, written):
+                    self._finished(ctx, bad)
             self._fail_inflight(ctx, exc)
             raise
         complete = self._complete

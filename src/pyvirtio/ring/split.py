@@ -69,8 +69,8 @@ from pyvirtio.errors import (
 )
 from pyvirtio.memory import Buffer, MemoryPool
 from pyvirtio.ring import ordering
-from pyvirtio.ring.ordering import STRONGLY_ORDERED, fence_acquire, fence_release
 from pyvirtio.ring.base import Completion, RingAddresses
+from pyvirtio.ring.ordering import STRONGLY_ORDERED, fence_acquire, fence_release
 from pyvirtio.spec.ring import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_INDIRECT,
