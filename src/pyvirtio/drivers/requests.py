@@ -301,7 +301,7 @@ class RequestEngine(Generic[R]):
     ) -> bool:
         """The ring's one-request fast lane (``submit3``: readable, either, writable; kick decision returned)."""
         ring = ctx.vq.ring
-        if ring.indirect and 3 >= min(ring.indirect_threshold, ring.num_free + 1):
+        if ring.indirect and (ring.indirect_threshold <= 3 or ring.num_free < 3):
             with self._pool_lock:  # the ring may take an indirect table from the pool (as _add_chain)
                 return ring.submit3(req, a0, l0, a1, l1, w1, a2, l2)
         return ring.submit3(req, a0, l0, a1, l1, w1, a2, l2)

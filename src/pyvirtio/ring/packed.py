@@ -487,10 +487,7 @@ class PackedQueue:
         ):
             self.submit(token, bufs)
             return self.kick_prepare()
-        if not (
-            0 <= l0 <= _U32 and 0 <= a0 <= _U64 and 0 <= l1 <= _U32 and 0 <= a1 <= _U64 and 0 <= l2 <= _U32
-            and 0 <= a2 <= _U64
-        ):
+        if (l0 | l1 | l2) >> 32 or (a0 | a1 | a2) >> 64:  # a negative one or one too large: nonzero
             for addr, length, _w in bufs:  # the first bad one, as submit names it; nothing written yet
                 if not (0 <= length <= _U32 and 0 <= addr <= _U64):
                     raise InvalidArgument(f"bad buffer addr=0x{addr:x} length={length}")

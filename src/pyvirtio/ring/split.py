@@ -7,7 +7,10 @@ back what it wrote: the free list is linked through ``_next`` (a Python
 list), each in-flight chain head remembers its caller token, its number of
 ring descriptors, its last descriptor and how many device-writable bytes it
 offered. The device can scribble over the descriptor table and the avail
-ring without confusing the driver.
+ring without confusing the driver. A completed chain goes back to the head
+of the free list (LIFO, as Linux; FIFO only with VIRTIO_F_IN_ORDER), so
+requests one at a time reuse one chain (:meth:`SplitQueue.submit3`, the
+one-request fast lane).
 
 Building a request follows SPDK's virtqueue API: :meth:`SplitQueue.start`
 (token, number of buffers), :meth:`~SplitQueue.add` per buffer, then
@@ -29,8 +32,8 @@ the exception so none is lost. A broken queue refuses all work until
 
 VIRTIO_F_IN_ORDER (``in_order``, virtio 1.2 §2.7.9 "In-order use of
 descriptors"): descriptors are used in ring order (§2.7.5: "starting from
-offset 0 in the table, and wrapping around"; the FIFO free list keeps that
-order, an aborted request gives its descriptors back to the front), so the
+offset 0 in the table, and wrapping around"; the free list, FIFO in this
+mode, keeps that order, an aborted request gives its descriptors back to the front), so the
 chains in flight lie one after another from the oldest. The device may
 write "a single used ring entry with the id corresponding to the head entry
 of the descriptor chain describing the last buffer in the batch" at the
@@ -83,7 +86,6 @@ from pyvirtio.spec.ring import (
     is_power_of_two,
     split_layout,
     used_size,
-    vring_need_event,
 )
 
 END: Final = MAX_QUEUE_SIZE  # never a valid descriptor index (as in the seed)
@@ -565,10 +567,7 @@ class SplitQueue:
         ):
             self.submit(token, ((a0, l0, False), (a1, l1, w1), (a2, l2, True)))
             return self.kick_prepare()
-        if not (
-            0 <= l0 <= _U32 and 0 <= a0 <= _U64 and 0 <= l1 <= _U32 and 0 <= a1 <= _U64 and 0 <= l2 <= _U32
-            and 0 <= a2 <= _U64
-        ):
+        if (l0 | l1 | l2) >> 32 or (a0 | a1 | a2) >> 64:  # a negative one or one too large: nonzero
             for addr, length in ((a0, l0), (a1, l1), (a2, l2)):  # the first bad one, as submit names it
                 if not (0 <= length <= _U32 and 0 <= addr <= _U64):
                     raise InvalidArgument(f"bad buffer addr=0x{addr:x} length={length}")
@@ -706,7 +705,8 @@ class SplitQueue:
         fence_acquire()  # ordering.full_barrier(), inlined: the avail index before the device's fields
         fence_release()
         if self.event_idx:
-            return vring_need_event(self._used16[self._avail_event_i], new, old)
+            # vring_need_event(avail_event, new, old), inlined (§2.7.10)
+            return (new - self._used16[self._avail_event_i] - 1) & 0xFFFF < (new - old) & 0xFFFF
         return not self._used16[0] & USED_F_NO_NOTIFY
 
     # -- completions (seed: virtio_recv_pkts) ---------------------------------
@@ -727,13 +727,15 @@ class SplitQueue:
             return []
         if n > self.outstanding:
             self._break(f"used index moved by {n} with only {self.outstanding} requests in flight", [])
-        ordering.read_barrier()
+        if not STRONGLY_ORDERED:
+            ordering.read_barrier()
         if n > max_n:
             n = max_n
         out: list[Completion] = []
         used32 = self._used32
         tokens = self._tokens
         wlen = self._wlen
+        ndescs = self._ndescs
         mask = self.size - 1
         size = self.size
         for _ in range(n):
@@ -748,7 +750,8 @@ class SplitQueue:
             if length > wlen[head]:
                 length = self._long_used(head, length, wlen[head], out)
             tokens[head] = _IDLE
-            self._free_chain(head)
+            self._release_chain(head, self._last[head], ndescs[head])  # _free_chain
+            ndescs[head] = 0
             last = (last + 1) & 0xFFFF
             self.last_used = last
             out.append((token, length))
@@ -836,15 +839,32 @@ class SplitQueue:
         self._ndescs[head] = 0
 
     def _release_chain(self, head: int, last: int, ndescs: int) -> None:
-        """Append the chain head..last (ndescs descriptors) at the free list's tail (FIFO, as the seed)."""
+        """Give the chain head..last (ndescs descriptors) back to the free list.
+
+        At its head (LIFO, as Linux's virtio_ring): the next request takes
+        the same descriptors again, so requests one at a time keep using one
+        chain, which a device that caches checked chains (the embedded back
+        ends) and its CPU's cache find unchanged. With VIRTIO_F_IN_ORDER at
+        its tail (FIFO, the seed's vq_ring_free_chain): descriptors must be
+        used in ring order (module docstring).
+        """
         self.num_free += ndescs
-        if self.free_head == END:
-            self.free_head = head
+        if self.in_order:
+            if self.free_head == END:
+                self.free_head = head
+            else:
+                self._next[self.free_tail] = head
+                self._desc16[8 * self.free_tail + 7] = head
+            self.free_tail = last
+            self._next[last] = END
+            return
+        first = self.free_head
+        self._next[last] = first
+        if first == END:
+            self.free_tail = last
         else:
-            self._next[self.free_tail] = head
-            self._desc16[8 * self.free_tail + 7] = head
-        self.free_tail = last
-        self._next[last] = END
+            self._desc16[8 * last + 7] = first
+        self.free_head = head
 
     # -- interrupt suppression ------------------------------------------------
 
