@@ -350,7 +350,7 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
                         )
                     segs += self._segments(b.addr, len(b), writable)
             else:
-                segs = self._segments(self._bounce_data(req).addr, req.length, writable)
+                segs = self._segments(self._bounce_data(ctx, req).addr, req.length, writable)
         elif op == B.T_DISCARD or op == B.T_WRITE_ZEROES:
             buf = self.allocate(len(req.payload), align=8)
             if not self.in_device_memory(buf):
@@ -368,12 +368,11 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         addr = ctx.slots.addr + base
         return [(addr, B.OUTHDR_SIZE, False), *segs, (addr + _STATUS_OFF, 1, True)]
 
-    def _bounce_data(self, req: BlkRequest) -> Buffer:
+    def _bounce_data(self, ctx: QueueContext, req: BlkRequest) -> Buffer:
         """A bounce buffer for ``req``'s data (a write's bytes copied in), in the device's memory."""
         length = req.length
-        buf = self.allocate(max(length, 1), align=SECTOR if length >= SECTOR else 8)
-        if not self.in_device_memory(buf):
-            self.free(buf)
+        buf = self.take_bounce(ctx, max(length, 1), SECTOR if length >= SECTOR else 8)
+        if buf is None:
             raise QueueFull(
                 f"{req.name}: no room for a {length}-byte buffer in the device's shared memory "
                 "now; reap requests in flight or use smaller ones"
@@ -406,7 +405,7 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
                 n = 0
             if n and not (self.size_max and n > self.size_max):
                 if b is None:
-                    b = self._bounce_data(req)
+                    b = self._bounce_data(ctx, req)
                 base = _SLOT_SIZE * slot
                 sv = ctx.slot_view
                 B.OUTHDR.pack_into(sv, base, op, 0, req.offset // SECTOR)
@@ -438,7 +437,10 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         if bounce is not None:
             if req.op != B.T_OUT and status == B.S_OK and req.error is None:
                 req.result = bytes(bounce.view[: req.length])  # a read or GET_ID: its data
-            self.free(bounce)
+            if req.op in _DATA_OPS:
+                self.give_bounce(ctx, bounce)  # from take_bounce: the queue may keep it for the next one
+            else:
+                self.free(bounce)
             req._bounce = None
         return True
 

@@ -67,6 +67,8 @@ POLL_MODES = ("busy", "wait", "hybrid")
 HYBRID_SPINS = 2000
 #: empty polls ``run`` makes itself before the general wait (not in "wait" mode: one)
 RUN_SPINS = 64
+#: The largest bounce buffer a queue keeps for its next request (:meth:`RequestEngine.take_bounce`).
+SPARE_MAX = 128 << 10
 
 Chain = list[tuple[int, int, bool]]
 
@@ -103,7 +105,8 @@ class QueueContext:
     the general API on this queue raises QueueStateError until it is set
     back to None), ``slots`` / ``slot_view`` / ``slot_size`` / ``free_slots``
     (the per-request header slots), ``next_tag`` (SCSI tags),
-    ``full_reason`` (why the last submit stopped).
+    ``full_reason`` (why the last submit stopped), ``spare`` (a bounce
+    buffer kept for the next request: :meth:`RequestEngine.take_bounce`).
     """
 
     def __init__(self, vq: Virtqueue, slots: Buffer, slot_size: int, release: Callable[[Buffer], None]) -> None:
@@ -118,10 +121,11 @@ class QueueContext:
         self.full_reason = ""
         self.held: object | None = None
         self.reader_loop: asyncio.AbstractEventLoop | None = None
+        self.spare: Buffer | None = None  # the engine's, under its pool lock
         self._release = release
 
     def close(self) -> None:
-        """Give the slots back (the queue is released or the device closes)."""
+        """Give the slots back (the queue is released or the device closes; the engine took the spare)."""
         self.slot_view = memoryview(b"")
         self._release(self.slots)
 
@@ -143,6 +147,8 @@ class RequestEngine(Generic[R]):
         # The pool's allocator is not thread-safe, and every thread with a queue
         # allocates bounce buffers from it: its calls from here are serialised.
         self._pool_lock = threading.Lock()
+        # Queues keeping a spare bounce buffer (take_bounce), under the pool lock.
+        self._spares: set[QueueContext] = set()
         self._request_type = request_type
         self._regions: tuple[object, ...] = ()
         self._slot_size = 0
@@ -167,6 +173,8 @@ class RequestEngine(Generic[R]):
         return QueueContext(vq, slots, self._slot_size, self.free)
 
     def _close_queues(self) -> None:
+        with self._pool_lock:
+            self._drop_spares()
         if hasattr(self, "_queues"):
             self._queues.close()
 
@@ -184,9 +192,27 @@ class RequestEngine(Generic[R]):
     # -- memory -----------------------------------------------------------------
 
     def allocate(self, size: int, align: int = 8) -> Buffer:
-        """A buffer from the device's shared memory pool (thread-safe; pass it for zero copy)."""
+        """A buffer from the device's shared memory pool (thread-safe; pass it for zero copy).
+
+        The queues' spare bounce buffers never keep a buffer out of the
+        device's memory: if one would land outside it, they are freed and the
+        allocation is made again.
+        """
         with self._pool_lock:
-            return self.pool.allocate(size, align)
+            buf = self.pool.allocate(size, align)
+            if self._spares and buf.region not in self._regions:
+                self.pool.free(buf)
+                self._drop_spares()
+                buf = self.pool.allocate(size, align)
+            return buf
+
+    def _drop_spares(self) -> None:
+        """Free every queue's spare bounce buffer (the pool lock held)."""
+        for ctx in self._spares:
+            if ctx.spare is not None:
+                self.pool.free(ctx.spare)
+                ctx.spare = None
+        self._spares.clear()
 
     def free(self, buf: Buffer) -> None:
         """Give back a buffer from :meth:`allocate` (thread-safe)."""
@@ -196,6 +222,36 @@ class RequestEngine(Generic[R]):
     def in_device_memory(self, buf: Buffer) -> bool:
         """Is ``buf`` in a region the device was told about when it started?"""
         return buf.region in self._regions
+
+    def take_bounce(self, ctx: QueueContext, size: int, align: int) -> Buffer | None:
+        """A bounce buffer for a request's data on ``ctx``, in the device's memory; None: no room there now.
+
+        The queue's spare when it has this size and alignment (requests of
+        one size in a row allocate nothing), else a new one (the spare is
+        freed first). Give it back with :meth:`give_bounce`.
+        """
+        with self._pool_lock:
+            spare = ctx.spare
+            if spare is not None:
+                ctx.spare = None
+                self._spares.discard(ctx)
+                if spare.size == size and not spare.addr & (align - 1):
+                    return spare
+                self.pool.free(spare)
+        buf = self.allocate(size, align)
+        if buf.region not in self._regions:
+            self.free(buf)
+            return None
+        return buf
+
+    def give_bounce(self, ctx: QueueContext, buf: Buffer) -> None:
+        """A bounce buffer from :meth:`take_bounce` is done: kept as ``ctx``'s spare (one, small), or freed."""
+        with self._pool_lock:
+            if ctx.spare is None and buf.size <= SPARE_MAX:
+                ctx.spare = buf
+                self._spares.add(ctx)
+            else:
+                self.pool.free(buf)
 
     # -- per-thread queues ----------------------------------------------------------
 
@@ -209,6 +265,8 @@ class RequestEngine(Generic[R]):
         A thread that ends without calling this keeps its queue only until
         another thread finds no free one (:mod:`pyvirtio.drivers.queues`).
         """
+        with self._pool_lock:
+            self._drop_spares()  # (rare: every queue's, which their threads allocate again if they need)
         self._queues.release()
 
     # -- hooks ------------------------------------------------------------------------
@@ -633,4 +691,4 @@ class RequestEngine(Generic[R]):
         ring.disable_interrupts()
 
 
-__all__ = ["HYBRID_SPINS", "POLL_MODES", "QueueContext", "Request", "RequestEngine"]
+__all__ = ["HYBRID_SPINS", "POLL_MODES", "SPARE_MAX", "QueueContext", "Request", "RequestEngine"]
