@@ -166,7 +166,7 @@ class BlockDevice(Generic[R]):
         """Zero copy: read ``len(buf)`` bytes into a Buffer from the device's pool; returns that length."""
         n = len(buf)
         if 0 < n <= self.max_transfer:
-            self.engine.run(self.read_request(offset, n, into=buf))
+            self.engine.run(self.read_request(offset, n, buf))
             return n
         self._check_op("read", offset, n)
         self.engine.run_all([self.read_request(o, len(b), into=b) for o, b in self._buffer_pieces(offset, buf)])

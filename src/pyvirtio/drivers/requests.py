@@ -591,11 +591,12 @@ class RequestEngine(Generic[R]):
         if kick:
             ctx.vq.notify()
         reap = self._reap
-        for _ in range(RUN_SPINS if self.poll != "wait" else 1):
-            if req.done or reap(ctx, 1 << 16, None) and req.done:
-                break
-        else:
-            self._wait(ctx, (req,), -1.0, False)
+        if not (reap(ctx, 1 << 16, None) and req.done):  # the first look (the device may be done already)
+            for _ in range(RUN_SPINS - 1 if self.poll != "wait" else 0):
+                if req.done or reap(ctx, 1 << 16, None) and req.done:
+                    break
+            else:
+                self._wait(ctx, (req,), -1.0, False)
         if check:
             req.check()
         return req

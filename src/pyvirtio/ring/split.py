@@ -57,6 +57,7 @@ every call. Nothing above the ring layer uses those two calls.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
@@ -76,6 +77,7 @@ from pyvirtio.ring.base import Completion, RingAddresses
 from pyvirtio.ring.ordering import STRONGLY_ORDERED, fence_acquire, fence_release
 from pyvirtio.spec.ring import (
     AVAIL_F_NO_INTERRUPT,
+    DESC,
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
@@ -89,6 +91,7 @@ from pyvirtio.spec.ring import (
 )
 
 END: Final = MAX_QUEUE_SIZE  # never a valid descriptor index (as in the seed)
+_DESC3: Final = struct.Struct("<" + "QIHH" * 3)  # three descriptors side by side (virtio 1.2 §2.7.5), submit3
 _IDLE: Final = object()  # token slot of a descriptor that is not an in-flight head
 _U32: Final = 0xFFFFFFFF
 _U64: Final = 0xFFFFFFFFFFFFFFFF
@@ -163,6 +166,7 @@ class SplitQueue:
         self._desc64 = view[: DESC_SIZE * size].cast("Q")
         self._desc32 = view[: DESC_SIZE * size].cast("I")
         self._desc16 = view[: DESC_SIZE * size].cast("H")
+        self._desc8 = view[: DESC_SIZE * size]
         self._avail16 = view[avail_off : avail_off + 2 * (3 + size)].cast("H")
         self._used16 = view[used_off : used_off + 6 + 8 * size].cast("H")
         self._used32 = view[used_off : used_off + 4 + 8 * size].cast("I")
@@ -229,7 +233,7 @@ class SplitQueue:
         for buf in self._indirect_tables.values():
             self.pool.free(buf)
         self._indirect_tables.clear()
-        for v in (self._desc64, self._desc32, self._desc16, self._avail16, self._used16, self._used32):
+        for v in (self._desc64, self._desc32, self._desc16, self._desc8, self._avail16, self._used16, self._used32):
             v.release()
         self.pool.free(self._ring)
         self.broken = "closed"
@@ -572,25 +576,20 @@ class SplitQueue:
                 if not (0 <= length <= _U32 and 0 <= addr <= _U64):
                     raise InvalidArgument(f"bad buffer addr=0x{addr:x} length={length}")
         nxt = self._next
-        d64 = self._desc64
-        d32 = self._desc32
-        d16 = self._desc16
         i0 = self.free_head
         i1 = nxt[i0]
         i2 = nxt[i1]
         free = nxt[i2]
-        d64[2 * i0] = a0
-        d32[4 * i0 + 2] = l0
-        d16[8 * i0 + 6] = DESC_F_NEXT
-        d16[8 * i0 + 7] = i1
-        d64[2 * i1] = a1
-        d32[4 * i1 + 2] = l1
-        d16[8 * i1 + 6] = DESC_F_WRITE | DESC_F_NEXT if w1 else DESC_F_NEXT
-        d16[8 * i1 + 7] = i2
-        d64[2 * i2] = a2
-        d32[4 * i2 + 2] = l2
-        d16[8 * i2 + 6] = DESC_F_WRITE
-        d16[8 * i2 + 7] = free & 0xFFFF
+        f1 = DESC_F_WRITE | DESC_F_NEXT if w1 else DESC_F_NEXT
+        if i1 == i0 + 1 and i2 == i0 + 2:  # side by side (a reused chain, LIFO): one store of 48 bytes
+            _DESC3.pack_into(
+                self._desc8, 16 * i0, a0, l0, DESC_F_NEXT, i1, a1, l1, f1, i2, a2, l2, DESC_F_WRITE, free & 0xFFFF
+            )
+        else:
+            d8 = self._desc8
+            DESC.pack_into(d8, 16 * i0, a0, l0, DESC_F_NEXT, i1)
+            DESC.pack_into(d8, 16 * i1, a1, l1, f1, i2)
+            DESC.pack_into(d8, 16 * i2, a2, l2, DESC_F_WRITE, free & 0xFFFF)
         self.free_head = free
         self.num_free -= 3
         self._ndescs[i0] = 3
