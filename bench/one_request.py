@@ -16,7 +16,8 @@ machine too busy to time on): for each call of ``--ops`` (``readinto``,
 instructions of one request (driver and device model), start-up cancelled
 out.
 
-  python bench/one_request.py [--src DIR ...] [--rounds 5] [--n 20000] [--callgrind [--ops OP ...]] [--json]
+  python bench/one_request.py [--src DIR ...] [--ring split|packed] [--rounds 5] [--n 20000]
+                              [--callgrind [--ops OP ...]] [--json]
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ REPO = Path(__file__).resolve().parent.parent
 #: The loopback device and 4 KiB requests at ``n`` random offsets; argv: n, then "time" (print
 #: µs per readinto and per fixed_io read as JSON) or "count" and an op (just that loop, for callgrind).
 CHILD = r"""
-import json, random, sys, time
+import json, os, random, sys, time
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
 from pyvirtio.device import VirtioDevice
 from pyvirtio.drivers.blk import VirtioBlk
 storage = Storage(size=64 << 20)
 dev = VirtioDevice("loopback", loopback_blk(BlockBackend(storage), queue_size=256), pool_size=8 << 20)
-blk = VirtioBlk(dev)
+blk = VirtioBlk(dev, ring=os.environ.get("ONE_REQUEST_RING", "auto"))
 buf = blk.allocate(4096, align=4096)
 n = int(sys.argv[1])
 random.seed(1)
@@ -89,9 +90,9 @@ print(json.dumps(out))
 OPS = ("readinto", "read", "write", "fixed_io")
 
 
-def instructions(src: str, n: int, op: str = "readinto") -> int:
+def instructions(src: str, n: int, op: str = "readinto", ring: str = "auto") -> int:
     """Instructions callgrind counts for a loop of ``n`` ``op`` requests (whole process)."""
-    env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"))
+    env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"), ONE_REQUEST_RING=ring)
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg",
                               sys.executable, "-c", CHILD, str(n), "count", op],
@@ -109,11 +110,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--callgrind", action="store_true", help="count instructions per request instead of timing")
     ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="the calls --callgrind counts")
+    ap.add_argument("--ring", choices=("auto", "split", "packed"), default="auto", help="the ring format")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.callgrind:
         per = {
-            (src, op): (instructions(src, 3000, op) - instructions(src, 1000, op)) / 2000
+            (src, op): (instructions(src, 3000, op, a.ring) - instructions(src, 1000, op, a.ring)) / 2000
             for op in a.ops
             for src in a.src
         }
@@ -131,7 +133,7 @@ def main() -> None:
     for r in range(a.rounds):
         order = a.src[r % len(a.src):] + a.src[: r % len(a.src)]
         for src in order:
-            env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"))
+            env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"), ONE_REQUEST_RING=a.ring)
             out = subprocess.run([sys.executable, "-c", CHILD, str(a.n), "time"], capture_output=True, text=True,
                                  env=env, timeout=600, check=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
