@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from blk_checks import pattern
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
 from pyvirtio.device import VirtioDevice
 from pyvirtio.drivers.blk import VirtioBlk
@@ -61,10 +62,6 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     r.close()
 
 
-def _pattern(n: int, seed: int) -> bytes:
-    return bytes((i * 7 + seed) & 0xFF for i in range(n))
-
-
 def _ring_calls(blk: VirtioBlk, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the ring's submit3 / submit calls on the calling thread's queue."""
     ring = blk.thread_queue().vq.ring
@@ -91,15 +88,15 @@ def _idle(blk: VirtioBlk) -> None:
 def test_readinto_read_write_go_through_submit3(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     blk = rig.blk
     calls = _ring_calls(blk, monkeypatch)
-    data = _pattern(8192, 3)
+    data = pattern(0, 8192, 3)
     blk.write(4096, data)  # bytes: bounced
     assert blk.read(4096, 8192) == data  # bounced
     buf = blk.allocate(8192, align=4096)
     assert blk.readinto(4096, buf) == 8192  # zero copy
     assert bytes(buf.view) == data
-    buf.view[:] = _pattern(8192, 9)
+    buf.view[:] = pattern(0, 8192, 9)
     blk.write(0, buf)  # zero copy
-    assert blk.read(0, 8192) == _pattern(8192, 9)
+    assert blk.read(0, 8192) == pattern(0, 8192, 9)
     assert calls == {"submit3": 5, "submit": 0}
     blk.flush()  # two buffers: the general way
     assert calls == {"submit3": 5, "submit": 1}
@@ -112,9 +109,9 @@ def test_many_requests_one_at_a_time_cross_the_ring_end(rig: Rig) -> None:
     blk = rig.blk
     buf = blk.allocate(512, align=512)
     for i in range(3 * blk.queue_size + 5):
-        buf.view[:] = _pattern(512, i)
+        buf.view[:] = pattern(0, 512, i)
         blk.write(512 * i, buf)
-        assert blk.read(512 * i, 512) == _pattern(512, i)
+        assert blk.read(512 * i, 512) == pattern(0, 512, i)
     _idle(blk)
 
 
@@ -157,7 +154,7 @@ def test_a_buffer_above_size_max_goes_the_general_way(rig: Rig, monkeypatch: pyt
     blk = rig.blk
     monkeypatch.setattr(blk, "size_max", 1024)  # as if the device had said so: 4 data descriptors
     calls = _ring_calls(blk, monkeypatch)
-    data = _pattern(4096, 5)
+    data = pattern(0, 4096, 5)
     blk.write(0, data)
     assert blk.read(0, 4096) == data
     assert calls == {"submit3": 0, "submit": 2}
