@@ -297,10 +297,12 @@ def test_submit3_refuses_a_bad_buffer_and_changes_nothing(fmt: str, bad: tuple[i
 
 @pytest.mark.parametrize("fmt", RINGS)
 @pytest.mark.parametrize("event_idx", [False, True])
-def test_submit3_is_submit_then_kick_prepare(fmt: str, event_idx: bool) -> None:
+@pytest.mark.parametrize("in_order", [False, True])
+def test_submit3_is_submit_then_kick_prepare(fmt: str, event_idx: bool, in_order: bool) -> None:
     """Same chains, same completions, same kick decisions as the three-step way, across wraps."""
-    with _pair(fmt, 7 if fmt == "packed" else 8, event_idx=event_idx) as a, _pair(
-        fmt, 7 if fmt == "packed" else 8, event_idx=event_idx
+    size = 7 if fmt == "packed" else 8
+    with _pair(fmt, size, event_idx=event_idx, in_order=in_order) as a, _pair(
+        fmt, size, event_idx=event_idx, in_order=in_order
     ) as b:
         bufs = [(p.buffer(16), p.buffer(64), p.buffer(1)) for p in (a, b)]
         for k in range(40):
