@@ -25,6 +25,17 @@ interrupt fd on ``loop.add_reader``, acknowledged through
 :meth:`~pyvirtio.transport.base.Transport.ack_queue`; the device is checked
 every 0.2 s while a coroutine waits).
 
+One request at a time (:meth:`RequestEngine.run`, behind ``read`` /
+``write`` / ``readinto``) takes a lane of its own: the driver's
+``_publish_one`` hook publishes a three-buffer request (header, data,
+status) with the ring's ``submit3``, which also returns the kick decision
+(no chain list, one ring call); anything else goes through ``_build`` as a
+batch does. A bounced request takes its buffer from the queue's *spare*
+(:meth:`RequestEngine.take_bounce` / :meth:`~RequestEngine.give_bounce`:
+one buffer of up to :data:`SPARE_MAX` bytes kept per queue, so requests of
+one size in a row allocate nothing); the spares are freed before any
+allocation would otherwise land outside the device's memory.
+
 A lost device: with a reconnect policy on the transport the queue is
 restored (:meth:`~pyvirtio.device.VirtioDevice.recover`, or ``arecover``
 from a coroutine: the loop goes on) and each request not completed is
