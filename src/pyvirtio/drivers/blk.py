@@ -399,7 +399,7 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
             elif len(data) == 1:
                 b = data[0]
                 n = b.size
-                if b.region not in self._regions:
+                if not self.in_device_memory(b):
                     n = 0  # refused by _build, with its message
             else:
                 n = 0
