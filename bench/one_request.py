@@ -10,11 +10,14 @@ driver's path shows as a change in µs per request. With ``--src`` several
 checkouts are timed in turn, interleaved round by round (old vs new).
 
 ``--callgrind`` counts instructions instead of timing (valgrind; for a
-machine too busy to time on): a ``readinto`` loop of 1000 and of 3000
-requests under callgrind, the difference over 2000 is the instructions of
-one request (driver and device model), start-up cancelled out.
+machine too busy to time on): for each call of ``--ops`` (``readinto``,
+``read``, ``write`` of bytes, ``fixed_io`` reads), a loop of 1000 and of
+3000 requests under callgrind; the difference over 2000 is the
+instructions of one request (driver and device model), start-up cancelled
+out.
 
-  python bench/one_request.py [--src DIR ...] [--rounds 5] [--n 20000] [--callgrind] [--json]
+  python bench/one_request.py [--src DIR ...] [--ring split|packed] [--rounds 5] [--n 20000]
+                              [--callgrind [--ops OP ...]] [--json]
 """
 
 from __future__ import annotations
@@ -31,23 +34,39 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: The loopback device and 4 KiB reads at ``n`` random offsets; argv: n, then "time" (print
-#: µs per readinto and per fixed_io read as JSON) or "count" (just the readinto loop, for callgrind).
+#: The loopback device and 4 KiB requests at ``n`` random offsets; argv: n, then "time" (print
+#: µs per readinto and per fixed_io read as JSON) or "count" and an op (just that loop, for callgrind).
 CHILD = r"""
-import json, random, sys, time
+import json, os, random, sys, time
 from pyvirtio.backends.blk import BlockBackend, Storage, loopback_blk
 from pyvirtio.device import VirtioDevice
 from pyvirtio.drivers.blk import VirtioBlk
 storage = Storage(size=64 << 20)
 dev = VirtioDevice("loopback", loopback_blk(BlockBackend(storage), queue_size=256), pool_size=8 << 20)
-blk = VirtioBlk(dev)
+blk = VirtioBlk(dev, ring=os.environ.get("ONE_REQUEST_RING", "auto"))
 buf = blk.allocate(4096, align=4096)
 n = int(sys.argv[1])
 random.seed(1)
 offs = [random.randrange(blk.capacity // 4096) * 4096 for _ in range(n)]
 if sys.argv[2] == "count":
-    for o in offs:
-        blk.readinto(o, buf)
+    op = sys.argv[3]
+    if op == "readinto":
+        for o in offs:
+            blk.readinto(o, buf)
+    elif op == "read":
+        for o in offs:
+            blk.read(o, 4096)
+    elif op == "write":
+        data = bytes(4096)
+        for o in offs:
+            blk.write(o, data)
+    elif op == "fixed_io":
+        io = blk.fixed_io(buf)
+        for o in offs:
+            io.read(o)
+        io.close()
+    else:
+        sys.exit(f"unknown op {op}")
     sys.exit(0)
 out = {}
 for _ in range(2):
@@ -67,12 +86,16 @@ print(json.dumps(out))
 """
 
 
-def instructions(src: str, n: int) -> int:
-    """Instructions callgrind counts for a readinto loop of ``n`` requests (whole process)."""
-    env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"))
+#: What ``--callgrind`` can count: one loop each.
+OPS = ("readinto", "read", "write", "fixed_io")
+
+
+def instructions(src: str, n: int, op: str = "readinto", ring: str = "auto") -> int:
+    """Instructions callgrind counts for a loop of ``n`` ``op`` requests (whole process)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"), ONE_REQUEST_RING=ring)
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg",
-                              sys.executable, "-c", CHILD, str(n), "count"],
+                              sys.executable, "-c", CHILD, str(n), "count", op],
                              capture_output=True, text=True, env=env, timeout=1800, check=True)
     m = re.search(r"refs:\s*([\d,]+)", out.stderr)
     if m is None:
@@ -85,21 +108,32 @@ def main() -> None:
     ap.add_argument("--src", nargs="+", default=[str(REPO)], help="checkouts to time (their src/ is imported)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--callgrind", action="store_true", help="count instructions per readinto instead of timing")
+    ap.add_argument("--callgrind", action="store_true", help="count instructions per request instead of timing")
+    ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="the calls --callgrind counts")
+    ap.add_argument("--ring", choices=("auto", "split", "packed"), default="auto", help="the ring format")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.callgrind:
-        per = {src: (instructions(src, 3000) - instructions(src, 1000)) / 2000 for src in a.src}
-        for src, ir in per.items():
-            print(f"{src:<40} {ir:,.0f} instructions per readinto (driver + loopback device)")
+        per = {
+            (src, op): (instructions(src, 3000, op, a.ring) - instructions(src, 1000, op, a.ring)) / 2000
+            for op in a.ops
+            for src in a.src
+        }
+        if a.json:
+            print(json.dumps({f"{src} {op}": ir for (src, op), ir in per.items()}))
+            return
+        print("instructions per request (driver + loopback device)")
+        for (src, op), ir in per.items():
+            print(f"{src:<40} {op:<9} {ir:>9,.0f}")
         if len(a.src) == 2:
-            print(f"new/old {per[a.src[1]] / per[a.src[0]]:.3f}")
+            for op in a.ops:
+                print(f"{op:<9} new/old {per[a.src[1], op] / per[a.src[0], op]:.3f}")
         return
     rows: dict[str, dict[str, list[float]]] = {s: {} for s in a.src}
     for r in range(a.rounds):
         order = a.src[r % len(a.src):] + a.src[: r % len(a.src)]
         for src in order:
-            env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"))
+            env = dict(os.environ, PYTHONPATH=str(Path(src) / "src"), ONE_REQUEST_RING=a.ring)
             out = subprocess.run([sys.executable, "-c", CHILD, str(a.n), "time"], capture_output=True, text=True,
                                  env=env, timeout=600, check=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -166,8 +166,8 @@ def test_nothing_visible_before_flush(make_pair: PairFactory) -> None:
     assert p.driver.in_flight_tokens() == ["a"]
 
 
-def test_free_list_is_fifo(make_pair: PairFactory) -> None:
-    """Freed chains go to the tail of the free list (the seed's vq_ring_free_chain)."""
+def test_free_list_is_lifo(make_pair: PairFactory) -> None:
+    """Freed chains go to the head of the free list (as Linux's virtio_ring): the last freed is taken first."""
     p = make_pair(8)
     one(p, "A", readable=4, writable=4)  # descriptors 0, 1
     one(p, "B", readable=4, writable=4)  # descriptors 2, 3
@@ -180,7 +180,24 @@ def test_free_list_is_fifo(make_pair: PairFactory) -> None:
     assert p.driver.reap() == [("B", 0), ("A", 0)]
     assert p.driver.check_free_list() == 8
     singles(p, list(range(8)))
-    assert popped_heads(p) == [4, 5, 6, 7, 2, 3, 0, 1]
+    assert popped_heads(p) == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_one_at_a_time_reuses_one_chain(make_pair: PairFactory) -> None:
+    """Requests one at a time get the same descriptors each time (the device finds its checked chain again)."""
+    p = make_pair(8)
+    hdr, data, status = p.buffer(16), p.buffer(512), p.buffer(1)
+    heads = []
+    for k in range(5):
+        p.driver.submit3(k, hdr.addr, 16, data.addr, 512, True, status.addr, 1)
+        chain = p.device.pop()
+        assert chain is not None
+        heads.append(chain.head)
+        p.device.add_used(chain.head, 513)
+        p.device.flush_used()
+        assert p.driver.reap() == [(k, 513)]
+    assert heads == [0] * 5
+    assert p.driver.check_free_list() == 8
 
 
 def test_start_publishes_the_open_request(make_pair: PairFactory) -> None:
@@ -211,9 +228,9 @@ def test_abort_returns_descriptors(make_pair: PairFactory) -> None:
     assert p.driver.flush() is False  # nothing to publish
     assert p.device.avail_pending() == 0
     assert p.driver.in_flight_tokens() == []
-    # The aborted descriptors went to the tail of the free list.
+    # The aborted descriptors went back to the head of the free list (LIFO).
     singles(p, list(range(3)))
-    assert popped_heads(p) == [2, 3, 4]
+    assert popped_heads(p) == [0, 1, 2]
 
 
 def test_abort_of_an_empty_request(make_pair: PairFactory) -> None:

@@ -183,10 +183,14 @@ class Virtqueue:
         """Publish what was added and kick the device if it wants a kick; True if kicked."""
         self._check_owner()
         if self.ring.flush():
-            self._transport.notify_queue(self.index)
-            self.kicks += 1
+            self.notify()
             return True
         return False
+
+    def notify(self) -> None:
+        """Kick the device, counted (the ring's kick decision said so: ``flush`` or ``submit3``)."""
+        self._transport.notify_queue(self.index)
+        self.kicks += 1
 
     def reap(self, max_n: int = 1 << 16) -> list[Completion]:
         self._check_owner()

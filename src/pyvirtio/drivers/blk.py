@@ -84,7 +84,7 @@ _STATUS_OFF = 16
 _DATA_OPS = frozenset({B.T_IN, B.T_OUT, B.T_GET_ID})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class BlkRequest:
     """One block request. Build with the ``VirtioBlk.*_request`` helpers, then ``submit``."""
 
@@ -350,18 +350,7 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
                         )
                     segs += self._segments(b.addr, len(b), writable)
             else:
-                length = req.length
-                buf = self.allocate(max(length, 1), align=SECTOR if length >= SECTOR else 8)
-                if not self.in_device_memory(buf):
-                    self.free(buf)
-                    raise QueueFull(
-                        f"{req.name}: no room for a {length}-byte buffer in the device's shared memory "
-                        "now; reap requests in flight or use smaller ones"
-                    )
-                req._bounce = buf
-                if op == B.T_OUT:
-                    buf.view[:length] = req._user
-                segs = self._segments(buf.addr, length, writable)
+                segs = self._segments(self._bounce_data(ctx, req).addr, req.length, writable)
         elif op == B.T_DISCARD or op == B.T_WRITE_ZEROES:
             buf = self.allocate(len(req.payload), align=8)
             if not self.in_device_memory(buf):
@@ -379,6 +368,52 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         addr = ctx.slots.addr + base
         return [(addr, B.OUTHDR_SIZE, False), *segs, (addr + _STATUS_OFF, 1, True)]
 
+    def _bounce_data(self, ctx: QueueContext, req: BlkRequest) -> Buffer:
+        """A bounce buffer for ``req``'s data (a write's bytes copied in), in the device's memory."""
+        length = req.length
+        buf = self.take_bounce(ctx, max(length, 1), SECTOR if length >= SECTOR else 8)
+        if buf is None:
+            raise QueueFull(
+                f"{req.name}: no room for a {length}-byte buffer in the device's shared memory "
+                "now; reap requests in flight or use smaller ones"
+            )
+        req._bounce = buf
+        if req.op == B.T_OUT:
+            buf.view[:length] = req._user
+        return buf
+
+    def _publish_one(self, ctx: QueueContext, req: BlkRequest, slot: int) -> bool:
+        """``run``'s lane: a read or write of one piece (its Buffer, or a bounce buffer) is one ``submit3``.
+
+        Header, data, status: the chain :meth:`_build` makes for it, with no
+        list built. Anything else (several buffers, a buffer above size_max
+        or outside the device's memory, other request types) goes the
+        general way, with its checks and errors.
+        """
+        op = req.op
+        if op == B.T_IN or op == B.T_OUT:
+            data = req.data
+            if not data:
+                n = req.length
+                b = None
+            elif len(data) == 1:
+                b = data[0]
+                n = b.size
+                if not self.in_device_memory(b):
+                    n = 0  # refused by _build, with its message
+            else:
+                n = 0
+            if n and not (self.size_max and n > self.size_max):
+                if b is None:
+                    b = self._bounce_data(ctx, req)
+                base = _SLOT_SIZE * slot
+                sv = ctx.slot_view
+                B.OUTHDR.pack_into(sv, base, op, 0, req.offset // SECTOR)
+                sv[base + _STATUS_OFF] = 0xFF
+                addr = ctx.slots.addr + base
+                return self._submit3(ctx, req, addr, B.OUTHDR_SIZE, b.addr, n, op == B.T_IN, addr + _STATUS_OFF, 1)
+        return self._publish_chain(ctx, req, slot)
+
     def _drop_bounce(self, req: BlkRequest) -> None:
         if req._bounce is not None:
             self.free(req._bounce)
@@ -388,7 +423,9 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         status = ctx.slot_view[_SLOT_SIZE * req.slot + _STATUS_OFF]
         req.status = status
         req.written = written
-        if req.op == B.T_IN and status == B.S_OK and short_read(written, req.length, ctx.vq.ring.format):
+        if written < req.length and req.op == B.T_IN and status == B.S_OK and short_read(
+            written, req.length, ctx.vq.ring.format
+        ):
             req.error = BlockIOError(
                 req.name,
                 req.offset,
@@ -400,7 +437,10 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
         if bounce is not None:
             if req.op != B.T_OUT and status == B.S_OK and req.error is None:
                 req.result = bytes(bounce.view[: req.length])  # a read or GET_ID: its data
-            self.free(bounce)
+            if req.op in _DATA_OPS:
+                self.give_bounce(ctx, bounce)  # from take_bounce: the queue may keep it for the next one
+            else:
+                self.free(bounce)
             req._bounce = None
         return True
 

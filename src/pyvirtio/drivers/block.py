@@ -78,7 +78,13 @@ class BlockDevice(Generic[R]):
 
     def check_data(self, op: str, offset: int, length: int, limit: int | None = None) -> None:
         """:meth:`check_range` with a non-zero length of at most ``limit`` (default: :attr:`max_transfer`)."""
-        self.check_range(op, offset, length)
+        bs = self.block_size
+        if 0 < length and 0 <= offset and not (offset % bs or length % bs) and offset + length <= self.capacity:
+            # check_range's conditions, passed without a call (every one-request read and write comes here)
+            if length <= (self.max_transfer if limit is None else limit):
+                return
+        else:
+            self.check_range(op, offset, length)
         if length == 0:
             raise InvalidArgument(f"{op}: zero length")
         limit = self.max_transfer if limit is None else limit
@@ -160,7 +166,7 @@ class BlockDevice(Generic[R]):
         """Zero copy: read ``len(buf)`` bytes into a Buffer from the device's pool; returns that length."""
         n = len(buf)
         if 0 < n <= self.max_transfer:
-            self.engine.run(self.read_request(offset, n, into=buf))
+            self.engine.run(self.read_request(offset, n, buf))
             return n
         self._check_op("read", offset, n)
         self.engine.run_all([self.read_request(o, len(b), into=b) for o, b in self._buffer_pieces(offset, buf)])

@@ -25,6 +25,17 @@ interrupt fd on ``loop.add_reader``, acknowledged through
 :meth:`~pyvirtio.transport.base.Transport.ack_queue`; the device is checked
 every 0.2 s while a coroutine waits).
 
+One request at a time (:meth:`RequestEngine.run`, behind ``read`` /
+``write`` / ``readinto``) takes a lane of its own: the driver's
+``_publish_one`` hook publishes a three-buffer request (header, data,
+status) with the ring's ``submit3``, which also returns the kick decision
+(no chain list, one ring call); anything else goes through ``_build`` as a
+batch does. A bounced request takes its buffer from the queue's *spare*
+(:meth:`RequestEngine.take_bounce` / :meth:`~RequestEngine.give_bounce`:
+one buffer of up to :data:`SPARE_MAX` bytes kept per queue, so requests of
+one size in a row allocate nothing); the spares are freed before any
+allocation would otherwise land outside the device's memory.
+
 A lost device: with a reconnect policy on the transport the queue is
 restored (:meth:`~pyvirtio.device.VirtioDevice.recover`, or ``arecover``
 from a coroutine: the loop goes on) and each request not completed is
@@ -67,6 +78,8 @@ POLL_MODES = ("busy", "wait", "hybrid")
 HYBRID_SPINS = 2000
 #: empty polls ``run`` makes itself before the general wait (not in "wait" mode: one)
 RUN_SPINS = 64
+#: The largest bounce buffer a queue keeps for its next request (:meth:`RequestEngine.take_bounce`).
+SPARE_MAX = 128 << 10
 
 Chain = list[tuple[int, int, bool]]
 
@@ -103,7 +116,8 @@ class QueueContext:
     the general API on this queue raises QueueStateError until it is set
     back to None), ``slots`` / ``slot_view`` / ``slot_size`` / ``free_slots``
     (the per-request header slots), ``next_tag`` (SCSI tags),
-    ``full_reason`` (why the last submit stopped).
+    ``full_reason`` (why the last submit stopped), ``spare`` (a bounce
+    buffer kept for the next request: :meth:`RequestEngine.take_bounce`).
     """
 
     def __init__(self, vq: Virtqueue, slots: Buffer, slot_size: int, release: Callable[[Buffer], None]) -> None:
@@ -118,10 +132,11 @@ class QueueContext:
         self.full_reason = ""
         self.held: object | None = None
         self.reader_loop: asyncio.AbstractEventLoop | None = None
+        self.spare: Buffer | None = None  # the engine's, under its pool lock
         self._release = release
 
     def close(self) -> None:
-        """Give the slots back (the queue is released or the device closes)."""
+        """Give the slots back (the queue is released or the device closes; the engine took the spare)."""
         self.slot_view = memoryview(b"")
         self._release(self.slots)
 
@@ -143,6 +158,8 @@ class RequestEngine(Generic[R]):
         # The pool's allocator is not thread-safe, and every thread with a queue
         # allocates bounce buffers from it: its calls from here are serialised.
         self._pool_lock = threading.Lock()
+        # Queues keeping a spare bounce buffer (take_bounce), under the pool lock.
+        self._spares: set[QueueContext] = set()
         self._request_type = request_type
         self._regions: tuple[object, ...] = ()
         self._slot_size = 0
@@ -167,6 +184,8 @@ class RequestEngine(Generic[R]):
         return QueueContext(vq, slots, self._slot_size, self.free)
 
     def _close_queues(self) -> None:
+        with self._pool_lock:
+            self._drop_spares()
         if hasattr(self, "_queues"):
             self._queues.close()
 
@@ -184,9 +203,27 @@ class RequestEngine(Generic[R]):
     # -- memory -----------------------------------------------------------------
 
     def allocate(self, size: int, align: int = 8) -> Buffer:
-        """A buffer from the device's shared memory pool (thread-safe; pass it for zero copy)."""
+        """A buffer from the device's shared memory pool (thread-safe; pass it for zero copy).
+
+        The queues' spare bounce buffers never keep a buffer out of the
+        device's memory: if one would land outside it, they are freed and the
+        allocation is made again.
+        """
         with self._pool_lock:
-            return self.pool.allocate(size, align)
+            buf = self.pool.allocate(size, align)
+            if self._spares and buf.region not in self._regions:
+                self.pool.free(buf)
+                self._drop_spares()
+                buf = self.pool.allocate(size, align)
+            return buf
+
+    def _drop_spares(self) -> None:
+        """Free every queue's spare bounce buffer (the pool lock held)."""
+        for ctx in self._spares:
+            if ctx.spare is not None:
+                self.pool.free(ctx.spare)
+                ctx.spare = None
+        self._spares.clear()
 
     def free(self, buf: Buffer) -> None:
         """Give back a buffer from :meth:`allocate` (thread-safe)."""
@@ -196,6 +233,36 @@ class RequestEngine(Generic[R]):
     def in_device_memory(self, buf: Buffer) -> bool:
         """Is ``buf`` in a region the device was told about when it started?"""
         return buf.region in self._regions
+
+    def take_bounce(self, ctx: QueueContext, size: int, align: int) -> Buffer | None:
+        """A bounce buffer for a request's data on ``ctx``, in the device's memory; None: no room there now.
+
+        The queue's spare when it has this size and alignment (requests of
+        one size in a row allocate nothing), else a new one (the spare is
+        freed first). Give it back with :meth:`give_bounce`.
+        """
+        with self._pool_lock:
+            spare = ctx.spare
+            if spare is not None:
+                ctx.spare = None
+                self._spares.discard(ctx)
+                if spare.size == size and not spare.addr & (align - 1):
+                    return spare
+                self.pool.free(spare)
+        buf = self.allocate(size, align)
+        if buf.region not in self._regions:
+            self.free(buf)
+            return None
+        return buf
+
+    def give_bounce(self, ctx: QueueContext, buf: Buffer) -> None:
+        """A bounce buffer from :meth:`take_bounce` is done: kept as ``ctx``'s spare (one, small), or freed."""
+        with self._pool_lock:
+            if ctx.spare is None and buf.size <= SPARE_MAX:
+                ctx.spare = buf
+                self._spares.add(ctx)
+            else:
+                self.pool.free(buf)
 
     # -- per-thread queues ----------------------------------------------------------
 
@@ -209,6 +276,8 @@ class RequestEngine(Generic[R]):
         A thread that ends without calling this keeps its queue only until
         another thread finds no free one (:mod:`pyvirtio.drivers.queues`).
         """
+        with self._pool_lock:
+            self._drop_spares()  # (rare: every queue's, which their threads allocate again if they need)
         self._queues.release()
 
     # -- hooks ------------------------------------------------------------------------
@@ -254,8 +323,12 @@ class RequestEngine(Generic[R]):
                 ctx.vq.flush()
         return n
 
-    def _post(self, ctx: QueueContext, req: R) -> None:
-        """Put one request on the ring (no kick)."""
+    def _post(self, ctx: QueueContext, req: R, decide: bool = False) -> bool:
+        """Put one request on the ring, kick not sent; with ``decide``, the one-request lane: returns the kick decision.
+
+        Without ``decide`` (batches) the caller flushes once for the batch
+        and False is returned.
+        """
         if ctx.held is not None:
             raise QueueStateError(f"queue {ctx.vq.index} is held by an open {type(ctx.held).__name__}; close it first")
         free = ctx.free_slots
@@ -263,7 +336,11 @@ class RequestEngine(Generic[R]):
             raise QueueFull(f"queue {ctx.vq.index}: {ctx.nslots} requests in flight")
         slot = free.pop()
         try:
-            self._add_chain(ctx, req, self._build(ctx, req, slot))
+            if decide:
+                kick = self._publish_one(ctx, req, slot)
+            else:
+                self._add_chain(ctx, req, self._build(ctx, req, slot))
+                kick = False
         except BaseException:
             free.append(slot)
             self._drop_bounce(req)
@@ -271,6 +348,32 @@ class RequestEngine(Generic[R]):
         req.slot = slot
         req.done = False
         ctx.inflight += 1
+        return kick
+
+    def _publish_one(self, ctx: QueueContext, req: R, slot: int) -> bool:
+        """Fill ``slot`` for ``req``, publish it and return the ring's kick decision (``run``'s lane).
+
+        The default goes the general way (:meth:`_publish_chain`); a driver
+        whose common requests are three-buffer chains publishes those with
+        :meth:`_submit3` and the rest with :meth:`_publish_chain`. May raise:
+        nothing is published then.
+        """
+        return self._publish_chain(ctx, req, slot)
+
+    def _publish_chain(self, ctx: QueueContext, req: R, slot: int) -> bool:
+        """:meth:`_build`'s chain published, and the kick decision."""
+        self._add_chain(ctx, req, self._build(ctx, req, slot))
+        return ctx.vq.ring.kick_prepare()
+
+    def _submit3(
+        self, ctx: QueueContext, req: R, a0: int, l0: int, a1: int, l1: int, w1: bool, a2: int, l2: int
+    ) -> bool:
+        """The ring's one-request fast lane (``submit3``: readable, either, writable; kick decision returned)."""
+        ring = ctx.vq.ring
+        if ring.indirect and (ring.indirect_threshold <= 3 or ring.num_free < 3):
+            with self._pool_lock:  # the ring may take an indirect table from the pool (as _add_chain)
+                return ring.submit3(req, a0, l0, a1, l1, w1, a2, l2)
+        return ring.submit3(req, a0, l0, a1, l1, w1, a2, l2)
 
     def _add_chain(self, ctx: QueueContext, req: R, chain: Chain) -> None:
         """Add ``req``'s chain to the ring, published but not kicked (also to send a request in flight again)."""
@@ -301,18 +404,19 @@ class RequestEngine(Generic[R]):
         try:
             # Every token on this ring is one of our requests (the queue is not held). The
             # ring directly: ctx is the calling thread's queue (thread_queue checked ownership).
-            done = cast("list[tuple[R, int]]", vq.ring.reap(max_n))
+            done: list[tuple[Any, int]] = vq.ring.reap(max_n)
         except DeviceProtocolError as exc:
             for token, written in exc.completed:
-                req = cast(R, token)
-                if self._complete(ctx, req, written):
-                    self._finished(ctx, req)
+                bad = cast(R, token)
+                if self._complete(ctx, bad, written):
+                    self._finished(ctx, bad)
             self._fail_inflight(ctx, exc)
             raise
         complete = self._complete
         free = ctx.free_slots
         n = 0
         resent = False
+        req: R
         for req, written in done:
             if complete(ctx, req, written):
                 free.append(req.slot)
@@ -482,24 +586,28 @@ class RequestEngine(Generic[R]):
         """Submit one request and wait for it; (``check``) raise its error.
 
         The one-request path of ``read``/``write``/``readinto`` (docs/benchmarks.md
-        §1.3): post, publish and kick, then reap the ring until the request is
-        done, with no per-call lists; a request not done after :data:`RUN_SPINS`
-        empty polls goes to the general wait (poll policy, timeout, reconnect).
+        §1.3): post and publish with the kick decision in one ring call where
+        the driver can (:meth:`_publish_one`, the ring's ``submit3``), kick,
+        then reap the ring until the request is done, with no per-call lists;
+        a request not done after :data:`RUN_SPINS` empty polls goes to the
+        general wait (poll policy, timeout, reconnect).
         """
         ctx = self._queues.get()
         try:
-            self._post(ctx, req)
+            kick = self._post(ctx, req, True)
         except QueueFull as exc:
             ctx.full_reason = str(exc)
             self._check_alive(ctx)  # a queue full of a dead peer's requests: say so (or reconnect)
             raise
-        ctx.vq.flush()
+        if kick:
+            ctx.vq.notify()
         reap = self._reap
-        for _ in range(RUN_SPINS if self.poll != "wait" else 1):
-            if req.done or reap(ctx, 1 << 16, None) and req.done:
-                break
-        else:
-            self._wait(ctx, (req,), -1.0, False)
+        if not (reap(ctx, 1 << 16, None) and req.done):  # the first look (the device may be done already)
+            for _ in range(RUN_SPINS - 1 if self.poll != "wait" else 0):
+                if req.done or reap(ctx, 1 << 16, None) and req.done:
+                    break
+            else:
+                self._wait(ctx, (req,), -1.0, False)
         if check:
             req.check()
         return req
@@ -595,4 +703,4 @@ class RequestEngine(Generic[R]):
         ring.disable_interrupts()
 
 
-__all__ = ["HYBRID_SPINS", "POLL_MODES", "QueueContext", "Request", "RequestEngine"]
+__all__ = ["HYBRID_SPINS", "POLL_MODES", "SPARE_MAX", "QueueContext", "Request", "RequestEngine"]

@@ -17,9 +17,13 @@ format is chosen once, at queue creation (``format`` names it).
   several. Starting a request while one is open publishes the open one.
   ``abort()`` drops the open request. ``submit(token, buffers)`` is start +
   add + publish in one call (the fast path); a refused ``submit`` leaves
-  nothing open. Errors: :class:`~pyvirtio.errors.RequestTooLarge` (never
-  fits), :class:`~pyvirtio.errors.QueueFull` (not now), ``InvalidArgument``
-  (bad buffer), :class:`~pyvirtio.errors.QueueBroken` (see below).
+  nothing open. ``submit3(token, a0, l0, a1, l1, w1, a2, l2)`` is the
+  one-request fast lane: ``submit`` of a three-buffer chain (readable,
+  either, writable: a block request's header, data, status) and then
+  ``kick_prepare()``, returning the kick decision, with no list built.
+  Errors: :class:`~pyvirtio.errors.RequestTooLarge` (never fits),
+  :class:`~pyvirtio.errors.QueueFull` (not now), ``InvalidArgument`` (bad
+  buffer), :class:`~pyvirtio.errors.QueueBroken` (see below).
 * *Publishing and the kick decision.* ``flush()`` publishes the open request
   and returns the kick decision for everything published since the last
   decision: True if the device must be notified (it did not suppress
@@ -134,6 +138,8 @@ class RingQueue(Protocol):
     def add_buffers(self, buffers: Iterable[tuple[int, int, bool]]) -> None: ...
 
     def submit(self, token: object, buffers: Sequence[tuple[int, int, bool]]) -> None: ...
+
+    def submit3(self, token: object, a0: int, l0: int, a1: int, l1: int, w1: bool, a2: int, l2: int) -> bool: ...
 
     def abort(self) -> None: ...
 

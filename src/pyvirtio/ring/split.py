@@ -7,7 +7,10 @@ back what it wrote: the free list is linked through ``_next`` (a Python
 list), each in-flight chain head remembers its caller token, its number of
 ring descriptors, its last descriptor and how many device-writable bytes it
 offered. The device can scribble over the descriptor table and the avail
-ring without confusing the driver.
+ring without confusing the driver. A completed chain goes back to the head
+of the free list (LIFO, as Linux; FIFO only with VIRTIO_F_IN_ORDER), so
+requests one at a time reuse one chain (:meth:`SplitQueue.submit3`, the
+one-request fast lane).
 
 Building a request follows SPDK's virtqueue API: :meth:`SplitQueue.start`
 (token, number of buffers), :meth:`~SplitQueue.add` per buffer, then
@@ -29,8 +32,8 @@ the exception so none is lost. A broken queue refuses all work until
 
 VIRTIO_F_IN_ORDER (``in_order``, virtio 1.2 §2.7.9 "In-order use of
 descriptors"): descriptors are used in ring order (§2.7.5: "starting from
-offset 0 in the table, and wrapping around"; the FIFO free list keeps that
-order, an aborted request gives its descriptors back to the front), so the
+offset 0 in the table, and wrapping around"; the free list, FIFO in this
+mode, keeps that order, an aborted request gives its descriptors back to the front), so the
 chains in flight lie one after another from the oldest. The device may
 write "a single used ring entry with the id corresponding to the head entry
 of the descriptor chain describing the last buffer in the batch" at the
@@ -54,6 +57,7 @@ every call. Nothing above the ring layer uses those two calls.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
@@ -70,8 +74,10 @@ from pyvirtio.errors import (
 from pyvirtio.memory import Buffer, MemoryPool
 from pyvirtio.ring import ordering
 from pyvirtio.ring.base import Completion, RingAddresses
+from pyvirtio.ring.ordering import STRONGLY_ORDERED, fence_acquire, fence_release
 from pyvirtio.spec.ring import (
     AVAIL_F_NO_INTERRUPT,
+    DESC,
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
@@ -82,10 +88,10 @@ from pyvirtio.spec.ring import (
     is_power_of_two,
     split_layout,
     used_size,
-    vring_need_event,
 )
 
 END: Final = MAX_QUEUE_SIZE  # never a valid descriptor index (as in the seed)
+_DESC3: Final = struct.Struct("<" + "QIHH" * 3)  # three descriptors side by side (virtio 1.2 §2.7.5), submit3
 _IDLE: Final = object()  # token slot of a descriptor that is not an in-flight head
 _U32: Final = 0xFFFFFFFF
 _U64: Final = 0xFFFFFFFFFFFFFFFF
@@ -160,6 +166,7 @@ class SplitQueue:
         self._desc64 = view[: DESC_SIZE * size].cast("Q")
         self._desc32 = view[: DESC_SIZE * size].cast("I")
         self._desc16 = view[: DESC_SIZE * size].cast("H")
+        self._desc8 = view[: DESC_SIZE * size]
         self._avail16 = view[avail_off : avail_off + 2 * (3 + size)].cast("H")
         self._used16 = view[used_off : used_off + 6 + 8 * size].cast("H")
         self._used32 = view[used_off : used_off + 4 + 8 * size].cast("I")
@@ -226,7 +233,7 @@ class SplitQueue:
         for buf in self._indirect_tables.values():
             self.pool.free(buf)
         self._indirect_tables.clear()
-        for v in (self._desc64, self._desc32, self._desc16, self._avail16, self._used16, self._used32):
+        for v in (self._desc64, self._desc32, self._desc16, self._desc8, self._avail16, self._used16, self._used32):
             v.release()
         self.pool.free(self._ring)
         self.broken = "closed"
@@ -548,6 +555,58 @@ class SplitQueue:
         ordering.write_barrier()
         self._avail16[1] = idx
 
+    def submit3(self, token: object, a0: int, l0: int, a1: int, l1: int, w1: bool, a2: int, l2: int) -> bool:
+        """The one-request fast lane: :meth:`submit` of three buffers, then :meth:`kick_prepare`, in one call.
+
+        The chain is (a0, l0) device-readable, (a1, l1) device-writable if
+        ``w1``, (a2, l2) device-writable: virtio-blk's header, data and status,
+        virtio-scsi's header, data-out or response, response or data-in. Same
+        checks, errors and ring state as ``submit(token, [...])`` followed by
+        ``kick_prepare()``; returns the kick decision. A queue that cannot
+        take the chain directly (broken, a request open, fewer than three free
+        descriptors, indirect from three buffers) goes the general way.
+        """
+        if self.broken is not None or self._req_head != END or self.num_free < 3 or (
+            self.indirect and self.indirect_threshold <= 3
+        ):
+            self.submit(token, ((a0, l0, False), (a1, l1, w1), (a2, l2, True)))
+            return self.kick_prepare()
+        if (l0 | l1 | l2) >> 32 or (a0 | a1 | a2) >> 64:  # a negative one or one too large: nonzero
+            for addr, length in ((a0, l0), (a1, l1), (a2, l2)):  # the first bad one, as submit names it
+                if not (0 <= length <= _U32 and 0 <= addr <= _U64):
+                    raise InvalidArgument(f"bad buffer addr=0x{addr:x} length={length}")
+        nxt = self._next
+        i0 = self.free_head
+        i1 = nxt[i0]
+        i2 = nxt[i1]
+        free = nxt[i2]
+        f1 = DESC_F_WRITE | DESC_F_NEXT if w1 else DESC_F_NEXT
+        if i1 == i0 + 1 and i2 == i0 + 2:  # side by side (a reused chain, LIFO): one store of 48 bytes
+            _DESC3.pack_into(
+                self._desc8, 16 * i0, a0, l0, DESC_F_NEXT, i1, a1, l1, f1, i2, a2, l2, DESC_F_WRITE, free & 0xFFFF
+            )
+        else:
+            d8 = self._desc8
+            DESC.pack_into(d8, 16 * i0, a0, l0, DESC_F_NEXT, i1)
+            DESC.pack_into(d8, 16 * i1, a1, l1, f1, i2)
+            DESC.pack_into(d8, 16 * i2, a2, l2, DESC_F_WRITE, free & 0xFFFF)
+        self.free_head = free
+        self.num_free -= 3
+        self._ndescs[i0] = 3
+        self._last[i0] = i2
+        self._tokens[i0] = token
+        self._wlen[i0] = l1 + l2 if w1 else l2
+        idx = self.avail_idx
+        a16 = self._avail16
+        a16[2 + (idx & (self.size - 1))] = i0
+        idx = (idx + 1) & 0xFFFF
+        self.avail_idx = idx
+        self.outstanding += 1
+        if not STRONGLY_ORDERED:
+            ordering.write_barrier()
+        a16[1] = idx
+        return self.kick_prepare()
+
     def add_buffers(self, buffers: Iterable[tuple[int, int, bool]]) -> None:
         """Add several (addr, length, writable) buffers."""
         for addr, length, writable in buffers:
@@ -642,9 +701,11 @@ class SplitQueue:
             ue = self._used_event_i
             if (self._avail16[ue] - self.last_used) & 0xFFFF < 0x8000:
                 self._avail16[ue] = (self.last_used - self.size - 1) & 0xFFFF
-        ordering.full_barrier()
+        fence_acquire()  # ordering.full_barrier(), inlined: the avail index before the device's fields
+        fence_release()
         if self.event_idx:
-            return vring_need_event(self._used16[self._avail_event_i], new, old)
+            # vring_need_event(avail_event, new, old), inlined (§2.7.10)
+            return (new - self._used16[self._avail_event_i] - 1) & 0xFFFF < (new - old) & 0xFFFF
         return not self._used16[0] & USED_F_NO_NOTIFY
 
     # -- completions (seed: virtio_recv_pkts) ---------------------------------
@@ -665,13 +726,15 @@ class SplitQueue:
             return []
         if n > self.outstanding:
             self._break(f"used index moved by {n} with only {self.outstanding} requests in flight", [])
-        ordering.read_barrier()
+        if not STRONGLY_ORDERED:
+            ordering.read_barrier()
         if n > max_n:
             n = max_n
         out: list[Completion] = []
         used32 = self._used32
         tokens = self._tokens
         wlen = self._wlen
+        ndescs = self._ndescs
         mask = self.size - 1
         size = self.size
         for _ in range(n):
@@ -686,7 +749,8 @@ class SplitQueue:
             if length > wlen[head]:
                 length = self._long_used(head, length, wlen[head], out)
             tokens[head] = _IDLE
-            self._free_chain(head)
+            self._release_chain(head, self._last[head], ndescs[head])  # _free_chain
+            ndescs[head] = 0
             last = (last + 1) & 0xFFFF
             self.last_used = last
             out.append((token, length))
@@ -774,15 +838,32 @@ class SplitQueue:
         self._ndescs[head] = 0
 
     def _release_chain(self, head: int, last: int, ndescs: int) -> None:
-        """Append the chain head..last (ndescs descriptors) at the free list's tail (FIFO, as the seed)."""
+        """Give the chain head..last (ndescs descriptors) back to the free list.
+
+        At its head (LIFO, as Linux's virtio_ring): the next request takes
+        the same descriptors again, so requests one at a time keep using one
+        chain, which a device that caches checked chains (the embedded back
+        ends) and its CPU's cache find unchanged. With VIRTIO_F_IN_ORDER at
+        its tail (FIFO, the seed's vq_ring_free_chain): descriptors must be
+        used in ring order (module docstring).
+        """
         self.num_free += ndescs
-        if self.free_head == END:
-            self.free_head = head
+        if self.in_order:
+            if self.free_head == END:
+                self.free_head = head
+            else:
+                self._next[self.free_tail] = head
+                self._desc16[8 * self.free_tail + 7] = head
+            self.free_tail = last
+            self._next[last] = END
+            return
+        first = self.free_head
+        self._next[last] = first
+        if first == END:
+            self.free_tail = last
         else:
-            self._next[self.free_tail] = head
-            self._desc16[8 * self.free_tail + 7] = head
-        self.free_tail = last
-        self._next[last] = END
+            self._desc16[8 * last + 7] = first
+        self.free_head = head
 
     # -- interrupt suppression ------------------------------------------------
 
