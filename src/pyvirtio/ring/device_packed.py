@@ -30,18 +30,35 @@ unavailable descriptor inside the list, a list longer than the ring, flags
 no driver writes, a duplicate id): nothing was consumed and the queue cannot
 make progress, the back end must treat it as broken.
 
-Used descriptors: :meth:`PackedDeviceQueue.add_used` writes the id and
-length (the slot's flags still say "available", so the driver does not look),
-:meth:`~PackedDeviceQueue.flush_used` the flags: all but the first's, then
-the first's, each step behind a release barrier, so a driver polling the
-first sees the whole batch at once (§2.8.9, "Multi-buffer requests"). With VIRTIO_F_IN_ORDER the device uses buffers in
+Remembered lists (the split side's chain cache, for a ring whose lists move):
+a direct list that was walked is kept by head slot and wrap counter with its
+translated buffers and the exact bytes it had when it was checked. A later
+list at that slot in a lap of the same parity is taken without a walk when
+its descriptors are those bytes (one struct read and one comparison: every
+descriptor available with the wrap bits checked then, the same addresses
+and lengths through the same table, the same id), or, failing that, when
+every word but the ids matches (a driver that hands out ids from a free
+list); anything else is walked with every check. A list across the end of
+the ring has no image (its descriptors lie in two laps) and is compared word
+by word. An id in flight is refused on every path. A driver with fixed
+chains (:mod:`pyvirtio.ring.fixed_packed`) writes the same bytes per slot and
+lap, so after a lap pair or a few its lists are all remembered.
+
+Used descriptors: :meth:`PackedDeviceQueue.add_used` only notes (slot,
+length, id, flags); :meth:`~PackedDeviceQueue.flush_used` writes the batch:
+every descriptor but the first whole (length, id and flags in one store: a
+driver reads used descriptors in ring order, so it looks at them only once
+the first is used), then the first's id and length, and its flags last
+behind the write barrier, so a driver polling the first sees the whole batch
+at once (§2.8.9, "Multi-buffer requests"; §2.8.21). With VIRTIO_F_IN_ORDER the device uses buffers in
 the order it popped them and batches as the split side does (§2.8.8): one
 used descriptor per run whose buffers but the last were used completely,
 naming the run's last id, at the run's first slot.
 
 Event suppression (§2.8.10): ``flush_used`` returns the notify decision from
 the driver's structure (DISABLE, ENABLE, or DESC with EVENT_IDX: the named
-descriptor was used in this flush); ``enable_notifications`` /
+descriptor was used in this flush: :func:`~pyvirtio.spec.ring.packed_need_event`, inlined, as the
+barriers are: a call each costs as much as the rest of a flush); ``enable_notifications`` /
 ``disable_notifications`` write the device's. ``base`` is the ring state for
 GET_VRING_BASE (:func:`~pyvirtio.spec.ring.packed_base`).
 """
