@@ -18,13 +18,17 @@ wakes it). Only the device's work is collected: it runs inside
 alone (``--collect-atstart=no --toggle-collect=context_run``). With
 ``--no-model`` the model's ``handle`` is a stub (one byte written, nothing
 read), so the count is the serving loop and the device ring alone (and the
-stub's call, the same for both formats). One run per cell: ``--warm`` passes first, not collected (they
-fill the device rings' chain caches: a packed ring's chains land on other
-slots every lap), then ``--passes`` collected ones; instructions per request
-= the collected total over the requests the device completed in them.
-Deterministic: no clock, no second process.
+stub's call, the same for both formats). ``--inflight`` adds inflight
+tracking (``serve blk --inflight``: INFLIGHT_SHMFD, ``backends/inflight.py``).
 
-  python bench/device_count.py CHECKOUT [CHECKOUT...] [--depths 1 32] [--rings split packed] [--no-model]
+One run per cell: ``--warm`` passes first, not collected (they fill the
+device rings' chain caches: a packed ring's chains land on other slots every
+lap), then ``--passes`` collected ones; instructions per request = the
+collected total over the requests the device completed in them.
+Deterministic: no clock, no second process. The figures (issue 12):
+docs/benchmarks.md §7, "The packed device side".
+
+  python bench/device_count.py CHECKOUT [CHECKOUT...] [--depths 1 32] [--rings split packed] [--no-model] [--inflight]
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from pyvirtio.ring.packed import PackedQueue
 from pyvirtio.ring.split import SplitQueue
 
 fmt, depth, size, warm, passes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-model = sys.argv[6] == "1"
+model, inflight = sys.argv[6] == "1", sys.argv[7] == "1"
 pool = MemoryPool(64 << 20, name="device-count")
 ring = (PackedQueue if fmt == "packed" else SplitQueue)(size, pool, event_idx=True)
 nslots = min(2 * depth, size // 3)
@@ -62,8 +66,18 @@ fc = FixedChains(ring, [[(h.addr, 16, False), (d.addr, 4096, True), (s.addr, 1, 
 fc.enable_interrupts()  # as BlockEngine with device_signals (its default)
 cyc = fc.cycle(depth, lambda: None, vectorised=False)
 a = ring.addresses()
-queue = open_device_ring(fmt, MemoryTable.from_pool(pool), size, a.desc, a.driver, a.device,
-                         base=ring.initial_base if fmt == "packed" else 0, event_idx=True)
+table = MemoryTable.from_pool(pool)
+base = ring.initial_base if fmt == "packed" else 0
+tracker = None
+if inflight:  # INFLIGHT_SHMFD (serve blk --inflight): started as the control plane starts a tracked ring
+    from pyvirtio.backends.inflight import InflightArea, PackedQueueInflight
+    tracker = InflightArea.create(1, size, fmt).queue(0, fmt)
+    if isinstance(tracker, PackedQueueInflight):
+        ring_bytes = table.gpa(a.desc, a.desc_size)
+        base = tracker.recover(ring_bytes, size, base)
+queue = open_device_ring(fmt, table, size, a.desc, a.driver, a.device, base=base, event_idx=True)
+if tracker is not None:
+    tracker.start(queue, ring_bytes) if fmt == "packed" else tracker.start(queue)
 storage = Storage(size=1 << 20)
 hooks = ModelHooks.of(BlockBackend(storage))
 if not model:
@@ -71,6 +85,7 @@ if not model:
 dp = DataPath(hooks, poll_us=0)
 state = RingState(0)
 state.queue = queue
+state.inflight = tracker
 state.call = os.eventfd(0, os.EFD_NONBLOCK)  # signalled when the driver's event suppression asks; nobody reads it
 
 def serve():
@@ -91,13 +106,16 @@ print(dp.chains - before, dp.calls - calls)
 """
 
 
-def count(checkout: Path, fmt: str, depth: int, warm: int, passes: int, model: bool) -> tuple[int, int, int]:
+def count(
+    checkout: Path, fmt: str, depth: int, warm: int, passes: int, model: bool, inflight: bool = False
+) -> tuple[int, int, int]:
     """(instructions collected in the device's work, requests it completed, calls it signalled): measured passes."""
     env = dict(os.environ, PYTHONPATH=str(checkout / "src"))
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg", "--collect-atstart=no",
                "--toggle-collect=context_run", sys.executable, "-c", CHILD, fmt, str(depth),
-               str(RING_SIZES.get(depth, 1024)), str(warm), str(passes), "1" if model else "0"]
+               str(RING_SIZES.get(depth, 1024)), str(warm), str(passes), "1" if model else "0",
+               "1" if inflight else "0"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if res.returncode != 0:
         raise SystemExit(f"{checkout} {fmt}: {res.stderr.strip()[-800:]}")
@@ -116,6 +134,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=1200, help="passes run before counting (not collected)")
     ap.add_argument("--passes", type=int, default=400, help="passes counted")
     ap.add_argument("--no-model", action="store_true", help="leave the block model's handle out of the count")
+    ap.add_argument("--inflight", action="store_true", help="with inflight tracking (serve blk --inflight)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     out = []
@@ -123,11 +142,14 @@ def main() -> None:
         for checkout in a.checkouts:
             per_ring: dict[str, float] = {}
             for fmt in a.rings:
-                instructions, requests, calls = count(checkout, fmt, depth, a.warm, a.passes, not a.no_model)
+                instructions, requests, calls = count(
+                    checkout, fmt, depth, a.warm, a.passes, not a.no_model, a.inflight
+                )
                 per = instructions / max(1, requests)
                 per_ring[fmt] = per
                 out.append({"checkout": str(checkout), "ring": fmt, "qd": depth, "model": not a.no_model,
-                            "requests": requests, "calls": calls, "instructions_per_request": round(per)})
+                            "inflight": a.inflight, "requests": requests, "calls": calls,
+                            "instructions_per_request": round(per)})
                 print(f"qd {depth:>3} {fmt:>6} {checkout}: {per:,.0f} device instructions/request "
                       f"({requests} requests, {calls} call eventfd writes)", flush=True)
             if "split" in per_ring and "packed" in per_ring:
