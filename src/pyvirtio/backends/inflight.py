@@ -121,6 +121,10 @@ _E16 = PACKED_ENTRY_SIZE // 2
 _NEXT16 = (PACKED_HEADER_SIZE + 2) // 2
 _LAST16 = (PACKED_HEADER_SIZE + 4) // 2
 _NUM16 = (PACKED_HEADER_SIZE + 6) // 2
+#: free_head and old_free_head (header bytes 12..15, see PACKED_HEADER), and old_free_head as a u16 word.
+_FREE_HEAD_AT = 12
+_FREE_HEADS = struct.Struct("<HH")
+_OLD_FREE16 = 7
 
 
 def queue_region_size(queue_size: int, ring_format: str = "split") -> int:
@@ -414,8 +418,7 @@ class PackedQueueInflight:
         b = self._bytes
         w16 = self._w16
         desc_num = self.desc_num
-        h = self._header()
-        first = free = h[3]  # old_free_head == free_head between lists
+        first = free = w16[_OLD_FREE16]  # old_free_head == free_head between lists
         pos = start
         last = first
         for _ in range(count):
@@ -430,12 +433,12 @@ class PackedQueueInflight:
             if free > desc_num:
                 raise DriverProtocolError(f"ring {self.index}: the inflight area's entry {last} links to {free}")
             pos = pos + 1 if pos + 1 < size else 0
-        _FIRST.pack_into(b, self._at(first) + 4, last, count, self.counter)  # last, num, counter
+        at = PACKED_HEADER_SIZE + PACKED_ENTRY_SIZE * first
+        _FIRST.pack_into(b, at + 4, last, count, self.counter)  # last, num, counter
         self.counter += 1
-        b[self._at(first)] = 1
+        b[at] = 1
         ordering.write_barrier()  # the whole list before it counts
-        h[2] = h[3] = free
-        self._set_header(h)
+        _FREE_HEADS.pack_into(b, _FREE_HEAD_AT, free, free)  # free_head, old_free_head: one store
         self._entry_of[chain.head] = first
         return chain
 
