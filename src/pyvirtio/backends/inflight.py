@@ -116,6 +116,15 @@ _DESC_COPY = struct.Struct("<HHIQ")  # id, flags, len, addr (offset 16 of an ent
 _FIRST = struct.Struct("<HHQ")  # last, num, counter (offset 4 of a list's first entry)
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
+# 16-bit fields of a packed entry e in the region seen as u16 words: word index + _E16 * e.
+_E16 = PACKED_ENTRY_SIZE // 2
+_NEXT16 = (PACKED_HEADER_SIZE + 2) // 2
+_LAST16 = (PACKED_HEADER_SIZE + 4) // 2
+_NUM16 = (PACKED_HEADER_SIZE + 6) // 2
+#: free_head and old_free_head (header bytes 12..15, see PACKED_HEADER), and old_free_head as a u16 word.
+_FREE_HEAD_AT = 12
+_FREE_HEADS = struct.Struct("<HH")
+_OLD_FREE16 = 7
 
 
 def queue_region_size(queue_size: int, ring_format: str = "split") -> int:
@@ -286,6 +295,7 @@ class PackedQueueInflight:
         self.index = index
         self.desc_num = desc_num
         self._bytes = view
+        self._w16 = view.cast("H")  # the same bytes as u16 words (entries' next / last / num: _NEXT16 ...)
         self.counter = 0
         self._queue: PackedDeviceQueue | None = None
         self._ring: memoryview | None = None  # the descriptor ring, as 64-bit words
@@ -406,25 +416,29 @@ class PackedQueueInflight:
         size = self._size
         count = (queue.last_avail - start) % size or size
         b = self._bytes
-        h = self._header()
-        first = free = h[3]  # old_free_head == free_head between lists
+        w16 = self._w16
+        desc_num = self.desc_num
+        first = free = w16[_OLD_FREE16]  # old_free_head == free_head between lists
         pos = start
         last = first
         for _ in range(count):
-            if free >= self.desc_num:
+            if free >= desc_num:
                 raise DriverProtocolError(f"ring {self.index}: the inflight area's free list is exhausted")
             w1 = d64[2 * pos + 1]
             # id, flags, len, addr of the descriptor as the device read it
-            _DESC_COPY.pack_into(b, self._at(free) + 16, w1 >> 32 & 0xFFFF, w1 >> 48, w1 & 0xFFFFFFFF, d64[2 * pos])
+            _DESC_COPY.pack_into(b, PACKED_HEADER_SIZE + PACKED_ENTRY_SIZE * free + 16, w1 >> 32 & 0xFFFF, w1 >> 48,
+                                 w1 & 0xFFFFFFFF, d64[2 * pos])
             last = free
-            free = self._next(free)
+            free = w16[_NEXT16 + _E16 * free]  # as _next: checked
+            if free > desc_num:
+                raise DriverProtocolError(f"ring {self.index}: the inflight area's entry {last} links to {free}")
             pos = pos + 1 if pos + 1 < size else 0
-        _FIRST.pack_into(b, self._at(first) + 4, last, count, self.counter)  # last, num, counter
+        at = PACKED_HEADER_SIZE + PACKED_ENTRY_SIZE * first
+        _FIRST.pack_into(b, at + 4, last, count, self.counter)  # last, num, counter
         self.counter += 1
-        b[self._at(first)] = 1
+        b[at] = 1
         ordering.write_barrier()  # the whole list before it counts
-        h[2] = h[3] = free
-        self._set_header(h)
+        _FREE_HEADS.pack_into(b, _FREE_HEAD_AT, free, free)  # free_head, old_free_head: one store
         self._entry_of[chain.head] = first
         return chain
 
@@ -452,12 +466,13 @@ class PackedQueueInflight:
         h = self._header()
         free, used, wrap = h[2], h[4], h[6]
         size = self._size
-        b = self._bytes
+        w16 = self._w16
+        entry_of = self._entry_of
         for bid in heads:
-            e = self._entry_of[bid]
-            _U16.pack_into(b, self._at(self._u16(e, 4)) + 2, free)  # desc[e.last].next = free_head
+            e = entry_of[bid]
+            w16[_NEXT16 + _E16 * w16[_LAST16 + _E16 * e]] = free  # desc[e.last].next = free_head
             free = e
-            used += self._u16(e, 6)
+            used += w16[_NUM16 + _E16 * e]
             if used >= size:
                 used -= size
                 wrap ^= 1
@@ -470,7 +485,7 @@ class PackedQueueInflight:
         b = self._bytes
         entry_of = self._entry_of
         for bid in heads:
-            b[self._at(entry_of.pop(bid))] = 0
+            b[PACKED_HEADER_SIZE + PACKED_ENTRY_SIZE * entry_of.pop(bid)] = 0
         ordering.write_barrier()
         h = self._header()
         h[3], h[5], h[7] = h[2], h[4], h[6]
@@ -486,6 +501,7 @@ class PackedQueueInflight:
 
     def release(self) -> None:
         self.detach()
+        self._w16.release()
         self._bytes.release()
 
 

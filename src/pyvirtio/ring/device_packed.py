@@ -30,24 +30,42 @@ unavailable descriptor inside the list, a list longer than the ring, flags
 no driver writes, a duplicate id): nothing was consumed and the queue cannot
 make progress, the back end must treat it as broken.
 
-Used descriptors: :meth:`PackedDeviceQueue.add_used` writes the id and
-length (the slot's flags still say "available", so the driver does not look),
-:meth:`~PackedDeviceQueue.flush_used` the flags: all but the first's, then
-the first's, each step behind a release barrier, so a driver polling the
-first sees the whole batch at once (§2.8.9, "Multi-buffer requests"). With VIRTIO_F_IN_ORDER the device uses buffers in
+Remembered lists (the split side's chain cache, for a ring whose lists move):
+a direct list that was walked is kept by head slot and wrap counter with its
+translated buffers and the exact bytes it had when it was checked. A later
+list at that slot in a lap of the same parity is taken without a walk when
+its descriptors are those bytes (one struct read and one comparison: every
+descriptor available with the wrap bits checked then, the same addresses
+and lengths through the same table, the same id), or, failing that, when
+every word but the ids matches (a driver that hands out ids from a free
+list); anything else is walked with every check. A list across the end of
+the ring has no image (its descriptors lie in two laps) and is compared word
+by word. An id in flight is refused on every path. A driver with fixed
+chains (:mod:`pyvirtio.ring.fixed_packed`) writes the same bytes per slot and
+lap, so after a lap pair or a few its lists are all remembered.
+
+Used descriptors: :meth:`PackedDeviceQueue.add_used` only notes (slot,
+length, id, flags); :meth:`~PackedDeviceQueue.flush_used` writes the batch:
+every descriptor but the first whole (length, id and flags in one store: a
+driver reads used descriptors in ring order, so it looks at them only once
+the first is used), then the first's id and length, and its flags last
+behind the write barrier, so a driver polling the first sees the whole batch
+at once (§2.8.9, "Multi-buffer requests"; §2.8.21). With VIRTIO_F_IN_ORDER the device uses buffers in
 the order it popped them and batches as the split side does (§2.8.8): one
 used descriptor per run whose buffers but the last were used completely,
 naming the run's last id, at the run's first slot.
 
 Event suppression (§2.8.10): ``flush_used`` returns the notify decision from
 the driver's structure (DISABLE, ENABLE, or DESC with EVENT_IDX: the named
-descriptor was used in this flush); ``enable_notifications`` /
+descriptor was used in this flush: :func:`~pyvirtio.spec.ring.packed_need_event`, inlined, as the
+barriers are: a call each costs as much as the rest of a flush); ``enable_notifications`` /
 ``disable_notifications`` write the device's. ``base`` is the ring state for
 GET_VRING_BASE (:func:`~pyvirtio.spec.ring.packed_base`).
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from typing import ClassVar, Final
 
@@ -55,6 +73,7 @@ from pyvirtio.errors import DriverProtocolError, InvalidArgument
 from pyvirtio.memory import MemoryTable
 from pyvirtio.ring import ordering
 from pyvirtio.ring.chain import Chain, ChainError
+from pyvirtio.ring.ordering import STRONGLY_ORDERED, fence_acquire, fence_release
 from pyvirtio.spec.ring import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -72,7 +91,6 @@ from pyvirtio.spec.ring import (
     RING_EVENT_FLAGS_MASK,
     RING_EVENT_WRAP_SHIFT,
     packed_base,
-    packed_need_event,
     parse_packed_base,
 )
 
@@ -85,10 +103,25 @@ _KEEP: Final = 0x7F7F_0000_FFFF_FFFF
 _W_AVAIL: Final = _AVAIL << 48
 _W_USED: Final = _USED << 48
 _W_CHECK: Final = _KEEP | _W_AVAIL | _W_USED
+_EVENT_WRAP: Final = 1 << RING_EVENT_WRAP_SHIFT  # the wrap counter's bit in desc_event_off_wrap
 
-#: A direct chain as walked, by head slot and wrap counter: (2 * slot, addr, second word & _W_CHECK)
-#: of each descriptor, its readable and writable buffers, its length, its writable bytes.
-_CachedChain = tuple[list[tuple[int, int, int]], list[memoryview], list[memoryview], int, int]
+#: A direct chain as walked, by head slot and wrap counter: its descriptors' bytes as read (None for a
+#: list that wraps past the end of the ring), the struct that reads that many, (2 * slot, addr, second
+#: word & _W_CHECK) of each descriptor, its readable and writable buffers, its length, its buffer id,
+#: its writable bytes.
+_CachedChain = tuple[
+    bytes | None, struct.Struct, list[tuple[int, int, int]], list[memoryview], list[memoryview], int, int, int
+]
+
+#: Structs reading n whole descriptors as one bytes object, by n (shared by every queue).
+_IMAGES: dict[int, struct.Struct] = {}
+
+
+def _image_struct(n: int) -> struct.Struct:
+    st = _IMAGES.get(n)
+    if st is None:
+        st = _IMAGES[n] = struct.Struct(f"{DESC_SIZE * n}s")
+    return st
 
 
 class PackedDeviceQueue:
@@ -129,17 +162,23 @@ class PackedDeviceQueue:
         self._d64 = self._desc.cast("Q")
         self._d32 = self._desc.cast("I")
         self._d16 = self._desc.cast("H")
+        # One field of every descriptor, by ring slot: flags, id, len, and the second 8 bytes (len | id | flags).
+        self._fl = self._d16[7::8]
+        self._ids = self._d16[6::8]
+        self._lens = self._d32[2::4]
+        self._w1 = self._d64[1::2]
         self._drv16 = driver_event[:EVENT_SUPPRESS_SIZE].cast("H")  # the driver's: read only
         self._dev16 = device_event[:EVENT_SUPPRESS_SIZE].cast("H")  # ours
         self.last_avail = avail_pos
         self._avail_want = _AVAIL if avail_wrap else _USED  # AVAIL/USED of an available descriptor now
+        self._avail_bad = _BOTH if avail_wrap else 0  # AVAIL/USED no driver writes now (both = the wrap counter)
         self.used_pos = used_pos
         self._used_bits = _BOTH if used_wrap else 0  # AVAIL/USED of a used descriptor now
         self._inflight: dict[int, int] = {}  # id -> ring descriptors of a chain popped, not used
         self._order: deque[tuple[int, int]] = deque()  # IN_ORDER: (id, writable bytes) popped, oldest first
-        # Used descriptors whose id and length are written, not their flags: slot << 16 | flags.
+        # Used descriptors added, not yet written: (slot, length, id, flags).
         # IN_ORDER: add_used collects (descriptors, id, length, writable bytes), laid out at flush.
-        self._pending: list[int] = []
+        self._pending: list[tuple[int, int, int, int]] = []
         self._batch: list[tuple[int, int, int, int]] = []
         self._nused = 0  # descriptors made used, free-running (notification windows)
         self._signalled = 0  # _nused at the last notification decision
@@ -192,46 +231,50 @@ class PackedDeviceQueue:
 
     def avail_pending(self) -> int:
         """1 if the next descriptor is available, else 0 (a packed ring keeps no count)."""
-        return 1 if self._d16[8 * self.last_avail + 7] & _BOTH == self._avail_want else 0
+        return 1 if self._fl[self.last_avail] & _BOTH == self._avail_want else 0
 
     def pop(self) -> Chain | None:
         """The next available chain, or None. Raises :class:`ChainError` for a bad one (module docstring)."""
         pos = self.last_avail
         want = self._avail_want
-        bits = self._d16[8 * pos + 7] & _BOTH
+        bits = self._fl[pos] & _BOTH
         if bits != want:  # available: AVAIL == the wrap counter != USED (§2.8.1)
-            if bits != (_BOTH if want == _AVAIL else 0):
+            if bits != self._avail_bad:
                 return None
-            flags = self._d16[8 * pos + 7]
             raise ChainError(
-                f"queue {self.index}: descriptor {pos} has flags 0x{flags:04x}: AVAIL and USED equal "
+                f"queue {self.index}: descriptor {pos} has flags 0x{self._fl[pos]:04x}: AVAIL and USED equal "
                 "the wrap counter, which no driver writes",
                 None,
             )
-        ordering.read_barrier()  # the flags before the rest of the chain
+        if not STRONGLY_ORDERED:
+            ordering.read_barrier()  # the flags before the rest of the chain
         cached = self._chains.get(pos | want << 16)
         if cached is not None:
-            d64 = self._d64
-            entries, readable, writable, n, wlen = cached
-            w1 = 0
-            for j, w0, w1_checked in entries:
-                w1 = d64[j + 1]
-                if d64[j] != w0 or w1 & _W_CHECK != w1_checked:
-                    break
-            else:
-                # The same descriptors, all available, as when this list was checked and translated.
+            image, reader, entries, readable, writable, n, bid, wlen = cached
+            if image is None or reader.unpack_from(self._desc, DESC_SIZE * pos)[0] != image:
+                # Not the same bytes (a list across the end of the ring, or another id): the same
+                # descriptors but the id, all available, as when this list was checked and translated?
+                d64 = self._d64
+                w1 = 0
+                for j, w0, w1_checked in entries:
+                    w1 = d64[j + 1]
+                    if d64[j] != w0 or w1 & _W_CHECK != w1_checked:
+                        return self._walk(pos, 1 if want == _AVAIL else 0)
                 bid = w1 >> 32 & 0xFFFF
-                inflight = self._inflight
-                if bid not in inflight:  # else _walk reports it
-                    inflight[bid] = n
-                    pos += n
-                    if pos >= self.size:
-                        pos -= self.size
-                        self._avail_want = want ^ _BOTH
-                    self.last_avail = pos
-                    if self.in_order:
-                        self._order.append((bid, wlen))
-                    return Chain(bid, readable.copy(), writable.copy())
+            # else: the very bytes this list had when it was checked and translated (§2.8.6: each
+            # descriptor of it available, the id in the last, addresses through the memory table)
+            inflight = self._inflight
+            if bid not in inflight:  # else _walk reports it
+                inflight[bid] = n
+                pos += n
+                if pos >= self.size:
+                    pos -= self.size
+                    self._avail_want = want ^ _BOTH
+                    self._avail_bad ^= _BOTH
+                self.last_avail = pos
+                if self.in_order:
+                    self._order.append((bid, wlen))
+                return Chain(bid, readable.copy(), writable.copy())
         return self._walk(pos, 1 if want == _AVAIL else 0)
 
     def _walk(self, head: int, w: int) -> Chain:
@@ -275,14 +318,21 @@ class PackedDeviceQueue:
             if i == size:
                 i = 0
                 lap = 1
+        n = len(entries)
+        reader = _image_struct(n)
+        bid = w1 >> 32 & 0xFFFF
         self._chains[head | (_AVAIL if w else _USED) << 16] = (
+            # The bytes of the list as read and checked above (None across the end of the ring).
+            None if lap else struct.pack(f"<{2 * n}Q", *[v for _i, a, x, _lap in entries for v in (a, x)]),
+            reader,
             [(2 * i, a, x & _W_CHECK) for i, a, x, _lap in entries],
             readable,
             writable,
-            len(entries),
+            n,
+            bid,
             sum(map(len, writable)),
         )
-        return self._take(head, len(entries), w1 >> 32 & 0xFFFF, Chain(0, readable.copy(), writable.copy()))
+        return self._take(head, n, bid, Chain(0, readable.copy(), writable.copy()))
 
     def _take(self, head: int, n: int, bid: int, chain: Chain) -> Chain:
         """Consume the chain of ``n`` descriptors at ``head``: its id is now in flight."""
@@ -293,6 +343,7 @@ class PackedDeviceQueue:
         if pos >= self.size:
             pos -= self.size
             self._avail_want ^= _BOTH
+            self._avail_bad ^= _BOTH
         self.last_avail = pos
         chain.head = bid
         if self.in_order:
@@ -432,21 +483,18 @@ class PackedDeviceQueue:
             self._batch.append((n, head, length, order.popleft()[1]))
             return
         pos = self.used_pos
-        self._d32[4 * pos + 2] = length
-        self._d16[8 * pos + 6] = head
-        self._pending.append(pos << 16 | (self._used_bits | DESC_F_WRITE if length else self._used_bits))
+        bits = self._used_bits
+        self._pending.append((pos, length, head, bits | DESC_F_WRITE if length else bits))
         pos += n
         if pos >= self.size:
             pos -= self.size
-            self._used_bits ^= _BOTH
+            self._used_bits = bits ^ _BOTH
         self.used_pos = pos
         self._nused += n
 
-    def _in_order_pending(self) -> list[int]:
+    def _in_order_pending(self) -> list[tuple[int, int, int, int]]:
         """IN_ORDER: one used descriptor per run of buffers used completely but its last (§2.8.8)."""
         out = self._pending
-        d32 = self._d32
-        d16 = self._d16
         batch = self._batch
         pos = self.used_pos
         start = pos
@@ -455,9 +503,8 @@ class PackedDeviceQueue:
             skip += n
             if length == wlen and k + 1 < len(batch):
                 continue  # may be skipped: the driver assumes all its writable bytes
-            d32[4 * start + 2] = length
-            d16[8 * start + 6] = head
-            out.append(start << 16 | (self._used_bits | DESC_F_WRITE if length else self._used_bits))
+            bits = self._used_bits
+            out.append((start, length, head, bits | DESC_F_WRITE if length else bits))
             pos += skip
             self._nused += skip
             skip = 0
@@ -473,26 +520,42 @@ class PackedDeviceQueue:
         """Publish the used descriptors added so far; True if the driver must be signalled."""
         pending = self._in_order_pending() if self._batch else self._pending
         if pending:
-            d16 = self._d16
-            ordering.write_barrier()  # ids and lengths before flags
-            for k in range(len(pending) - 1, 0, -1):
-                e = pending[k]
-                d16[8 * (e >> 16) + 7] = e & 0xFFFF
-            e = pending[0]
-            ordering.write_barrier()
-            d16[8 * (e >> 16) + 7] = e & 0xFFFF  # the first last: the batch appears at once
+            # All but the first whole (id, length and flags in one store each: the driver reads used
+            # descriptors in ring order, so it looks at them only after the first), then the first's
+            # id and length, and its flags last behind the write barrier: the batch appears at once
+            # (§2.8.9 "Multi-buffer requests", §2.8.21).
+            if len(pending) > 1:
+                w1 = self._w1
+                for k in range(1, len(pending)):
+                    p, length, head, flags = pending[k]
+                    w1[p] = length | head << 32 | flags << 48
+            pos, length, head, flags = pending[0]
+            self._lens[pos] = length
+            self._ids[pos] = head
+            if not STRONGLY_ORDERED:
+                ordering.write_barrier()
+            self._fl[pos] = flags
             pending.clear()
         count = self._nused - self._signalled
         if not count:
             return False
         self._signalled = self._nused
-        ordering.full_barrier()  # the flags before reading the driver's structure
+        fence_acquire()  # a full barrier: the flags before reading the driver's structure
+        fence_release()
         drv = self._drv16
         flags = drv[1] & RING_EVENT_FLAGS_MASK
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
         if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
-            return packed_need_event(drv[0], self.used_pos, self.used_wrap, count, self.size)
+            # §2.8.10: notify iff the descriptor the driver named (offset, wrap counter) was used in this
+            # window of ``count`` descriptors; positions along two laps (wrap counter 1: the even lap),
+            # so a window shorter than the ring is unambiguous (spec.ring.packed_need_event, inlined).
+            size = self.size
+            if count >= size:
+                return True
+            off = drv[0]
+            new = self.used_pos if self._used_bits else self.used_pos + size
+            return (new - (off & ~_EVENT_WRAP) - (0 if off & _EVENT_WRAP else size) - 1) % (2 * size) < count
         return True  # ENABLE; DESC without EVENT_IDX and the reserved value: notify (always safe)
 
     def push_used(self, head: int, length: int) -> bool:
@@ -505,14 +568,18 @@ class PackedDeviceQueue:
     def enable_notifications(self) -> bool:
         """Ask the driver to kick on new work; True if work is already pending (don't sleep)."""
         dev = self._dev16
+        pos = self.last_avail
+        want = self._avail_want
         if self.event_idx:
-            dev[0] = self.last_avail | self.avail_wrap << RING_EVENT_WRAP_SHIFT
-            ordering.write_barrier()
+            dev[0] = pos | (_EVENT_WRAP if want == _AVAIL else 0)  # this descriptor, this wrap counter (§2.8.10)
+            if not STRONGLY_ORDERED:
+                ordering.write_barrier()
             dev[1] = RING_EVENT_FLAGS_DESC
         else:
             dev[1] = RING_EVENT_FLAGS_ENABLE
-        ordering.full_barrier()
-        return self.avail_pending() != 0
+        fence_acquire()  # a full barrier: our structure before the driver's next descriptor
+        fence_release()
+        return self._fl[pos] & _BOTH == want
 
     def disable_notifications(self) -> None:
         """Tell the driver kicks are not needed (the device is polling)."""
@@ -523,5 +590,6 @@ class PackedDeviceQueue:
         self._chains.clear()
         self._pending.clear()
         self._batch.clear()
-        for v in (self._d64, self._d32, self._d16, self._drv16, self._dev16, self._desc):
+        for v in (self._fl, self._ids, self._lens, self._w1, self._d64, self._d32, self._d16, self._drv16,
+                  self._dev16, self._desc):
             v.release()
