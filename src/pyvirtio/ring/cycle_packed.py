@@ -19,7 +19,10 @@ prepared descriptors in one store, then each head's flags in order
 (§2.8.21.1; a head's flags in its image say "not available"), otherwise
 :meth:`PackedFixedChains.publish
 <pyvirtio.ring.fixed_packed.PackedFixedChains.publish>` slot by slot; (3) one
-kick decision from the device's event suppression structure (§2.8.10). Unlike the split cycle,
+kick decision from the device's event suppression structure (§2.8.10), and
+only then, with interrupts on, the driver's event for the next used
+descriptor (as the split cycle's used_event: a device that completes before
+it sees the old event and does not signal). Unlike the split cycle,
 which publishes before it validates (its used index says how many
 completions there are), a packed ring's completions are counted by walking
 them, so this one validates first; an entry can then never name a slot
@@ -166,8 +169,6 @@ class PackedCycle:
                     else:
                         ring.next_used = pos
                         ring.used_bits = ub
-                        if self._signals:  # the next used descriptor wanted (§2.8.10), as PackedQueue's reap
-                            self._drv16[0] = pos | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
                     break
         # 2. Publish one spare per completion (and any shortfall).
         spares = self._spares
@@ -225,6 +226,10 @@ class PackedCycle:
         elif nfree:
             ring.num_free += nfree
             ring.outstanding = out
+        if done and self._signals:
+            # The next used descriptor wanted (§2.8.10), as PackedQueue's reap; after the kick, as the split
+            # cycle's used_event: a device that completes first sees the old event and need not signal.
+            self._drv16[0] = ring.next_used | (1 if ring.used_bits else 0) << RING_EVENT_WRAP_SHIFT
         spares += done
         np = self.np
         if np is None:
@@ -461,11 +466,11 @@ class PackedStream:
         ring.avail_bits = bits
         ring.next_used = end
         ub = ring.used_bits = FLIP if bits == USED else 0  # the lap before the next publication's
-        if ring.interrupts_enabled and ring.event_idx:  # the next used descriptor wanted (§2.8.10)
-            self._drv16[0] = end | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
         if fc.kick_needed(n):
             self._notify()
             self.kicks += 1
+        if ring.interrupts_enabled and ring.event_idx:  # the next used descriptor wanted (§2.8.10), after the kick
+            self._drv16[0] = end | (1 if ub else 0) << RING_EVENT_WRAP_SHIFT
 
     def close(self) -> None:
         """Back to the plain path: every slot is in flight, a batch not advanced past is still in the ring."""
