@@ -207,6 +207,11 @@ def test_a_lie_is_turned_away_and_the_exact_path_judges_it(pair: PackedRingPair,
         "short": (4, 5, packed_used_flags(w) | DESC_F_WRITE),
     }[lie]
     dev.write_used(4, *bad)
+    first = [3]  # the good one, in DeviceProtocolError's completed
+    if lie == "wrong_wrap":  # not counted as used (neither used nor available): the good one goes first
+        assert (stream.peek_many()[0].tolist() if vectorised else stream.peek()) in ([3], 1)  # type: ignore[index]
+        stream.advance(1)
+        first = []
     got = stream.peek_many() if vectorised else stream.peek()
     assert got == (() if vectorised else -1)
     stream.close()
@@ -216,7 +221,7 @@ def test_a_lie_is_turned_away_and_the_exact_path_judges_it(pair: PackedRingPair,
         return
     with pytest.raises(DeviceProtocolError) as info:
         fc.reap_slots()
-    assert [s for s, _n in info.value.completed] == [3]
+    assert [s for s, _n in info.value.completed] == first
     with pytest.raises(QueueBroken):
         fc.reap_slots()
     dev.release()

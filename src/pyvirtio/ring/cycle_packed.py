@@ -15,8 +15,10 @@ raises :class:`~pyvirtio.errors.DeviceProtocolError` naming the bad one with
 the completions validated before it (or clamps, ``clamp_used_len``); (2)
 publish one spare per completion (and any shortfall): when every slot has as
 many descriptors and the batch ends before the end of the ring, the slots'
-prepared descriptors in one store, then each head's flags in order
-(§2.8.21.1; a head's flags in its image say "not available"), otherwise
+prepared descriptors in one store, the first slot's head "not available",
+every other slot whole, then the first head's flags (§2.8.21.1: a batch is
+exposed by its first descriptor's flags, written last; the device starts
+processing there, §2.8 device requirements), otherwise
 :meth:`PackedFixedChains.publish
 <pyvirtio.ring.fixed_packed.PackedFixedChains.publish>` slot by slot; (3) one
 kick decision from the device's event suppression structure (§2.8.10), and
@@ -181,20 +183,29 @@ class PackedCycle:
             n1 = fc.n1
             k = len(posted)
             if n1 and fc.vol is None and pos + n1 * k < size:
-                # Every slot n1 descriptors, the batch before the end of the ring: its bodies in one store
-                # (a head's flags in its image say "not available"), then each head's flags, in order.
-                img, hf = (fc.img1, fc.hf1) if bits == AVAIL else (fc.img0, fc.hf0)
+                # Every slot n1 descriptors, the batch before the end of the ring: in one store, the
+                # first slot with its head not available, every other one whole; then (barrier) the first
+                # head's flags, which expose the batch (§2.8.21.1: the device starts at the first).
+                first = posted[0]
+                if bits == AVAIL:
+                    img, av, h = fc.img1, fc.av1, fc.hf1[first]
+                else:
+                    img, av, h = fc.img0, fc.av0, fc.hf0[first]
                 total = n1 * k
                 o16 = self._o16
-                self._desc[o16[pos] : o16[pos + total]] = (
-                    img[posted[0]] if k == 1 else b"".join(map(img.__getitem__, posted))
-                )
+                if k == 1:
+                    self._desc[o16[pos] : o16[pos + n1]] = img[first]
+                    tokens[first] = first
+                else:
+                    parts = list(map(av.__getitem__, posted))
+                    parts[0] = img[first]
+                    self._desc[o16[pos] : o16[pos + total]] = b"".join(parts)
+                    for s in posted:
+                        tokens[s] = s
                 if self._weak:
                     ordering.write_barrier()
-                for s in posted:
-                    tokens[s] = s
-                    fl[pos] = hf[s]  # the head's flags last (§2.8.21.1)
-                    pos += n1
+                fl[pos] = h
+                pos += total
                 ring.next_avail = pos
                 ring.num_free += nfree - total
                 ring.outstanding = out + k
@@ -259,9 +270,9 @@ class PackedStream:
     when the stream starts with every slot in flight, wherever the ring put
     it: read back once and used only if it names each slot once).
 
-    :meth:`peek` counts the used descriptors at the used position from the
-    high byte of their flags (one strided copy and a ``find``: VIRTQ_DESC_F_USED
-    is the only flag bit in that byte, §2.8.1), then compares their ids and
+    :meth:`peek` counts the used descriptors at the used position (they come
+    first among the slots in flight: a galloping probe and a bisection of
+    their flags find the edge, §2.8.1), then compares their ids and
     flags with the expected ones in one comparison (id = the slot at that
     position, flags = the used wrap counter in AVAIL and USED, and
     VIRTQ_DESC_F_WRITE exactly when the slot is device-writable, §2.8.4:
@@ -271,13 +282,14 @@ class PackedStream:
     ``reap_slots``, which raises on a violation). Nothing is taken until
     :meth:`advance`.
 
-    :meth:`advance` re-posts the n descriptors in place: their prepared images
-    in one store, whose flags say "used" as the device left them (only
-    VIRTQ_DESC_F_WRITE may change), then, behind the write barrier, every
-    flags field in one strided store. Between the device's used pattern and
-    the next lap's available pattern only VIRTQ_DESC_F_AVAIL changes (USED
-    keeps the used wrap counter), so a descriptor turns available in one byte
-    whatever the width of the store, and only after its body (§2.8.21.1). One
+    :meth:`advance` re-posts the n descriptors in place: all but the first
+    with the flags that make them available, in one store, then the first's
+    body with flags that do not (the used pattern the device left), then,
+    behind the write barrier, the first's flags. The device starts at the
+    first (it processes descriptors in ring order, §2.8 device
+    requirements), so the batch becomes available at that one store, its
+    bodies already written (§2.8.21.1: a batch is exposed by its first
+    descriptor's flags, written last). One
     kick decision per batch (§2.8.10). The ring's tokens never change: every
     slot is in flight from the first :meth:`advance` to :meth:`close`. The
     slots' buffers and lengths (``length_fields``) are read when the stream
@@ -309,7 +321,6 @@ class PackedStream:
         self._started = ring.outstanding == size
         desc = sh.desc
         self._desc = desc
-        self._hi = desc[15::16]  # the high byte of each descriptor's flags: VIRTQ_DESC_F_USED only
         self._idf = sh.desc32[3::4]  # each descriptor's id | flags << 16
         self._fl = sh.flags
         self._lv = sh.lens
@@ -326,6 +337,18 @@ class PackedStream:
         self._img: dict[int, memoryview] = {
             AVAIL: memoryview(b"".join(fc.img1[slot_at[p]] for p in range(size))),
             USED: memoryview(b"".join(fc.img0[slot_at[p]] for p in range(size))),
+        }
+        # The same with every descriptor's available flags (for all but a batch's first descriptor).
+        self._live: dict[int, memoryview] = {
+            b: memoryview(
+                b"".join(
+                    bytes(img[16 * p : 16 * p + 14]) + hf[p].to_bytes(2, "little") for p in range(size)
+                )
+            )
+            for b, img, hf in (
+                (AVAIL, self._img[AVAIL], [fc.hf1[slot_at[p]] for p in range(size)]),
+                (USED, self._img[USED], [fc.hf0[slot_at[p]] for p in range(size)]),
+            )
         }
         self._hf: dict[int, memoryview] = {
             AVAIL: memoryview(array("H", (fc.hf1[slot_at[p]] for p in range(size)))),
@@ -346,18 +369,37 @@ class PackedStream:
         ring = self._ring
         pos = ring.next_used
         ub = ring.used_bits
-        f = self._fl[pos] & FLIP
+        fl = self._fl
+        f = fl[pos] & FLIP
         if f != ub:
             return (0, 0) if f == ub ^ USED else (-1, 0)
         size = self._size
-        hi = self._hi
-        got = hi[pos:size].tobytes().find(b"\x00" if ub else b"\x80")  # USED as in an available one
-        if got >= 0:
-            return got, 0
-        if not pos:
-            return size, 0
-        got = hi[:pos].tobytes().find(b"\x80" if ub else b"\x00")  # the next lap
-        return size - pos, pos if got < 0 else got
+        n1 = self._run(fl, pos, size, ub)
+        if pos + n1 < size or not pos:
+            return n1, 0
+        if fl[0] & FLIP != ub ^ FLIP:
+            return n1, 0
+        return n1, self._run(fl, 0, pos, ub ^ FLIP)
+
+    @staticmethod
+    def _run(fl: memoryview, lo: int, end: int, ub: int) -> int:
+        """How many descriptors from ``lo`` (used) on, before ``end``, are used: they come first in the
+        slots in flight, the rest still available, so a galloping probe then a bisection find the edge
+        (a few reads, however long the batch). A descriptor a device wrote out of that order is caught
+        by the comparison of ids and flags that follows (it is either inside the run and wrong, or
+        beyond it and not taken)."""
+        step = 1
+        while lo + step < end and fl[lo + step] & FLIP == ub:
+            step <<= 1
+        good = lo + (step >> 1)  # used
+        bad = min(lo + step, end)  # not used, or the end
+        while bad - good > 1:
+            mid = (good + bad) >> 1
+            if fl[mid] & FLIP == ub:
+                good = mid
+            else:
+                bad = mid
+        return bad - lo
 
     def _checked(self) -> int:
         """The completions at the used position if their ids and flags are the expected ones; -1 otherwise."""
@@ -442,26 +484,25 @@ class PackedStream:
         pos = ring.next_avail  # == the used position: every slot is in flight
         bits = ring.avail_bits
         desc = self._desc
-        fl = self._fl
-        weak = self._weak
+        live = self._live
         end = pos + n
+        # The batch after its first descriptor with the flags that make it available, the first one's body
+        # with flags that do not, then (barrier) the first one's flags: the device starts at the first
+        # (§2.8.21.1: a batch is exposed by its first descriptor's flags, written last).
         if end > size:
             end -= size
-            desc[16 * pos : 16 * size] = self._img[bits][16 * pos :]
-            desc[: 16 * end] = self._img[bits ^ FLIP][: 16 * end]
-            if weak:
-                ordering.write_barrier()
-            fl[pos:] = self._hf[bits][pos:]
-            fl[:end] = self._hf[bits ^ FLIP][:end]
+            desc[16 * pos + 16 : 16 * size] = live[bits][16 * pos + 16 :]
+            desc[: 16 * end] = live[bits ^ FLIP][: 16 * end]
+        elif n > 1:
+            desc[16 * pos + 16 : 16 * end] = live[bits][16 * pos + 16 : 16 * end]
+        desc[16 * pos : 16 * pos + 16] = self._img[bits][16 * pos : 16 * pos + 16]
+        if self._weak:
+            ordering.write_barrier()
+        self._fl[pos] = self._hf[bits][pos]
+        if end >= size:
+            end -= size
+        if end <= pos:
             bits ^= FLIP
-        else:
-            desc[16 * pos : 16 * end] = self._img[bits][16 * pos : 16 * end]
-            if weak:
-                ordering.write_barrier()
-            fl[pos:end] = self._hf[bits][pos:end]
-            if end == size:
-                end = 0
-                bits ^= FLIP
         ring.next_avail = end
         ring.avail_bits = bits
         ring.next_used = end

@@ -109,6 +109,9 @@ class PackedFixedChains(ListArrays):
         self.img0: list[bytes] = [b""] * n
         self.hf1 = [0] * n
         self.hf0 = [0] * n
+        # The same images with the head available too: a batch's slots after its first (the cycle's store).
+        self.av1: list[bytes] = [b""] * n
+        self.av0: list[bytes] = [b""] * n
         self.streaming = False
         # length_fields: the caller's lengths of buffer ``vol_k`` (None: not handed out), written at each post.
         self.vol: list[int] | None = None
@@ -143,6 +146,8 @@ class PackedFixedChains(ListArrays):
             bufs.append((addr, length, bool(writable)))
         self.img1[s] = b"".join(parts1)
         self.img0[s] = b"".join(parts0)
+        self.av1[s] = self.img1[s][:14] + self.hf1[s].to_bytes(2, "little") + self.img1[s][16:]
+        self.av0[s] = self.img0[s][:14] + self.hf0[s].to_bytes(2, "little") + self.img0[s][16:]
         sh.ndescs[s] = len(form)
         sh.wlen[s] = wlen
         sh.bufs[s] = bufs
