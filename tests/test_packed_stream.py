@@ -181,7 +181,9 @@ def test_a_started_stream_whose_used_ids_repeat_a_slot_leaves_every_batch_to_the
     dev.release()
 
 
-LIES = ["out_of_range", "not_in_flight", "too_long", "wrong_wrap", "no_write_flag", "short"]
+#: Every slot is in flight while streaming, so "not in flight" is no lie the stream can meet; a slot
+#: completed out of order is legal (no IN_ORDER) and the exact path takes it.
+LIES = ["out_of_range", "too_long", "wrong_wrap", "no_write_flag", "short", "out_of_order"]
 
 
 @pytest.mark.parametrize("lie", LIES)
@@ -200,7 +202,7 @@ def test_a_lie_is_turned_away_and_the_exact_path_judges_it(pair: PackedRingPair,
     w = dev.used_wrap
     bad = {
         "out_of_range": (0xFFF0, 40, packed_used_flags(w) | DESC_F_WRITE),
-        "not_in_flight": (3, 40, packed_used_flags(w) | DESC_F_WRITE),  # slot 3, completed just now
+        "out_of_order": (9, 40, packed_used_flags(w) | DESC_F_WRITE),  # slot 9 before slot 4: legal
         "too_long": (4, BUF + 1, packed_used_flags(w) | DESC_F_WRITE),
         "wrong_wrap": (4, 40, packed_used_flags(w) ^ 0x80),  # AVAIL and USED differ: neither used nor free
         "no_write_flag": (4, 40, packed_used_flags(w)),  # length reserved: 0 bytes (§2.8.4), below min_len
@@ -208,22 +210,47 @@ def test_a_lie_is_turned_away_and_the_exact_path_judges_it(pair: PackedRingPair,
     }[lie]
     dev.write_used(4, *bad)
     first = [3]  # the good one, in DeviceProtocolError's completed
-    if lie == "wrong_wrap":  # not counted as used (neither used nor available): the good one goes first
+    if lie not in ("too_long", "short"):
+        # Its id or flags are not the expected ones: the batch ends before it (a descriptor may still be on
+        # its way, §2.8), the good one is taken, and the next peek turns the lie away.
         assert (stream.peek_many()[0].tolist() if vectorised else stream.peek()) in ([3], 1)  # type: ignore[index]
         stream.advance(1)
         first = []
     got = stream.peek_many() if vectorised else stream.peek()
     assert got == (() if vectorised else -1)
     stream.close()
-    if lie in ("no_write_flag", "short"):
+    if lie in ("no_write_flag", "short", "out_of_order"):
         lens: list[int] = []
-        assert fc.reap_slots(lengths=lens) == [3, 4] and lens == [40, 0 if lie == "no_write_flag" else 5]
+        assert fc.reap_slots(lengths=lens) == first + [9 if lie == "out_of_order" else 4]
+        assert lens == [40] * len(first) + [{"no_write_flag": 0, "short": 5, "out_of_order": 40}[lie]]
         return
     with pytest.raises(DeviceProtocolError) as info:
         fc.reap_slots()
     assert [s for s, _n in info.value.completed] == first
     with pytest.raises(QueueBroken):
         fc.reap_slots()
+    dev.release()
+
+
+def test_a_batch_whose_first_flags_are_still_on_their_way_ends_before_them(pair: PackedRingPair) -> None:
+    """A device may write a batch's used flags in any order (§2.8): a hole is not a lie, the batch stops there."""
+    fc = slots(pair, True)
+    stream = fc.stream(lambda: None)
+    stream.advance(0)
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    dev.available()
+    for i in range(6):
+        dev.use(i, 30)
+    before = dev.read(2)
+    dev.write_used(2, 2, 30, before[3] ^ 0x8000)  # position 2's flags not written yet: still "available"
+    assert stream.peek() == 2
+    stream.advance(2)
+    assert stream.peek() == 0
+    dev.write_used(2, before[2], before[1], before[3])  # the flags land
+    got = stream.peek_many()
+    assert got is not None and len(got) == 2 and got[0].tolist() == [2, 3, 4, 5]
+    stream.advance(4)
+    stream.close()
     dev.release()
 
 

@@ -385,9 +385,9 @@ class PackedStream:
     def _run(fl: memoryview, lo: int, end: int, ub: int) -> int:
         """How many descriptors from ``lo`` (used) on, before ``end``, are used: they come first in the
         slots in flight, the rest still available, so a galloping probe then a bisection find the edge
-        (a few reads, however long the batch). A descriptor a device wrote out of that order is caught
-        by the comparison of ids and flags that follows (it is either inside the run and wrong, or
-        beyond it and not taken)."""
+        (a few reads, however long the batch). A descriptor still on its way inside the run (a device
+        may write a batch's flags in any order) ends the batch at the comparison that follows
+        (:meth:`_prefix`)."""
         step = 1
         while lo + step < end and fl[lo + step] & FLIP == ub:
             step <<= 1
@@ -415,11 +415,29 @@ class PackedStream:
             ordering.read_barrier()  # the flags seen before the ids and lengths are read
         pos = ring.next_used
         ub = ring.used_bits
+        n1 = self._prefix(pos, n1, ub)
+        if not n1:
+            return -1  # the descriptor at the used position is used, but not as expected
+        if n2 and pos + n1 == self._size:
+            return n1 + self._prefix(0, n2, ub ^ FLIP)
+        return n1
+
+    def _prefix(self, lo: int, n: int, ub: int) -> int:
+        """How many of the ``n`` descriptors from ``lo`` hold the expected id and flags, from the first on.
+
+        One comparison when all do. A device may set used flags out of order
+        within a batch (§2.8: it MAY reorder descriptor writes once started),
+        so a descriptor counted from its neighbours can still be on its way:
+        the batch then ends before it, and the next peek sees it (a lie there
+        is -1 then)."""
         idf = self._idf
-        exp = self._exp
-        if idf[pos : pos + n1] != exp[ub][pos : pos + n1] or (n2 and idf[:n2] != exp[ub ^ FLIP][:n2]):
-            return -1
-        return n1 + n2
+        exp = self._exp[ub]
+        if idf[lo : lo + n] == exp[lo : lo + n]:
+            return n
+        k = lo
+        while idf[k] == exp[k]:
+            k += 1
+        return k - lo
 
     def peek(self) -> int:
         n = self._checked()
