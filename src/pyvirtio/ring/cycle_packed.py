@@ -435,7 +435,8 @@ class PackedStream:
         if idf[lo : lo + n] == exp[lo : lo + n]:
             return n
         k = lo
-        while idf[k] == exp[k]:
+        end = lo + n
+        while k < end and idf[k] == exp[k]:  # bounded: the hole may have been filled since the comparison
             k += 1
         return k - lo
 
