@@ -127,7 +127,8 @@ def _seed(size: int, flags: int, blen: int, ops: list[tuple[int, ...]]) -> bytes
             s.below(0, 3).below(pos, size).u16(id_).u32(length).u16(fl)
         elif kind == 2:
             _k, take = op
-            s.below(take - 1, size) if take else None
+            if take:  # the target reads how many to advance only when the peek accepted some
+                s.below(take - 1, size)
     return s.bytes()
 
 

@@ -333,26 +333,20 @@ class PackedStream:
         for ub in (0, FLIP):
             exp = array("I", (slot_at[p] | (ub | (WRITE if writable[slot_at[p]] else 0)) << 16 for p in range(size)))
             self._exp[ub] = memoryview(exp)
-        # Per lap (the avail bits): the bodies (flags: not available, §2.8.1) and the flags that publish them.
+        # Per lap (the avail bits): the bodies, their flags saying "not available" (§2.8.1).
         self._img: dict[int, memoryview] = {
             AVAIL: memoryview(b"".join(fc.img1[slot_at[p]] for p in range(size))),
             USED: memoryview(b"".join(fc.img0[slot_at[p]] for p in range(size))),
         }
-        # The same with every descriptor's available flags (for all but a batch's first descriptor).
+        # The same with every descriptor's available flags (for all but a batch's first descriptor), and the
+        # flags that make a batch's first descriptor available.
         self._live: dict[int, memoryview] = {
-            b: memoryview(
-                b"".join(
-                    bytes(img[16 * p : 16 * p + 14]) + hf[p].to_bytes(2, "little") for p in range(size)
-                )
-            )
-            for b, img, hf in (
-                (AVAIL, self._img[AVAIL], [fc.hf1[slot_at[p]] for p in range(size)]),
-                (USED, self._img[USED], [fc.hf0[slot_at[p]] for p in range(size)]),
-            )
+            AVAIL: memoryview(b"".join(fc.av1[slot_at[p]] for p in range(size))),
+            USED: memoryview(b"".join(fc.av0[slot_at[p]] for p in range(size))),
         }
-        self._hf: dict[int, memoryview] = {
-            AVAIL: memoryview(array("H", (fc.hf1[slot_at[p]] for p in range(size)))),
-            USED: memoryview(array("H", (fc.hf0[slot_at[p]] for p in range(size)))),
+        self._hf: dict[int, list[int]] = {
+            AVAIL: [fc.hf1[slot_at[p]] for p in range(size)],
+            USED: [fc.hf0[slot_at[p]] for p in range(size)],
         }
         self._drv16 = sh.driver16
         self._weak = not ordering.STRONGLY_ORDERED

@@ -45,7 +45,6 @@ exist for API parity (lists converted to arrays and back).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueStateError
 from pyvirtio.ring import ordering
@@ -65,9 +64,6 @@ from pyvirtio.spec.ring import (
     RING_EVENT_WRAP_SHIFT,
     packed_need_event,
 )
-
-if TYPE_CHECKING:
-    pass
 
 AVAIL = PACKED_DESC_F_AVAIL
 USED = PACKED_DESC_F_USED

@@ -38,7 +38,6 @@ from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueStateErro
 from pyvirtio.ring.fixed import BufferSpec, ListArrays, chain_shapes, changed_buffer, check_length_field
 
 if TYPE_CHECKING:
-
     from pyvirtio.ring.base import RingQueue
 
 
