@@ -183,6 +183,38 @@ def test_free_list_is_lifo(make_pair: PairFactory) -> None:
     assert popped_heads(p) == [0, 1, 2, 3, 4, 5, 6, 7]
 
 
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_a_reap_while_a_request_is_open_leaves_its_descriptors_alone(make_pair: PairFactory, indirect: bool) -> None:
+    """An open request takes its descriptors from the head of the free list as it is built (an indirect one its
+    head when published): a chain reaped meanwhile goes to the tail, not in its way. (Hypothesis found this:
+    with the head-first free list, the open request's chain ran into the reaped descriptors.)"""
+    p = make_pair(8, indirect=indirect, indirect_threshold=3)
+    one(p, "A", readable=4, writable=4)  # descriptors 0, 1
+    p.driver.flush()
+    a = p.device.pop()
+    assert a is not None
+    bufs = [p.buffer(8) for _ in range(3)]
+    bufs[0].view[:] = b"\x01" * 8
+    bufs[1].view[:] = b"\x02" * 8
+    p.driver.start("B", 3)  # indirect: one descriptor, taken at publication; direct: 2, then 3 and 4
+    p.driver.add(bufs[0].addr, 8, False)
+    p.device.add_used(a.head, 4)
+    p.device.flush_used()
+    assert p.driver.reap() == [("A", 4)]  # while B is open
+    p.driver.add(bufs[1].addr, 8, False)
+    p.driver.add(bufs[2].addr, 8, True)
+    p.driver.flush()
+    assert p.driver.check_free_list() == p.driver.num_free == (7 if indirect else 5)
+    chain = p.device.pop()
+    assert chain is not None
+    assert chain.read_all() == b"\x01" * 8 + b"\x02" * 8  # B's own buffers, in order
+    assert [len(w) for w in chain.writable] == [8]
+    p.device.add_used(chain.head, 8)
+    p.device.flush_used()
+    assert p.driver.reap() == [("B", 8)]
+    assert p.driver.check_free_list() == p.driver.num_free == 8
+
+
 def test_one_at_a_time_reuses_one_chain(make_pair: PairFactory) -> None:
     """Requests one at a time get the same descriptors each time (the device finds its checked chain again)."""
     p = make_pair(8)

@@ -661,6 +661,7 @@ class SplitQueue:
             self.free_head = head
             self.num_free += self._req_ndescs
         elif self._req_ndescs:
+            self._req_head = END  # closed first: its own chain goes back to the head of the list
             self._release_chain(head, self._req_last, self._req_ndescs)
         self._req_head = END
         self._req_token = _IDLE
@@ -845,10 +846,14 @@ class SplitQueue:
         chain, which a device that caches checked chains (the embedded back
         ends) and its CPU's cache find unchanged. With VIRTIO_F_IN_ORDER at
         its tail (FIFO, the seed's vq_ring_free_chain): descriptors must be
-        used in ring order (module docstring).
+        used in ring order (module docstring). At its tail too while a
+        request is open: its next descriptors are the ones at the head.
         """
         self.num_free += ndescs
-        if self.in_order:
+        if self.in_order or (self._req_head != END and self.free_head != END):
+            # FIFO: with IN_ORDER always; otherwise while a request is open, whose start() / add()
+            # take their descriptors one by one from the head of the list (its head descriptor
+            # included, taken when it is published): a chain pushed there would cut into it.
             if self.free_head == END:
                 self.free_head = head
             else:
