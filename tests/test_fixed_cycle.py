@@ -135,6 +135,41 @@ def test_cycle_keeps_depth_in_flight_and_returns_each_completion_once(
     assert returned == sum(1 + r % DEPTH for r in range(200))
 
 
+def complete(pair: RingPair | PackedRingPair, k: int) -> None:
+    for _ in range(k):
+        chain = pair.device.pop()
+        assert chain is not None
+        pair.device.add_used(chain.head, 3)
+    pair.device.flush_used()
+
+
+def test_plain_calls_between_turns_see_the_cycle_s_state_and_the_cycle_sees_theirs(
+    pair: RingPair | PackedRingPair,
+) -> None:
+    """The plain-Python cycle may hold the ring's shadow indices between turns; a plain call first takes them
+    back (``sync``), and the next turn takes up what the plain call left."""
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    kicks: list[int] = []
+    cyc = fc.cycle(DEPTH, lambda: kicks.append(1))
+    cyc.turn()
+    assert fc.n_inflight == DEPTH and fc.pending() == 0
+    complete(pair, 3)
+    done = cyc.turn()
+    assert done is not None and len(done) == 3 and fc.n_inflight == DEPTH
+    complete(pair, 2)
+    assert fc.pending() == 2  # the ring's used index against the cycle's last_used
+    got = fc.reap_slots()  # a plain call between turns
+    assert len(got) == 2 and fc.n_inflight == DEPTH - 2 and fc.pending() == 0
+    complete(pair, 1)
+    again = cyc.turn()  # sees the one new completion only, and publishes for it and for the two reaped
+    assert again is not None and len(again) == 1 and not set(again) & set(got)
+    assert fc.n_inflight == DEPTH and len(cyc.posted) == 3  # from the cycle's spares: the two reaped are the caller's
+    cyc.sync()
+    cyc.sync()  # cheap when done: nothing moves
+    assert cyc.kicks == len(kicks) and fc.n_inflight == DEPTH
+    assert sorted(fc.in_flight()) == sorted(set(fc.in_flight()))
+
+
 @pytest.mark.parametrize("vectorised", [False, True], ids=["python", "numpy"])
 @pytest.mark.parametrize("lie", ["not_in_flight", "out_of_range", "too_long", "too_many"])
 def test_a_lie_breaks_the_queue_with_the_completions_validated_before_it(

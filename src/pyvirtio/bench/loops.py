@@ -219,9 +219,11 @@ def run_fused(
     check = e.vq.check_alive
     fmt = e.fmt
     lba, lk, lo = fmt.lba, fmt.lba_k, fmt.lba_o  # lba[lk * s + lo]: slot s's address
+    at = [lk * s + lo for s in range(fixed.nslots)]  # lba[at[s]]: slot s's address
     st, unset = fmt.status, fmt.unset  # st[s]: nonzero if slot s failed
     spb = e.units_per_block
     first = e.first_block
+    base = first * spb
     nblocks = e.nblocks
     rand = e.rng.random
     sequential = e.sequential
@@ -255,23 +257,20 @@ def run_fused(
                 t = perf()
                 for s in cyc.posted:
                     sub_t[s] = t
-                if done:
-                    idle = 0
-                    for s in done:
-                        if st[s]:
-                            errors += 1
-                            if stats.error is None:
-                                stats.error = fmt.describe(s)
-                        raw.append(t - sub_t[s])
-                        # The slot's next request, before the next turn publishes it.
-                        if sequential:
-                            b = nxt
-                            nxt = nxt + 1 if nxt + 1 < nblocks else 0
-                        else:
-                            b = int(rand() * nblocks)
-                        lba[lk * s + lo] = (first + b) * spb
-                        st[s] = unset
-                    ios += len(done)
+                for s in done:
+                    if st[s]:
+                        errors += 1
+                        if stats.error is None:
+                            stats.error = fmt.describe(s)
+                    raw.append(t - sub_t[s])
+                    # The slot's next request, before the next turn publishes it.
+                    if sequential:
+                        lba[at[s]] = (first + nxt) * spb
+                        nxt = nxt + 1 if nxt + 1 < nblocks else 0
+                    else:
+                        lba[at[s]] = base + int(rand() * nblocks) * spb
+                    st[s] = unset
+                ios += len(done)
                 if t >= next_event:  # deadline, stop flag, progress, histogram: every ~10 ms at most
                     if t >= deadline or (stop is not None and stop.is_set()):
                         break

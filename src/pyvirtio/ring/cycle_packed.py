@@ -104,6 +104,9 @@ class PackedCycle:
     def stepper(self) -> Callable[[int], Any]:
         return self.turn
 
+    def sync(self) -> None:
+        """Nothing to hand back: the ring's shadow indices are current after every turn."""
+
     def turn(self, spins: int = 1) -> Any:
         ring = self._ring
         if ring.broken is not None:

@@ -40,8 +40,18 @@ if TYPE_CHECKING:
     from pyvirtio.ring.fixed_split import SplitFixedChains
 
 
+class _HandBack(Exception):
+    """Thrown into the split cycle's loop by :meth:`SplitCycle.sync`: write the shadow indices back."""
+
+
 class SplitCycle:
-    """The closed loop of :meth:`SplitFixedChains.cycle`, in plain Python (one ``send`` of its generator per pass)."""
+    """The closed loop of :meth:`SplitFixedChains.cycle`, in plain Python (one ``send`` of its generator per pass).
+
+    Between passes the loop holds the ring's shadow indices in its locals
+    (see :meth:`_steps`); :meth:`sync` hands them back to the ring, and the
+    next pass takes them up again. The fixed chains call it before any call
+    of their own, so the plain calls always see the truth.
+    """
 
     def __init__(self, fc: SplitFixedChains, depth: int, notify: Callable[[], object]) -> None:
         ring = fc.ring
@@ -63,7 +73,9 @@ class SplitCycle:
         self.slot_wlen = fc.slot_wlen
         self._spares = list(range(fc.nslots))  # prepared, not published; oldest first
         self.posted: list[int] = []
+        #: Kicks sent so far: current after an idle turn and after :meth:`sync`.
         self.kicks = 0
+        self._held = False  # the loop holds the shadow indices (not the ring)
         self._start()
 
     def turn(self, spins: int = 1) -> list[int] | None:
@@ -77,21 +89,46 @@ class SplitCycle:
         """:meth:`turn` as a bare callable: the loop's ``send`` (see :meth:`_steps`); after it raised, use turn."""
         return self._send
 
+    def sync(self) -> None:
+        """Write the shadow indices and the kick count back to the ring and this object; the next turn takes
+        them up again. Cheap if already done."""
+        if self._held:
+            self._held = False
+            try:
+                self._throw(_HandBack)
+            except (_HandBack, StopIteration):  # the loop had ended (on an exception, the ring's state written)
+                pass
+
     def _start(self) -> None:
         steps = self._steps()
         next(steps)
         self._send = steps.send
+        self._throw = steps.throw
+
+    def _hand_back(self, last: int, out: int, idx: int, kf: int, kicks: int) -> None:
+        """The loop's state to the ring (before an exact path or an error leaves the loop)."""
+        ring = self._ring
+        ring.last_used = last
+        ring.outstanding = out
+        ring.avail_idx = idx
+        ring.kick_from = kf
+        self.kicks = kicks
+        self._held = False
 
     def _steps(self) -> Generator[list[int] | None, int, None]:
         """The cycle as a generator: one pass per ``send(spins)``.
 
         Its locals are the loop's state and outlive each pass, so a pass
-        loads nothing from an object before its kick: the path from a
-        completion seen to the kick is the QD1 round trip's
-        (docs/benchmarks.md §1.2, §7), where each attribute load costs
-        ~15-20 ns and a method call's set-up more. The ring's shadow indices
-        are read at the start of every pass and written back in it, so
-        plain calls between passes see the truth and are seen.
+        loads nothing from an object and stores nothing to one but the ring
+        and ``posted``: the work between a kick and the next poll is on the
+        QD1 round trip (docs/benchmarks.md §1.2, §7; against
+        qemu-storage-daemon 0.7 us more of it cost 40% of QD1), and each
+        attribute load or store costs ~15-20 ns. The ring's shadow indices
+        (``last_used``, ``outstanding``, ``avail_idx``, ``kick_from``) live
+        in these locals from the first pass on; :meth:`sync` throws
+        :class:`_HandBack` in, which writes them back and parks the loop
+        until the next pass reads them again. Every way out of the loop on
+        an error writes them back first.
         """
         ring = self._ring
         fc = self._fc
@@ -108,14 +145,20 @@ class SplitCycle:
         mask = size - 1
         avail_event = self._avail_event  # -1 without EVENT_IDX
         used_event = self._used_event
-        signals = self._signals
+        # What the used_event hint does after a kick decision: nothing (no EVENT_IDX), follow the used
+        # index (device signals on), or stay behind it (off, as kick_prepare).
+        hint = 0 if avail_event < 0 else 1 if self._signals else 2
         notify = self._notify
         fence, fence_end = ordering.private_fence()
-        result: list[int] | None = None
+        spins = yield None
+        fc.check_broken()
+        last = ring.last_used
+        out = ring.outstanding
+        idx = ring.avail_idx
+        kf = ring.kick_from
+        kicks = self.kicks
+        self._held = True
         while True:
-            spins = yield result
-            last = ring.last_used
-            out = ring.outstanding
             n = (u16[1] - last) & 0xFFFF
             if not n and out == depth:
                 while spins > 1:  # poll again without leaving the pass (an idle poll stores nothing)
@@ -124,18 +167,20 @@ class SplitCycle:
                     if n:
                         break
                 else:
-                    result = None
+                    self.kicks = kicks
+                    try:
+                        spins = yield None
+                    except _HandBack:
+                        last, out, idx, kf, kicks, spins = yield from self._parked(last, out, idx, kf, kicks)
                     continue
-            if ring.broken is not None:
-                fc.check_broken()
             if n > out:
+                self._hand_back(last, out, idx, kf, kicks)
                 fc.reap_slots()  # raises: the used index moved by more than is in flight
             # 1. Publish one spare per completion seen (and any shortfall), decide the kick.
             want = n + depth - out
             posted = spares[:want]
             if posted:
                 del spares[:want]
-                idx = ring.avail_idx
                 for s in posted:
                     a16[2 + (idx & mask)] = heads[s]
                     idx = (idx + 1) & 0xFFFF
@@ -144,26 +189,27 @@ class SplitCycle:
                 a16[1] = idx
                 # The kick decision (virtio 1.2 §2.7.10), as SplitQueue.kick_prepare: the fence's
                 # first half (a locked compare-and-swap, a full fence on x86-64) orders the avail
-                # index store before the reads below; its second half, the shadow indices and the
-                # used_event hint come after the kick.
+                # index store before the reads below; its second half and the used_event hint
+                # come after the kick.
                 fence()
                 try:
-                    if avail_event >= 0:
-                        need = ((idx - u16[avail_event] - 1) & 0xFFFF) < ((idx - ring.kick_from) & 0xFFFF)
-                    else:
-                        need = not u16[0] & 1
-                    if need:
+                    if (
+                        ((idx - u16[avail_event] - 1) & 0xFFFF) < ((idx - kf) & 0xFFFF)
+                        if hint
+                        else not u16[0] & 1
+                    ):
                         notify()
-                        self.kicks += 1
-                finally:
+                        kicks += 1
+                except BaseException:
                     fence_end()
-                    ring.avail_idx = idx
-                    ring.kick_from = idx
-                if avail_event >= 0:
-                    if signals:
-                        a16[used_event] = (last + n) & 0xFFFF  # signal the next completion after this batch
-                    elif (a16[used_event] - last) & 0xFFFF < 0x8000:
-                        a16[used_event] = (last - size - 1) & 0xFFFF  # as kick_prepare
+                    self._hand_back(last, out, idx, idx, kicks)  # published, not yet in flight (as before a kick)
+                    raise
+                fence_end()
+                kf = idx
+                if hint == 1:
+                    a16[used_event] = (last + n) & 0xFFFF  # signal the next completion after this batch
+                elif hint and (a16[used_event] - last) & 0xFFFF < 0x8000:
+                    a16[used_event] = (last - size - 1) & 0xFFFF  # as kick_prepare
                 out += len(posted)
             self.posted = posted
             # 2. Check the completions (the spares just published are not in flight yet).
@@ -178,20 +224,35 @@ class SplitCycle:
                     # hw1[head]: writable bytes + 1 if in flight, else 0 (also after its
                     # first completion in this batch: a duplicate fails).
                     if head >= size or u32[i + 1] >= hw1[head]:
+                        self._hand_back(last, out, idx, kf, kicks)
                         done = self._exact(posted, done, out, n)  # raises, or clamped lengths were accepted
+                        self._held = True
                         pos = (last + n) & 0xFFFF
                         break
                     hw1[head] = 0
                     done.append(slot_of[head])
                     pos = (pos + 1) & 0xFFFF
-                ring.last_used = pos
+                last = pos
                 out -= n
                 spares += done
             # 3. What was published is in flight from now on.
             for s in posted:
                 hw1[heads[s]] = wlen[s] + 1
-            ring.outstanding = out
-            result = done
+            try:
+                spins = yield done
+            except _HandBack:
+                last, out, idx, kf, kicks, spins = yield from self._parked(last, out, idx, kf, kicks)
+
+    def _parked(
+        self, last: int, out: int, idx: int, kf: int, kicks: int
+    ) -> Generator[None, int, tuple[int, int, int, int, int, int]]:
+        """:meth:`sync`: the state to the ring, the loop parked until the next pass, which takes it up again."""
+        self._hand_back(last, out, idx, kf, kicks)
+        spins = yield None
+        self._fc.check_broken()
+        ring = self._ring
+        self._held = True
+        return ring.last_used, ring.outstanding, ring.avail_idx, ring.kick_from, self.kicks, spins
 
     def _exact(self, posted: list[int], done: list[int], out: int, n: int) -> list[int]:
         """A used entry of the batch of ``n`` failed the quick check: undo it, re-run the batch entry by entry.
@@ -200,7 +261,9 @@ class SplitCycle:
         tolerates overlong used lengths (``clamp_used_len``), returns the
         batch's slots with those lengths clamped. The spares published in this
         turn are marked in flight only afterwards, as on the fast path: the
-        batch cannot name them.
+        batch cannot name them. The ring holds the shadow indices (the loop
+        handed them back), so ``take_exact`` moves them; the caller goes on
+        with the loop's own arithmetic, which matches.
         """
         fc = self._fc
         hw1 = self.hw1
@@ -250,6 +313,9 @@ class SplitManyCycle:
         self._nr = fc.nslots
         self.posted: Any = self._rq[:0]
         self.kicks = 0
+
+    def sync(self) -> None:
+        """Nothing to hand back: the ring's shadow indices are current after every turn."""
 
     def stepper(self) -> Callable[[int], Any]:
         return self.turn

@@ -57,7 +57,11 @@ Paths, sharing one state:
   §1.2). The slots it returns are spares from then on: the caller prepares
   them before the next turn. The spares published are marked in flight only
   after the batch was checked, so an entry naming one is rejected. The
-  vectorised cycle (``vectorised=True``) does the same in array operations;
+  vectorised cycle (``vectorised=True``) does the same in array operations.
+  The split ring's plain-Python cycle keeps the ring's shadow indices in its
+  loop between turns (the work between a kick and the next poll is on the
+  QD1 round trip); :meth:`Cycle.sync` hands them back, and every plain call
+  of the fixed chains calls it first, so the paths still share one state;
 * the *stream* (:meth:`~FixedChains.stream`), the net engine's: every slot
   a one-buffer chain, all of them in flight all the time, each slot fixed
   at its ring position, so re-posting n slots is one store (split: the avail
@@ -110,7 +114,7 @@ class Cycle(Protocol):
 
     #: The slots the last busy :meth:`turn` published (a list, or an array when vectorised).
     posted: Any
-    #: Kicks sent so far.
+    #: Kicks sent so far (current after an idle turn, and after :meth:`sync`).
     kicks: int
 
     def turn(self, spins: int = 1) -> Any:
@@ -120,6 +124,11 @@ class Cycle(Protocol):
         the used side up to this many times before returning None (a poll
         inside the ring's loop costs less than a call from the engine's).
         """
+        ...
+
+    def sync(self) -> None:
+        """Hand the ring its shadow indices (and this object its ``kicks``) if the loop holds them between
+        turns; the next turn takes them up again. The fixed chains call it before any plain call of theirs."""
         ...
 
     def stepper(self) -> Callable[[int], Any]:

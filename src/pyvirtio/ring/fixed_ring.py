@@ -251,6 +251,9 @@ class RingCycle:
             self.np = np
         self.posted: Any = [] if self.np is None else self.np.zeros(0, dtype=self.np.intp)
 
+    def sync(self) -> None:
+        """Nothing to hand back: the ring's state is current after every turn."""
+
     def stepper(self) -> Callable[[int], Any]:
         return self.turn
 

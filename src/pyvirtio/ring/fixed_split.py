@@ -8,8 +8,13 @@ headed by descriptor s), so posting a slot is one avail-ring store, and a
 batch one avail index store (virtio 1.2 §2.7.13) and one kick decision
 (§2.7.10: VRING_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX). The ring's
 shadow indices (``avail_idx``, ``last_used``, ``outstanding``,
-``kick_from``) are kept current after every call, so the ring's own
+``kick_from``) are kept current after every plain call, so the ring's own
 ``kick_prepare``, ``enable_interrupts`` and ``restart_base`` see the truth.
+The plain-Python cycle holds them in its loop between passes; every call
+here first has it hand them back (:meth:`SplitCycle.sync
+<pyvirtio.ring.cycle_split.SplitCycle.sync>`), and its next pass takes
+them up again (the queue is used only through this object while it is
+attached).
 
 In-flight state is one list, ``hw1[h]``: 0 unless descriptor h heads a slot
 in flight, then that slot's device-writable bytes + 1. One lookup checks "in
@@ -74,6 +79,7 @@ class SplitFixedChains(FixedChains):
             self._write_slot(s)
         self.heads_are_slots = self.heads == list(range(self.nslots))
         self.hw1 = [0] * ring.size
+        self._cycle: SplitCycle | None = None  # the last plain-Python cycle: it may hold the shadow indices
 
     def _write_slot(self, s: int) -> None:
         """Write slot s's current shape into its descriptors; recompute its writable bytes."""
@@ -99,7 +105,13 @@ class SplitFixedChains(FixedChains):
 
     @property
     def n_inflight(self) -> int:
+        self._settle()
         return self.ring.outstanding
+
+    def _settle(self) -> None:
+        """Have the plain-Python cycle, if any, hand the shadow indices back to the ring (see the module docstring)."""
+        if self._cycle is not None:
+            self._cycle.sync()
 
     @property
     def wlen(self) -> Sequence[int]:
@@ -123,9 +135,11 @@ class SplitFixedChains(FixedChains):
         return [s for s, h in enumerate(self.heads) if hw1[h]]
 
     def pending(self) -> int:
+        self._settle()
         return (self.mem.used16[1] - self.ring.last_used) & 0xFFFF
 
     def _check_path(self, numpy: bool | None) -> None:
+        self._settle()
         if self.streaming:
             raise QueueStateError("this FixedChains is streaming: close the stream first")
         if numpy is False and self._np is not None:
@@ -230,6 +244,7 @@ class SplitFixedChains(FixedChains):
         return ring.kick_prepare()
 
     def reap_slots(self, max_n: int = 1 << 16, lengths: list[int] | None = None) -> list[int]:
+        self._settle()
         ring = self.ring
         m = self.mem
         last = ring.last_used
@@ -304,6 +319,7 @@ class SplitFixedChains(FixedChains):
         return self._np
 
     def post_many(self, slots: np.ndarray, *, check: bool = True) -> bool:
+        self._settle()
         ring = self.ring
         self.check_broken()
         a = self.arrays()
@@ -326,6 +342,7 @@ class SplitFixedChains(FixedChains):
         return ring.kick_prepare()
 
     def reap_many(self) -> tuple[np.ndarray, np.ndarray] | None:
+        self._settle()
         ring = self.ring
         m = self.mem
         last = ring.last_used
@@ -388,7 +405,10 @@ class SplitFixedChains(FixedChains):
             raise QueueStateError("a cycle starts with nothing in flight")
         if not 1 <= depth <= self.nslots:
             raise InvalidArgument(f"depth must be 1..{self.nslots}, got {depth}")
-        return SplitManyCycle(self, depth, notify) if vectorised else SplitCycle(self, depth, notify)
+        if vectorised:
+            return SplitManyCycle(self, depth, notify)
+        self._cycle = SplitCycle(self, depth, notify)
+        return self._cycle
 
     def stream(self, notify: Callable[[], object], *, min_len: int = 0) -> SplitStream:
         self.check_broken()
@@ -398,9 +418,11 @@ class SplitFixedChains(FixedChains):
     # -- interrupts, reconnect, teardown -----------------------------------------------
 
     def enable_interrupts(self) -> None:
+        self._settle()
         self.ring.enable_interrupts()
 
     def disable_interrupts(self) -> None:
+        self._settle()
         self.ring.disable_interrupts()
 
     def restart_base(self, resubmit: bool = True) -> int:
@@ -408,6 +430,8 @@ class SplitFixedChains(FixedChains):
         return self.ring.restart_base(resubmit, in_flight=[self.heads[s] for s in self.in_flight()])
 
     def detach(self) -> None:
+        self._settle()
+        self._cycle = None
         ring = self.ring
         if ring.outstanding and ring.broken is None:
             raise QueueStateError(f"{ring.outstanding} slots still in flight")
