@@ -171,6 +171,28 @@ def test_plain_calls_between_turns_see_the_cycle_s_state_and_the_cycle_sees_thei
 
 
 @pytest.mark.parametrize("vectorised", [False, True], ids=["python", "numpy"])
+def test_split_cycle_with_signals_on_asks_for_the_next_completion_before_its_kick(vectorised: bool) -> None:
+    """Device signals on (EVENT_IDX): each batch asks for a signal at the next completion, in the ring before the
+    kick, so a device that completes the new request at once still sees the request for it."""
+    p = RingPair(64, event_idx=True)
+    try:
+        fc = FixedChains(p.driver, chains(p, NSLOTS))
+        fc.enable_interrupts()
+        dev = HostileDevice(p.driver, p.pool)
+        at_kick: list[tuple[int, int]] = []
+        cyc = fc.cycle(DEPTH, lambda: at_kick.append((dev.used_event, dev.used_idx)), vectorised=vectorised)
+        cyc.turn()
+        for k in (3, 1, 2):
+            complete(p, k)
+            dev.avail_event = dev.avail_idx  # the device asks for the next kick
+            assert cyc.turn() is not None
+            assert at_kick[-1][0] == at_kick[-1][1]  # used_event = the used index just reaped: signal the next
+        assert len(at_kick) == 4
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("vectorised", [False, True], ids=["python", "numpy"])
 @pytest.mark.parametrize("lie", ["not_in_flight", "out_of_range", "too_long", "too_many"])
 def test_a_lie_breaks_the_queue_with_the_completions_validated_before_it(
     pair: RingPair | PackedRingPair, vectorised: bool, lie: str
