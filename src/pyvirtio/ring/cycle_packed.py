@@ -41,7 +41,7 @@ ring for the exact path (its class docstring).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import InvalidArgument
@@ -100,157 +100,192 @@ class PackedCycle:
             self.np = np
         self.posted: Any = []
         self.kicks = 0
+        self._start()
 
     def stepper(self) -> Callable[[int], Any]:
-        return self.turn
+        """:meth:`turn` as a bare callable: the loop's ``send`` (see :meth:`_steps`); after it raised, use turn."""
+        return self._send
 
     def sync(self) -> None:
-        """Nothing to hand back: the ring's shadow indices are current after every turn."""
+        """Nothing to hand back: the ring's shadow state is current after every turn."""
 
     def turn(self, spins: int = 1) -> Any:
+        try:
+            return self._send(spins)
+        except StopIteration:  # the loop ended on an exception: a new one starts
+            self._start()
+            return self._send(spins)
+
+    def _start(self) -> None:
+        steps = self._steps()
+        next(steps)
+        self._send = steps.send
+
+    def _steps(self) -> Generator[Any, int, None]:
+        """The cycle as a generator: one pass per ``send(spins)``.
+
+        What does not change during the loop (views, tables, the depth) is
+        in its locals, so a pass loads from objects only the ring's shadow
+        state (read and written every pass, as the plain calls') and the
+        fixed chains' ``vol``: at QD1 the path from a completion seen to the
+        kick is on the round trip (docs/benchmarks.md §1.2, §7).
+        """
         ring = self._ring
-        if ring.broken is not None:
-            self._fc.check_broken()
-        fl = self._fl
-        pos = ring.next_used
-        ub = ring.used_bits
-        flags = fl[pos]
-        used = flags & FLIP == ub
-        out = ring.outstanding
-        depth = self._depth
-        stash = self._stash
-        if not used and not stash and out == depth:
-            while spins > 1:  # poll again with everything in locals
-                spins -= 1
-                flags = fl[pos]
-                if flags & FLIP == ub:
-                    used = True
-                    break
-            else:
-                if flags & FLIP != ub ^ USED:
-                    self._fc.take(1 << 16, [], [])  # raises: neither used nor available (wrong wrap counter)
-                return None
         fc = self._fc
+        fl = self._fl
+        ids = self._ids
+        lens = self._lv
+        wlen = self._wlen
         tokens = self._tokens
         idle = self._idle
         size = self._size
         nd = self._nd
-        done: list[int] = []
-        nfree = 0
-        # 1. Take and check the completions.
-        if stash:
-            fc.take(1 << 16, done, [])  # a reconnect's completions first (committed by take)
+        stash = self._stash
+        depth = self._depth
+        spares = self._spares
+        desc = self._desc
+        o16 = self._o16
+        dev = self._dev16
+        drv = self._drv16
+        event_idx = self._event_idx
+        weak = self._weak  # barriers are instructions only there (ordering.py)
+        signals = self._signals
+        notify = self._notify
+        np = self.np
+        n1 = fc.n1
+        img1, av1, hf1 = fc.img1, fc.av1, fc.hf1
+        img0, av0, hf0 = fc.img0, fc.av0, fc.hf0
+        fence_acquire, fence_release = ordering.fence_acquire, ordering.fence_release
+        result: Any = None
+        while True:
+            spins = yield result
+            if ring.broken is not None:
+                fc.check_broken()
+            pos = ring.next_used
+            ub = ring.used_bits
+            flags = fl[pos]
+            used = flags & FLIP == ub
             out = ring.outstanding
-        elif used:
-            ids = self._ids
-            lens = self._lv
-            wlen = self._wlen
-            weak = self._weak
-            while True:
-                if weak:
-                    ordering.read_barrier()
-                bid = ids[pos]
-                # With nothing in flight every token is idle: a used descriptor then fails the token test.
-                if bid >= size or tokens[bid] is idle or (lens[pos] if flags & WRITE else 0) > wlen[bid]:
-                    done = self._retake(done)  # raises, or clamped lengths were accepted (committed)
-                    nfree = 0
-                    out = ring.outstanding
-                    break
-                tokens[bid] = idle
-                done.append(bid)
-                n = nd[bid]
-                nfree += n
-                pos += n
-                if pos >= size:
-                    pos -= size
-                    ub ^= FLIP
-                out -= 1
-                flags = fl[pos]
-                if flags & FLIP != ub:
-                    if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
-                        done = self._retake(done)  # raises
+            if not used and not stash and out == depth:
+                while spins > 1:  # poll again with everything in locals
+                    spins -= 1
+                    flags = fl[pos]
+                    if flags & FLIP == ub:
+                        used = True
+                        break
+                else:
+                    if flags & FLIP != ub ^ USED:
+                        fc.take(1 << 16, [], [])  # raises: neither used nor available (wrong wrap counter)
+                    result = None
+                    continue
+            done: list[int] = []
+            nfree = 0
+            # 1. Take and check the completions.
+            if stash:
+                fc.take(1 << 16, done, [])  # a reconnect's completions first (committed by take)
+                out = ring.outstanding
+            elif used:
+                while True:
+                    if weak:
+                        ordering.read_barrier()
+                    bid = ids[pos]
+                    # With nothing in flight every token is idle: a used descriptor then fails the token test.
+                    if bid >= size or tokens[bid] is idle or (lens[pos] if flags & WRITE else 0) > wlen[bid]:
+                        done = self._retake(done)  # raises, or clamped lengths were accepted (committed)
                         nfree = 0
                         out = ring.outstanding
+                        break
+                    tokens[bid] = idle
+                    done.append(bid)
+                    n = nd[bid]
+                    nfree += n
+                    pos += n
+                    if pos >= size:
+                        pos -= size
+                        ub ^= FLIP
+                    out -= 1
+                    flags = fl[pos]
+                    if flags & FLIP != ub:
+                        if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
+                            done = self._retake(done)  # raises
+                            nfree = 0
+                            out = ring.outstanding
+                        else:
+                            ring.next_used = pos
+                            ring.used_bits = ub
+                        break
+            # 2. Publish one spare per completion (and any shortfall).
+            want = depth - out
+            posted = spares[:want]
+            if posted:
+                del spares[:want]
+                pos = ring.next_avail
+                bits = ring.avail_bits
+                k = len(posted)
+                if n1 and fc.vol is None and pos + n1 * k < size:
+                    # Every slot n1 descriptors, the batch before the end of the ring: in one store, the
+                    # first slot with its head not available, every other one whole; then (barrier) the first
+                    # head's flags, which expose the batch (§2.8.21.1: the device starts at the first).
+                    first = posted[0]
+                    if bits == AVAIL:
+                        img, av, h = img1, av1, hf1[first]
                     else:
-                        ring.next_used = pos
-                        ring.used_bits = ub
-                    break
-        # 2. Publish one spare per completion (and any shortfall).
-        spares = self._spares
-        want = depth - out
-        posted = spares[:want]
-        if posted:
-            del spares[:want]
-            pos = ring.next_avail
-            bits = ring.avail_bits
-            n1 = fc.n1
-            k = len(posted)
-            if n1 and fc.vol is None and pos + n1 * k < size:
-                # Every slot n1 descriptors, the batch before the end of the ring: in one store, the
-                # first slot with its head not available, every other one whole; then (barrier) the first
-                # head's flags, which expose the batch (§2.8.21.1: the device starts at the first).
-                first = posted[0]
-                if bits == AVAIL:
-                    img, av, h = fc.img1, fc.av1, fc.hf1[first]
-                else:
-                    img, av, h = fc.img0, fc.av0, fc.hf0[first]
-                total = n1 * k
-                o16 = self._o16
-                if k == 1:
-                    self._desc[o16[pos] : o16[pos + n1]] = img[first]
-                    tokens[first] = first
-                else:
-                    parts = list(map(av.__getitem__, posted))
-                    parts[0] = img[first]
-                    self._desc[o16[pos] : o16[pos + total]] = b"".join(parts)
-                    for s in posted:
-                        tokens[s] = s
-                if self._weak:
-                    ordering.write_barrier()
-                fl[pos] = h
-                pos += total
-                ring.next_avail = pos
-                ring.num_free += nfree - total
-                ring.outstanding = out + k
-                # 3. The kick decision (§2.8.10), as PackedQueue.kick_prepare.
-                ordering.fence_acquire()
-                ordering.fence_release()
-                dev = self._dev16
-                ev = dev[1] & RING_EVENT_FLAGS_MASK
-                if ev == RING_EVENT_FLAGS_DISABLE:
-                    need = False
-                elif ev == RING_EVENT_FLAGS_DESC and self._event_idx:
-                    # packed_need_event inlined: positions along two laps (wrap counter 1: the even lap).
-                    if total >= size:
+                        img, av, h = img0, av0, hf0[first]
+                    total = n1 * k
+                    if k == 1:
+                        desc[o16[pos] : o16[pos + n1]] = img[first]
+                        tokens[first] = first
+                    else:
+                        parts = list(map(av.__getitem__, posted))
+                        parts[0] = img[first]
+                        desc[o16[pos] : o16[pos + total]] = b"".join(parts)
+                        for s in posted:
+                            tokens[s] = s
+                    if weak:
+                        ordering.write_barrier()
+                    fl[pos] = h
+                    pos += total
+                    ring.next_avail = pos
+                    ring.num_free += nfree - total
+                    ring.outstanding = out + k
+                    # 3. The kick decision (§2.8.10), as PackedQueue.kick_prepare.
+                    fence_acquire()
+                    fence_release()
+                    ev = dev[1] & RING_EVENT_FLAGS_MASK
+                    if ev == RING_EVENT_FLAGS_DISABLE:
+                        need = False
+                    elif ev == RING_EVENT_FLAGS_DESC and event_idx:
+                        # packed_need_event inlined: positions along two laps (wrap counter 1: the even lap).
+                        if total >= size:
+                            need = True
+                        else:
+                            new = pos if bits == AVAIL else pos + size
+                            off = dev[0]
+                            event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
+                            need = (new - event - 1) % (2 * size) < total
+                    else:
                         need = True
-                    else:
-                        new = pos if bits == AVAIL else pos + size
-                        off = dev[0]
-                        event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
-                        need = (new - event - 1) % (2 * size) < total
-                else:
-                    need = True
-            else:  # across the end of the ring, slots of different lengths, or lengths stored per request
+                else:  # across the end of the ring, slots of different lengths, or lengths stored per request
+                    ring.num_free += nfree
+                    ring.outstanding = out
+                    need = fc.publish(posted)
+                if need:
+                    notify()
+                    self.kicks += 1
+            elif nfree:
                 ring.num_free += nfree
                 ring.outstanding = out
-                need = fc.publish(posted)
-            if need:
-                self._notify()
-                self.kicks += 1
-        elif nfree:
-            ring.num_free += nfree
-            ring.outstanding = out
-        if done and self._signals:
-            # The next used descriptor wanted (§2.8.10), as PackedQueue's reap; after the kick, as the split
-            # cycle's used_event: a device that completes first sees the old event and need not signal.
-            self._drv16[0] = ring.next_used | (1 if ring.used_bits else 0) << RING_EVENT_WRAP_SHIFT
-        spares += done
-        np = self.np
-        if np is None:
-            self.posted = posted
-            return done
-        self.posted = np.asarray(posted, dtype=np.intp)
-        return np.asarray(done, dtype=np.intp)
+            if done and signals:
+                # The next used descriptor wanted (§2.8.10), as PackedQueue's reap; after the kick, as the split
+                # cycle's used_event: a device that completes first sees the old event and need not signal.
+                drv[0] = ring.next_used | (1 if ring.used_bits else 0) << RING_EVENT_WRAP_SHIFT
+            spares += done
+            if np is None:
+                self.posted = posted
+                result = done
+            else:
+                self.posted = np.asarray(posted, dtype=np.intp)
+                result = np.asarray(done, dtype=np.intp)
 
     def _retake(self, done: list[int]) -> list[int]:
         """An anomaly in the batch: put back what this turn took, let the fixed chains' reap re-run it."""
