@@ -168,6 +168,9 @@ class SplitCycle:
                         break
                 else:
                     self.kicks = kicks
+                    if ring.broken is not None:  # closed or broken by another path: say so, the state handed back
+                        self._hand_back(last, out, idx, kf, kicks)
+                        fc.check_broken()
                     try:
                         spins = yield None
                     except _HandBack:
