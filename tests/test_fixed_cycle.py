@@ -171,6 +171,25 @@ def test_plain_calls_between_turns_see_the_cycle_s_state_and_the_cycle_sees_thei
 
 
 @pytest.mark.parametrize("vectorised", [False, True], ids=["python", "numpy"])
+def test_a_ring_broken_under_a_running_cycle_stops_the_next_idle_turn(
+    pair: RingPair | PackedRingPair, vectorised: bool
+) -> None:
+    """The ring marked broken (or closed) by another path between turns: the next turn that finds nothing to do
+    raises, and the ring's shadow state is handed back first."""
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    cyc = fc.cycle(DEPTH, lambda: None, vectorised=vectorised)
+    cyc.turn()
+    assert cyc.turn() is None
+    pair.driver.broken = "closed under the cycle"
+    try:
+        with pytest.raises(QueueBroken):
+            cyc.turn()
+        assert pair.driver.outstanding == DEPTH
+    finally:
+        pair.driver.broken = None
+
+
+@pytest.mark.parametrize("vectorised", [False, True], ids=["python", "numpy"])
 def test_split_cycle_with_signals_on_asks_for_the_next_completion_before_its_kick(vectorised: bool) -> None:
     """Device signals on (EVENT_IDX): each batch asks for a signal at the next completion, in the ring before the
     kick, so a device that completes the new request at once still sees the request for it."""

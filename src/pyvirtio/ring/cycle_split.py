@@ -341,6 +341,8 @@ class SplitManyCycle:
                 if n:
                     break
             else:
+                if ring.broken is not None:  # closed or broken by another path
+                    self._fc.check_broken()
                 return None
         if ring.broken is not None:
             self._fc.check_broken()
