@@ -239,7 +239,7 @@ def run_fused(
             nxt = nxt + 1 if nxt + 1 < nblocks else 0
         else:
             b = int(rand() * nblocks)
-        lba[lk * s + lo] = (first + b) * spb
+        lba[at[s]] = (first + b) * spb
         st[s] = unset
     cyc = fixed.cycle(e.qd, e.device.transport.notifier(e.vq.index))
     turn = cyc.stepper()  # the ring's cheapest way to call turn

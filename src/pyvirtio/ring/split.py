@@ -653,6 +653,7 @@ class SplitQueue:
 
     def _abort_open(self) -> None:
         head = self._req_head
+        self._req_head = END  # closed first: _release_chain puts its own chain back at the head of the list
         if self._req_table is not None:
             self._indirect_tables[head] = self._req_table  # keep it for reuse
             self._req_table = None
@@ -661,9 +662,7 @@ class SplitQueue:
             self.free_head = head
             self.num_free += self._req_ndescs
         elif self._req_ndescs:
-            self._req_head = END  # closed first: its own chain goes back to the head of the list
             self._release_chain(head, self._req_last, self._req_ndescs)
-        self._req_head = END
         self._req_token = _IDLE
         self._req_left = 0
 
