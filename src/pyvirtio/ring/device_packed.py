@@ -31,29 +31,34 @@ no driver writes, a duplicate id): nothing was consumed and the queue cannot
 make progress, the back end must treat it as broken.
 
 Remembered lists (the split side's chain cache, for a ring whose lists move):
-a direct list that was walked is kept by head slot and wrap counter with its
-translated buffers and the exact bytes it had when it was checked. A later
-list at that slot in a lap of the same parity is taken without a walk when
-its descriptors are those bytes (one struct read and one comparison: every
-descriptor available with the wrap bits checked then, the same addresses
-and lengths through the same table, the same id), or, failing that, when
-every word but the ids matches (a driver that hands out ids from a free
-list); anything else is walked with every check. A list across the end of
-the ring has no image (its descriptors lie in two laps) and is compared word
-by word. An id in flight is refused on every path. A driver with fixed
-chains (:mod:`pyvirtio.ring.fixed_packed`) writes the same bytes per slot and
-lap, so after a lap pair or a few its lists are all remembered.
+a direct list that was walked is kept by the bytes of its first descriptor
+but the id (address ^ second word), with its translated buffers and the
+exact bytes all its descriptors had when they were checked. A list in a
+later lap whose first descriptor has those bytes, wherever in the ring it
+lies, is taken without a walk when its descriptors are those bytes (one
+struct read and one comparison: every descriptor available with the wrap
+bits checked then, the same addresses and lengths through the same table,
+the same id; nothing checked depends on the list's place in the ring but
+crossing its end), or, failing that, when every word but the ids matches (a
+driver that hands out ids from a free list); anything else is walked with
+every check, and so is every list across the end of the ring (its
+descriptors lie in two laps). An id in flight is refused on every path. A
+driver with fixed chains (:mod:`pyvirtio.ring.fixed_packed`) writes the same
+bytes per slot and lap parity, whatever ring position its lists land on, so
+after two laps its lists are all remembered. The store is bounded (cleared
+when a driver's lists keep changing).
 
-Used descriptors: :meth:`PackedDeviceQueue.add_used` only notes (slot,
-length, id, flags); :meth:`~PackedDeviceQueue.flush_used` writes the batch:
-every descriptor but the first whole (length, id and flags in one store: a
-driver reads used descriptors in ring order, so it looks at them only once
-the first is used), then the first's id and length, and its flags last
-behind the write barrier, so a driver polling the first sees the whole batch
-at once (§2.8.9, "Multi-buffer requests"; §2.8.21). With VIRTIO_F_IN_ORDER the device uses buffers in
+Used descriptors: :meth:`PackedDeviceQueue.add_used` writes each used
+descriptor at once, the first of a batch but its flags (length, id and
+flags of the later ones in one store each: a driver reads used descriptors
+in ring order, so it looks at them only once the first is used);
+:meth:`~PackedDeviceQueue.flush_used` writes the first's flags behind the
+write barrier, so a driver polling the first sees the whole batch at once
+(§2.8.9, "Multi-buffer requests"; §2.8.21). With VIRTIO_F_IN_ORDER the device uses buffers in
 the order it popped them and batches as the split side does (§2.8.8): one
 used descriptor per run whose buffers but the last were used completely,
-naming the run's last id, at the run's first slot.
+naming the run's last id, at the run's first slot; flush_used lays them out
+the same way.
 
 Event suppression (§2.8.10): ``flush_used`` returns the notify decision from
 the driver's structure (DISABLE, ENABLE, or DESC with EVENT_IDX: the named
@@ -103,14 +108,15 @@ _KEEP: Final = 0x7F7F_0000_FFFF_FFFF
 _W_AVAIL: Final = _AVAIL << 48
 _W_USED: Final = _USED << 48
 _W_CHECK: Final = _KEEP | _W_AVAIL | _W_USED
+_W_NOID: Final = 0xFFFF_0000_FFFF_FFFF  # the second word but the id
 _EVENT_WRAP: Final = 1 << RING_EVENT_WRAP_SHIFT  # the wrap counter's bit in desc_event_off_wrap
 
-#: A direct chain as walked, by head slot and wrap counter: its descriptors' bytes as read (None for a
-#: list that wraps past the end of the ring), the struct that reads that many, (2 * slot, addr, second
+#: A direct chain as walked, by its first descriptor's address ^ second word but the id: its
+#: descriptors' bytes as read, the struct that reads that many, (2 * place in the list, addr, second
 #: word & _W_CHECK) of each descriptor, its readable and writable buffers, its length, its buffer id,
 #: its writable bytes.
 _CachedChain = tuple[
-    bytes | None, struct.Struct, list[tuple[int, int, int]], list[memoryview], list[memoryview], int, int, int
+    bytes, struct.Struct, list[tuple[int, int, int]], list[memoryview], list[memoryview], int, int, int
 ]
 
 #: Structs reading n whole descriptors as one bytes object, by n (shared by every queue).
@@ -176,13 +182,15 @@ class PackedDeviceQueue:
         self._used_bits = _BOTH if used_wrap else 0  # AVAIL/USED of a used descriptor now
         self._inflight: dict[int, int] = {}  # id -> ring descriptors of a chain popped, not used
         self._order: deque[tuple[int, int]] = deque()  # IN_ORDER: (id, writable bytes) popped, oldest first
-        # Used descriptors added, not yet written: (slot, length, id, flags).
+        # The slot of the batch's first used descriptor (-1: none), whose flags flush_used writes.
+        self._first = -1
+        self._first_flags = 0
         # IN_ORDER: add_used collects (descriptors, id, length, writable bytes), laid out at flush.
-        self._pending: list[tuple[int, int, int, int]] = []
         self._batch: list[tuple[int, int, int, int]] = []
-        self._nused = 0  # descriptors made used, free-running (notification windows)
-        self._signalled = 0  # _nused at the last notification decision
-        self._chains: dict[int, _CachedChain] = {}  # as the split side: by head slot | avail bits << 16
+        # The used position along two laps (wrap counter 1: the even lap) at the last notification decision.
+        self._signalled = used_pos if used_wrap else used_pos + size
+        self._chains: dict[int, _CachedChain] = {}  # remembered lists (module docstring)
+        self._chains_max = 4 * size + 64  # fixed chains need 2 per slot (one per lap parity)
 
     @classmethod
     def from_addresses(
@@ -248,17 +256,21 @@ class PackedDeviceQueue:
             )
         if not STRONGLY_ORDERED:
             ordering.read_barrier()  # the flags before the rest of the chain
-        cached = self._chains.get(pos | want << 16)
+        # Remembered lists, by their first descriptor's bytes but the id (module docstring).
+        d64 = self._d64
+        j = 2 * pos
+        cached = self._chains.get(d64[j] ^ d64[j + 1] & _W_NOID)
         if cached is not None:
             image, reader, entries, readable, writable, n, bid, wlen = cached
-            if image is None or reader.unpack_from(self._desc, DESC_SIZE * pos)[0] != image:
-                # Not the same bytes (a list across the end of the ring, or another id): the same
-                # descriptors but the id, all available, as when this list was checked and translated?
-                d64 = self._d64
+            if pos + n > self.size:
+                return self._walk(pos, 1 if want == _AVAIL else 0)  # now across the end of the ring
+            if reader.unpack_from(self._desc, DESC_SIZE * pos)[0] != image:
+                # Not the same bytes: the same descriptors but the ids, all available, as when this
+                # list was checked and translated? (A driver that hands out ids from a free list.)
                 w1 = 0
-                for j, w0, w1_checked in entries:
-                    w1 = d64[j + 1]
-                    if d64[j] != w0 or w1 & _W_CHECK != w1_checked:
+                for k, w0, w1_checked in entries:
+                    w1 = d64[j + k + 1]
+                    if d64[j + k] != w0 or w1 & _W_CHECK != w1_checked:
                         return self._walk(pos, 1 if want == _AVAIL else 0)
                 bid = w1 >> 32 & 0xFFFF
             # else: the very bytes this list had when it was checked and translated (§2.8.6: each
@@ -319,19 +331,23 @@ class PackedDeviceQueue:
                 i = 0
                 lap = 1
         n = len(entries)
-        reader = _image_struct(n)
         bid = w1 >> 32 & 0xFFFF
-        self._chains[head | (_AVAIL if w else _USED) << 16] = (
-            # The bytes of the list as read and checked above (None across the end of the ring).
-            None if lap else struct.pack(f"<{2 * n}Q", *[v for _i, a, x, _lap in entries for v in (a, x)]),
-            reader,
-            [(2 * i, a, x & _W_CHECK) for i, a, x, _lap in entries],
-            readable,
-            writable,
-            n,
-            bid,
-            sum(map(len, writable)),
-        )
+        if not lap:  # a list across the end of the ring lies in two laps: walked every time
+            chains = self._chains
+            if len(chains) >= self._chains_max:
+                chains.clear()  # a driver whose lists keep changing: start over
+            _i, a0, x0, _lap = entries[0]
+            chains[a0 ^ x0 & _W_NOID] = (
+                # The bytes of the list as read and checked above.
+                struct.pack(f"<{2 * n}Q", *[v for _i, a, x, _lap in entries for v in (a, x)]),
+                _image_struct(n),
+                [(2 * k, a, x & _W_CHECK) for k, (_i, a, x, _lap) in enumerate(entries)],
+                readable,
+                writable,
+                n,
+                bid,
+                sum(map(len, writable)),
+            )
         return self._take(head, n, bid, Chain(0, readable.copy(), writable.copy()))
 
     def _take(self, head: int, n: int, bid: int, chain: Chain) -> Chain:
@@ -484,17 +500,24 @@ class PackedDeviceQueue:
             return
         pos = self.used_pos
         bits = self._used_bits
-        self._pending.append((pos, length, head, bits | DESC_F_WRITE if length else bits))
+        if self._first < 0:
+            # The batch's first: its id and length now, its flags at flush_used.
+            self._lens[pos] = length
+            self._ids[pos] = head
+            self._first = pos
+            self._first_flags = bits | DESC_F_WRITE if length else bits
+        else:
+            # A later one, written whole now: the driver reads used descriptors in ring order, so
+            # it looks at this one only after the first's flags.
+            self._w1[pos] = length | head << 32 | (bits | DESC_F_WRITE if length else bits) << 48
         pos += n
         if pos >= self.size:
             pos -= self.size
             self._used_bits = bits ^ _BOTH
         self.used_pos = pos
-        self._nused += n
 
-    def _in_order_pending(self) -> list[tuple[int, int, int, int]]:
+    def _lay_out_in_order(self) -> None:
         """IN_ORDER: one used descriptor per run of buffers used completely but its last (§2.8.8)."""
-        out = self._pending
         batch = self._batch
         pos = self.used_pos
         start = pos
@@ -504,9 +527,15 @@ class PackedDeviceQueue:
             if length == wlen and k + 1 < len(batch):
                 continue  # may be skipped: the driver assumes all its writable bytes
             bits = self._used_bits
-            out.append((start, length, head, bits | DESC_F_WRITE if length else bits))
+            flags = bits | DESC_F_WRITE if length else bits
+            if self._first < 0:  # as add_used: the first's flags at flush
+                self._lens[start] = length
+                self._ids[start] = head
+                self._first = start
+                self._first_flags = flags
+            else:
+                self._w1[start] = length | head << 32 | flags << 48
             pos += skip
-            self._nused += skip
             skip = 0
             if pos >= self.size:
                 pos -= self.size
@@ -514,32 +543,28 @@ class PackedDeviceQueue:
             start = pos
         self.used_pos = pos
         batch.clear()
-        return out
 
     def flush_used(self) -> bool:
         """Publish the used descriptors added so far; True if the driver must be signalled."""
-        pending = self._in_order_pending() if self._batch else self._pending
-        if pending:
-            # All but the first whole (id, length and flags in one store each: the driver reads used
-            # descriptors in ring order, so it looks at them only after the first), then the first's
-            # id and length, and its flags last behind the write barrier: the batch appears at once
-            # (§2.8.9 "Multi-buffer requests", §2.8.21).
-            if len(pending) > 1:
-                w1 = self._w1
-                for k in range(1, len(pending)):
-                    p, length, head, flags = pending[k]
-                    w1[p] = length | head << 32 | flags << 48
-            pos, length, head, flags = pending[0]
-            self._lens[pos] = length
-            self._ids[pos] = head
+        if self._batch:
+            self._lay_out_in_order()
+        pos = self._first
+        if pos >= 0:
+            # The first's flags last, behind the write barrier: the batch appears at once (§2.8.9
+            # "Multi-buffer requests", §2.8.21).
             if not STRONGLY_ORDERED:
                 ordering.write_barrier()
-            self._fl[pos] = flags
-            pending.clear()
-        count = self._nused - self._signalled
+            self._fl[pos] = self._first_flags
+            self._first = -1
+        # Descriptors used since the last decision: positions along two laps (wrap counter 1: the
+        # even lap). At most a ring's worth: the driver cannot make more available before it saw
+        # these used.
+        size = self.size
+        new = self.used_pos if self._used_bits else self.used_pos + size
+        count = (new - self._signalled) % (2 * size)
         if not count:
             return False
-        self._signalled = self._nused
+        self._signalled = new
         fence_acquire()  # a full barrier: the flags before reading the driver's structure
         fence_release()
         drv = self._drv16
@@ -550,11 +575,9 @@ class PackedDeviceQueue:
             # §2.8.10: notify iff the descriptor the driver named (offset, wrap counter) was used in this
             # window of ``count`` descriptors; positions along two laps (wrap counter 1: the even lap),
             # so a window shorter than the ring is unambiguous (spec.ring.packed_need_event, inlined).
-            size = self.size
             if count >= size:
                 return True
             off = drv[0]
-            new = self.used_pos if self._used_bits else self.used_pos + size
             return (new - (off & ~_EVENT_WRAP) - (0 if off & _EVENT_WRAP else size) - 1) % (2 * size) < count
         return True  # ENABLE; DESC without EVENT_IDX and the reserved value: notify (always safe)
 
@@ -588,7 +611,6 @@ class PackedDeviceQueue:
     def release(self) -> None:
         """Drop the views into ring memory (before the memory is unmapped)."""
         self._chains.clear()
-        self._pending.clear()
         self._batch.clear()
         for v in (self._fl, self._ids, self._lens, self._w1, self._d64, self._d32, self._d16, self._drv16,
                   self._dev16, self._desc):
