@@ -305,6 +305,44 @@ def test_cached_list_is_checked_again(raw: RawPackedDriver, dq: PackedDeviceQueu
     assert c is not None and c.head == 9 and c.readable[0].tobytes() == data.view[8:16].tobytes()
 
 
+def test_remembered_list_found_wherever_it_lands(
+    raw: RawPackedDriver, dq: PackedDeviceQueue, data: Buffer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list is remembered by its bytes, not its slot: moved, it is taken without a walk; changed
+    after its first descriptor, or now across the end of the ring, it is walked with every check."""
+    translated: list[int] = []
+    gpa = dq.memory.gpa
+
+    def counting(addr: int, length: int) -> memoryview:
+        translated.append(addr)
+        return gpa(addr, length)
+
+    monkeypatch.setattr(dq.memory, "gpa", counting)
+    a = [(data.addr, 8, R), (data.addr + 64, 8, W)]
+
+    def take(id_: int, descs: list[tuple[int, int, int]]) -> int:
+        translated.clear()
+        raw.publish(id_, descs)
+        c = dq.pop()
+        assert c is not None and c.head == id_
+        assert [bytes(b[:8]) for b in c.readable + c.writable] == [
+            data.view[d - data.addr : d - data.addr + 8].tobytes() for d, _n, _f in descs
+        ]
+        dq.push_used(id_, 8)
+        return len(translated)
+
+    assert take(0, a) == 2  # slots 0-1, lap 1: walked, remembered
+    assert take(1, [(data.addr + 128, 8, W)]) == 1  # slot 2
+    assert take(0, a) == 0  # slots 3-4: the same bytes in other slots, not walked
+    assert take(0, a) == 2  # slots 5 and 0, across the end: walked
+    assert take(0, a) == 2  # slots 1-2, lap 0: the wrap bits differ, walked the first time
+    assert take(7, a) == 0  # slots 3-4, lap 0: the same list but its ids, not walked
+    assert take(1, [(data.addr + 128, 8, W)]) == 1  # slot 5
+    raw.publish(0, [(data.addr, 8, R), (0xBAD000000000, 8, W)])  # slots 0-1, lap 1: the first descriptor as remembered
+    with pytest.raises(ChainError, match="outside the memory table"):
+        dq.pop()
+
+
 # -- notifications (§2.8.10) --------------------------------------------------------------------
 
 
