@@ -180,6 +180,26 @@ def test_a_chain_across_the_end_of_the_ring_is_written_in_two_laps(pair: PackedR
     assert seen == 3 * size
 
 
+def test_a_batch_is_written_in_runs_before_and_after_the_end_of_the_ring(pair: PackedRingPair) -> None:
+    """Slots posted together: the runs that fit before the end of the ring in one store each, the one
+    across it in two laps; the device sees every chain whole, in order, in both laps."""
+    fc = FixedChains(pair.driver, chains(pair, 4))
+    size = pair.driver.size
+    for rnd in range(2 * size):  # batches of 3 chains of 3 descriptors: every offset, both laps
+        batch = [(rnd + k) % 4 for k in range(3)]
+        fc.post(batch)
+        for s in batch:
+            chain = pair.device.pop()
+            assert chain is not None and chain.head == s
+            assert [len(b) for b in chain.readable] == [16] and [len(b) for b in chain.writable] == [512, 1]
+            pair.device.add_used(chain.head, 5)
+        assert pair.device.pop() is None
+        pair.device.flush_used()
+        lengths: list[int] = []
+        assert fc.reap_slots(lengths=lengths) == batch and lengths == [5, 5, 5]
+    pair.driver.check_ids()
+
+
 # -- interleaved: cycles, plain calls, reconnects, the ring's own calls --------------------------------
 
 

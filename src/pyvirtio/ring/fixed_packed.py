@@ -11,8 +11,11 @@ with that lap's AVAIL/USED bits, virtio 1.2 §2.8.1), the head's flags in the
 image being "not available" in that lap. Posting a slot is one slice store
 of its image at the next ring positions, then the head's real flags, last,
 behind the write barrier (§2.8.6, §2.8.21.1: the device polls the head, so
-it never sees part of a chain). A chain that runs past the end of the ring
-is written in two parts, the second with the next lap's bits. A batch makes
+it never sees part of a chain). Slots posted together whose descriptors
+fit before the end of the ring (a run) go in one store, every head but the
+first's available, then the first head's flags (as the cycle writes a
+batch). A chain that runs past the end of the ring is written in two parts,
+the second with the next lap's bits. A batch makes
 one kick decision from the device's event suppression structure (§2.8.10:
 DISABLE, ENABLE, or DESC with VIRTIO_F_RING_EVENT_IDX).
 
@@ -259,14 +262,41 @@ class PackedFixedChains(ListArrays):
         size = ring.size
         pos = ring.next_avail
         bits = ring.avail_bits
-        if bits == AVAIL:
-            img, hf = self.img1, self.hf1
-        else:
-            img, hf = self.img0, self.hf0
+        n1 = self.n1 if vol is None else 0
         total = 0
         count = 0
+        i = 0
+        nslots = len(slots)
         try:
-            for s in slots:
+            while i < nslots:
+                if bits == AVAIL:
+                    img, av, hf = self.img1, self.av1, self.hf1
+                else:
+                    img, av, hf = self.img0, self.av0, self.hf0
+                k = min(nslots - i, (size - 1 - pos) // n1) if n1 else 0
+                if k > 1:
+                    # A run of slots wholly before the end of the ring, as the cycle writes a batch: in one
+                    # store, the first with its head not available, then (barrier) the first head's flags.
+                    run = slots[i : i + k]
+                    if all(tokens[s] is idle for s in run):
+                        first = run[0]
+                        parts = [av[s] for s in run]
+                        parts[0] = img[first]
+                        end = pos + n1 * k
+                        desc[o16[pos] : o16[end]] = b"".join(parts)
+                        for s in run:
+                            tokens[s] = s
+                        if not ordering.STRONGLY_ORDERED:
+                            ordering.write_barrier()
+                        fl[pos] = hf[first]
+                        pos = end
+                        total += n1 * k
+                        count += k
+                        i += k
+                        continue
+                # One slot: across the end of the ring, of its own length or size, or alone.
+                s = slots[i]
+                i += 1
                 if tokens[s] is not idle:
                     raise QueueStateError(f"slot {s} is already in flight")
                 n = nd[s]
@@ -278,7 +308,6 @@ class PackedFixedChains(ListArrays):
                     pos = end
                 else:
                     h, pos, bits = self.write_wrapping(s, pos, bits)
-                    img, hf = (self.img1, self.hf1) if bits == AVAIL else (self.img0, self.hf0)
                 if vol is not None:
                     p = head + self.vol_k
                     sh.lens[p - size if p >= size else p] = vol[s]
