@@ -2,8 +2,9 @@
 """pyvirtio bench vs. the measuring sticks and SPDK's C initiator, against one back end.
 
 Starts the back end pinned to CPU 0 (qemu-storage-daemon null-co by
-default, or ``pyvirtio serve blk``, a RAM disk, with ``--backend
-embedded``) and runs, pinned to CPU 1, interleaved round by round with the
+default, in its main loop, which sleeps when idle; in an IOThread, which
+polls adaptively, with ``--backend qsd-iothread``; or ``pyvirtio serve
+blk``, a RAM disk, with ``--backend embedded``) and runs, pinned to CPU 1, interleaved round by round with the
 order rotated each round:
 
   * ``pyvirtio bench --rw randread --bs 4k`` (this checkout),
@@ -33,7 +34,7 @@ seconds; the count also holds the run's start and end (a few dozen
 switches), which is noise at these rates.
 
   python bench/compare.py [--rounds 4] [--seconds 3] [--depths 1 32 128 256]
-                          [--backend qsd|embedded] [--spdk DIR | --no-spdk] [--json]
+                          [--backend qsd|qsd-iothread|embedded] [--spdk DIR | --no-spdk] [--json]
 """
 
 from __future__ import annotations
@@ -63,18 +64,17 @@ BACKEND_CPU, CLIENT_CPU = "0", "1"
 Result = dict[str, float]
 
 
-def start_qsd(tmp: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_qsd(tmp: str, cpu: str, iothread: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """qemu-storage-daemon, null-co, pinned to ``cpu``: the export in its main loop (which sleeps
+    when idle), or with ``iothread`` in an IOThread (QEMU's adaptive polling, poll-max-ns default)."""
     sock = os.path.join(tmp, "qsd.sock")
     pidfile = os.path.join(tmp, "qsd.pid")
-    cmd = [
-        "qemu-storage-daemon",
-        "--blockdev",
-        "driver=null-co,node-name=null0,size=1073741824",
-        "--export",
-        f"type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path={sock},writable=on",
-        "--pidfile",
-        pidfile,
-    ]
+    export = f"type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path={sock},writable=on"
+    cmd = ["qemu-storage-daemon", "--blockdev", "driver=null-co,node-name=null0,size=1073741824"]
+    if iothread:
+        cmd += ["--object", "iothread,id=iot0"]
+        export += ",iothread=iot0"
+    cmd += ["--export", export, "--pidfile", pidfile]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", cpu, *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -217,7 +217,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 32, 128, 256])
-    ap.add_argument("--backend", choices=("qsd", "embedded"), default="qsd")
+    ap.add_argument("--backend", choices=("qsd", "qsd-iothread", "embedded"), default="qsd",
+                    help="qsd: its export in the main loop (sleeps when idle); qsd-iothread: in an IOThread "
+                    "(adaptive polling); embedded: pyvirtio serve blk")
     ap.add_argument("--spdk", metavar="DIR", help="SPDK build folder (default: $SPDK_BUILD, then the usual places)")
     ap.add_argument("--no-spdk", action="store_true", help="leave SPDK out even when a build is found")
     ap.add_argument("--json", action="store_true")
@@ -230,8 +232,10 @@ def main() -> None:
         print("note: SPDK build found but not the shared bdevperf scripts: running without SPDK", file=sys.stderr)
         build = None
     tmp = tempfile.mkdtemp(prefix="pyvirtio-compare-")
-    start = start_qsd if a.backend == "qsd" else start_embedded
-    backend, sock = start(tmp, BACKEND_CPU)
+    if a.backend == "embedded":
+        backend, sock = start_embedded(tmp, BACKEND_CPU)
+    else:
+        backend, sock = start_qsd(tmp, BACKEND_CPU, iothread=a.backend == "qsd-iothread")
     rounds: list[dict[str, object]] = []
     try:
         for r in range(a.rounds):
@@ -254,7 +258,11 @@ def main() -> None:
         backend.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
     summary = summarise(rounds, a.depths)
-    backend_name = "qemu-storage-daemon null-co" if a.backend == "qsd" else "pyvirtio serve blk (RAM)"
+    backend_name = {
+        "qsd": "qemu-storage-daemon null-co",
+        "qsd-iothread": "qemu-storage-daemon null-co in an IOThread",
+        "embedded": "pyvirtio serve blk (RAM)",
+    }[a.backend]
     if a.json:
         print(json.dumps({"summary": summary, "rounds": rounds, "seconds": a.seconds, "backend": backend_name,
                           "spdk": str(build) if build else None}))
