@@ -18,6 +18,8 @@ import compare  # noqa: E402
 import spdk  # noqa: E402
 import turnaround  # noqa: E402
 
+from peers import qsd_binary  # noqa: E402
+
 BDEVPERF_TAIL = """
  Job: VirtioBlk0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
 \t VirtioBlk0          :       1.00 1338450.51    5228.32       0.00     0.00      23.76       6.65    8116.38
@@ -120,3 +122,18 @@ def test_turnaround_times_the_checkout_s_turn_and_fails_when_it_does_not_kick(mo
     monkeypatch.setattr(cycle_split.SplitCycle, "__init__", no_kicks)
     with pytest.raises(SystemExit, match="did not kick"):
         turnaround.pyvirtio_turn(10)
+
+
+def test_compare_starts_qsd_with_its_export_in_an_iothread(tmp_path: Path) -> None:
+    """``--backend qsd-iothread``: the daemon comes up, serving, with the IOThread object it was given."""
+    qsd_binary()  # a missing daemon fails under CI=true, skips on a developer machine
+    proc, sock = compare.start_qsd(str(tmp_path), "0", iothread=True)
+    try:
+        assert os.path.exists(sock)
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"iothread,id=iot0" in cmdline
+        assert any(arg.startswith(b"type=vhost-user-blk") and arg.endswith(b",iothread=iot0") for arg in cmdline)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
