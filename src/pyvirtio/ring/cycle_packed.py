@@ -5,31 +5,45 @@ Theory of operation (the contract: :mod:`pyvirtio.ring.fixed`, ``Cycle`` and
 Both keep the packed ring's shadow state current after every call, so the
 plain calls, ``pending`` and ``restart_base`` can take over at any time.
 
-:class:`PackedCycle` turns: (1) take the used descriptors at the used
-position, checked as the fixed chains' reap checks them (§2.8.4, §2.8.6:
-wrap bits, id in flight, length within the slot's device-writable bytes),
-inlined; on any anomaly the entries taken in this turn are put back and
-:meth:`PackedFixedChains.take
-<pyvirtio.ring.fixed_packed.PackedFixedChains.take>` re-runs them, which
-raises :class:`~pyvirtio.errors.DeviceProtocolError` naming the bad one with
-the completions validated before it (or clamps, ``clamp_used_len``); (2)
-publish one spare per completion (and any shortfall): when every slot has as
-many descriptors and the batch ends before the end of the ring, the slots'
+:class:`PackedCycle` turns: (1) count the used descriptors at the used
+position, following their ids (nothing checked yet: the count only sizes
+step 2, and every slot fits the ring at once); (2) publish one spare per
+completion counted (and any shortfall): when every slot has as many
+descriptors and the batch ends before the end of the ring, the slots'
 prepared descriptors in one store, the first slot's head "not available",
 every other slot whole, then the first head's flags (§2.8.21.1: a batch is
 exposed by its first descriptor's flags, written last; the device starts
 processing there, §2.8 device requirements), otherwise
 :meth:`PackedFixedChains.publish
-<pyvirtio.ring.fixed_packed.PackedFixedChains.publish>` slot by slot; (3) one
-kick decision from the device's event suppression structure (§2.8.10), and
-only then, with interrupts on, the driver's event for the next used
-descriptor (as the split cycle's used_event: a device that completes before
-it sees the old event and does not signal). Unlike the split cycle,
-which publishes before it validates (its used index says how many
-completions there are), a packed ring's completions are counted by walking
-them, so this one validates first; an entry can then never name a slot
-published in the same turn. With ``vectorised`` it hands out NumPy arrays
-(the work stays per descriptor).
+<pyvirtio.ring.fixed_packed.PackedFixedChains.publish>`; then one kick
+decision from the device's event suppression structure (§2.8.10); (3) take
+the used descriptors, checked as the fixed chains' reap checks them
+(§2.8.4, §2.8.6: wrap bits, id in flight, length within the slot's
+device-writable bytes), inlined; on any anomaly the entries taken in this
+turn are put back and :meth:`PackedFixedChains.take
+<pyvirtio.ring.fixed_packed.PackedFixedChains.take>` re-runs them, which
+raises :class:`~pyvirtio.errors.DeviceProtocolError` naming the bad one with
+the completions validated before it (or clamps, ``clamp_used_len``). With
+interrupts on, the driver's event for the next used descriptor is written
+last (as the split cycle's used_event: a device that completes before it
+sees the old event and does not signal).
+
+Publishing before checking is what the split cycle does (its used index
+says how many completed): the device works on the new batch while this
+side checks and books the last one, where checking first put the whole
+reap on the round trip (docs/benchmarks.md §7, "where the packed driver's
+time goes"). Two guarantees of checking first are kept. The counted
+entries were used before the new slots were published, so they must not
+name one: the new slots' tokens stay idle (not in flight) until the
+counted entries are checked, and the fixed chains' take, on the anomaly
+path, is bounded to them too. After them the new slots are in flight (a
+fast device may have used them already). And when every request in
+flight is counted, a used descriptor after them would lie in the free
+part of the ring that step 2 overwrites: if there is one, step 2
+publishes no spare for the counted entries, and step 3 walks on to it and
+raises. A turn that raises has published its spares: they are in flight
+(``in_flight``), nothing is lost. With ``vectorised`` it hands out NumPy
+arrays (the work stays per descriptor).
 
 :class:`PackedStream` (one one-buffer slot per ring descriptor, all in
 flight) keeps each slot at its ring position: a batch is counted and checked
@@ -180,18 +194,117 @@ class PackedCycle:
                     continue
             done: list[int] = []
             nfree = 0
-            # 1. Take and check the completions.
+            seen = bonus = 0
             if stash:
                 fc.take(1 << 16, done, [])  # a reconnect's completions first (committed by take)
                 out = ring.outstanding
             elif used:
+                # 1. Count the used descriptors, following their ids without checking them: the count
+                # only says how many spares to publish now (every slot fits the ring at once, fits()).
+                seen = 1
+                p = pos
+                u = ub
+                while seen < out:
+                    bid = ids[p]
+                    if bid >= size:
+                        break  # 3. says what is wrong
+                    p += nd[bid]
+                    if p >= size:
+                        p -= size
+                        u ^= FLIP
+                    if fl[p] & FLIP != u:
+                        break
+                    seen += 1
+                bonus = seen
+                if seen == out:
+                    # All in flight used: one more used descriptor would lie in the free part of the ring,
+                    # where step 2 writes. Seen there, nothing is published before step 3 has raised.
+                    bid = ids[p]
+                    if bid < size:
+                        p += nd[bid]
+                        if p >= size:
+                            p -= size
+                            u ^= FLIP
+                        if fl[p] & FLIP == u:
+                            bonus = 0  # publish no spare for them now; step 3 walks on to it
+            # 2. Publish one spare per completion seen (and any shortfall) before the completions are
+            # checked, so the device works on them while this side checks and books (as the split cycle).
+            # With completions to check, the new slots stay out of flight (their tokens idle) until the
+            # counted ones are checked: those were used before the slots were published, and must not
+            # name them.
+            want = depth - out + bonus
+            posted = spares[:want]
+            fresh = posted if seen else None
+            if posted:
+                del spares[:want]
+                apos = ring.next_avail
+                bits = ring.avail_bits
+                k = len(posted)
+                if n1 and fc.vol is None and apos + n1 * k < size:
+                    # Every slot n1 descriptors, the batch before the end of the ring: in one store, the
+                    # first slot with its head not available, every other one whole; then (barrier) the first
+                    # head's flags, which expose the batch (§2.8.21.1: the device starts at the first).
+                    first = posted[0]
+                    if bits == AVAIL:
+                        img, av, h = img1, av1, hf1[first]
+                    else:
+                        img, av, h = img0, av0, hf0[first]
+                    total = n1 * k
+                    if k == 1:
+                        desc[o16[apos] : o16[apos + n1]] = img[first]
+                    else:
+                        parts = list(map(av.__getitem__, posted))
+                        parts[0] = img[first]
+                        desc[o16[apos] : o16[apos + total]] = b"".join(parts)
+                    if fresh is None:
+                        for s in posted:
+                            tokens[s] = s
+                    if weak:
+                        ordering.write_barrier()
+                    fl[apos] = h
+                    apos += total
+                    ring.next_avail = apos
+                    ring.num_free -= total
+                    out += k
+                    ring.outstanding = out
+                    # The kick decision (§2.8.10), as PackedQueue.kick_prepare.
+                    fence_acquire()
+                    fence_release()
+                    ev = dev[1] & RING_EVENT_FLAGS_MASK
+                    if ev == RING_EVENT_FLAGS_DISABLE:
+                        need = False
+                    elif ev == RING_EVENT_FLAGS_DESC and event_idx:
+                        # packed_need_event inlined: positions along two laps (wrap counter 1: the even lap).
+                        if total >= size:
+                            need = True
+                        else:
+                            new = apos if bits == AVAIL else apos + size
+                            off = dev[0]
+                            event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
+                            need = (new - event - 1) % (2 * size) < total
+                    else:
+                        need = True
+                else:  # across the end of the ring, slots of different lengths, or lengths stored per request
+                    need = fc.publish(posted)
+                    out = ring.outstanding
+                    if fresh is not None:
+                        for s in posted:
+                            tokens[s] = idle  # out of flight until the counted completions are checked
+                if need:
+                    notify()
+                    self.kicks += 1
+            if seen:
+                # 3. Take and check the completions: the counted ones, then (the new slots in flight now:
+                # a fast device may have used them already) any used since.
+                left = seen
                 while True:
                     if weak:
                         ordering.read_barrier()
                     bid = ids[pos]
                     # With nothing in flight every token is idle: a used descriptor then fails the token test.
                     if bid >= size or tokens[bid] is idle or (lens[pos] if flags & WRITE else 0) > wlen[bid]:
-                        done = self._retake(done)  # raises, or clamped lengths were accepted (committed)
+                        done = self._retake(done, fresh, seen if fresh else 1 << 16)  # raises, or clamped
+                        fresh = None
                         nfree = 0
                         out = ring.outstanding
                         break
@@ -204,75 +317,25 @@ class PackedCycle:
                         pos -= size
                         ub ^= FLIP
                     out -= 1
+                    left -= 1
+                    if not left and fresh:
+                        for s in fresh:
+                            tokens[s] = s
+                        fresh = None
                     flags = fl[pos]
                     if flags & FLIP != ub:
                         if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
-                            done = self._retake(done)  # raises
+                            done = self._retake(done, fresh, seen if fresh else 1 << 16)  # raises
+                            fresh = None
                             nfree = 0
                             out = ring.outstanding
                         else:
                             ring.next_used = pos
                             ring.used_bits = ub
                         break
-            # 2. Publish one spare per completion (and any shortfall).
-            want = depth - out
-            posted = spares[:want]
-            if posted:
-                del spares[:want]
-                pos = ring.next_avail
-                bits = ring.avail_bits
-                k = len(posted)
-                if n1 and fc.vol is None and pos + n1 * k < size:
-                    # Every slot n1 descriptors, the batch before the end of the ring: in one store, the
-                    # first slot with its head not available, every other one whole; then (barrier) the first
-                    # head's flags, which expose the batch (§2.8.21.1: the device starts at the first).
-                    first = posted[0]
-                    if bits == AVAIL:
-                        img, av, h = img1, av1, hf1[first]
-                    else:
-                        img, av, h = img0, av0, hf0[first]
-                    total = n1 * k
-                    if k == 1:
-                        desc[o16[pos] : o16[pos + n1]] = img[first]
-                        tokens[first] = first
-                    else:
-                        parts = list(map(av.__getitem__, posted))
-                        parts[0] = img[first]
-                        desc[o16[pos] : o16[pos + total]] = b"".join(parts)
-                        for s in posted:
-                            tokens[s] = s
-                    if weak:
-                        ordering.write_barrier()
-                    fl[pos] = h
-                    pos += total
-                    ring.next_avail = pos
-                    ring.num_free += nfree - total
-                    ring.outstanding = out + k
-                    # 3. The kick decision (§2.8.10), as PackedQueue.kick_prepare.
-                    fence_acquire()
-                    fence_release()
-                    ev = dev[1] & RING_EVENT_FLAGS_MASK
-                    if ev == RING_EVENT_FLAGS_DISABLE:
-                        need = False
-                    elif ev == RING_EVENT_FLAGS_DESC and event_idx:
-                        # packed_need_event inlined: positions along two laps (wrap counter 1: the even lap).
-                        if total >= size:
-                            need = True
-                        else:
-                            new = pos if bits == AVAIL else pos + size
-                            off = dev[0]
-                            event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
-                            need = (new - event - 1) % (2 * size) < total
-                    else:
-                        need = True
-                else:  # across the end of the ring, slots of different lengths, or lengths stored per request
-                    ring.num_free += nfree
-                    ring.outstanding = out
-                    need = fc.publish(posted)
-                if need:
-                    notify()
-                    self.kicks += 1
-            elif nfree:
+                if fresh:  # fewer used than counted (ids that led elsewhere): the new slots are in flight
+                    for s in fresh:
+                        tokens[s] = s
                 ring.num_free += nfree
                 ring.outstanding = out
             if done and signals:
@@ -287,13 +350,19 @@ class PackedCycle:
                 self.posted = np.asarray(posted, dtype=np.intp)
                 result = np.asarray(done, dtype=np.intp)
 
-    def _retake(self, done: list[int]) -> list[int]:
-        """An anomaly in the batch: put back what this turn took, let the fixed chains' reap re-run it."""
+    def _retake(self, done: list[int], fresh: list[int] | None, limit: int) -> list[int]:
+        """An anomaly in the batch: put back what this turn took, let the fixed chains' reap re-run it
+        (at most ``limit`` entries, the new slots ``fresh`` still out of flight, then in flight)."""
         tokens = self._tokens
         for s in done:
             tokens[s] = s
         again: list[int] = []
-        self._fc.take(1 << 16, again, [])  # raises, or (clamp_used_len) takes the batch
+        try:
+            self._fc.take(limit, again, [])  # raises, or (clamp_used_len) takes the batch
+        finally:
+            if fresh:
+                for s in fresh:
+                    tokens[s] = s
         return again
 
 
