@@ -5,7 +5,8 @@ Theory of operation (the contract: :mod:`pyvirtio.ring.fixed`, ``Cycle`` and
 Both keep the packed ring's shadow state current after every call, so the
 plain calls, ``pending`` and ``restart_base`` can take over at any time.
 
-:class:`PackedCycle` turns: (1) count the used descriptors at the used
+:class:`PackedCycle` turns (with more than one request in flight; with
+one, steps 3 then 2): (1) count the used descriptors at the used
 position, following their ids (nothing checked yet: the count only sizes
 step 2, and every slot fits the ring at once); (2) publish one spare per
 completion counted (and any shortfall): when every slot has as many
@@ -32,7 +33,10 @@ Publishing before checking is what the split cycle does (its used index
 says how many completed): the device works on the new batch while this
 side checks and books the last one, where checking first put the whole
 reap on the round trip (docs/benchmarks.md §7, "where the packed driver's
-time goes"). Two guarantees of checking first are kept. The counted
+time goes"). It is the order of a turn that starts with more than one
+request in flight; with one (QD1) there is no batch to overlap and the
+count costs more than it hides on a fast device, so that turn checks
+first and publishes after, as before. Two guarantees of checking first are kept. The counted
 entries were used before the new slots were published, so they must not
 name one: the new slots' tokens stay idle (not in flight) until the
 counted entries are checked, and the fixed chains' take, on the anomaly
@@ -75,6 +79,8 @@ if TYPE_CHECKING:
     from pyvirtio.ring.fixed_packed import PackedFixedChains
 
 AVAIL = PACKED_DESC_F_AVAIL
+_PUBLISH_FIRST = (False, True)  # the order of a turn's two steps: check the completions?
+_CHECK_FIRST = (True, False)
 USED = PACKED_DESC_F_USED
 FLIP = PACKED_DESC_F_WRAP_BITS
 WRITE = DESC_F_WRITE
@@ -195,13 +201,17 @@ class PackedCycle:
             done: list[int] = []
             nfree = 0
             seen = bonus = 0
+            late = False
+            fresh: list[int] | None = None
             if stash:
                 fc.take(1 << 16, done, [])  # a reconnect's completions first (committed by take)
                 out = ring.outstanding
             elif used:
+                seen = 1
+            if seen and out > 1:
                 # 1. Count the used descriptors, following their ids without checking them: the count
                 # only says how many spares to publish now (every slot fits the ring at once, fits()).
-                seen = 1
+                late = True
                 p = pos
                 u = ub
                 while seen < out:
@@ -227,117 +237,119 @@ class PackedCycle:
                             u ^= FLIP
                         if fl[p] & FLIP == u:
                             bonus = 0  # publish no spare for them now; step 3 walks on to it
-            # 2. Publish one spare per completion seen (and any shortfall) before the completions are
-            # checked, so the device works on them while this side checks and books (as the split cycle).
-            # With completions to check, the new slots stay out of flight (their tokens idle) until the
-            # counted ones are checked: those were used before the slots were published, and must not
-            # name them.
-            want = depth - out + bonus
-            posted = spares[:want]
-            fresh = posted if seen else None
-            if posted:
-                del spares[:want]
-                apos = ring.next_avail
-                bits = ring.avail_bits
-                k = len(posted)
-                if n1 and fc.vol is None and apos + n1 * k < size:
-                    # Every slot n1 descriptors, the batch before the end of the ring: in one store, the
-                    # first slot with its head not available, every other one whole; then (barrier) the first
-                    # head's flags, which expose the batch (§2.8.21.1: the device starts at the first).
-                    first = posted[0]
-                    if bits == AVAIL:
-                        img, av, h = img1, av1, hf1[first]
-                    else:
-                        img, av, h = img0, av0, hf0[first]
-                    total = n1 * k
-                    if k == 1:
-                        desc[o16[apos] : o16[apos + n1]] = img[first]
-                    else:
-                        parts = list(map(av.__getitem__, posted))
-                        parts[0] = img[first]
-                        desc[o16[apos] : o16[apos + total]] = b"".join(parts)
-                    if fresh is None:
-                        for s in posted:
-                            tokens[s] = s
-                    if weak:
-                        ordering.write_barrier()
-                    fl[apos] = h
-                    apos += total
-                    ring.next_avail = apos
-                    ring.num_free -= total
-                    out += k
-                    ring.outstanding = out
-                    # The kick decision (§2.8.10), as PackedQueue.kick_prepare.
-                    fence_acquire()
-                    fence_release()
-                    ev = dev[1] & RING_EVENT_FLAGS_MASK
-                    if ev == RING_EVENT_FLAGS_DISABLE:
-                        need = False
-                    elif ev == RING_EVENT_FLAGS_DESC and event_idx:
-                        # packed_need_event inlined: positions along two laps (wrap counter 1: the even lap).
-                        if total >= size:
-                            need = True
-                        else:
-                            new = apos if bits == AVAIL else apos + size
-                            off = dev[0]
-                            event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
-                            need = (new - event - 1) % (2 * size) < total
-                    else:
-                        need = True
-                else:  # across the end of the ring, slots of different lengths, or lengths stored per request
-                    need = fc.publish(posted)
-                    out = ring.outstanding
-                    if fresh is not None:
-                        for s in posted:
-                            tokens[s] = idle  # out of flight until the counted completions are checked
-                if need:
-                    notify()
-                    self.kicks += 1
-            if seen:
-                # 3. Take and check the completions: the counted ones, then (the new slots in flight now:
-                # a fast device may have used them already) any used since.
-                left = seen
-                while True:
-                    if weak:
-                        ordering.read_barrier()
-                    bid = ids[pos]
-                    # With nothing in flight every token is idle: a used descriptor then fails the token test.
-                    if bid >= size or tokens[bid] is idle or (lens[pos] if flags & WRITE else 0) > wlen[bid]:
-                        done = self._retake(done, fresh, seen if fresh else 1 << 16)  # raises, or clamped
-                        fresh = None
-                        nfree = 0
-                        out = ring.outstanding
-                        break
-                    tokens[bid] = idle
-                    done.append(bid)
-                    n = nd[bid]
-                    nfree += n
-                    pos += n
-                    if pos >= size:
-                        pos -= size
-                        ub ^= FLIP
-                    out -= 1
-                    left -= 1
-                    if not left and fresh:
-                        for s in fresh:
-                            tokens[s] = s
-                        fresh = None
-                    flags = fl[pos]
-                    if flags & FLIP != ub:
-                        if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
-                            done = self._retake(done, fresh, seen if fresh else 1 << 16)  # raises
+            # 2. and 3.: publish one spare per completion (and any shortfall), and check the completions.
+            # With more than one in flight, publish first (one spare per completion counted), so the device
+            # works on them while this side checks and books (as the split cycle); the new slots stay out
+            # of flight (their tokens idle) until the counted completions, used before they were published,
+            # are checked. With one in flight (QD1) there is nothing to overlap: check first, publish after.
+            for check in _PUBLISH_FIRST if late else _CHECK_FIRST:
+                if not check:
+                    want = depth - out + bonus
+                    posted = spares[:want]
+                    fresh = posted if late else None
+                    if posted:
+                        del spares[:want]
+                        apos = ring.next_avail
+                        bits = ring.avail_bits
+                        k = len(posted)
+                        if n1 and fc.vol is None and apos + n1 * k < size:
+                            # Every slot n1 descriptors, the batch before the end of the ring: in one store, the
+                            # first slot with its head not available, every other one whole; then (barrier) the first
+                            # head's flags, which expose the batch (§2.8.21.1: the device starts at the first).
+                            first = posted[0]
+                            if bits == AVAIL:
+                                img, av, h = img1, av1, hf1[first]
+                            else:
+                                img, av, h = img0, av0, hf0[first]
+                            total = n1 * k
+                            if k == 1:
+                                desc[o16[apos] : o16[apos + n1]] = img[first]
+                            else:
+                                parts = list(map(av.__getitem__, posted))
+                                parts[0] = img[first]
+                                desc[o16[apos] : o16[apos + total]] = b"".join(parts)
+                            if fresh is None:
+                                for s in posted:
+                                    tokens[s] = s
+                            if weak:
+                                ordering.write_barrier()
+                            fl[apos] = h
+                            apos += total
+                            ring.next_avail = apos
+                            ring.num_free -= total
+                            out += k
+                            ring.outstanding = out
+                            # The kick decision (§2.8.10), as PackedQueue.kick_prepare.
+                            fence_acquire()
+                            fence_release()
+                            ev = dev[1] & RING_EVENT_FLAGS_MASK
+                            if ev == RING_EVENT_FLAGS_DISABLE:
+                                need = False
+                            elif ev == RING_EVENT_FLAGS_DESC and event_idx:
+                                # packed_need_event inlined: positions along two laps (wrap counter 1: the even lap).
+                                if total >= size:
+                                    need = True
+                                else:
+                                    new = apos if bits == AVAIL else apos + size
+                                    off = dev[0]
+                                    event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
+                                    need = (new - event - 1) % (2 * size) < total
+                            else:
+                                need = True
+                        else:  # across the end of the ring, slots of different lengths, or lengths stored per request
+                            need = fc.publish(posted)
+                            out = ring.outstanding
+                            if fresh is not None:
+                                for s in posted:
+                                    tokens[s] = idle  # out of flight until the counted completions are checked
+                        if need:
+                            notify()
+                            self.kicks += 1
+                elif seen:
+                    # 3. Take and check the completions: the counted ones, then (the new slots in flight now:
+                    # a fast device may have used them already) any used since.
+                    left = seen
+                    while True:
+                        if weak:
+                            ordering.read_barrier()
+                        bid = ids[pos]
+                        # With nothing in flight every token is idle: a used descriptor then fails the token test.
+                        if bid >= size or tokens[bid] is idle or (lens[pos] if flags & WRITE else 0) > wlen[bid]:
+                            done = self._retake(done, fresh, seen if fresh else 1 << 16)  # raises, or clamped
                             fresh = None
                             nfree = 0
                             out = ring.outstanding
-                        else:
-                            ring.next_used = pos
-                            ring.used_bits = ub
-                        break
-                if fresh:  # fewer used than counted (ids that led elsewhere): the new slots are in flight
-                    for s in fresh:
-                        tokens[s] = s
-                ring.num_free += nfree
-                ring.outstanding = out
+                            break
+                        tokens[bid] = idle
+                        done.append(bid)
+                        n = nd[bid]
+                        nfree += n
+                        pos += n
+                        if pos >= size:
+                            pos -= size
+                            ub ^= FLIP
+                        out -= 1
+                        left -= 1
+                        if not left and fresh:
+                            for s in fresh:
+                                tokens[s] = s
+                            fresh = None
+                        flags = fl[pos]
+                        if flags & FLIP != ub:
+                            if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
+                                done = self._retake(done, fresh, seen if fresh else 1 << 16)  # raises
+                                fresh = None
+                                nfree = 0
+                                out = ring.outstanding
+                            else:
+                                ring.next_used = pos
+                                ring.used_bits = ub
+                            break
+                    if fresh:  # fewer used than counted (ids that led elsewhere): the new slots are in flight
+                        for s in fresh:
+                            tokens[s] = s
+                    ring.num_free += nfree
+                    ring.outstanding = out
             if done and signals:
                 # The next used descriptor wanted (§2.8.10), as PackedQueue's reap; after the kick, as the split
                 # cycle's used_event: a device that completes first sees the old event and need not signal.
