@@ -44,7 +44,7 @@ path, is bounded to them too. After them the new slots are in flight (a
 fast device may have used them already). And when every request in
 flight is counted, a used descriptor after them would lie in the free
 part of the ring that step 2 overwrites: if there is one, step 2
-publishes no spare for the counted entries, and step 3 walks on to it and
+publishes nothing, and step 3 walks on to it and
 raises. A turn that raises has published its spares: they are in flight
 (``in_flight``), nothing is lost. With ``vectorised`` it hands out NumPy
 arrays (the work stays per descriptor).
@@ -236,7 +236,7 @@ class PackedCycle:
                             p -= size
                             u ^= FLIP
                         if fl[p] & FLIP == u:
-                            bonus = 0  # publish no spare for them now; step 3 walks on to it
+                            bonus = out - depth  # publish nothing now (want 0); step 3 walks on to it
             # 2. and 3.: publish one spare per completion (and any shortfall), and check the completions.
             # With more than one in flight, publish first (one spare per completion counted), so the device
             # works on them while this side checks and books (as the split cycle); the new slots stay out
