@@ -131,6 +131,29 @@ def test_each_rule_breaks_the_queue_with_what_was_validated_before(
         dev.release()
 
 
+def test_a_used_descriptor_beyond_what_is_in_flight_is_caught_below_depth_too(pair: PackedRingPair) -> None:
+    """The cycle publishes before it checks; a used descriptor after everything in flight lies where it
+    would publish, so then it publishes nothing (not even a shortfall) and raises in the same turn."""
+    fc = FixedChains(pair.driver, chains(pair, DEPTH))  # no spare slots: a turn can start below depth
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    try:
+        cyc = fc.cycle(DEPTH, lambda: None)
+        cyc.turn()
+        ids = [i for i, n in dev.available()]
+        assert len(ids) == DEPTH
+        for i in ids[:2]:
+            dev.use(i, 5, 3)
+        assert sorted(cyc.turn()) == sorted(ids[:2])  # no spare to publish: below depth now
+        for i in ids[2:]:  # more than one in flight: the turn counts, then publishes, then checks
+            dev.use(i, 5, 3)
+        dev.use(ids[0], 5, 3)  # one more than in flight, in the part of the ring the turn would publish to
+        with pytest.raises(DeviceProtocolError):
+            cyc.turn()
+        assert fc.ring.broken is not None
+    finally:
+        dev.release()
+
+
 @pytest.mark.parametrize("reader", ["reap_slots", "cycle"])
 def test_a_length_without_the_write_flag_is_reserved_and_taken_as_0(pair: PackedRingPair, reader: str) -> None:
     """§2.8.4: without VIRTQ_DESC_F_WRITE the used length is reserved: not checked, reported as 0."""
