@@ -36,17 +36,19 @@ reap on the round trip (docs/benchmarks.md §7, "where the packed driver's
 time goes"). It is the order of a turn that starts with more than one
 request in flight; with one (QD1) there is no batch to overlap and the
 count costs more than it hides on a fast device, so that turn checks
-first and publishes after, as before. Two guarantees of checking first are kept. The counted
-entries were used before the new slots were published, so they must not
-name one: the new slots' tokens stay idle (not in flight) until the
-counted entries are checked, and the fixed chains' take, on the anomaly
-path, is bounded to them too. After them the new slots are in flight (a
-fast device may have used them already). And when every request in
-flight is counted, a used descriptor after them would lie in the free
-part of the ring that step 2 overwrites: if there is one, step 2
-publishes nothing, and step 3 walks on to it and
-raises. A turn that raises has published its spares: they are in flight
-(``in_flight``), nothing is lost. With ``vectorised`` it hands out NumPy
+first and publishes after, as before.
+
+Two guarantees of checking first are kept. The counted entries were used
+before the new slots were published, so they must not name one: the new
+slots' tokens stay idle (not in flight) until the counted entries are
+checked, and the fixed chains' take, on the anomaly path, is bounded to
+them too. After them the new slots are in flight (a fast device may have
+used them already). And when every request in flight is counted, a used
+descriptor after them would lie in the free part of the ring that step 2
+overwrites: if there is one, step 2 publishes nothing (not even a
+shortfall), and step 3 walks on to it and raises. A turn that raises has
+published its spares: they are in flight (``in_flight``), nothing is
+lost. With ``vectorised`` it hands out NumPy
 arrays (the work stays per descriptor).
 
 :class:`PackedStream` (one one-buffer slot per ring descriptor, all in
@@ -79,11 +81,11 @@ if TYPE_CHECKING:
     from pyvirtio.ring.fixed_packed import PackedFixedChains
 
 AVAIL = PACKED_DESC_F_AVAIL
-_PUBLISH_FIRST = (False, True)  # the order of a turn's two steps: check the completions?
-_CHECK_FIRST = (True, False)
 USED = PACKED_DESC_F_USED
 FLIP = PACKED_DESC_F_WRAP_BITS
 WRITE = DESC_F_WRITE
+_PUBLISH_FIRST = (False, True)  # the order of a turn's two steps: check the completions?
+_CHECK_FIRST = (True, False)
 
 
 class PackedCycle:
