@@ -3,9 +3,11 @@
 
 Starts the back end pinned to CPU 0 (qemu-storage-daemon null-co by
 default, in its main loop, which sleeps when idle; in an IOThread, which
-polls adaptively, with ``--backend qsd-iothread``; or ``pyvirtio serve
-blk``, a RAM disk, with ``--backend embedded``) and runs, pinned to CPU 1, interleaved round by round with the
-order rotated each round:
+polls adaptively, with ``--backend qsd-iothread``; SPDK's vhost target over
+a null bdev, which polls and never sleeps, with ``--backend spdk-vhost``
+(needs the SPDK build); or ``pyvirtio serve blk``, a RAM disk, with
+``--backend embedded``) and runs, pinned to CPU 1, interleaved round by
+round with the order rotated each round:
 
   * ``pyvirtio bench --rw randread --bs 4k`` (this checkout),
   * ../shared/bench/raw_vhost_blk.py        (pure-Python floor, one request at a time),
@@ -34,7 +36,7 @@ seconds; the count also holds the run's start and end (a few dozen
 switches), which is noise at these rates.
 
   python bench/compare.py [--rounds 4] [--seconds 3] [--depths 1 32 128 256]
-                          [--backend qsd|qsd-iothread|embedded] [--spdk DIR | --no-spdk] [--json]
+                          [--backend qsd|qsd-iothread|spdk-vhost|embedded] [--spdk DIR | --no-spdk] [--json]
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 STICKS = REPO.parent / "shared" / "bench"
 RINGS = {1: 256, 32: 256, 128: 512, 256: 1024}
+#: --backend: what each one is, as the table names it
+BACKENDS = {
+    "qsd": "qemu-storage-daemon null-co",
+    "qsd-iothread": "qemu-storage-daemon null-co in an IOThread",
+    "spdk-vhost": "SPDK vhost target, null bdev (polls)",
+    "embedded": "pyvirtio serve blk (RAM)",
+}
 BACKEND_CPU, CLIENT_CPU = "0", "1"
 
 #: what one run returns: IOPS, and the mean latency in µs when the contestant reports it
@@ -154,15 +163,16 @@ def stick_run(script: str, sock: str, qd: int, ring: int, seconds: float, rw: st
     return {"iops": float(res["iops"])}  # type: ignore[arg-type]
 
 
-def spdk_runner(build: Path) -> Callable[..., Result]:
+def spdk_runner(build: Path, keep_hugepages: bool = False) -> Callable[..., Result]:
     def run(sock: str, qd: int, ring: int, seconds: float, rw: str = "randread") -> Result:
-        r = spdk.run_bdevperf(build, sock, qd, ring, seconds, int(CLIENT_CPU), workload=rw)
+        r = spdk.run_bdevperf(build, sock, qd, ring, seconds, int(CLIENT_CPU), workload=rw,
+                              keep_hugepages=keep_hugepages)
         return {"iops": r.iops, "lat_us": r.mean_latency_us}
 
     return run
 
 
-def contestants(spdk_build: Path | None, qd: int) -> dict[str, Callable[..., Result]]:
+def contestants(spdk_build: Path | None, qd: int, keep_hugepages: bool = False) -> dict[str, Callable[..., Result]]:
     """Who runs at this depth (the pure-Python stick's ring of 256 holds 85 requests)."""
     runs: dict[str, Callable[..., Result]] = {
         "pyvirtio": pyvirtio_run,
@@ -171,7 +181,7 @@ def contestants(spdk_build: Path | None, qd: int) -> dict[str, Callable[..., Res
     if qd <= 85:
         runs["python_stick"] = lambda *a, **k: stick_run("raw_vhost_blk.py", *a, **k)
     if spdk_build is not None:
-        runs["spdk"] = spdk_runner(spdk_build)
+        runs["spdk"] = spdk_runner(spdk_build, keep_hugepages)
     return runs
 
 
@@ -217,9 +227,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 32, 128, 256])
-    ap.add_argument("--backend", choices=("qsd", "qsd-iothread", "embedded"), default="qsd",
+    ap.add_argument("--backend", choices=tuple(BACKENDS), default="qsd",
                     help="qsd: its export in the main loop (sleeps when idle); qsd-iothread: in an IOThread "
-                    "(adaptive polling); embedded: pyvirtio serve blk")
+                    "(adaptive polling); spdk-vhost: SPDK's vhost target, null bdev (polls; needs the SPDK "
+                    "build); embedded: pyvirtio serve blk")
     ap.add_argument("--spdk", metavar="DIR", help="SPDK build folder (default: $SPDK_BUILD, then the usual places)")
     ap.add_argument("--no-spdk", action="store_true", help="leave SPDK out even when a build is found")
     ap.add_argument("--json", action="store_true")
@@ -232,37 +243,49 @@ def main() -> None:
         print("note: SPDK build found but not the shared bdevperf scripts: running without SPDK", file=sys.stderr)
         build = None
     tmp = tempfile.mkdtemp(prefix="pyvirtio-compare-")
-    if a.backend == "embedded":
+    target: spdk.VhostTarget | None = None
+    if a.backend == "spdk-vhost":
+        vbuild = build or spdk.find_build(a.spdk)
+        if vbuild is None:
+            raise SystemExit("--backend spdk-vhost needs the SPDK build (--spdk DIR or SPDK_BUILD)")
+        try:
+            target = spdk.start_vhost(vbuild, tmp, int(BACKEND_CPU))
+        except RuntimeError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(str(e)) from None
+        backend_pid, sock = target.pid, target.sock
+    elif a.backend == "embedded":
         backend, sock = start_embedded(tmp, BACKEND_CPU)
+        backend_pid = backend.pid
     else:
         backend, sock = start_qsd(tmp, BACKEND_CPU, iothread=a.backend == "qsd-iothread")
+        backend_pid = backend.pid
     rounds: list[dict[str, object]] = []
     try:
         for r in range(a.rounds):
             for qd in a.depths:
                 ring = RINGS.get(qd, 1024)
-                runs = contestants(build, qd)
+                runs = contestants(build, qd, keep_hugepages=target is not None)
                 order = list(runs)
                 order = order[r % len(order):] + order[: r % len(order)]  # rotate who goes first
                 for name in order:
-                    s0 = sleeps(backend.pid)
+                    s0 = sleeps(backend_pid)
                     res = runs[name](sock, qd, ring, a.seconds)
                     if res["iops"]:
-                        res["sleeps_per_io"] = round((sleeps(backend.pid) - s0) / (res["iops"] * a.seconds), 4)
+                        res["sleeps_per_io"] = round((sleeps(backend_pid) - s0) / (res["iops"] * a.seconds), 4)
                     rounds.append({"round": r, "qd": qd, "ring": ring, "who": name, **res})
                     lat = f"  mean {res['lat_us']:8.2f} us" if "lat_us" in res else ""
                     print(f"round {r} qd {qd:>3} {name:<12} {int(res['iops']):>10,} IOPS{lat}"
                           f"  back end sleeps/IO {res.get('sleeps_per_io', float('nan')):.3f}", file=sys.stderr)
     finally:
-        backend.send_signal(signal.SIGTERM)
-        backend.wait(10)
+        if target is not None:
+            target.stop()
+        else:
+            backend.send_signal(signal.SIGTERM)
+            backend.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
     summary = summarise(rounds, a.depths)
-    backend_name = {
-        "qsd": "qemu-storage-daemon null-co",
-        "qsd-iothread": "qemu-storage-daemon null-co in an IOThread",
-        "embedded": "pyvirtio serve blk (RAM)",
-    }[a.backend]
+    backend_name = BACKENDS[a.backend]
     if a.json:
         print(json.dumps({"summary": summary, "rounds": rounds, "seconds": a.seconds, "backend": backend_name,
                           "spdk": str(build) if build else None}))

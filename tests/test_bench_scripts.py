@@ -137,3 +137,42 @@ def test_compare_starts_qsd_with_its_export_in_an_iothread(tmp_path: Path) -> No
         proc.terminate()
         proc.wait(10)
 
+
+
+def _fake_vhost_scripts(tmp_path: Path, body: str) -> Path:
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "vhost_target.sh").write_text("#!/usr/bin/env bash\n" + body)
+    return scripts
+
+
+def test_start_vhost_hands_back_the_serving_pid_and_stops_by_pid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--backend spdk-vhost``: the PID whose sleeps are counted is vhost's (from the script's pidfile),
+    not the script's; stop() ends the script, which stops vhost."""
+    body = (
+        'mkdir -p "$SPDK_BUILD/run"; sleep 300 & VH=$!; echo $VH > "$SPDK_BUILD/run/vhost.pid"\n'
+        '[ "$VHOST_BDEV" = null ] && [ "$1" = blk ] && [ "$3" = 0x1 ] || exit 3\n'
+        'touch "$SOCK_DIR/$2"; trap \'kill $VH; exit 0\' TERM; wait $VH\n'
+    )
+    monkeypatch.setattr(spdk, "scripts_dir", lambda: _fake_vhost_scripts(tmp_path, body))
+    build = tmp_path / "build"
+    socks = tmp_path / "socks"
+    socks.mkdir()
+    target = spdk.start_vhost(build, str(socks), 0, timeout=10)
+    try:
+        assert target.sock == str(socks / "vhost.0")
+        assert target.pid != target.proc.pid
+        assert Path(f"/proc/{target.pid}/cmdline").read_bytes().startswith(b"sleep\0")
+    finally:
+        target.stop()
+    assert target.proc.returncode == 0
+    assert not Path(f"/proc/{target.pid}").exists() or b"State:\tZ" in Path(f"/proc/{target.pid}/status").read_bytes()
+
+
+def test_start_vhost_says_why_a_target_did_not_come_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = 'echo "ERROR: only 0 free 2MiB hugepages, need 128" >&2; exit 1\n'
+    monkeypatch.setattr(spdk, "scripts_dir", lambda: _fake_vhost_scripts(tmp_path, body))
+    with pytest.raises(RuntimeError, match="only 0 free 2MiB hugepages"):
+        spdk.start_vhost(tmp_path / "build", str(tmp_path), 0, timeout=10)
