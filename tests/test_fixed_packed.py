@@ -131,6 +131,64 @@ def test_each_rule_breaks_the_queue_with_what_was_validated_before(
         dev.release()
 
 
+QD1_RULES = ["wrong_wrap", "avail_differs_from_used", "out_of_range", "not_in_flight", "names_the_next_request",
+             "too_long", "nothing_in_flight"]
+
+
+@pytest.mark.parametrize("warm", [4, 7, 19])
+@pytest.mark.parametrize("rule", QD1_RULES)
+def test_at_qd1_the_next_request_goes_out_first_and_each_rule_still_breaks_the_queue(
+    pair: PackedRingPair, rule: str, warm: int
+) -> None:
+    """QD1 publishes the next request before it checks the completion; what that check finds is as at depth.
+
+    ``warm`` good round trips first (the ring's end and laps on the way); then the device lies about the
+    one in flight. The next request was published (by the lane, not when the ring's end or a second used
+    descriptor sends the turn the general way), is not taken for the completion, and nothing is lost."""
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    assert isinstance(fc, PackedFixedChains)
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    try:
+        cyc = fc.cycle(1, lambda: None)
+        assert cyc.turn() == []
+        for _ in range(warm):
+            ((i, n),) = dev.available()
+            dev.use(i, 5, n)
+            assert list(cyc.turn()) == [i]
+        ((i, n),) = dev.available()
+        nxt = (i + 1) % NSLOTS  # one slot at a time round the spares, oldest first
+        pos, wrap = dev.used_pos, dev.used_wrap
+        if rule == "wrong_wrap":
+            dev.write_used(pos, i, 5, packed_used_flags(wrap ^ 1) | DESC_F_WRITE)
+        elif rule == "avail_differs_from_used":
+            dev.write_used(pos, i, 5, (PACKED_DESC_F_USED if wrap else PACKED_DESC_F_AVAIL) | DESC_F_WRITE)
+        elif rule == "out_of_range":
+            dev.use(fc.ring.size, 5, n)
+        elif rule == "not_in_flight":
+            dev.use((i + 2) % NSLOTS, 5, n)
+        elif rule == "names_the_next_request":
+            dev.use(nxt, 5, n)
+        elif rule == "too_long":
+            dev.use(i, WLEN + 1, n)
+        else:  # nothing_in_flight: the one in flight, then one more
+            dev.use(i, 5, n)
+            dev.use(i, 5, n)
+        lane = rule in ("not_in_flight", "names_the_next_request", "too_long") and pos + 2 * n < fc.ring.size
+        with pytest.raises(DeviceProtocolError) as ei:
+            cyc.turn()
+        returned = [(int(s), k) for s, k in ei.value.completed]
+        assert returned == ([(i, 5)] if rule == "nothing_in_flight" else [])
+        assert fc.ring.broken is not None
+        inflight = set(fc.in_flight())
+        assert (i in inflight) == (rule != "nothing_in_flight")  # nothing lost, nothing returned twice
+        if lane:
+            assert inflight == {i, nxt}  # published before the check
+        with pytest.raises(QueueBroken):
+            cyc.turn()
+    finally:
+        dev.release()
+
+
 def test_a_used_descriptor_beyond_what_is_in_flight_is_caught_below_depth_too(pair: PackedRingPair) -> None:
     """The cycle publishes before it checks; a used descriptor after everything in flight lies where it
     would publish, so then it publishes nothing (not even a shortfall) and raises in the same turn."""
