@@ -470,3 +470,36 @@ def test_a_refused_post_publishes_nothing(pair: PackedRingPair) -> None:
             fc.post(bad)
         assert fc.in_flight() == [1] and fc.n_inflight == 1
     pair.driver.check_ids()
+
+
+@pytest.mark.parametrize("depth", [1, DEPTH])
+def test_a_kick_that_fails_leaves_what_the_turn_published_in_flight(pair: PackedRingPair, depth: int) -> None:
+    """The turn publishes before it checks, the new slots out of flight until the check; a kick that raises
+    (the connection lost) must not leave them out of flight: published, they are the device's, and a
+    reconnect resubmits what is in flight."""
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    assert isinstance(fc, PackedFixedChains)
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    fail = [False]
+
+    def notify() -> None:
+        if fail[0]:
+            raise ConnectionError("kick: connection lost")
+
+    try:
+        dev.set_event(RING_EVENT_FLAGS_ENABLE, 0)  # every publication kicks
+        cyc = fc.cycle(depth, notify)
+        assert cyc.turn() == []
+        first = dev.available()
+        assert len(first) == depth
+        for i, n in first:
+            dev.use(i, 5, n)
+        fail[0] = True
+        with pytest.raises(ConnectionError):
+            cyc.turn()
+        inflight = fc.in_flight()
+        assert fc.ring.outstanding == len(inflight)  # every descriptor chain the ring counts has its token
+        new = [i for i, _n in dev.available()]
+        assert len(new) == min(depth, NSLOTS - depth) and set(new) <= set(inflight)  # published: in flight
+    finally:
+        dev.release()

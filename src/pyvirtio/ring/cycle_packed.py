@@ -237,7 +237,11 @@ class PackedCycle:
                         ring.num_free -= n1
                         ring.outstanding = 2
                         if fc.kick_needed(n1):
-                            notify()
+                            try:
+                                notify()
+                            except BaseException:
+                                tokens[new_s] = new_s  # published: in flight for whoever takes over (a reconnect)
+                                raise
                             self.kicks += 1
                         if weak:
                             ordering.read_barrier()
@@ -366,7 +370,13 @@ class PackedCycle:
                                 for s in posted:
                                     tokens[s] = idle  # out of flight until the counted completions are checked
                         if need:
-                            notify()
+                            try:
+                                notify()
+                            except BaseException:
+                                if fresh:  # published: in flight for whoever takes over (a reconnect)
+                                    for s in fresh:
+                                        tokens[s] = s
+                                raise
                             self.kicks += 1
                 elif seen:
                     # 3. Take and check the completions: the counted ones, then (the new slots in flight now:
