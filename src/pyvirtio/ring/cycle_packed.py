@@ -6,9 +6,10 @@ Both keep the packed ring's shadow state current after every call, so the
 plain calls, ``pending`` and ``restart_base`` can take over at any time.
 
 :class:`PackedCycle` turns (with more than one request in flight; with
-one, steps 3 then 2, or at QD1 the lane below): (1) count the used descriptors at the used
-position, following their ids (nothing checked yet: the count only sizes
-step 2, and every slot fits the ring at once); (2) publish one spare per
+one, steps 3 then 2, or at QD1 the lane below): (1) count the used
+descriptors at the used position, following their ids (nothing checked
+yet: the count only sizes step 2, and every slot fits the ring at once);
+(2) publish one spare per
 completion counted (and any shortfall): when every slot has as many
 descriptors and the batch ends before the end of the ring, the slots'
 prepared descriptors in one store, the first slot's head "not available",
