@@ -6,6 +6,7 @@ pin down the parts a wrong number would come from.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import compare  # noqa: E402
+import server_time  # noqa: E402
 import spdk  # noqa: E402
 import turnaround  # noqa: E402
 
@@ -176,3 +178,32 @@ def test_start_vhost_says_why_a_target_did_not_come_up(tmp_path: Path, monkeypat
     monkeypatch.setattr(spdk, "scripts_dir", lambda: _fake_vhost_scripts(tmp_path, body))
     with pytest.raises(RuntimeError, match="only 0 free 2MiB hugepages"):
         spdk.start_vhost(tmp_path / "build", str(tmp_path), 0, timeout=10)
+
+
+def test_server_time_medians_each_cell_over_its_rounds() -> None:
+    rows: list[dict[str, object]] = [
+        {"checkout": "c", "ring": "packed", "qd": 1, "iops": iops, "server_us": us}
+        for iops, us in ((100_000.0, 7.0), (80_000.0, 9.0), (90_000.0, 8.0))
+    ]
+    (cell,) = server_time.summary(rows)
+    assert cell["iops"] == 90_000.0 and cell["server_us"] == 8.0
+    assert cell["round_trip_us"] == pytest.approx(1e6 / 90_000.0)
+
+
+def test_server_time_times_the_real_server_s_batches_on_both_rings(capsys: pytest.CaptureFixture[str]) -> None:
+    """One short round on the embedded back end: each ring's IOPS, and the server's time per request in
+    its batches, which is part of the round trip (so above zero and below it)."""
+    root = Path(__file__).resolve().parent.parent
+    argv = ["server_time.py", str(root), "--rounds", "1", "--seconds", "0.5", "--depths", "1", "--json"]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        server_time.main()
+    finally:
+        sys.argv = old
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])["summary"]
+    assert sorted(c["ring"] for c in summary) == ["packed", "split"]
+    for c in summary:
+        assert c["iops"] > 0
+        assert 0 < c["server_us"] < c["round_trip_us"]
