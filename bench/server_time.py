@@ -4,7 +4,7 @@
 ``bench/revisions.py --target`` says *that* packed is slower than split on
 ``pyvirtio serve blk`` at QD1; this says on which side of the ring. It runs
 the real server (``pyvirtio serve blk`` of each checkout, pinned to CPU 0)
-with a timer around its batch (``backends/datapath.py``'s ``DataPath._batch``:
+with a timer around its batch (``backends/datapath.py``'s ``DataPath.batch``:
 pop, the block model's ``handle``, ``add_used``, ``flush_used`` and the call
 eventfd write, the re-check), and the real client (``pyvirtio bench``
 of the same checkout, CPU 1), interleaved, order rotated each round. Per
@@ -37,8 +37,8 @@ from pathlib import Path
 
 from compare import run_json
 
-#: The server with a timer around DataPath._batch. SIGUSR1 appends "ns chains" (since the last one) to the
-#: file named by PYVIRTIO_BATCH_TIMES and starts over.
+#: The server with a timer around DataPath.batch (named _batch in checkouts before 2026-12-03). SIGUSR1
+#: appends "ns chains" (since the last one) to the file named by PYVIRTIO_BATCH_TIMES and starts over.
 SERVER = r"""
 import os, signal, sys, time
 from pyvirtio.backends.datapath import DataPath
@@ -47,7 +47,8 @@ from pyvirtio.cli.main import main
 clock = time.perf_counter_ns
 spent = [0]
 paths: list[DataPath] = []
-batch = DataPath._batch
+NAME = "batch" if hasattr(DataPath, "batch") else "_batch"
+batch = getattr(DataPath, NAME)
 
 def timed(self, ring):
     if not paths or paths[-1] is not self:
@@ -58,7 +59,7 @@ def timed(self, ring):
     finally:
         spent[0] += clock() - t
 
-DataPath._batch = timed
+setattr(DataPath, NAME, timed)
 marks = [0]
 
 def report(_sig, _frame):

@@ -151,7 +151,7 @@ class DataPath:
                 busy[ring] = None
         drained: list[RingState] = []
         for ring in list(busy):
-            if not self._batch(ring):
+            if not self.batch(ring):
                 drained.append(ring)
         if not drained or len(drained) < len(busy):
             return  # other rings still busy: the drained ones are polled next round
@@ -178,7 +178,7 @@ class DataPath:
             else:
                 queue.disable_notifications()
 
-    def _batch(self, ring: RingState) -> bool:
+    def batch(self, ring: RingState) -> bool:
         """Run one batch (at most a ring's worth) of chains; True if more is pending."""
         if ring.inflight is not None:
             return self._batch_tracked(ring, ring.inflight)
@@ -207,7 +207,7 @@ class DataPath:
         return self._has_work(ring, queue)
 
     def _batch_tracked(self, ring: RingState, tracker: RingTracker) -> bool:
-        """:meth:`_batch` with inflight tracking: resubmissions first, every chain recorded from pop to used."""
+        """:meth:`batch` with inflight tracking: resubmissions first, every chain recorded from pop to used."""
         queue = ring.queue
         assert queue is not None
         handle = self._handle
