@@ -95,20 +95,47 @@ def start_qsd(tmp: str, cpu: str, iothread: bool = False) -> tuple[subprocess.Po
     return proc, sock
 
 
-def start_embedded(tmp: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``pyvirtio serve blk`` (1 GiB RAM disk) of this checkout, pinned to ``cpu``."""
-    sock = os.path.join(tmp, "embedded.sock")
-    cmd = [sys.executable, "-m", "pyvirtio", "serve", "blk", "--socket", sock, "--size", "1G"]
+def start_serve_blk(
+    sock: str, cpu: str, env: dict[str, str], runner: list[str] | None = None, log: str | None = None
+) -> subprocess.Popen[bytes]:
+    """``pyvirtio serve blk`` (1 GiB RAM disk) on ``sock``, pinned to ``cpu``, once its socket exists.
+
+    ``env`` says which checkout (its PYTHONPATH); ``runner`` what runs the CLI (default
+    ``python -m pyvirtio``); ``log`` a file for its stderr (else discarded), quoted if it does not start.
+    """
+    cmd = [*(runner or [sys.executable, "-m", "pyvirtio"]), "serve", "blk", "--socket", sock, "--size", "1G"]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", cpu, *cmd]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    if log is None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    else:
+        with open(log, "w") as f:  # a file, not a pipe: a pipe nobody reads could stall the server
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env)
     deadline = time.monotonic() + 15
     while not os.path.exists(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("pyvirtio serve blk did not start")
+            stop_process(proc)
+            why = f": {Path(log).read_text()[-500:]}" if log else ""
+            raise SystemExit(f"pyvirtio serve blk (PYTHONPATH={env.get('PYTHONPATH')}) did not start{why}")
         time.sleep(0.05)
-    return proc, sock
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM to a process this script started (by its PID), SIGKILL if it is not gone after ``grace`` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_embedded(tmp: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``pyvirtio serve blk`` (1 GiB RAM disk) of this checkout, pinned to ``cpu``."""
+    sock = os.path.join(tmp, "embedded.sock")
+    return start_serve_blk(sock, cpu, dict(os.environ, PYTHONPATH=str(REPO / "src"))), sock
 
 
 def run_json(cmd: list[str], cpu: str, env: dict[str, str] | None = None) -> dict[str, object]:
@@ -281,8 +308,7 @@ def main() -> None:
         if target is not None:
             target.stop()
         else:
-            backend.send_signal(signal.SIGTERM)
-            backend.wait(10)
+            stop_process(backend)
         shutil.rmtree(tmp, ignore_errors=True)
     summary = summarise(rounds, a.depths)
     backend_name = BACKENDS[a.backend]

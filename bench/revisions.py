@@ -35,15 +35,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from compare import RINGS, STICKS, run_json, start_qsd
+from compare import RINGS, STICKS, run_json, start_qsd, start_serve_blk, stop_process
 
 SYNC_LOOP = """
 import json, random, sys, time
@@ -75,16 +73,7 @@ def env_for(checkout: Path) -> dict[str, str]:
 
 def start_server(checkout: Path, tmp: str, name: str) -> tuple[subprocess.Popen[bytes], str]:
     sock = os.path.join(tmp, f"{name}.sock")
-    cmd = [sys.executable, "-m", "pyvirtio", "serve", "blk", "--socket", sock, "--size", "1G"]
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", "0", *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_for(checkout))
-    deadline = time.monotonic() + 15
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"pyvirtio serve blk from {checkout} did not start")
-        time.sleep(0.05)
-    return proc, sock
+    return start_serve_blk(sock, "0", env_for(checkout)), sock
 
 
 def main() -> None:
@@ -148,11 +137,7 @@ def main() -> None:
                     print(f"round {r} {cell:<24} {name:<3} {iops:>12,.0f} IOPS", file=sys.stderr)
     finally:
         for p in procs:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p)
         shutil.rmtree(tmp, ignore_errors=True)
     summary: dict[str, dict[str, object]] = {}
     for cell in dict.fromkeys(str(x["cell"]) for x in rows):

@@ -29,13 +29,12 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from compare import run_json
+from compare import run_json, start_serve_blk, stop_process
 
 #: The server with a timer around DataPath.batch (named _batch in checkouts before 2026-12-03). SIGUSR1
 #: appends "ns chains" (since the last one) to the file named by PYVIRTIO_BATCH_TIMES and starts over.
@@ -80,19 +79,9 @@ class Server:
     def __init__(self, checkout: Path, sock: str, times: str) -> None:
         self.sock = sock
         self.times = times
-        env = dict(os.environ, PYTHONPATH=str(checkout / "src"), PYVIRTIO_BATCH_TIMES=times)
-        cmd = [sys.executable, "-c", SERVER, "serve", "blk", "--socket", sock, "--size", "1G"]
-        if shutil.which("taskset"):
-            cmd = ["taskset", "-c", "0", *cmd]
         self.log = times + ".log"
-        with open(self.log, "w") as log:  # a file, not a pipe: a pipe nobody reads could stall the server
-            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the server for {checkout} did not come up: {self._log_tail()}")
-            time.sleep(0.05)
+        env = dict(os.environ, PYTHONPATH=str(checkout / "src"), PYVIRTIO_BATCH_TIMES=times)
+        self.proc = start_serve_blk(sock, "0", env, runner=[sys.executable, "-c", SERVER], log=self.log)
 
     def mark(self) -> tuple[int, int]:
         """(ns spent in batches, chains completed) since the last mark."""
@@ -112,13 +101,7 @@ class Server:
         return Path(self.log).read_text()[-500:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=5)
 
 
 def summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
