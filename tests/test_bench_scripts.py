@@ -190,17 +190,15 @@ def test_server_time_medians_each_cell_over_its_rounds() -> None:
     assert cell["round_trip_us"] == pytest.approx(1e6 / 90_000.0)
 
 
-def test_server_time_times_the_real_server_s_batches_on_both_rings(capsys: pytest.CaptureFixture[str]) -> None:
+def test_server_time_times_the_real_server_s_batches_on_both_rings(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One short round on the embedded back end: each ring's IOPS, and the server's time per request in
     its batches, which is part of the round trip (so above zero and below it)."""
     root = Path(__file__).resolve().parent.parent
     argv = ["server_time.py", str(root), "--rounds", "1", "--seconds", "0.5", "--depths", "1", "--json"]
-    old = sys.argv
-    sys.argv = argv
-    try:
-        server_time.main()
-    finally:
-        sys.argv = old
+    monkeypatch.setattr(sys, "argv", argv)
+    server_time.main()
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])["summary"]
     assert sorted(c["ring"] for c in summary) == ["packed", "split"]
