@@ -182,6 +182,17 @@ class PackedQueue:
     """
 
     format: ClassVar[str] = "packed"
+    # Slots, not an instance dict: CPython 3.11 specialises an attribute of a slot, but not of a
+    # dict past its shared-keys limit (30 names), on every access of the hot paths.
+    __slots__ = (
+        "_bufs", "_desc16", "_desc32", "_desc64", "_dev16", "_drv16", "_flags16", "_free_ids", "_ids16",
+        "_interrupts", "_kick_navail", "_lens32", "_navail", "_ndescs", "_oldest_id", "_release_id", "_req_bufs",
+        "_req_id", "_req_left", "_req_table", "_req_token", "_req_wlen", "_ring", "_stash", "_table_len", "_tables",
+        "_take_id", "_tokens", "_untake_id", "_wlen", "avail_bits", "broken", "clamp_used_len", "desc_addr",
+        "device_addr", "driver_addr", "event_idx", "in_order", "index", "indirect", "indirect_max",
+        "indirect_threshold", "long_used", "next_avail", "next_used", "num_free", "outstanding", "pool",
+        "reserved_ids", "size", "used_bits", "zero_wrap",
+    )
 
     def __init__(
         self,

@@ -132,6 +132,17 @@ class SplitQueue:
     """
 
     format: ClassVar[str] = "split"
+    # Slots, not an instance dict: CPython 3.11 specialises an attribute of a slot, but not of a
+    # dict past its shared-keys limit (30 names), on every access of the hot paths.
+    __slots__ = (
+        "_avail16", "_avail_event_i", "_avail_off", "_desc16", "_desc32", "_desc64", "_desc8", "_indirect_tables",
+        "_interrupts", "_last", "_ndescs", "_next", "_req_head", "_req_last", "_req_left", "_req_ndescs",
+        "_req_table", "_req_table_n", "_req_token", "_req_wlen", "_ring", "_stash", "_tokens", "_used16", "_used32",
+        "_used_event_i", "_used_off", "_wlen", "avail_addr", "avail_idx", "broken", "clamp_used_len", "desc_addr",
+        "event_idx", "free_head", "free_tail", "in_order", "index", "indirect", "indirect_max",
+        "indirect_threshold", "kick_from", "last_used", "long_used", "num_free", "outstanding", "pool", "size",
+        "used_addr",
+    )
 
     def __init__(
         self,
