@@ -9,7 +9,9 @@ device's pop / add_used / flush_used made 50 such probes per request
 (2,300 of its 51,000 instructions per QD1 request, ``bench/device_count.py``).
 With ``__slots__`` every access is ``LOAD_ATTR_SLOT`` / ``STORE_ATTR_SLOT``.
 
-Two checks: the ring classes have no instance dict; and, after a served
+Three checks: the ring classes' instances have no dict, nor have those of
+the request engine and the drivers built on it (``VirtioBlk``,
+``VirtioScsi``: 32 and 39 names, read on their one-request paths); and, after a served
 block workload on each format (the driver's fixed-chain cycle, the embedded
 back end's ``DataPath`` with the block model, as ``bench/device_count.py``
 runs them), no function of the ring and back-end modules holds a dict-probe
@@ -33,6 +35,9 @@ from pyvirtio.backends.blk import BlockBackend, Storage
 from pyvirtio.backends.datapath import DataPath
 from pyvirtio.backends.model import ModelHooks
 from pyvirtio.backends.ringstate import RingState
+from pyvirtio.drivers.blk import VirtioBlk
+from pyvirtio.drivers.requests import RequestEngine
+from pyvirtio.drivers.scsi.driver import VirtioScsi
 from pyvirtio.memory import MemoryPool, MemoryTable
 from pyvirtio.ring import (
     cycle_packed,
@@ -98,6 +103,13 @@ def test_rings_have_no_instance_dict(big_pool: MemoryPool, fmt: str) -> None:
         assert not hasattr(obj, "__dict__"), type(obj).__name__
         with pytest.raises(AttributeError):
             obj.not_an_attribute = 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("cls", [SplitQueue, PackedQueue, DeviceQueue, PackedDeviceQueue, RequestEngine, VirtioBlk,
+                                 VirtioScsi])
+def test_per_request_classes_have_no_instance_dict(cls: type) -> None:
+    """The rings, and the request engine with the drivers on it (their one-request paths: allocate, build, free)."""
+    assert cls.__dictoffset__ == 0, f"{cls.__name__} instances have a __dict__: a base or the class lacks __slots__"
 
 
 def _dict_probes() -> list[str]:

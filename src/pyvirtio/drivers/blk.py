@@ -123,6 +123,13 @@ class VirtioBlk(RequestEngine[BlkRequest], BlockDevice[BlkRequest]):
 
     readonly_why = "the device is read-only"
 
+    __slots__ = (
+        "block_size", "can_discard", "can_flush", "can_write_zeroes", "capacity", "config", "discard_alignment",
+        "engine", "features", "indirect", "max_discard_sectors", "max_discard_seg", "max_queues", "max_segments",
+        "max_transfer", "max_write_zeroes_sectors", "max_write_zeroes_seg", "num_queues", "queue_size", "readonly",
+        "seg_max", "size_max",
+    )
+
     def __init__(
         self,
         device: VirtioDevice,

@@ -51,6 +51,8 @@ class BlockDevice(Generic[R]):
 
     #: "device" or "LUN", in messages.
     what: ClassVar[str] = "device"
+    __slots__ = ()  # subclasses set the attributes below, in their slots
+
     block_size: int
     capacity: int
     readonly: bool

@@ -146,6 +146,13 @@ class RequestEngine(Generic[R]):
 
     #: What wait()'s timeout message calls the requests.
     request_noun: ClassVar[str] = "requests"
+    # Slots, not an instance dict: past 30 names (with its bases') CPython 3.11 stops specialising
+    # attribute access on the per-request paths (tests/test_hot_attributes.py).
+    __slots__ = (
+        "_pool_lock", "_queues", "_regions", "_request_type", "_slot_size", "_spares", "device", "poll", "pool",
+        "timeout",
+    )
+
     _queues: ThreadQueues[QueueContext]
 
     def __init__(self, device: VirtioDevice, *, poll: str, timeout: float | None, request_type: type) -> None:

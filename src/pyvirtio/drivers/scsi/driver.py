@@ -139,6 +139,12 @@ def check_frontend_config_write(config: Callable[[], bytes]) -> Callable[[int, b
 class VirtioScsi(ScsiRequestQueues):
     """A virtio-scsi host adapter (see the module docstring)."""
 
+    __slots__ = (
+        "_callbacks", "_ctrl", "_event_bufs", "_mgmt_lock", "_nevents", "_scanner", "cmd_per_lun", "config",
+        "config_source", "events", "features", "hotplug", "indirect", "luns", "max_lun", "max_queues",
+        "max_sectors", "max_target", "max_transfer_bytes", "num_queues", "queue_size", "scan_errors", "seg_max",
+    )
+
     def __init__(
         self,
         device: VirtioDevice,

@@ -161,6 +161,7 @@ class ScsiRequestQueues(RequestEngine[ScsiRequest]):
     """The request queues of a virtio-scsi device: slot layout, building and completing commands."""
 
     request_noun = "SCSI requests"
+    __slots__ = ("_req_size", "_resp_off", "_resp_size", "cdb_size", "sense_size", "slot_size")
 
     def __init__(
         self, device: VirtioDevice, *, poll: str, timeout: float | None, cdb_size: int, sense_size: int
