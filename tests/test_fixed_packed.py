@@ -33,6 +33,7 @@ from pyvirtio.spec.ring import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
+    packed_need_event,
 )
 from pyvirtio.testing import HostilePackedDevice, PackedRingPair
 from pyvirtio.testing.hostile import packed_used_flags
@@ -501,5 +502,52 @@ def test_a_kick_that_fails_leaves_what_the_turn_published_in_flight(pair: Packed
         assert fc.ring.outstanding == len(inflight)  # every descriptor chain the ring counts has its token
         new = [i for i, _n in dev.available()]
         assert len(new) == min(depth, NSLOTS - depth) and set(new) <= set(inflight)  # published: in flight
+    finally:
+        dev.release()
+
+
+def test_the_cycle_s_qd1_kick_decision_follows_the_device_event_suppression(pair: PackedRingPair) -> None:
+    """The QD1 cycle decides its kick inline (§2.8.10): as packed_need_event, for every mode and descriptor named.
+
+    One request in flight, over four laps of a ring of 24 or 23 (3-descriptor chains: the QD1 fast path,
+    and the general path where a chain would cross the end of the ring). Before each turn the device uses
+    the request and names, in DESC mode, the descriptor where the next one goes, the one after, the one
+    before, or the same offset in the other lap; or asks for every kick (ENABLE) or none (DISABLE).
+    """
+    drv = pair.driver
+    fc = FixedChains(drv, chains(pair, 2))
+    dev = HostilePackedDevice(drv, pair.pool)
+    kicks: list[int] = []
+    cyc = fc.cycle(1, lambda: kicks.append(1))
+    rng = random.Random(7)
+    try:
+        cyc.turn()  # the first request
+        assert len(kicks) == 1  # a fresh device structure is ENABLE
+        size = drv.size
+        for rnd in range(4 * size // 3):
+            chain = pair.device.pop()
+            assert chain is not None
+            pair.device.push_used(chain.head, WLEN)
+            pos, wrap = drv.next_avail, 1 if drv.avail_bits == PACKED_DESC_F_AVAIL else 0
+            kind = rnd % 6
+            if kind == 0:
+                mode, off_wrap = RING_EVENT_FLAGS_ENABLE, 0
+            elif kind == 1:
+                mode, off_wrap = RING_EVENT_FLAGS_DISABLE, 0
+            else:
+                mode = RING_EVENT_FLAGS_DESC
+                named = (pos + (0, 3, -1, rng.randrange(size))[kind - 2]) % size
+                named_wrap = wrap if kind != 5 else rng.randrange(2)
+                off_wrap = named | named_wrap << 15
+            dev.set_event(mode, off_wrap)
+            before = len(kicks)
+            done = cyc.turn()
+            assert list(done) == [chain.head]
+            new_pos, new_wrap = drv.next_avail, 1 if drv.avail_bits == PACKED_DESC_F_AVAIL else 0
+            want = {RING_EVENT_FLAGS_ENABLE: True, RING_EVENT_FLAGS_DISABLE: False}.get(
+                mode, packed_need_event(off_wrap, new_pos, new_wrap, 3, size)
+            )
+            assert (len(kicks) - before == 1) is want, (rnd, mode, off_wrap, pos)
+            assert cyc.kicks == len(kicks)
     finally:
         dev.release()

@@ -209,63 +209,81 @@ class PackedCycle:
                         fc.take(1 << 16, [], [])  # raises: neither used nor available (wrong wrap counter)
                     result = None
                     continue
-            if used and depth == 1 and out == 1 and spares and not stash and n1 and fc.vol is None:
-                # QD1: the next request first, then the check of the completion (as the split cycle): checked
-                # first, the check was on the round trip. The used descriptor's successor (where the request
-                # goes) must not be used too (more used than in flight: the general path below raises), and
-                # the new slot is out of flight until the completion is checked (one naming it is not in
-                # flight, §2.8.6).
-                bid = ids[pos]
-                apos = ring.next_avail
-                if bid < size and apos + n1 < size:
-                    p = pos + nd[bid]
-                    u = ub
-                    if p >= size:
-                        p -= size
-                        u ^= FLIP
-                    if fl[p] & FLIP != u:
-                        new_s = spares.pop(0)
-                        if ring.avail_bits == AVAIL:
-                            desc[o16[apos] : o16[apos + n1]] = img1[new_s]
-                            h = hf1[new_s]
-                        else:
-                            desc[o16[apos] : o16[apos + n1]] = img0[new_s]
-                            h = hf0[new_s]
-                        if weak:
-                            ordering.write_barrier()
-                        fl[apos] = h  # the head's flags last (§2.8.21.1)
-                        ring.next_avail = apos + n1
-                        ring.num_free -= n1
-                        ring.outstanding = 2
-                        if fc.kick_needed(n1):
-                            try:
-                                notify()
-                            except BaseException:
-                                tokens[new_s] = new_s  # published: in flight for whoever takes over (a reconnect)
-                                raise
-                            self.kicks += 1
-                        if weak:
-                            ordering.read_barrier()
-                        if tokens[bid] is idle or (lens[pos] if flags & WRITE else 0) > wlen[bid]:
-                            done = self._retake([], [new_s], 1)  # raises, or (clamp_used_len) took it
-                        else:
-                            tokens[bid] = idle
-                            tokens[new_s] = new_s
-                            ring.next_used = p
-                            ring.used_bits = u
-                            ring.num_free += nd[bid]
-                            ring.outstanding = 1
-                            done = [bid]
-                        if signals:
-                            drv[0] = ring.next_used | (1 if ring.used_bits else 0) << RING_EVENT_WRAP_SHIFT
-                        spares += done
-                        if np is None:
-                            self.posted = [new_s]
-                            result = done
-                        else:
-                            self.posted = np.asarray([new_s], dtype=np.intp)
-                            result = np.asarray(done, dtype=np.intp)
-                        continue
+            # QD1: the next request first, then the check of the completion (as the split cycle): checked
+            # first, the check was on the round trip. The used descriptor's successor (where the request
+            # goes) must not be used too (more used than in flight: the general path below raises), and
+            # the new slot is out of flight until the completion is checked (one naming it is not in
+            # flight, §2.8.6). The tests are nested ifs with short bodies, the fast path below them: an int
+            # comparison whose jump is far (an EXTENDED_ARG before it) stays unspecialised in CPython 3.11.
+            qd1 = False
+            if used and depth == 1:
+                if out == 1 and spares and not stash and n1 and fc.vol is None:
+                    bid = ids[pos]
+                    apos = ring.next_avail
+                    if bid < size:
+                        if apos + n1 < size:
+                            p = pos + nd[bid]
+                            u = ub
+                            if p >= size:
+                                p -= size
+                                u ^= FLIP
+                            if fl[p] & FLIP != u:
+                                qd1 = True
+            if qd1:
+                new_s = spares.pop(0)
+                if ring.avail_bits == AVAIL:
+                    desc[o16[apos] : o16[apos + n1]] = img1[new_s]
+                    h = hf1[new_s]
+                else:
+                    desc[o16[apos] : o16[apos + n1]] = img0[new_s]
+                    h = hf0[new_s]
+                if weak:
+                    ordering.write_barrier()
+                fl[apos] = h  # the head's flags last (§2.8.21.1)
+                ring.next_avail = apos + n1
+                ring.num_free -= n1
+                ring.outstanding = 2
+                fence_acquire()
+                fence_release()
+                ev = dev[1] & RING_EVENT_FLAGS_MASK
+                if ev == RING_EVENT_FLAGS_DISABLE:
+                    need = False
+                elif ev == RING_EVENT_FLAGS_DESC and event_idx:
+                    new = apos + n1 if ring.avail_bits == AVAIL else apos + n1 + size
+                    off = dev[0]
+                    event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
+                    need = (new - event - 1) % (2 * size) < n1
+                else:
+                    need = True
+                if need:
+                    try:
+                        notify()
+                    except BaseException:
+                        tokens[new_s] = new_s  # published: in flight for whoever takes over (a reconnect)
+                        raise
+                    self.kicks += 1
+                if weak:
+                    ordering.read_barrier()
+                if tokens[bid] is idle or (lens[pos] if flags & WRITE else 0) > wlen[bid]:
+                    done = self._retake([], [new_s], 1)  # raises, or (clamp_used_len) took it
+                else:
+                    tokens[bid] = idle
+                    tokens[new_s] = new_s
+                    ring.next_used = p
+                    ring.used_bits = u
+                    ring.num_free += nd[bid]
+                    ring.outstanding = 1
+                    done = [bid]
+                if signals:
+                    drv[0] = ring.next_used | (1 if ring.used_bits else 0) << RING_EVENT_WRAP_SHIFT
+                spares += done
+                if np is None:
+                    self.posted = [new_s]
+                    result = done
+                else:
+                    self.posted = np.asarray([new_s], dtype=np.intp)
+                    result = np.asarray(done, dtype=np.intp)
+                continue
             done = []
             nfree = 0
             seen = bonus = 0
