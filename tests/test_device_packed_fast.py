@@ -234,3 +234,20 @@ def test_notify_decision_is_packed_need_event(raw: RawPackedDriver, data: Buffer
             assert q.flush_used() is expect, off_wrap
         finally:
             q.release()
+
+
+@pytest.mark.parametrize("off", [4 * SIZE, 0x7FFF])
+def test_an_event_offset_far_outside_the_ring_notifies(raw: RawPackedDriver, data: Buffer, off: int) -> None:
+    """A driver's event naming no descriptor of the two laps (its error): notify, which is always safe."""
+    for wrap in (0, 1):
+        q = raw.device_queue(event_idx=True, base=raw.pos | raw.wrap << 15 | raw.pos << 16 | raw.wrap << 31)
+        try:
+            raw.set_event(RING_EVENT_FLAGS_DESC, off | wrap << 15)
+            raw.publish(0, [(data.addr, 8, W)])
+            c = q.pop()
+            assert c is not None
+            q.add_used(c.head, 1)
+            assert q.flush_used() is True
+            assert q.flush_used() is False  # nothing used since: nothing to signal
+        finally:
+            q.release()

@@ -110,6 +110,7 @@ _W_USED: Final = _USED << 48
 _W_CHECK: Final = _KEEP | _W_AVAIL | _W_USED
 _W_NOID: Final = 0xFFFF_0000_FFFF_FFFF  # the second word but the id
 _EVENT_WRAP: Final = 1 << RING_EVENT_WRAP_SHIFT  # the wrap counter's bit in desc_event_off_wrap
+_EVENT_OFF: Final = _EVENT_WRAP - 1  # the offset's bits in it
 
 #: A direct chain as walked, by its first descriptor's address ^ second word but the id: its
 #: descriptors' bytes as read, the struct that reads that many, (2 * place in the list, addr, second
@@ -557,21 +558,23 @@ class PackedDeviceQueue:
         if self._batch:
             self._lay_out_in_order()
         pos = self._first
-        if pos >= 0:
-            # The first's flags last, behind the write barrier: the batch appears at once (§2.8.9
-            # "Multi-buffer requests", §2.8.21).
-            if not STRONGLY_ORDERED:
-                ordering.write_barrier()
-            self._fl[pos] = self._first_flags
-            self._first = -1
+        if pos < 0:
+            return False  # nothing used since the last flush: nothing to publish or to signal
+        # The first's flags last, behind the write barrier: the batch appears at once (§2.8.9
+        # "Multi-buffer requests", §2.8.21).
+        if not STRONGLY_ORDERED:
+            ordering.write_barrier()
+        self._fl[pos] = self._first_flags
+        self._first = -1
         # Descriptors used since the last decision: positions along two laps (wrap counter 1: the
         # even lap). At most a ring's worth: the driver cannot make more available before it saw
-        # these used.
+        # these used. (Differences of positions are brought into the two laps by one addition, not
+        # a modulo: fewer distinct operations on the path.)
         size = self.size
         new = self.used_pos if self._used_bits else self.used_pos + size
-        count = (new - self._signalled) % (2 * size)
-        if not count:
-            return False
+        count = new - self._signalled
+        if count < 0:
+            count += 2 * size
         self._signalled = new
         fence_acquire()  # a full barrier: the flags before reading the driver's structure
         fence_release()
@@ -586,7 +589,10 @@ class PackedDeviceQueue:
             if count >= size:
                 return True
             off = drv[0]
-            return (new - (off & ~_EVENT_WRAP) - (0 if off & _EVENT_WRAP else size) - 1) % (2 * size) < count
+            behind = new - (off & _EVENT_OFF) - (0 if off & _EVENT_WRAP else size) - 1
+            if behind < 0:
+                behind += 2 * size  # still negative for an offset past both laps (the driver's error): notify
+            return behind < count
         return True  # ENABLE; DESC without EVENT_IDX and the reserved value: notify (always safe)
 
     def push_used(self, head: int, length: int) -> bool:
