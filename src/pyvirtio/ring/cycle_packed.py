@@ -243,6 +243,9 @@ class PackedCycle:
                 ring.next_avail = apos + n1
                 ring.num_free -= n1
                 ring.outstanding = 2
+                # The kick decision (§2.8.10), inlined as in the batch path below (a twin kept on purpose: the
+                # two calls it replaced, kick_needed and packed_need_event, cost more than the rest of it; the
+                # chain is shorter than the ring, so the window passes at most n1 descriptors).
                 fence_acquire()
                 fence_release()
                 ev = dev[1] & RING_EVENT_FLAGS_MASK
