@@ -2,9 +2,9 @@
 
 CPython 3.11 keeps an instance's attributes inline (and its specialised
 ``LOAD_ATTR_INSTANCE_VALUE`` reads one) only while the class's shared keys
-hold 30 names or fewer; past that the instance gets a real dict and every
+hold fewer than 30 names; at that the instance gets a real dict and every
 access becomes ``LOAD_ATTR_WITH_HINT``, a dict probe. The driver rings
-(about 50 names) and the packed device ring (30) were past it: the packed
+(about 50 names) and the packed device ring (30) were there: the packed
 device's pop / add_used / flush_used made 50 such probes per request
 (2,300 of its 51,000 instructions per QD1 request, ``bench/device_count.py``).
 With ``__slots__`` every access is ``LOAD_ATTR_SLOT`` / ``STORE_ATTR_SLOT``.

@@ -146,7 +146,7 @@ class RequestEngine(Generic[R]):
 
     #: What wait()'s timeout message calls the requests.
     request_noun: ClassVar[str] = "requests"
-    # Slots, not an instance dict: past 30 names (with its bases') CPython 3.11 stops specialising
+    # Slots, not an instance dict: at 30 names (with its bases') CPython 3.11 stops specialising
     # attribute access on the per-request paths (tests/test_hot_attributes.py).
     __slots__ = (
         "_pool_lock", "_queues", "_regions", "_request_type", "_slot_size", "_spares", "device", "poll", "pool",

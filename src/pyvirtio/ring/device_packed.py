@@ -139,7 +139,7 @@ class PackedDeviceQueue:
 
     format: ClassVar[str] = "packed"
     # Slots, not an instance dict: CPython 3.11 specialises an attribute of a slot, but not of a
-    # dict past its shared-keys limit (30 names), on every access of the hot paths.
+    # dict at its shared-keys limit (30 names here), on every access of the hot paths.
     __slots__ = (
         "_avail_bad", "_avail_want", "_batch", "_chains", "_chains_max", "_d16", "_d32", "_d64", "_desc", "_dev16",
         "_drv16", "_first", "_first_flags", "_fl", "_ids", "_inflight", "_lens", "_order", "_signalled",

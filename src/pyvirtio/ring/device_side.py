@@ -69,7 +69,7 @@ class DeviceQueue:
 
     format: ClassVar[str] = "split"
     # Slots, not an instance dict: CPython 3.11 specialises an attribute of a slot, but not of a
-    # dict past its shared-keys limit (30 names), on every access of the hot paths.
+    # dict at its shared-keys limit (30 names here), on every access of the hot paths.
     __slots__ = (
         "_avail16", "_avail_event_i", "_batch", "_chains", "_desc", "_desc64", "_popped", "_signalled_from",
         "_used16", "_used32", "_used_bytes", "_used_event_i", "event_idx", "in_order", "index", "indirect",
