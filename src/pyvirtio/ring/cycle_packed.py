@@ -231,7 +231,8 @@ class PackedCycle:
                                 qd1 = True
             if qd1:
                 new_s = spares.pop(0)
-                if ring.avail_bits == AVAIL:
+                bits = ring.avail_bits  # unchanged by this publish: the chain ends before the end of the ring
+                if bits == AVAIL:
                     desc[o16[apos] : o16[apos + n1]] = img1[new_s]
                     h = hf1[new_s]
                 else:
@@ -252,7 +253,7 @@ class PackedCycle:
                 if ev == RING_EVENT_FLAGS_DISABLE:
                     need = False
                 elif ev == RING_EVENT_FLAGS_DESC and event_idx:
-                    new = apos + n1 if ring.avail_bits == AVAIL else apos + n1 + size
+                    new = apos + n1 if bits == AVAIL else apos + n1 + size
                     off = dev[0]
                     event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
                     need = (new - event - 1) % (2 * size) < n1

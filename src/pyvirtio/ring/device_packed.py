@@ -138,8 +138,8 @@ class PackedDeviceQueue:
     """Device side of a packed ring given as memoryviews (descriptor ring, driver and device areas)."""
 
     format: ClassVar[str] = "packed"
-    # Slots, not an instance dict: CPython 3.11 specialises an attribute of a slot, but not of a
-    # dict at its shared-keys limit (30 names here), on every access of the hot paths.
+    # Slots, not an instance dict: CPython 3.11 specialises every access to a slot, but to an instance
+    # dict only while its class has fewer than 30 names (tests/test_hot_attributes.py).
     __slots__ = (
         "_avail_bad", "_avail_want", "_batch", "_chains", "_chains_max", "_d16", "_d32", "_d64", "_desc", "_dev16",
         "_drv16", "_first", "_first_flags", "_fl", "_ids", "_inflight", "_lens", "_order", "_signalled",

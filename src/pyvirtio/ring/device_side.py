@@ -68,8 +68,8 @@ class DeviceQueue:
     """Device side of a split ring whose three parts are given as memoryviews."""
 
     format: ClassVar[str] = "split"
-    # Slots, not an instance dict: CPython 3.11 specialises an attribute of a slot, but not of a
-    # dict at its shared-keys limit (30 names here), on every access of the hot paths.
+    # Slots, not an instance dict: CPython 3.11 specialises every access to a slot, but to an instance
+    # dict only while its class has fewer than 30 names (tests/test_hot_attributes.py).
     __slots__ = (
         "_avail16", "_avail_event_i", "_batch", "_chains", "_desc", "_desc64", "_popped", "_signalled_from",
         "_used16", "_used32", "_used_bytes", "_used_event_i", "event_idx", "in_order", "index", "indirect",

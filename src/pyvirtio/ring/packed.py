@@ -182,8 +182,8 @@ class PackedQueue:
     """
 
     format: ClassVar[str] = "packed"
-    # Slots, not an instance dict: CPython 3.11 specialises an attribute of a slot, but not of a
-    # dict at its shared-keys limit (30 names here), on every access of the hot paths.
+    # Slots, not an instance dict: CPython 3.11 specialises every access to a slot, but to an instance
+    # dict only while its class has fewer than 30 names (tests/test_hot_attributes.py).
     __slots__ = (
         "_bufs", "_desc16", "_desc32", "_desc64", "_dev16", "_drv16", "_flags16", "_free_ids", "_ids16",
         "_interrupts", "_kick_navail", "_lens32", "_navail", "_ndescs", "_oldest_id", "_release_id", "_req_bufs",

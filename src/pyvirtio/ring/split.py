@@ -132,8 +132,8 @@ class SplitQueue:
     """
 
     format: ClassVar[str] = "split"
-    # Slots, not an instance dict: CPython 3.11 specialises an attribute of a slot, but not of a
-    # dict at its shared-keys limit (30 names here), on every access of the hot paths.
+    # Slots, not an instance dict: CPython 3.11 specialises every access to a slot, but to an instance
+    # dict only while its class has fewer than 30 names (tests/test_hot_attributes.py).
     __slots__ = (
         "_avail16", "_avail_event_i", "_avail_off", "_desc16", "_desc32", "_desc64", "_desc8", "_indirect_tables",
         "_interrupts", "_last", "_ndescs", "_next", "_req_head", "_req_last", "_req_left", "_req_ndescs",
