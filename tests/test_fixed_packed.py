@@ -213,6 +213,48 @@ def test_a_used_descriptor_beyond_what_is_in_flight_is_caught_below_depth_too(pa
         dev.release()
 
 
+BULK_CASES = [(rule, bad) for rule in ("out_of_range", "not_in_flight", "too_long", "duplicate", "no_write_flag")
+              for bad in (0, 1, 3) if (rule, bad) != ("duplicate", 0)]  # a duplicate needs one before it
+
+
+@pytest.mark.parametrize(("rule", "bad"), BULK_CASES)
+def test_a_batch_checked_in_bulk_still_finds_each_rule_at_its_place(pair: PackedRingPair, rule: str, bad: int) -> None:
+    """The cycle checks a counted batch in bulk and walks it one by one only when the bulk test fails: a bad
+    descriptor anywhere in the batch (good ones after it too) raises with exactly the ones before it, and a
+    reserved length (no WRITE flag, §2.8.4) fails the bulk test without being an error."""
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    try:
+        cyc = fc.cycle(DEPTH, lambda: None)
+        cyc.turn()
+        ids = [i for i, _n in dev.available()]
+        assert len(ids) == DEPTH
+        for k, i in enumerate(ids):
+            if k != bad:
+                dev.use(i, 5, 3)
+            elif rule == "out_of_range":
+                dev.use(fc.ring.size + 1, 5, 3)
+            elif rule == "not_in_flight":
+                dev.use(next(s for s in range(fc.nslots) if s not in ids), 5, 3)
+            elif rule == "too_long":
+                dev.use(i, WLEN + 1, 3)
+            elif rule == "duplicate":
+                dev.use(ids[0], 5, 3)
+            else:
+                dev.use(i, 99999, 3, write=False)
+        if rule == "no_write_flag":
+            assert list(cyc.turn()) == ids
+            assert fc.ring.broken is None
+            return
+        with pytest.raises(DeviceProtocolError) as ei:
+            cyc.turn()
+        assert [(int(s), n) for s, n in ei.value.completed] == [(i, 5) for i in ids[:bad]]
+        assert fc.ring.broken is not None
+        assert set(ids[bad:]) - ({ids[0]} if rule == "duplicate" else set()) <= set(fc.in_flight())  # nothing lost
+    finally:
+        dev.release()
+
+
 @pytest.mark.parametrize("reader", ["reap_slots", "cycle"])
 def test_a_length_without_the_write_flag_is_reserved_and_taken_as_0(pair: PackedRingPair, reader: str) -> None:
     """§2.8.4: without VIRTQ_DESC_F_WRITE the used length is reserved: not checked, reported as 0."""

@@ -7,8 +7,9 @@ plain calls, ``pending`` and ``restart_base`` can take over at any time.
 
 :class:`PackedCycle` turns (with more than one request in flight; with
 one, steps 3 then 2, or at QD1 the lane below): (1) count the used
-descriptors at the used position, following their ids (nothing checked
-yet: the count only sizes step 2, and every slot fits the ring at once);
+descriptors at the used position, following their ids, or n descriptors
+at a time when every slot has n (nothing checked yet: the count only sizes
+step 2, and every slot fits the ring at once);
 (2) publish one spare per
 completion counted (and any shortfall): when every slot has as many
 descriptors and the batch ends before the end of the ring, the slots'
@@ -21,7 +22,12 @@ processing there, §2.8 device requirements), otherwise
 decision from the device's event suppression structure (§2.8.10); (3) take
 the used descriptors, checked as the fixed chains' reap checks them
 (§2.8.4, §2.8.6: wrap bits, id in flight, length within the slot's
-device-writable bytes), inlined; on any anomaly the entries taken in this
+device-writable bytes), inlined: the counted ones, when every slot has the
+same number of descriptors and they do not cross the end of the ring, in
+bulk (their ids and lengths read through strided views, one sufficient
+test for the batch: in flight, each once, every length within the
+smallest writable size among them), else, or when that test fails, one by
+one; on any anomaly the entries taken in this
 turn are put back and :meth:`PackedFixedChains.take
 <pyvirtio.ring.fixed_packed.PackedFixedChains.take>` re-runs them, which
 raises :class:`~pyvirtio.errors.DeviceProtocolError` naming the bad one with
@@ -304,17 +310,27 @@ class PackedCycle:
                 late = True
                 p = pos
                 u = ub
-                while seen < out:
-                    bid = ids[p]
-                    if bid >= size:
-                        break  # 3. says what is wrong
-                    p += nd[bid]
-                    if p >= size:
-                        p -= size
-                        u ^= FLIP
-                    if fl[p] & FLIP != u:
-                        break
-                    seen += 1
+                if n1:  # every slot n1 descriptors: the next used one is n1 on, whatever id this one names
+                    while seen < out:
+                        p += n1
+                        if p >= size:
+                            p -= size
+                            u ^= FLIP
+                        if fl[p] & FLIP != u:
+                            break
+                        seen += 1
+                else:
+                    while seen < out:
+                        bid = ids[p]
+                        if bid >= size:
+                            break  # 3. says what is wrong
+                        p += nd[bid]
+                        if p >= size:
+                            p -= size
+                            u ^= FLIP
+                        if fl[p] & FLIP != u:
+                            break
+                        seen += 1
                 bonus = seen
                 if seen == out:
                     # All in flight used: one more used descriptor would lie in the free part of the ring,
@@ -405,7 +421,45 @@ class PackedCycle:
                     # 3. Take and check the completions: the counted ones, then (the new slots in flight now:
                     # a fast device may have used them already) any used since.
                     left = seen
+                    end = pos + seen * n1
+                    if late and n1 and end < size:
+                        # The counted ones at once (every slot n1 descriptors, none across the end of the ring):
+                        # their ids and lengths in two strided reads, checked in bulk. A sufficient test: ids
+                        # that are slots in flight (an in-flight slot's token is the slot), each once, every
+                        # length within the smallest writable size among them. Anything else is left to the
+                        # walk below, which checks each one exactly (a length without WRITE is not one, §2.8.4).
+                        if weak:
+                            ordering.read_barrier()
+                        got = ids[pos:end:n1].tolist()
+                        if (
+                            max(got) < size
+                            and list(map(tokens.__getitem__, got)) == got
+                            and len(set(got)) == seen
+                            and max(lens[pos:end:n1].tolist()) <= min(map(wlen.__getitem__, got))
+                        ):
+                            for bid in got:
+                                tokens[bid] = idle
+                            done = got
+                            nfree = end - pos
+                            pos = end
+                            out -= seen
+                            left = 0
+                            if fresh:
+                                for s in fresh:
+                                    tokens[s] = s
+                                fresh = None
+                            flags = fl[pos]
                     while True:
+                        if flags & FLIP != ub:
+                            if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
+                                done = self._retake(done, fresh, seen if fresh else 1 << 16)  # raises
+                                fresh = None
+                                nfree = 0
+                                out = ring.outstanding
+                            else:
+                                ring.next_used = pos
+                                ring.used_bits = ub
+                            break
                         if weak:
                             ordering.read_barrier()
                         bid = ids[pos]
@@ -431,16 +485,6 @@ class PackedCycle:
                                 tokens[s] = s
                             fresh = None
                         flags = fl[pos]
-                        if flags & FLIP != ub:
-                            if out and flags & FLIP != ub ^ USED:  # neither used nor available: a wrong wrap counter
-                                done = self._retake(done, fresh, seen if fresh else 1 << 16)  # raises
-                                fresh = None
-                                nfree = 0
-                                out = ring.outstanding
-                            else:
-                                ring.next_used = pos
-                                ring.used_bits = ub
-                            break
                     if fresh:  # fewer used than counted (ids that led elsewhere): the new slots are in flight
                         for s in fresh:
                             tokens[s] = s
