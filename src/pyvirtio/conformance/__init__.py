@@ -4,7 +4,11 @@ The package plays a vhost-user frontend that does what each rule says, good
 or bad, and judges what the back end does:
 
 * :mod:`~pyvirtio.conformance.rules`: the catalogue, as data (one record and
-  a few lines per rule);
+  a few lines per rule), gathered in run order from one module per area
+  (``rules_handshake``, ``rules_setup``, ``rules_ring``, ``rules_datapath``,
+  ``rules_hostile``, ``rules_lifecycle``);
+* :mod:`~pyvirtio.conformance.catalogue`: what a rule is (the record, the
+  registrar, severities) and the verbs rules share;
 * :mod:`~pyvirtio.conformance.harness`: the probing frontend (one
   connection, raw rings, a transcript of everything sent and seen);
 * :mod:`~pyvirtio.conformance.devices`: device types (rings, one request of
