@@ -42,7 +42,7 @@ inode): :meth:`MemoryTable.share` counts it as one more reference to the
 mapping already there, and :meth:`MemoryTable.remove` drops one reference,
 the mapping leaving the table with its last. A vhost-user frontend that
 drives several devices over one connection does exactly that (QEMU's
-multi-queue vhost-user-net: see :mod:`pyvirtio.backends.control`).
+multi-queue vhost-user-net: see :mod:`pyvirtio.backends.regions`).
 
 Only this module creates mmaps (docs/architecture.md, rules of the house).
 """

@@ -120,73 +120,32 @@ that fd signalled once (:class:`Notify`); libvhost-user signals every new
 call fd for the same reason ("in case of I/O hang after reconnecting"). A
 spurious notification costs the driver one look at the used ring.
 
-Memory: each region is mapped with :class:`~pyvirtio.memory.Region` after
-checking that its fd is a regular file (memfd, hugetlbfs, tmpfs) at least
-``mmap_offset + memory_size`` long, and sealed against shrinking when the
-memfd allows sealing. A frontend that truncates an *unsealed* file after
-handing it over can still make an access fault (SIGBUS); pure Python cannot
-catch that, so it is a documented limit, as for every mmap-based back end.
-
-Regions added one by one (CONFIGURE_MEM_SLOTS) may come more than once.
-vhost-user.rst, "Multiple queue support": "As all queues share one
-connection, the front-end uses a unique index for each queue"; QEMU (7.2 and
-later) drives a multi-queue vhost-user-net device as one ``vhost_dev`` per
-queue pair over that one connection, and each ``vhost_dev`` keeps its own
-shadow of the regions it sent (hw/virtio/vhost-user.c,
-``vhost_user_add_remove_regions``): every queue pair sends ADD_MEM_REG for
-the same guest RAM, and REM_MEM_REG for it when its own view of memory
-changes. libvhost-user of that time appends the duplicate and removes every
-identical copy at the first REM_MEM_REG. Here, tolerant where it is safe:
-an ADD_MEM_REG identical to a region already mapped (guest address, size,
-user address, mmap offset, and an fd on the same file: same st_dev and
-st_ino, hence the same memory) takes one more reference to that mapping
-and its fd is closed; each REM_MEM_REG naming it (vhost-user.rst: "identified
-by its guest address, user address and size. The mmap offset is ignored.")
-drops one, and the mapping goes with the last, so a queue pair still
-running never loses its memory to another's removal. Strict where safety
-needs it: a region that overlaps a mapped one in guest address without
-being identical (other memory, or the same memory at another offset) stays a
-protocol violation, as does a REM_MEM_REG that names no mapped region. A
-duplicate takes no memory slot.
+Memory: the regions a frontend hands over are checked and mapped by
+:mod:`pyvirtio.backends.regions` (its docstring says what is refused, and why
+an ADD_MEM_REG identical to a mapped region shares that mapping); here,
+running rings are stopped before a change of memory takes their view away
+and restarted in the new table. The checks on a ring's layout and the
+building of its queue are :mod:`pyvirtio.backends.ringsetup`'s.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from pyvirtio.backends.inflight import InflightArea, PackedQueueInflight
+from pyvirtio.backends.inflight import InflightArea
 from pyvirtio.backends.model import ModelHooks
+from pyvirtio.backends.regions import MAX_MEM_SLOTS, add_region, map_table
+from pyvirtio.backends.ringsetup import check_addr, check_num, is_eventfd, make_queue, ring_format, start_queue
 from pyvirtio.backends.ringstate import RingState, close_fd
-from pyvirtio.errors import DriverProtocolError, InvalidArgument, ProtocolViolation, PyvirtioError, RequestRefused
-from pyvirtio.memory import PAGE_SIZE, MemoryTable, Region
+from pyvirtio.errors import DriverProtocolError, ProtocolViolation, PyvirtioError, RequestRefused
+from pyvirtio.memory import MemoryTable
 from pyvirtio.protocol import vhost_user as vu
-from pyvirtio.ring.base import DeviceRing
-from pyvirtio.ring.device_side import open_device_ring
-from pyvirtio.spec.common import (
-    F_IN_ORDER,
-    F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC,
-    F_RING_PACKED,
-    VHOST_USER_F_PROTOCOL_FEATURES,
-)
-from pyvirtio.spec.ring import (
-    AVAIL_ALIGN,
-    DESC_ALIGN,
-    DESC_SIZE,
-    EVENT_SUPPRESS_ALIGN,
-    MAX_QUEUE_SIZE,
-    PACKED_DESC_ALIGN,
-    USED_ALIGN,
-    is_power_of_two,
-    parse_packed_base,
-)
+from pyvirtio.spec.common import F_RING_PACKED, VHOST_USER_F_PROTOCOL_FEATURES
+from pyvirtio.spec.ring import MAX_QUEUE_SIZE, parse_packed_base
 
 log = logging.getLogger("pyvirtio.backends")
 
@@ -211,8 +170,6 @@ OFFERED_PROTOCOL_FEATURES = (
     | (1 << vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS)
     | (1 << vu.PROTOCOL_F_STATUS)
 )
-#: GET_MAX_MEM_SLOTS answer (qemu-storage-daemon's value).
-MAX_MEM_SLOTS = 32
 #: virtio 1.2 §2.2: bits 0-23 and 50-127 belong to the device type (24-40: queue and
 #: negotiation mechanisms, 41-49: reserved). The vhost-user u64 carries bits 0-63.
 DEVICE_FEATURE_BITS = ((1 << 24) - 1) | (((1 << 64) - 1) & ~((1 << 50) - 1))
@@ -252,22 +209,6 @@ class Notify:
 
 Action: TypeAlias = Send | StartRing | StopRing | Notify
 _Handler: TypeAlias = Callable[[Any, list[int]], vu.Outgoing | None]
-
-
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return True  # no /proc: cannot tell, accept
-
-
-def _seal_shrink(fd: int) -> None:
-    """Forbid shrinking a memfd that allows sealing, so the mapping cannot fault later."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EBUSY):
-            raise
 
 
 class ControlPlane:
@@ -577,98 +518,11 @@ class ControlPlane:
             self._inflight = None
         self._drop_offered()
 
-    def _start_queue(self, ring: RingState) -> DeviceRing:
-        """The ring's queue, with its inflight tracking if the connection has an area (module docstring)."""
-        area = self._inflight
-        fmt = self._ring_format
-        tracker = None if area is None else area.queue(ring.index, fmt)
-        if tracker is None:
-            if area is not None and fmt == "packed" and ring.index < area.num_queues:
-                raise ProtocolViolation(f"ring {ring.index}: the inflight area has no room for a packed ring's region")
-            return self._make_queue(ring, ring.base)
-        if tracker.desc_num < ring.num:
-            raise ProtocolViolation(
-                f"ring {ring.index} of {ring.num} descriptors: the inflight area tracks {tracker.desc_num}"
-            )
-        try:
-            if isinstance(tracker, PackedQueueInflight):
-                desc = self._desc_ring(ring)
-                try:
-                    base = tracker.recover(desc, ring.num, ring.base)
-                    queue = self._make_queue(ring, base)
-                    tracker.start(queue, desc)
-                except BaseException:
-                    desc.release()
-                    raise
-            else:
-                queue = self._make_queue(ring, ring.base)
-                tracker.start(queue)
-        except DriverProtocolError as exc:
-            raise ProtocolViolation(str(exc)) from None
-        ring.inflight = tracker
-        return queue
-
-    def _desc_ring(self, ring: RingState) -> memoryview:
-        """The ring's descriptor area (a view the caller releases)."""
-        addr = ring.addr
-        assert addr is not None
-        return self.memory.uva(addr.desc, DESC_SIZE * ring.num)
-
     # -- memory -----------------------------------------------------------------
-
-    def _map_region(self, region: vu.MemRegion, fd: int) -> Region:
-        """Check and map one region; takes ownership of ``fd`` (closed on failure)."""
-        try:
-            size = region.memory_size
-            offset = region.mmap_offset
-            if size == 0:
-                raise ProtocolViolation("memory region of size 0")
-            for what, start in (("guest", region.guest_phys_addr), ("frontend", region.userspace_addr)):
-                if start + size > 1 << 64:
-                    raise ProtocolViolation(f"memory region at {what} address 0x{start:x}+{size} wraps")
-            if offset % PAGE_SIZE:
-                raise ProtocolViolation(f"memory region mmap_offset 0x{offset:x} is not page aligned")
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ProtocolViolation("memory region fd is not a regular file (memfd, tmpfs, hugetlbfs)")
-            if st.st_size < offset + size:
-                raise ProtocolViolation(
-                    f"memory region of {size} bytes at offset {offset} exceeds its file ({st.st_size} bytes)"
-                )
-            _seal_shrink(fd)
-            try:
-                mapped = Region(fd, size, fd_offset=offset, guest_addr=region.guest_phys_addr, owns_fd=True)
-            except (OSError, ValueError, OverflowError) as exc:
-                raise ProtocolViolation(f"cannot map memory region: {exc}") from None
-        except BaseException:
-            close_fd(fd)
-            raise
-        return mapped
-
-    def _add_mapping(self, table: MemoryTable, region: vu.MemRegion, fd: int) -> None:
-        mapped = self._map_region(region, fd)
-        try:
-            table.add(mapped, region.guest_phys_addr, region.userspace_addr)
-        except BaseException:
-            mapped.close()
-            raise
 
     def _set_mem_table(self, value: vu.MemTable, fds: list[int]) -> None:
         self._need_owner("SET_MEM_TABLE")
-        table = MemoryTable(ProtocolViolation)
-        try:
-            taken = fds[:]
-            fds.clear()
-            for i, region in enumerate(value.regions):
-                fd = taken[i]
-                taken[i] = -1
-                self._add_mapping(table, region, fd)
-        except BaseException:
-            for fd in taken:
-                if fd >= 0:
-                    close_fd(fd)
-            table.close()
-            raise
+        table = map_table(value.regions, fds)
         old = self.memory
         try:
             self._remap_rings(table)
@@ -687,24 +541,7 @@ class ControlPlane:
         self._need_owner("ADD_MEM_REG")
         if not self._has_protocol(vu.PROTOCOL_F_CONFIGURE_MEM_SLOTS):
             raise ProtocolViolation("ADD_MEM_REG without PROTOCOL_F_CONFIGURE_MEM_SLOTS")
-        fd = fds.pop()
-        # A region identical to one mapped (the same memory: see "Memory" in the module
-        # docstring) is another reference to it; the duplicate fd is closed unused.
-        try:
-            shared = self.memory.share(
-                value.guest_phys_addr, value.memory_size, value.userspace_addr, value.mmap_offset, fd
-            )
-        except BaseException:
-            close_fd(fd)
-            raise
-        if shared is not None:
-            close_fd(fd)
-            log.debug("ADD_MEM_REG at gpa 0x%x: already mapped, %d references", shared.guest_phys_addr, shared.refs)
-            return
-        if len(self.memory) >= MAX_MEM_SLOTS:
-            close_fd(fd)
-            raise ProtocolViolation(f"ADD_MEM_REG beyond {MAX_MEM_SLOTS} memory slots")
-        self._add_mapping(self.memory, value, fd)
+        add_region(self.memory, value, fds.pop())
 
     def _rem_mem_reg(self, value: vu.MemRegion, _fds: list[int]) -> None:
         self._need_owner("REM_MEM_REG")
@@ -746,49 +583,23 @@ class ControlPlane:
     def _set_vring_num(self, value: vu.VringState, _fds: list[int]) -> None:
         ring = self._ring(value.index, "SET_VRING_NUM")
         num = value.num
-        self._check_num(ring.index, num)
+        check_num(self._ring_format, ring.index, num)
         if ring.queue is not None:
             raise ProtocolViolation(f"SET_VRING_NUM on running ring {ring.index}")
         ring.num = num
-
-    def _check_num(self, index: int, num: int) -> None:
-        if self._ring_format == "packed":
-            if not 1 <= num <= MAX_QUEUE_SIZE:
-                raise ProtocolViolation(f"ring size {num} for packed ring {index}: not 1..32768 (virtio 1.2 §2.8)")
-        elif not is_power_of_two(num) or num > MAX_QUEUE_SIZE:
-            # virtio 1.2 §2.7: a split queue's size is a power of 2, at most 32768.
-            raise ProtocolViolation(f"SET_VRING_NUM {num} for ring {index}: not a power of 2 up to 32768")
-
-    def _check_addr(self, index: int, value: vu.VringAddr) -> None:
-        if self._ring_format == "packed":
-            # virtio 1.2 §2.8.13: descriptors 16-byte aligned; §2.8.10.1: event structures 4-byte aligned.
-            areas = (
-                ("descriptor ring", value.desc, PACKED_DESC_ALIGN),
-                ("driver event suppression area", value.avail, EVENT_SUPPRESS_ALIGN),
-                ("device event suppression area", value.used, EVENT_SUPPRESS_ALIGN),
-            )
-        else:
-            # virtio 1.2 §2.7: descriptor table 16-, avail 2-, used ring 4-byte aligned.
-            areas = (
-                ("descriptor table", value.desc, DESC_ALIGN),
-                ("avail ring", value.avail, AVAIL_ALIGN),
-                ("used ring", value.used, USED_ALIGN),
-            )
-        for what, addr, align in areas:
-            if addr % align:
-                raise ProtocolViolation(f"ring {index}: {what} address 0x{addr:x} not {align}-byte aligned")
 
     def _set_vring_addr(self, value: vu.VringAddr, _fds: list[int]) -> None:
         ring = self._ring(value.index, "SET_VRING_ADDR")
         if not len(self.memory):
             raise ProtocolViolation("SET_VRING_ADDR before SET_MEM_TABLE")
-        self._check_addr(ring.index, value)
+        check_addr(self._ring_format, ring.index, value)
         running = ring.queue is not None
         if running:
             self._stop_ring(ring)
         ring.addr = value
         if ring.num:
-            self._make_queue(ring, None).release()  # check the addresses now, not at first kick
+            # Check the addresses now, not at first kick.
+            make_queue(ring, self.memory, self.acked_features, None).release()
         if running:
             self._try_start(ring)
 
@@ -823,7 +634,7 @@ class ControlPlane:
         if value.nofd:
             return ring, -1
         fd = fds.pop()
-        if not _is_eventfd(fd):
+        if not is_eventfd(fd):
             close_fd(fd)
             raise ProtocolViolation(f"{what} for ring {ring.index}: the fd is not an eventfd")
         os.set_blocking(fd, False)  # a full counter must never block the back end
@@ -868,38 +679,7 @@ class ControlPlane:
 
     @property
     def _ring_format(self) -> str:
-        return "packed" if self.acked_features >> F_RING_PACKED & 1 else "split"
-
-    def _make_queue(self, ring: RingState, base: int | None) -> DeviceRing:
-        """The ring's queue at ``base`` (None: only checking the addresses, at the format's initial base)."""
-        addr = ring.addr
-        assert addr is not None
-        features = self.acked_features
-        fmt = self._ring_format
-        self._check_num(ring.index, ring.num)
-        self._check_addr(ring.index, addr)
-        if base is None:
-            base = 0  # only the addresses are checked: any base the format allows
-        if fmt == "split" and base > 0xFFFF:
-            raise ProtocolViolation(f"ring {ring.index}: base {base} is beyond a split ring's 16 bits")
-        try:
-            return open_device_ring(
-                fmt,
-                self.memory,
-                ring.num,
-                addr.desc,
-                addr.avail,
-                addr.used,
-                base=base,
-                user_addresses=True,
-                index=ring.index,
-                event_idx=bool(features >> F_RING_EVENT_IDX & 1),
-                indirect=bool(features >> F_RING_INDIRECT_DESC & 1),
-                in_order=bool(features >> F_IN_ORDER & 1),
-                max_chain=ring.num,  # virtio 1.2 §2.7.5.3.1 / §2.8.19, indirect chains included
-            )
-        except (DriverProtocolError, InvalidArgument) as exc:
-            raise ProtocolViolation(f"ring {ring.index}: {exc}") from None
+        return ring_format(self.acked_features)
 
     def _try_start(self, ring: RingState) -> None:
         """Start the ring if it has everything it needs (vhost-user.rst, "Starting and stopping rings")."""
@@ -913,7 +693,7 @@ class ControlPlane:
             return
         if not len(self.memory):
             raise ProtocolViolation(f"ring {ring.index} started without a memory table")
-        ring.queue = self._start_queue(ring)
+        ring.queue = start_queue(ring, self.memory, self.acked_features, self._inflight)
         log.debug("ring %d started: size %d, base 0x%x", ring.index, ring.num, ring.queue.base)
         self._actions.append(StartRing(ring, ring.kick))  # work may have been queued before the kick fd
 

@@ -19,7 +19,10 @@ The engine is three modules along its seams:
   start or stop out. It holds the negotiated state (features, memory table,
   ring configuration, inflight area) and decides whose fault a request is;
   its docstring lists the checks and the tolerances (GET_CONFIG past the
-  device's config, unoffered device feature bits, message orders);
+  device's config, unoffered device feature bits, message orders); the
+  frontend's memory regions are checked and mapped by
+  :mod:`pyvirtio.backends.regions`, each ring's layout checked and its queue
+  built by :mod:`pyvirtio.backends.ringsetup`;
 * :mod:`pyvirtio.backends.datapath`: the data path, batches of chains per
   kicked ring, used-ring publication, call and err eventfds, polling before
   sleeping, inflight records;

@@ -9,17 +9,12 @@ Every frame on a ring carries the 12-byte ``virtio_net_hdr_v1`` in front of
 it (VERSION_1 is always negotiated, so the header has ``num_buffers`` with
 and without MRG_RXBUF).
 
-Rings. Both rings of a pair have one single-buffer chain per *slot*: slot s
-of the receive ring is a device-writable buffer of ``rx_buf_size`` bytes,
-slot s of the transmit ring a device-readable buffer holding header + frame
-(only its length changes per frame). The slots are the ring's batch fast
-path (:class:`~pyvirtio.ring.fixed.FixedChains`, either ring format):
-posting n slots publishes them at once with one kick decision (on a split
-ring without VIRTIO_F_IN_ORDER the chains are pre-linked once and posting
-is n avail-ring stores and one index store). Reaping validates every used entry (the id must be a slot in
-flight, the length must fit the slot; a transmit entry must report 0 bytes
-written), and a violation marks the queue broken
-(:class:`~pyvirtio.errors.DeviceProtocolError`).
+Rings. Both rings of a pair have one single-buffer chain per *slot*, posted
+through the ring's batch fast path, and every used entry is validated
+(:mod:`pyvirtio.drivers.net_queues`: :class:`~pyvirtio.drivers.net_queues.RxQueue`,
+:class:`~pyvirtio.drivers.net_queues.TxQueue`). The frame format, the
+transmit-header checks and the MAC helpers are in
+:mod:`pyvirtio.drivers.net_frames` (re-exported here).
 
 Receive buffers are kept posted: all slots are posted at start and a slot
 goes back to the device as soon as the caller is done with it.
@@ -66,14 +61,27 @@ interrupt eventfds through ``loop.add_reader``).
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from pyvirtio.device import VirtioDevice
+from pyvirtio.drivers.net_frames import (
+    ETH_HLEN,
+    ETH_VLAN_HLEN,
+    HDR_SIZE,
+    ZERO_HDR,
+    NetHdr,
+    build_frame,
+    check_tx_header,
+    format_mac,
+    inet_checksum,
+    parse_mac,
+    random_mac,
+)
+from pyvirtio.drivers.net_queues import QueuePair, RxQueue, TxQueue
 from pyvirtio.errors import (
     DeviceProtocolError,
     InvalidArgument,
@@ -83,13 +91,9 @@ from pyvirtio.errors import (
     TransportTimeout,
 )
 from pyvirtio.memory import Buffer
-from pyvirtio.ring.fixed import FixedChains
 from pyvirtio.spec import net as N
 from pyvirtio.spec.common import DEVICE_ID_NET, F_RING_EVENT_IDX
 
-HDR_SIZE = N.HDR_SIZE
-ETH_HLEN = 14
-ETH_VLAN_HLEN = 18
 DEFAULT_MTU = 1500
 DEFAULT_RX_BUF = 2048
 
@@ -120,122 +124,6 @@ CSUM_FEATURES = (1 << N.F_CSUM) | (1 << N.F_GUEST_CSUM)
 
 _CTRL_BUF = 4096
 _CTRL_ACK_OFF = _CTRL_BUF - 1
-_ZERO_HDR = bytes(HDR_SIZE)
-
-
-class NetHdr(NamedTuple):
-    """``struct virtio_net_hdr_v1`` (virtio 1.2 §5.1.6)."""
-
-    flags: int = 0
-    gso_type: int = N.GSO_NONE
-    hdr_len: int = 0
-    gso_size: int = 0
-    csum_start: int = 0
-    csum_offset: int = 0
-    num_buffers: int = 0
-
-    def pack(self) -> bytes:
-        return N.HDR.pack(*self)
-
-
-def parse_mac(text: str | bytes) -> bytes:
-    """``"02:00:00:00:00:01"`` (or 6 bytes) -> 6 bytes."""
-    if isinstance(text, bytes | bytearray):
-        if len(text) != 6:
-            raise InvalidArgument(f"a MAC address has 6 bytes, got {len(text)}")
-        return bytes(text)
-    parts = text.replace("-", ":").split(":")
-    try:
-        raw = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise InvalidArgument(f"invalid MAC address {text!r}") from None
-    if len(raw) != 6 or any(len(p) not in (1, 2) for p in parts):
-        raise InvalidArgument(f"invalid MAC address {text!r}")
-    return raw
-
-
-def format_mac(mac: bytes) -> str:
-    return mac.hex(":")
-
-
-def random_mac() -> bytes:
-    """A locally administered unicast address (02:xx:xx:xx:xx:xx)."""
-    b = bytearray(os.urandom(6))
-    b[0] = (b[0] & 0xFC) | 0x02
-    return bytes(b)
-
-
-class _RxQueue:
-    """A receive ring: one writable buffer per slot, all posted but those the caller holds."""
-
-    def __init__(self, net: VirtioNet, index: int, buf_size: int) -> None:
-        vq = net.device.queue(index)
-        self.vq = vq
-        self.index = index
-        self.nslots = vq.size
-        self.buf_size = buf_size
-        self.buf: Buffer = net.pool.allocate(buf_size * self.nslots, align=4096)
-        self.view = self.buf.view
-        self.h16 = self.view.cast("H")
-        base = self.buf.addr
-        self.fixed = FixedChains(vq.ring, [[(base + buf_size * s, buf_size, True)] for s in range(self.nslots)])
-        self.held: list[int] = []  # slots whose frames the caller holds
-        self.views: list[memoryview] = []
-        self.partial: list[tuple[int, int]] = []  # (slot, length) of a merged frame in progress
-        self.partial_want = 0
-        self.frames = 0
-        self.bytes = 0
-        self.errors = 0
-        self.merged = 0
-
-    def close(self, pool: Any) -> None:
-        for v in self.views:
-            try:
-                v.release()
-            except BufferError:
-                pass
-        self.views = []
-        self.h16.release()
-        self.view = memoryview(b"")
-        pool.free(self.buf)
-
-
-class _TxQueue:
-    """A transmit ring: one readable header+frame buffer per slot."""
-
-    def __init__(self, net: VirtioNet, index: int, slot_size: int) -> None:
-        vq = net.device.queue(index)
-        self.vq = vq
-        self.index = index
-        self.nslots = vq.size
-        self.slot_size = slot_size
-        self.buf: Buffer = net.pool.allocate(slot_size * self.nslots, align=4096)
-        self.view = self.buf.view
-        base = self.buf.addr
-        self.fixed = FixedChains(vq.ring, [[(base + slot_size * s, HDR_SIZE, False)] for s in range(self.nslots)])
-        # Where each slot's frame length is written before it is posted.
-        self.lengths: memoryview | list[int]
-        self.lengths, self.length_at = self.fixed.length_fields()
-        self.free: list[int] = list(range(self.nslots - 1, -1, -1))
-        self.hdr_dirty = bytearray(self.nslots)
-        self.frames = 0
-        self.bytes = 0
-
-    def close(self, pool: Any) -> None:
-        self.view = memoryview(b"")
-        pool.free(self.buf)
-
-
-class _Pair:
-    __slots__ = ("index", "rx", "tx", "owner", "reader_loop", "waiters")
-
-    def __init__(self, index: int, rx: _RxQueue, tx: _TxQueue) -> None:
-        self.index = index
-        self.rx = rx
-        self.tx = tx
-        self.owner: int | None = None
-        self.reader_loop: Any = None
-        self.waiters: list[Any] = []
 
 
 class VirtioNet:
@@ -328,16 +216,16 @@ class VirtioNet:
         self.queue_size = device.queue(0).size
         self._ctrl_lock = threading.Lock()
         self._ctrl_buf: Buffer | None = None
-        self._pairs: list[_Pair] = []
+        self._pairs: list[QueuePair] = []
         self._pair_lock = threading.Lock()
         try:
             if self.has_ctrl:
                 self._ctrl_buf = self.pool.allocate(_CTRL_BUF, align=64)
             slot = -(-(HDR_SIZE + self.max_frame) // 64) * 64
             for i in range(pairs):
-                rx = _RxQueue(self, 2 * i, rx_buf_size)
-                tx = _TxQueue(self, 2 * i + 1, slot)
-                self._pairs.append(_Pair(i, rx, tx))
+                rx = RxQueue(device, 2 * i, rx_buf_size)
+                tx = TxQueue(device, 2 * i + 1, slot)
+                self._pairs.append(QueuePair(i, rx, tx))
                 if rx.fixed.post(list(range(rx.nslots))):
                     device.transport.notify_queue(rx.index)
             if pairs > 1:
@@ -473,7 +361,7 @@ class VirtioNet:
 
     # -- queue pairs and threads ----------------------------------------------
 
-    def queue_pair(self, index: int) -> _Pair:
+    def queue_pair(self, index: int) -> QueuePair:
         """Queue pair ``index`` (its rx and tx queues), acquired for the calling thread on first use."""
         try:
             p = self._pairs[index]
@@ -496,7 +384,7 @@ class VirtioNet:
     def release_pair(self, index: int) -> None:
         """Let another thread use queue pair ``index`` (frames the caller holds are recycled first)."""
         p = self.queue_pair(index)
-        self._recycle(p.rx)
+        p.rx.recycle()
         with self._pair_lock:
             self.device.release(p.rx.index)
             self.device.release(p.tx.index)
@@ -575,23 +463,14 @@ class VirtioNet:
 
     # -- transmit -------------------------------------------------------------
 
-    def _reclaim(self, tx: _TxQueue) -> int:
-        try:
-            slots = tx.fixed.reap_slots()
-        except DeviceProtocolError as exc:
-            tx.free.extend(s for s, _ in exc.completed)  # type: ignore[misc]
-            raise
-        tx.free.extend(slots)
-        return len(slots)
-
     def reclaim_tx(self, pair: int = 0) -> int:
         """Take back the transmit slots the device has finished with; returns how many."""
-        return self._reclaim(self.queue_pair(pair).tx)
+        return self.queue_pair(pair).tx.reclaim()
 
     def tx_free(self, pair: int = 0) -> int:
         """Frames that can be queued on ``pair`` now (after reclaiming)."""
         tx = self.queue_pair(pair).tx
-        self._reclaim(tx)
+        tx.reclaim()
         return len(tx.free)
 
     def send_batch(
@@ -619,8 +498,9 @@ class VirtioNet:
             )
             if len(items) != len(frames):
                 raise InvalidArgument(f"{len(items)} headers for {len(frames)} frames")
-            hdrs = [None if h is None else self._check_tx_hdr(h, len(f)) for h, f in zip(items, frames, strict=True)]
-        self._reclaim(tx)
+            csum = self.csum
+            hdrs = [None if h is None else check_tx_header(h, len(f), csum) for h, f in zip(items, frames, strict=True)]
+        tx.reclaim()
         free = tx.free
         count = min(len(frames), len(free))
         if not count:
@@ -644,7 +524,7 @@ class VirtioNet:
                 view[base : base + HDR_SIZE] = h
                 dirty[s] = 1
             elif dirty[s]:
-                view[base : base + HDR_SIZE] = _ZERO_HDR
+                view[base : base + HDR_SIZE] = ZERO_HDR
                 dirty[s] = 0
             slots.append(s)
             nbytes += n
@@ -653,22 +533,6 @@ class VirtioNet:
         tx.frames += count
         tx.bytes += nbytes
         return count
-
-    def _check_tx_hdr(self, h: NetHdr, length: int) -> bytes | None:
-        if h.gso_type != N.GSO_NONE:
-            raise InvalidArgument("GSO is not negotiated by this driver (gso_type must be GSO_NONE)")
-        if h.flags & ~N.HDR_F_NEEDS_CSUM:
-            raise InvalidArgument(f"transmit header flags 0x{h.flags:x}: only NEEDS_CSUM is allowed")
-        if h.flags & N.HDR_F_NEEDS_CSUM:
-            if not self.csum:
-                raise InvalidArgument("NEEDS_CSUM needs VIRTIO_NET_F_CSUM negotiated (open with csum=True)")
-            if h.csum_start + h.csum_offset + 2 > length:
-                raise InvalidArgument(
-                    f"csum_start {h.csum_start} + csum_offset {h.csum_offset} is beyond the {length}-byte frame"
-                )
-        if h == NetHdr():
-            return None
-        return NetHdr(h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset, 0).pack()
 
     def send(self, frame: bytes | bytearray | memoryview, pair: int = 0, hdr: NetHdr | None = None) -> None:
         """Queue one frame, waiting (up to ``timeout``) for a free slot."""
@@ -688,7 +552,7 @@ class VirtioNet:
         deadline = None if tmo is None else time.monotonic() + tmo
         p = self.queue_pair(pair)
         while len(p.tx.free) < p.tx.nslots:
-            if not self._reclaim(p.tx):
+            if not p.tx.reclaim():
                 if deadline is not None and time.monotonic() > deadline:
                     raise TransportTimeout(f"{p.tx.nslots - len(p.tx.free)} frames not sent within {tmo} s")
                 self.device.transport.check_alive()
@@ -696,23 +560,9 @@ class VirtioNet:
 
     # -- receive --------------------------------------------------------------
 
-    def _recycle(self, rx: _RxQueue) -> None:
-        """Release the views handed out by the last receive call and re-post their buffers."""
-        if rx.views:
-            for v in rx.views:
-                try:
-                    v.release()
-                except BufferError:
-                    pass  # the caller exported it (e.g. numpy): the buffer is re-posted anyway
-            rx.views = []
-        if rx.held:
-            held, rx.held = rx.held, []
-            if rx.fixed.post(held):
-                self.device.transport.notify_queue(rx.index)
-
     def release_rx(self, pair: int = 0) -> None:
         """Give the buffers of the frames last received on ``pair`` back to the device now."""
-        self._recycle(self.queue_pair(pair).rx)
+        self.queue_pair(pair).rx.recycle()
 
     def recv_batch(
         self, max_n: int = 64, pair: int = 0, *, with_headers: bool = False
@@ -723,7 +573,7 @@ class VirtioNet:
         """
         p = self.queue_pair(pair)
         rx = p.rx
-        self._recycle(rx)
+        rx.recycle()
         if max_n < 1:
             raise InvalidArgument(f"max_n must be positive, got {max_n}")
         lengths: list[int] = []
@@ -747,7 +597,7 @@ class VirtioNet:
         bad: list[int] = []
         for s, ln in zip(slots, lengths, strict=True):
             if rx.partial_want:
-                merged_before += self._merge_piece(rx, s, ln, out, with_headers)
+                merged_before += rx.merge_piece(s, ln, out, with_headers)
                 continue
             base = bs * s
             if ln < HDR_SIZE + ETH_HLEN:
@@ -772,33 +622,6 @@ class VirtioNet:
         if bad and rx.fixed.post(bad):
             self.device.transport.notify_queue(rx.index)
         return out
-
-    def _merge_piece(self, rx: _RxQueue, s: int, ln: int, out: list[Any], with_headers: bool) -> int:
-        """Add one buffer to the merged frame in progress; 1 if that completed it (counted here)."""
-        rx.partial.append((s, ln))
-        if len(rx.partial) < rx.partial_want:
-            return 0
-        view = rx.view
-        bs = rx.buf_size
-        first, first_len = rx.partial[0]
-        base = bs * first
-        parts = [view[base + HDR_SIZE : base + first_len]]
-        parts.extend(view[bs * t : bs * t + n] for t, n in rx.partial[1:])
-        data = b"".join(parts)
-        hdr = NetHdr(*N.HDR.unpack_from(view, base))
-        for part in parts:
-            part.release()
-        slots = [t for t, _ in rx.partial]
-        rx.partial = []
-        rx.partial_want = 0
-        if rx.fixed.post(slots):
-            self.device.transport.notify_queue(rx.index)
-        rx.merged += 1
-        rx.frames += 1
-        rx.bytes += len(data)
-        v = memoryview(data)
-        out.append((v, hdr) if with_headers else v)
-        return 1
 
     def recv(self, pair: int = 0, timeout: float | None = -1.0) -> bytes:
         """One frame as bytes (a copy), waiting up to ``timeout`` (default: the driver's)."""
@@ -895,25 +718,6 @@ class VirtioNet:
             loop.remove_reader(fd)
 
 
-def build_frame(dst: bytes, src: bytes, payload: bytes, ethertype: int = 0x88B5) -> bytes:
-    """An Ethernet frame (ethertype default 0x88B5, IEEE local experimental), padded to 60 bytes."""
-    frame = dst + src + struct.pack("!H", ethertype) + payload
-    if len(frame) < 60:
-        frame += bytes(60 - len(frame))
-    return frame
-
-
-def inet_checksum(data: bytes | memoryview) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    b = bytes(data)
-    if len(b) % 2:
-        b += b"\0"
-    total = int(sum(struct.unpack(f"!{len(b) // 2}H", b)))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def _cfg_int(cfg: dict[str, object], key: str) -> int:
     value = cfg.get(key, 0)
     return value if isinstance(value, int) else 0
@@ -922,6 +726,9 @@ def _cfg_int(cfg: dict[str, object], key: str) -> int:
 __all__ = [
     "CSUM_FEATURES",
     "DRIVER_FEATURES",
+    "ETH_HLEN",
+    "ETH_VLAN_HLEN",
+    "HDR_SIZE",
     "NetControlError",
     "NetHdr",
     "VirtioNet",
