@@ -196,6 +196,41 @@ def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None
     assert regular.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("long_path", [False, True], ids=["staged", "too-long-to-stage"])
+def test_the_socket_file_appears_only_once_it_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, long_path: bool
+) -> None:
+    """A fixture or frontend that waits for the socket file and then connects is never refused: the file
+    is renamed into place after listen(). A path too long for the temporary name is bound in place."""
+    directory = tmp_path / ("d" * (95 - len(str(tmp_path))) if long_path else "")
+    directory.mkdir(exist_ok=True)
+    path = str(directory / "s.sock")
+    assert len(path) < 108
+    renames: list[str] = []
+    real_rename = os.rename
+
+    def rename(src: str, dst: str) -> None:
+        assert dst == path and not os.path.exists(dst)
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(src)  # listening already (refused before listen())
+        probe.close()
+        renames.append(src)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    server = VhostUserServer(path, BlockBackend(Storage(1 << 20)))
+    try:
+        server.listen()
+        assert len(renames) == (0 if long_path else 1)
+        assert os.listdir(directory) == ["s.sock"]  # no temporary name left behind
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(path)
+        probe.close()
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+
+
 # -- protocol paths pyvirtio's frontend does not take ----------------------------------------
 
 

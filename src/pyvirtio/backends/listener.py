@@ -41,6 +41,7 @@ dropped, the server goes on. The server never dies because of a frontend.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -67,6 +68,7 @@ SEND_TIMEOUT = 5.0
 _RECV_CHUNK = 8192
 _CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
 _POLLIN = select.POLLIN
+_SUN_PATH_MAX = 108  # sockaddr_un's sun_path, its NUL included (unix(7))
 
 
 def _ring_summary(ring_chains: list[int]) -> str:
@@ -310,14 +312,33 @@ class VhostUserServer:
             return
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bound under a temporary name and renamed into place once listening: a frontend (or a
+        # fixture) that waits for the socket file to appear and then connects is never refused in
+        # the moment between bind() and listen(). A path too long for the temporary name is bound
+        # in place, as before.
+        tmp = os.path.join(os.path.dirname(self.path), f".{os.getpid()}.{threading.get_ident() % 10**6}.tmp")
+        staged = len(os.fsencode(tmp)) < _SUN_PATH_MAX
+        placed = not staged
         try:
-            sock.bind(self.path)
+            if staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)  # ours: left by a process of this pid that died here
+                sock.bind(tmp)
+                sock.listen(1)
+                os.rename(tmp, self.path)
+                placed = True
+            else:
+                sock.bind(self.path)
+                sock.listen(1)
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
-            sock.listen(1)
         except BaseException:
             sock.close()
-            self._unlink()
+            if placed:
+                self._unlink()
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             raise
         self._listener = sock
         log.info("listening on %s", self.path)
