@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 COMMON_EAL = ["--no-pci", "--no-huge", "-m", "256", "--no-telemetry"]
 
@@ -103,10 +104,10 @@ def run_dpdk(mode: str, vhost: Vhost, seconds: float, size: int, qsize: int, tmp
     return {"pps": statistics.mean(samples) if samples else 0.0, "samples": samples}
 
 
-def run_pyvirtio(mode: str, vhost: Vhost, seconds: float, size: int, qsize: int) -> dict:
+def run_pyvirtio(mode: str, vhost: Vhost, seconds: float, size: int, qsize: int, extra: Sequence[str] = ()) -> dict:
     offset = len(vhost.text())
     argv = ["taskset", "-c", "1", sys.executable, "-m", "pyvirtio", "net", "bench", vhost.sock, "--mode", mode,
-            "--size", str(size), "--runtime", str(seconds + 1), "--queue-size", str(qsize), "--json"]
+            "--size", str(size), "--runtime", str(seconds + 1), "--queue-size", str(qsize), "--json", *extra]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     if r.returncode != 0:
         raise SystemExit(f"pyvirtio net bench failed: {r.stderr}")

@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import compare  # noqa: E402
+import net_rings  # noqa: E402
 import server_time  # noqa: E402
 import spdk  # noqa: E402
 import turnaround  # noqa: E402
@@ -178,6 +179,16 @@ def test_start_vhost_says_why_a_target_did_not_come_up(tmp_path: Path, monkeypat
     monkeypatch.setattr(spdk, "scripts_dir", lambda: _fake_vhost_scripts(tmp_path, body))
     with pytest.raises(RuntimeError, match="only 0 free 2MiB hugepages"):
         spdk.start_vhost(tmp_path / "build", str(tmp_path), 0, timeout=10)
+
+
+def test_net_rings_ratio_is_median_over_median_and_paired_is_the_median_round_ratio() -> None:
+    pairs = ((10e6, 8e6), (20e6, 10e6), (12e6, 12e6))  # (split, packed) per round: ratios 0.8, 0.5, 1.0
+    rows = [{"split": {"pps": s}, "packed": {"pps": p}} for s, p in pairs]
+    out = net_rings.summarise(rows)
+    assert out["split_median"] == 12e6 and out["packed_median"] == 10e6
+    assert out["ratio_median"] == pytest.approx(10 / 12)
+    assert out["ratio_paired"] == pytest.approx(0.8)
+    assert out["split_best"] == 20e6 and out["packed_best"] == 12e6
 
 
 def test_server_time_medians_each_cell_over_its_rounds() -> None:
