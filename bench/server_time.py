@@ -37,7 +37,8 @@ from pathlib import Path
 from compare import run_json, start_serve_blk, stop_process
 
 #: The server with a timer around DataPath.batch (named _batch in checkouts before 2026-12-03). SIGUSR1
-#: appends "ns chains" (since the last one) to the file named by PYVIRTIO_BATCH_TIMES and starts over.
+#: appends "ns chains batches" (since the last one) to the file named by PYVIRTIO_BATCH_TIMES and starts
+#: over; batches counts the calls that served at least one chain.
 SERVER = r"""
 import os, signal, sys, time
 from pyvirtio.backends.datapath import DataPath
@@ -45,6 +46,7 @@ from pyvirtio.cli.main import main
 
 clock = time.perf_counter_ns
 spent = [0]
+batches = [0]
 paths: list[DataPath] = []
 NAME = "batch" if hasattr(DataPath, "batch") else "_batch"
 batch = getattr(DataPath, NAME)
@@ -52,11 +54,14 @@ batch = getattr(DataPath, NAME)
 def timed(self, ring):
     if not paths or paths[-1] is not self:
         paths.append(self)
+    before = self.chains
     t = clock()
     try:
         return batch(self, ring)
     finally:
         spent[0] += clock() - t
+        if self.chains != before:
+            batches[0] += 1
 
 setattr(DataPath, NAME, timed)
 marks = [0]
@@ -64,8 +69,9 @@ marks = [0]
 def report(_sig, _frame):
     chains = sum(p.chains for p in paths)
     with open(os.environ["PYVIRTIO_BATCH_TIMES"], "a") as f:
-        f.write(f"{spent[0]} {chains - marks[0]}\n")
+        f.write(f"{spent[0]} {chains - marks[0]} {batches[0]}\n")
     spent[0] = 0
+    batches[0] = 0
     marks[0] = chains
 
 signal.signal(signal.SIGUSR1, report)
@@ -83,16 +89,16 @@ class Server:
         env = dict(os.environ, PYTHONPATH=str(checkout / "src"), PYVIRTIO_BATCH_TIMES=times)
         self.proc = start_serve_blk(sock, "0", env, runner=[sys.executable, "-c", SERVER], log=self.log)
 
-    def mark(self) -> tuple[int, int]:
-        """(ns spent in batches, chains completed) since the last mark."""
+    def mark(self) -> tuple[int, int, int]:
+        """(ns spent in batches, chains completed, batches that completed any) since the last mark."""
         before = Path(self.times).read_text().count("\n") if os.path.exists(self.times) else 0
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 5
         while True:
             lines = Path(self.times).read_text().splitlines() if os.path.exists(self.times) else []
             if len(lines) > before:
-                ns, chains = lines[-1].split()
-                return int(ns), int(chains)
+                ns, chains, batches = lines[-1].split()
+                return int(ns), int(chains), int(batches)
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the server stopped answering: {self._log_tail()}")
             time.sleep(0.02)
@@ -114,7 +120,8 @@ def summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         iops = statistics.median(float(str(r["iops"])) for r in rs)
         out.append({"checkout": checkout, "ring": ring, "qd": qd, "iops": iops,
                     "round_trip_us": qd * 1e6 / iops if iops else None,
-                    "server_us": statistics.median(float(str(r["server_us"])) for r in rs)})
+                    "server_us": statistics.median(float(str(r["server_us"])) for r in rs),
+                    "per_batch": statistics.median(float(str(r.get("per_batch", 0))) for r in rs)})
     return out
 
 
@@ -143,18 +150,20 @@ def main() -> None:
                                     "--rw", "randread", "--bs", "4k", "--iodepth", str(qd),
                                     "--runtime", str(a.seconds), "--ring", ring, "--json", "--no-progress"],
                                    "1", dict(os.environ, PYTHONPATH=str(checkout.resolve() / "src")))
-                    ns, chains = server.mark()
+                    ns, chains, batches = server.mark()
                     row = {"round": rnd, "checkout": str(checkout), "ring": ring, "qd": qd,
-                           "iops": res["iops"], "server_us": ns / 1e3 / max(1, chains)}
+                           "iops": res["iops"], "server_us": ns / 1e3 / max(1, chains),
+                           "per_batch": chains / max(1, batches)}
                     rows.append(row)
                     print(f"round {rnd} qd{qd:<4} {ring:>6} {checkout}: {float(str(res['iops'])):>10,.0f} IOPS, "
-                          f"server {row['server_us']:.2f} us/request in batches", flush=True)
+                          f"server {row['server_us']:.2f} us/request in batches of {row['per_batch']:.1f}", flush=True)
         print()
         table = summary(rows)
         for t in table:
             rt = float(str(t["round_trip_us"] or 0))
             print(f"qd{t['qd']:<4} {t['ring']:>6} {t['checkout']}: median {float(str(t['iops'])):>10,.0f} IOPS, "
-                  f"round trip {rt:.2f} us, server {float(str(t['server_us'])):.2f} us/request")
+                  f"round trip {rt:.2f} us, server {float(str(t['server_us'])):.2f} us/request, "
+                  f"{float(str(t['per_batch'])):.1f} per batch")
         if a.json:
             print(json.dumps({"rows": rows, "summary": table}))
     finally:

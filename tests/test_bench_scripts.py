@@ -193,19 +193,20 @@ def test_net_rings_ratio_is_median_over_median_and_paired_is_the_median_round_ra
 
 def test_server_time_medians_each_cell_over_its_rounds() -> None:
     rows: list[dict[str, object]] = [
-        {"checkout": "c", "ring": "packed", "qd": 1, "iops": iops, "server_us": us}
-        for iops, us in ((100_000.0, 7.0), (80_000.0, 9.0), (90_000.0, 8.0))
+        {"checkout": "c", "ring": "packed", "qd": 32, "iops": iops, "server_us": us, "per_batch": n}
+        for iops, us, n in ((100_000.0, 7.0, 5.0), (80_000.0, 9.0, 2.0), (90_000.0, 8.0, 9.0))
     ]
     (cell,) = server_time.summary(rows)
-    assert cell["iops"] == 90_000.0 and cell["server_us"] == 8.0
-    assert cell["round_trip_us"] == pytest.approx(1e6 / 90_000.0)
+    assert cell["iops"] == 90_000.0 and cell["server_us"] == 8.0 and cell["per_batch"] == 5.0
+    assert cell["round_trip_us"] == pytest.approx(32e6 / 90_000.0)
 
 
 def test_server_time_times_the_real_server_s_batches_on_both_rings(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One short round on the embedded back end: each ring's IOPS, and the server's time per request in
-    its batches, which is part of the round trip (so above zero and below it)."""
+    """One short round on the embedded back end: each ring's IOPS, the server's time per request in
+    its batches, which is part of the round trip (so above zero and below it), and the chains per
+    batch (one at QD1: a batch never holds more than was in flight)."""
     root = Path(__file__).resolve().parent.parent
     argv = ["server_time.py", str(root), "--rounds", "1", "--seconds", "0.5", "--depths", "1", "--json"]
     monkeypatch.setattr(sys, "argv", argv)
@@ -216,3 +217,4 @@ def test_server_time_times_the_real_server_s_batches_on_both_rings(
     for c in summary:
         assert c["iops"] > 0
         assert 0 < c["server_us"] < c["round_trip_us"]
+        assert c["per_batch"] == 1.0

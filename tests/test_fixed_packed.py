@@ -215,20 +215,40 @@ def test_a_used_descriptor_beyond_what_is_in_flight_is_caught_below_depth_too(pa
 
 BULK_CASES = [(rule, bad) for rule in ("out_of_range", "not_in_flight", "too_long", "duplicate", "no_write_flag")
               for bad in (0, 1, 3) if (rule, bad) != ("duplicate", 0)]  # a duplicate needs one before it
+#: Completions before the batch under test, two per turn: none (its heads at 0..9), four (heads 12..21:
+#: the last slot ends at the end of a ring of 24, straddles it in one of 23) and six (heads 18, 21, then
+#: two in the next lap).
+SHIFTS = {"first-lap": 0, "to-the-end": 4, "across-the-end": 6}
 
 
+def shifted(cyc: object, dev: HostilePackedDevice, completions: int) -> list[int]:
+    """Run the cycle's first turn and ``completions`` clean completions; the ids in flight, oldest first."""
+    turn = cyc.turn  # type: ignore[attr-defined]
+    turn()
+    order = [i for i, _n in dev.available()]
+    for _ in range(completions // 2):
+        for i in order[:2]:
+            dev.use(i, 5, 3)
+        assert list(turn()) == order[:2]
+        order = order[2:] + [i for i, _n in dev.available()]
+    return order
+
+
+@pytest.mark.parametrize("shift", list(SHIFTS))
 @pytest.mark.parametrize(("rule", "bad"), BULK_CASES)
-def test_a_batch_checked_in_bulk_still_finds_each_rule_at_its_place(pair: PackedRingPair, rule: str, bad: int) -> None:
-    """The cycle checks a counted batch in bulk and walks it one by one only when the bulk test fails: a bad
-    descriptor anywhere in the batch (good ones after it too) raises with exactly the ones before it, and a
-    reserved length (no WRITE flag, §2.8.4) fails the bulk test without being an error."""
+def test_a_batch_checked_in_bulk_still_finds_each_rule_at_its_place(
+    pair: PackedRingPair, rule: str, bad: int, shift: str
+) -> None:
+    """The cycle checks a counted batch in bulk (also across the end of the ring) and walks it one by one
+    only when the bulk test fails: a bad descriptor anywhere in the batch (good ones after it too) raises
+    with exactly the ones before it, and a reserved length (no WRITE flag, §2.8.4) fails the bulk test
+    without being an error."""
     fc = FixedChains(pair.driver, chains(pair, NSLOTS))
     dev = HostilePackedDevice(pair.driver, pair.pool)
     try:
         cyc = fc.cycle(DEPTH, lambda: None)
-        cyc.turn()
-        ids = [i for i, _n in dev.available()]
-        assert len(ids) == DEPTH
+        ids = shifted(cyc, dev, SHIFTS[shift])
+        assert len(ids) == DEPTH and dev.used_pos == 3 * SHIFTS[shift]
         for k, i in enumerate(ids):
             if k != bad:
                 dev.use(i, 5, 3)
@@ -253,6 +273,89 @@ def test_a_batch_checked_in_bulk_still_finds_each_rule_at_its_place(pair: Packed
         assert set(ids[bad:]) - ({ids[0]} if rule == "duplicate" else set()) <= set(fc.in_flight())  # nothing lost
     finally:
         dev.release()
+
+
+def test_a_clean_batch_across_the_end_is_checked_in_bulk(pair: PackedRingPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A counted batch whose heads lie on both sides of the end of the ring takes the bulk check, neither
+    the walk nor the fixed chains' exact take: no line of the walk's per-descriptor body runs in that turn,
+    and take is not called (both give the same result, so only this says the bulk path was taken), and
+    the ring's used position and wrap counter are those after the batch. The batches published on the
+    way, one of them up to or across the end, are the cycle's own stores, not the fixed chains' publish."""
+    import inspect
+    import sys
+
+    from pyvirtio.ring import cycle_packed
+
+    lines, first = inspect.getsourcelines(cycle_packed.PackedCycle._steps)
+    walk = first + next(k for k, line in enumerate(lines) if "done.append(bid)" in line)
+    fc = FixedChains(pair.driver, chains(pair, NSLOTS))
+    dev = HostilePackedDevice(pair.driver, pair.pool)
+    ran: list[int] = []
+
+    def trace(frame, event, _arg):  # type: ignore[no-untyped-def]
+        if frame.f_code is cycle_packed.PackedCycle._steps.__code__:
+            return lambda f, e, _a: ran.append(f.f_lineno) if e == "line" else None
+        return None
+
+    calls: list[str] = []
+    for name in ("take", "publish"):
+        plain = getattr(PackedFixedChains, name)
+        spy = lambda self, *a, _f=plain, _n=name: calls.append(_n) or _f(self, *a)  # noqa: E731
+        monkeypatch.setattr(PackedFixedChains, name, spy)
+    try:
+        cyc = fc.cycle(DEPTH, lambda: None)
+        ids = shifted(cyc, dev, SHIFTS["across-the-end"])
+        assert (fc.ring.next_avail, fc.ring.avail_bits) == (30 - pair.driver.size, PACKED_DESC_F_USED)  # 10 slots on
+        for i in ids:
+            dev.use(i, 5, 3)
+        sys.settrace(trace)
+        try:
+            got = list(cyc.turn())
+        finally:
+            sys.settrace(None)
+        assert got == ids
+        assert ran and walk not in ran and not calls
+        assert (fc.ring.next_used, fc.ring.used_bits) == (dev.used_pos, packed_used_flags(dev.used_wrap))
+    finally:
+        dev.release()
+
+
+@pytest.mark.parametrize("size", [23, 24, 25])
+def test_a_batch_written_across_the_end_is_available_in_the_lap_each_descriptor_lies_in(size: int) -> None:
+    """``across``: every descriptor of the batch at its ring position, in the lap it lies in (§2.8.1: AVAIL
+    and USED from that lap's wrap counter), NEXT on all but a slot's last, its slot's id, address and
+    length, except the first head, left not available (its flags are written last, §2.8.21.1)."""
+    p = PackedRingPair(size, event_idx=True)
+    try:
+        specs = chains(p, 7)
+        fc = FixedChains(p.driver, specs)
+        assert isinstance(fc, PackedFixedChains) and fc.n1 == 3
+        for wrap in (1, 0):
+            bits = PACKED_DESC_F_AVAIL if wrap else PACKED_DESC_F_USED
+            for pos in range(size - 20, size):
+                k = random.Random(pos).randrange(1, 7)
+                slots = random.Random(size + pos).sample(range(7), k)
+                if pos + 3 * k < size:
+                    continue
+                before, after = fc.across(slots, pos, bits)
+                assert len(before) == 16 * (size - pos) and len(before) + len(after) == 48 * k
+                image = before + after
+                for n in range(3 * k):
+                    addr, length, ident, flags = (int.from_bytes(image[16 * n + a : 16 * n + b], "little")
+                                                  for a, b in ((0, 8), (8, 12), (12, 14), (14, 16)))
+                    s, part = slots[n // 3], n % 3
+                    lap = wrap if pos + n < size else wrap ^ 1
+                    want = (specs[s][part][0], specs[s][part][1], s)
+                    assert (addr, length, ident) == want, (pos, n)
+                    avail, used = bool(flags & PACKED_DESC_F_AVAIL), bool(flags & PACKED_DESC_F_USED)
+                    if n == 0:  # its flags, all of them, come last
+                        assert not (avail == bool(lap) and used != bool(lap)), "the first head is not available yet"
+                        continue
+                    assert bool(flags & DESC_F_WRITE) is specs[s][part][2]
+                    assert bool(flags & 1) is (part < 2)  # VIRTQ_DESC_F_NEXT
+                    assert (avail, used) == (bool(lap), not lap), (pos, n)
+    finally:
+        p.close()
 
 
 @pytest.mark.parametrize("reader", ["reap_slots", "cycle"])

@@ -12,19 +12,21 @@ at a time when every slot has n (nothing checked yet: the count only sizes
 step 2, and every slot fits the ring at once);
 (2) publish one spare per
 completion counted (and any shortfall): when every slot has as many
-descriptors and the batch ends before the end of the ring, the slots'
-prepared descriptors in one store, the first slot's head "not available",
-every other slot whole, then the first head's flags (§2.8.21.1: a batch is
-exposed by its first descriptor's flags, written last; the device starts
-processing there, §2.8 device requirements), otherwise
+descriptors, the slots' prepared descriptors in one store (two across the
+end of the ring, each descriptor with the bits of the lap it lies in:
+:meth:`PackedFixedChains.across
+<pyvirtio.ring.fixed_packed.PackedFixedChains.across>`), the first slot's
+head "not available", every other slot whole, then the first head's flags
+(§2.8.21.1: a batch is exposed by its first descriptor's flags, written
+last; the device starts processing there, §2.8 device requirements), otherwise
 :meth:`PackedFixedChains.publish
 <pyvirtio.ring.fixed_packed.PackedFixedChains.publish>`; then one kick
 decision from the device's event suppression structure (§2.8.10); (3) take
 the used descriptors, checked as the fixed chains' reap checks them
 (§2.8.4, §2.8.6: wrap bits, id in flight, length within the slot's
 device-writable bytes), inlined: the counted ones, when every slot has the
-same number of descriptors and they do not cross the end of the ring, in
-bulk (their ids and lengths read through strided views, one sufficient
+same number of descriptors, in bulk (their ids and lengths read through
+strided views, two each across the end of the ring, one sufficient
 test for the batch: in flight, each once, every length within the
 smallest writable size among them), else, or when that test fails, one by
 one; on any anomaly the entries taken in this
@@ -358,9 +360,9 @@ class PackedCycle:
                         apos = ring.next_avail
                         bits = ring.avail_bits
                         k = len(posted)
-                        if n1 and fc.vol is None and apos + n1 * k < size:
-                            # Every slot n1 descriptors, the batch before the end of the ring: in one store, the
-                            # first slot with its head not available, every other one whole; then (barrier) the first
+                        if n1 and fc.vol is None:
+                            # Every slot n1 descriptors: in one store (two across the end of the ring), the first
+                            # slot with its head not available, every other one whole; then (barrier) the first
                             # head's flags, which expose the batch (§2.8.21.1: the device starts at the first).
                             first = posted[0]
                             if bits == AVAIL:
@@ -368,20 +370,27 @@ class PackedCycle:
                             else:
                                 img, av, h = img0, av0, hf0[first]
                             total = n1 * k
-                            if k == 1:
-                                desc[o16[apos] : o16[apos + n1]] = img[first]
+                            new = apos + total  # along two laps (below)
+                            if new >= size:
+                                before, after = fc.across(posted, apos, bits)
+                                desc[o16[apos] : o16[size]] = before
+                                desc[: o16[new - size]] = after
+                                ring.next_avail = new - size
+                                ring.avail_bits = bits ^ FLIP
+                            elif k == 1:
+                                desc[o16[apos] : o16[new]] = img[first]
                             else:
                                 parts = list(map(av.__getitem__, posted))
                                 parts[0] = img[first]
-                                desc[o16[apos] : o16[apos + total]] = b"".join(parts)
+                                desc[o16[apos] : o16[new]] = b"".join(parts)
                             if fresh is None:
                                 for s in posted:
                                     tokens[s] = s
                             if weak:
                                 ordering.write_barrier()
                             fl[apos] = h
-                            apos += total
-                            ring.next_avail = apos
+                            if new < size:
+                                ring.next_avail = new
                             ring.num_free -= total
                             out += k
                             ring.outstanding = out
@@ -396,13 +405,14 @@ class PackedCycle:
                                 if total >= size:
                                     need = True
                                 else:
-                                    new = apos if bits == AVAIL else apos + size
+                                    if bits != AVAIL:
+                                        new += size
                                     off = dev[0]
                                     event = (off & 0x7FFF) + (0 if off & 0x8000 else size)
                                     need = (new - event - 1) % (2 * size) < total
                             else:
                                 need = True
-                        else:  # across the end of the ring, slots of different lengths, or lengths stored per request
+                        else:  # slots of different lengths, or lengths stored per request
                             need = fc.publish(posted)
                             out = ring.outstanding
                             if fresh is not None:
@@ -421,27 +431,39 @@ class PackedCycle:
                     # 3. Take and check the completions: the counted ones, then (the new slots in flight now:
                     # a fast device may have used them already) any used since.
                     left = seen
-                    end = pos + seen * n1
-                    if late and n1 and end < size:
-                        # The counted ones at once (every slot n1 descriptors, none across the end of the ring):
-                        # their ids and lengths in two strided reads, checked in bulk. A sufficient test: ids
-                        # that are slots in flight (an in-flight slot's token is the slot), each once, every
-                        # length within the smallest writable size among them. Anything else is left to the
-                        # walk below, which checks each one exactly (a length without WRITE is not one, §2.8.4).
+                    if late and n1:
+                        # The counted ones at once (every slot n1 descriptors, so their heads are n1 apart):
+                        # their ids and lengths in strided reads (two each when the batch crosses the end of the
+                        # ring: the heads before it, then those of the next lap), checked in bulk. A sufficient
+                        # test: ids that are slots in flight (an in-flight slot's token is the slot), each once,
+                        # every length within the smallest writable size among them. Anything else is left to
+                        # the walk below, which checks each one exactly (a length without WRITE is not one,
+                        # §2.8.4). The count checked their flags, wrap counter included.
                         if weak:
                             ordering.read_barrier()
-                        got = ids[pos:end:n1].tolist()
+                        end = pos + seen * n1
+                        nub = ub
+                        if end < size:
+                            got = ids[pos:end:n1].tolist()
+                            lns = lens[pos:end:n1].tolist()
+                        else:
+                            end -= size
+                            nub ^= FLIP
+                            q = pos + ((size - 1 - pos) // n1 + 1) * n1 - size  # the first head of the next lap
+                            got = ids[pos:size:n1].tolist() + ids[q:end:n1].tolist()
+                            lns = lens[pos:size:n1].tolist() + lens[q:end:n1].tolist()
                         if (
                             max(got) < size
                             and list(map(tokens.__getitem__, got)) == got
                             and len(set(got)) == seen
-                            and max(lens[pos:end:n1].tolist()) <= min(map(wlen.__getitem__, got))
+                            and max(lns) <= min(map(wlen.__getitem__, got))
                         ):
                             for bid in got:
                                 tokens[bid] = idle
                             done = got
-                            nfree = end - pos
+                            nfree = seen * n1
                             pos = end
+                            ub = nub
                             out -= seen
                             left = 0
                             if fresh:

@@ -338,6 +338,32 @@ class PackedFixedChains(ListArrays):
             desc[0 : 16 * (n - c)] = nxt[s][16 * c : 16 * n]
         return first[1][s], n - c, bits ^ FLIP
 
+    def across(self, slots: Sequence[int], pos: int, bits: int) -> tuple[bytes, bytes]:
+        """The descriptors of a batch of n1-descriptor slots written from ``pos`` across the end of the ring:
+        (the bytes from ``pos`` to the end, the bytes from slot 0 of the next lap on).
+
+        As the cycle's one-store batch: the first slot's head not available (its flags are written
+        last, by the caller), every other descriptor available in the lap it lies in (the next lap's
+        bits after the end, a slot that straddles the end split between the two, §2.8.1).
+        """
+        n1 = self.n1
+        first = slots[0]
+        if bits == AVAIL:
+            img, av, nxt = self.img1, self.av1, self.av0
+        else:
+            img, av, nxt = self.img0, self.av0, self.av1
+        j, d = divmod(self.ring.size - pos, n1)  # j slots wholly before the end, then d descriptors of the next
+        before = list(map(av.__getitem__, slots[:j]))
+        after = list(map(nxt.__getitem__, slots[j:]))
+        if d:
+            cut = 16 * d
+            tail = after[0]
+            before.append((img[first] if j == 0 else av[slots[j]])[:cut])
+            after[0] = tail[cut:]
+        if j:
+            before[0] = img[first]
+        return b"".join(before), b"".join(after)
+
     def kick_needed(self, count: int) -> bool:
         """The kick decision for ``count`` descriptors just made available (§2.8.10, as PackedQueue.kick_prepare)."""
         if not count:
