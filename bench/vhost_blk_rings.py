@@ -14,9 +14,14 @@ which the block engines refuse) runs on CPU 1. Packed runs use
 counter in bit 15, as its position).
 
   python bench/vhost_blk_rings.py [--rounds 4] [--seconds 3] [--depths 1 32] [--json]
+  python bench/vhost_blk_rings.py --checkouts OLD NEW [--rings packed] ...
 
 Each round runs split and packed at every depth, the order alternating
 round by round; prints median and best IOPS per cell and packed/split.
+With ``--checkouts`` (``git worktree add /tmp/old <rev>`` makes one) each
+round runs every ring of every checkout (``PYTHONPATH=<checkout>/src``),
+the order rotated round by round, and adds new/old per ring: the last
+checkout against the first, the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def build(tmp: str) -> str:
     return os.path.join(src, "build", "vhost-blk")
 
 
-def run_one(binary: str, tmp: str, ring: str, depth: int, seconds: float) -> float:
+def run_one(binary: str, tmp: str, ring: str, depth: int, seconds: float, checkout: Path = ROOT) -> float:
     """One fresh instance, one ``pyvirtio bench`` run against it; its IOPS."""
     d = tempfile.mkdtemp(dir=tmp)
     prefix = f"pvrings{os.getpid()}_{os.path.basename(d)}"
@@ -68,7 +73,7 @@ def run_one(binary: str, tmp: str, ring: str, depth: int, seconds: float) -> flo
             "--rw", "randread", "--bs", "4k", "--iodepth", str(depth), "--runtime", str(seconds),
             "--json", "--no-progress", *RINGS[ring],
         ]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, PYTHONPATH=str(checkout / "src"))
         out = subprocess.run(client, capture_output=True, text=True, timeout=seconds + 60, env=env)
         lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if out.returncode != 0 or not lines:
@@ -90,38 +95,56 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--rings", nargs="+", choices=list(RINGS), default=list(RINGS))
+    ap.add_argument("--checkouts", type=Path, nargs="+", default=[ROOT])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    res: dict[str, dict[int, list[float]]] = {r: {d: [] for d in args.depths} for r in RINGS}
+    cells = [(c.resolve(), r) for c in args.checkouts for r in args.rings]
+    res: dict[tuple[Path, str], dict[int, list[float]]] = {cell: {d: [] for d in args.depths} for cell in cells}
     with tempfile.TemporaryDirectory(prefix="pvrings") as tmp:
         binary = build(tmp)
         for rnd in range(args.rounds):
-            order = list(RINGS) if rnd % 2 == 0 else list(RINGS)[::-1]
+            order = cells[rnd % len(cells) :] + cells[: rnd % len(cells)]
             for depth in args.depths:
-                for ring in order:
-                    iops = run_one(binary, tmp, ring, depth, args.seconds)
-                    res[ring][depth].append(iops)
+                for checkout, ring in order:
+                    iops = run_one(binary, tmp, ring, depth, args.seconds, checkout)
+                    res[checkout, ring][depth].append(iops)
                     if not args.json:
-                        print(f"round {rnd} QD{depth} {ring}: {iops:,.0f} IOPS", flush=True)
-    table = []
-    for depth in args.depths:
-        s, p = res["split"][depth], res["packed"][depth]
-        ms, mp = statistics.median(s), statistics.median(p)
-        table.append({
-            "depth": depth, "split": s, "packed": p, "split_median": ms, "packed_median": mp,
-            "ratio": mp / ms if ms else 0.0, "ratio_best": max(p) / max(s) if max(s) else 0.0,
-        })  # fmt: skip
+                        who = f" {checkout}" if len(args.checkouts) > 1 else ""
+                        print(f"round {rnd} QD{depth} {ring}{who}: {iops:,.0f} IOPS", flush=True)
+    table = summarise(res, args.depths)
     if args.json:
         print(json.dumps(table))
         return
-    print("\n| QD | split median / best | packed median / best | packed/split median (best) |")
-    print("|---:|---:|---:|---:|")
+    print("\n| QD | checkout | ring | median / best IOPS | ratio, median of the rounds (of the medians) |")
+    print("|---:|---|---|---:|---:|")
     for row in table:
-        s, p = row["split"], row["packed"]
-        print(
-            f"| {row['depth']} | {row['split_median']:,.0f} / {max(s):,.0f} | {row['packed_median']:,.0f} / "
-            f"{max(p):,.0f} | **{row['ratio']:.3f}** ({row['ratio_best']:.2f}) |"
-        )
+        print(f"| {row['depth']} | {row['checkout']} | {row['ring']} | {row['median']:,.0f} / {row['best']:,.0f} | "
+              + "; ".join(f"{k} **{v[0]:.3f}** ({v[1]:.3f})" for k, v in row["ratios"].items()) + " |")
+
+
+def summarise(res: dict[tuple[Path, str], dict[int, list[float]]], depths: list[int]) -> list[dict]:
+    """Per depth and cell: median and best IOPS; packed/split of the same checkout and new/old of the same
+    ring (the last checkout against the first), each as (median of the per-round ratios, ratio of the medians)."""
+
+    def ratio(a: list[float], b: list[float]) -> tuple[float, float]:
+        paired = [x / y for x, y in zip(a, b, strict=True) if y]
+        mb = statistics.median(b)
+        return (statistics.median(paired) if paired else 0.0, statistics.median(a) / mb if mb else 0.0)
+
+    checkouts = list(dict.fromkeys(c for c, _r in res))
+    table = []
+    for depth in depths:
+        for (checkout, ring), runs in res.items():
+            v = runs[depth]
+            ratios = {}
+            if ring == "packed" and (checkout, "split") in res:
+                ratios["packed/split"] = ratio(v, res[checkout, "split"][depth])
+            if len(checkouts) > 1 and checkout == checkouts[-1]:
+                ratios["new/old"] = ratio(v, res[checkouts[0], ring][depth])
+            table.append({"depth": depth, "checkout": str(checkout), "ring": ring, "iops": v,
+                          "median": statistics.median(v), "best": max(v), "ratios": ratios})
+    return table
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import net_rings  # noqa: E402
 import server_time  # noqa: E402
 import spdk  # noqa: E402
 import turnaround  # noqa: E402
+import vhost_blk_rings  # noqa: E402
 
 from peers import qsd_binary  # noqa: E402
 
@@ -218,3 +219,20 @@ def test_server_time_times_the_real_server_s_batches_on_both_rings(
         assert c["iops"] > 0
         assert 0 < c["server_us"] < c["round_trip_us"]
         assert c["per_batch"] == 1.0
+
+
+def test_vhost_blk_rings_pairs_packed_with_split_and_new_with_old_round_by_round() -> None:
+    old, new = Path("/old"), Path("/new")
+    res = {
+        (old, "split"): {32: [100.0, 200.0, 300.0]},
+        (old, "packed"): {32: [90.0, 100.0, 330.0]},
+        (new, "split"): {32: [100.0, 100.0, 100.0]},
+        (new, "packed"): {32: [110.0, 120.0, 300.0]},
+    }
+    table = {(r["checkout"], r["ring"]): r for r in vhost_blk_rings.summarise(res, [32])}
+    assert table[str(old), "split"]["ratios"] == {}
+    assert table[str(old), "packed"]["ratios"]["packed/split"] == pytest.approx((0.9, 0.5))  # 0.9, 0.5, 1.1
+    assert table[str(new), "packed"]["ratios"]["packed/split"] == pytest.approx((1.2, 1.2))
+    assert table[str(new), "packed"]["ratios"]["new/old"] == pytest.approx((1.2, 1.2))  # 1.222, 1.2, 0.909
+    assert table[str(new), "split"]["ratios"]["new/old"] == pytest.approx((0.5, 0.5))
+    assert table[str(new), "packed"]["median"] == 120.0 and table[str(new), "packed"]["best"] == 300.0
