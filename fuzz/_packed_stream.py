@@ -1,4 +1,4 @@
-"""Fuzz target for the packed ring's stream (``PackedFixedChains.stream``, ring/cycle_packed.py).
+"""Fuzz target for the packed ring's stream (``PackedFixedChains.stream``, ring/stream_packed.py).
 
 * ``packed_stream``: every slot a one-buffer chain, all of them in flight,
   batches counted, checked and re-posted in bulk, against descriptors written

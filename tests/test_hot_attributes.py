@@ -49,6 +49,8 @@ from pyvirtio.ring import (
     fixed_split,
     packed,
     split,
+    stream_packed,
+    stream_split,
 )
 from pyvirtio.ring.device_packed import PackedDeviceQueue
 from pyvirtio.ring.device_side import DeviceQueue, open_device_ring
@@ -57,7 +59,7 @@ from pyvirtio.ring.packed import PackedQueue
 from pyvirtio.ring.split import SplitQueue
 
 HOT_MODULES = (cycle_packed, cycle_split, device_packed, device_side, fixed, fixed_packed, fixed_split, packed,
-               split, datapath)
+               split, stream_packed, stream_split, datapath)
 SIZE = 128
 
 

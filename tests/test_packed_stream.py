@@ -1,4 +1,4 @@
-"""The packed ring's stream (ring/cycle_packed.py ``PackedStream``; issue 12): batches in bulk, same rules.
+"""The packed ring's stream (ring/stream_packed.py ``PackedStream``; issue 12): batches in bulk, same rules.
 
 The stream re-posts a batch with two stores (bodies, then flags) and checks a batch with one comparison
 of ids and flags. These tests hold it to what the plain path does: the ring memory it leaves is byte for

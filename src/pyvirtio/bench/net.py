@@ -12,7 +12,7 @@ near 1-2 Mpps), so the tx and rx loops do *no per-frame work at all*:
   puts the same buffers at the same positions, so posting n slots is *one*
   store plus one kick decision on a split ring (the avail index); on a
   packed ring each slot's prepared descriptors are written again
-  (:mod:`pyvirtio.ring.cycle_packed`); with IN_ORDER the slots taken are
+  (:mod:`pyvirtio.ring.stream_packed`); with IN_ORDER the slots taken are
   submitted again through the ring protocol (:mod:`pyvirtio.ring.fixed_ring`).
 * Reap and check in bulk. A device that completes in order (DPDK's vhost
   and the embedded back end do) writes at used position ``p`` the buffer

@@ -8,12 +8,14 @@ ring's own fast paths: on a :class:`~pyvirtio.ring.split.SplitQueue`
 without VIRTIO_F_IN_ORDER it is a
 :class:`~pyvirtio.ring.fixed_split.SplitFixedChains` (one pre-linked chain
 per slot in the descriptor table; posting writes the head into the avail
-ring; its loops in :mod:`pyvirtio.ring.cycle_split`); on a
+ring; its loops in :mod:`pyvirtio.ring.cycle_split` and
+:mod:`pyvirtio.ring.stream_split`); on a
 :class:`~pyvirtio.ring.packed.PackedQueue` without IN_ORDER whose slots all
 fit the ring at once, a :class:`~pyvirtio.ring.fixed_packed.PackedFixedChains`
 (buffer id = slot, each slot's descriptors prepared as bytes per lap;
 posting writes them at the next ring positions, the head's flags last; its
-loops in :mod:`pyvirtio.ring.cycle_packed`); on any other ring (IN_ORDER
+loops in :mod:`pyvirtio.ring.cycle_packed` and
+:mod:`pyvirtio.ring.stream_packed`); on any other ring (IN_ORDER
 on either format, whose ids or descriptors follow ring order, or a packed
 ring with more slots than fit, going indirect) a
 :class:`~pyvirtio.ring.fixed_ring.RingFixedChains` (each slot's chain kept

@@ -41,7 +41,8 @@ first), ``in_flight_tokens`` and ``reset`` see the truth. The fast path's
 kick decisions are its own: its publications never enter the ring's
 ``kick_prepare`` window.
 
-The engines' loops are in :mod:`pyvirtio.ring.cycle_packed`. The NumPy calls
+The engines' loops are in :mod:`pyvirtio.ring.cycle_packed` (the cycle) and
+:mod:`pyvirtio.ring.stream_packed` (the stream). The NumPy calls
 exist for API parity (lists converted to arrays and back).
 """
 
@@ -51,9 +52,10 @@ from collections.abc import Callable, Sequence
 
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueStateError
 from pyvirtio.ring import ordering
-from pyvirtio.ring.cycle_packed import PackedCycle, PackedStream
+from pyvirtio.ring.cycle_packed import PackedCycle
 from pyvirtio.ring.fixed import BufferSpec, ListArrays, chain_shapes, changed_buffer, check_length_field
 from pyvirtio.ring.packed import PackedQueue
+from pyvirtio.ring.stream_packed import PackedStream
 from pyvirtio.spec.ring import (
     DESC_F_NEXT,
     DESC_F_WRITE,

@@ -24,8 +24,8 @@ whose index ``size`` is a permanent 0, so that out-of-range ids, clipped to
 it, fail the same gather; a batch with anything wrong is re-run entry by
 entry (:meth:`SplitFixedChains.reap_exact`), which reports the exact entry.
 
-The engines' closed loops on these chains (the cycle and the stream) are in
-:mod:`pyvirtio.ring.cycle_split`; they share this object's state (``mem``,
+The engines' closed loops on these chains are in :mod:`pyvirtio.ring.cycle_split`
+(the cycles) and :mod:`pyvirtio.ring.stream_split` (the stream); they share this object's state (``mem``,
 ``hw1``, ``slot_wlen``, ``arrays()``...), which is the ring package's and
 nobody else's.
 """
@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueStateError
 from pyvirtio.ring import ordering
-from pyvirtio.ring.cycle_split import SplitCycle, SplitManyCycle, SplitStream
+from pyvirtio.ring.cycle_split import SplitCycle, SplitManyCycle
 from pyvirtio.ring.fixed import BufferSpec, FixedChains, chain_shapes, changed_buffer, check_length_field
 from pyvirtio.ring.split import SplitQueue
+from pyvirtio.ring.stream_split import SplitStream
 from pyvirtio.spec.ring import DESC_F_NEXT, DESC_F_WRITE
 
 if TYPE_CHECKING:
