@@ -118,11 +118,12 @@ def run_pyvirtio(mode: str, vhost: Vhost, seconds: float, size: int, qsize: int,
             "path": own.get("path")}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str | None, seconds: float) -> tuple[argparse.Namespace, dict]:
+    """The options of a script that runs rounds on testpmd's vhost PMD, and its report's head (testpmd checked)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="tx,rx")
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=seconds)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--queue-size", type=int, default=1024)
     ap.add_argument("--json", action="store_true")
@@ -131,6 +132,11 @@ def main() -> int:
         raise SystemExit("dpdk-testpmd is not installed (apt-get install dpdk dpdk-dev)")
     report: dict = {"size": a.size, "queue_size": a.queue_size, "seconds": a.seconds, "rounds": a.rounds,
                     "date": time.strftime("%Y-%m-%d %H:%M"), "modes": {}}
+    return a, report
+
+
+def main() -> int:
+    a, report = arguments(__doc__, 5.0)
     for mode in a.modes.split(","):
         tmp = tempfile.mkdtemp(prefix="cmpdpdk", dir="/tmp")
         vhost = Vhost(mode, tmp)

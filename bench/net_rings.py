@@ -18,15 +18,13 @@ run next to it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 
-from compare_dpdk import Vhost, run_pyvirtio
+from compare_dpdk import Vhost, arguments, run_pyvirtio
 
 RINGS = ("split", "packed")
 
@@ -46,18 +44,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="tx,rx")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--queue-size", type=int, default=1024)
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
-    if shutil.which("dpdk-testpmd") is None:
-        raise SystemExit("dpdk-testpmd is not installed (apt-get install dpdk dpdk-dev)")
-    report: dict = {"size": a.size, "queue_size": a.queue_size, "seconds": a.seconds, "rounds": a.rounds,
-                    "date": time.strftime("%Y-%m-%d %H:%M"), "modes": {}}
+    a, report = arguments(__doc__, 3.0)
     for mode in a.modes.split(","):
         tmp = tempfile.mkdtemp(prefix="netrings", dir="/tmp")
         vhost = Vhost(mode, tmp)
