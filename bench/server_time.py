@@ -121,7 +121,7 @@ def summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         out.append({"checkout": checkout, "ring": ring, "qd": qd, "iops": iops,
                     "round_trip_us": qd * 1e6 / iops if iops else None,
                     "server_us": statistics.median(float(str(r["server_us"])) for r in rs),
-                    "per_batch": statistics.median(float(str(r.get("per_batch", 0))) for r in rs)})
+                    "per_batch": statistics.median(float(str(r["per_batch"])) for r in rs)})
     return out
 
 

@@ -23,7 +23,7 @@ from pyvirtio.errors import DeviceProtocolError, InvalidArgument, QueueBroken, Q
 from pyvirtio.memory import MemoryPool, MemoryTable
 from pyvirtio.ring.chain import Chain
 from pyvirtio.ring.device_packed import PackedDeviceQueue
-from pyvirtio.ring.fixed import FixedChains
+from pyvirtio.ring.fixed import Cycle, FixedChains
 from pyvirtio.ring.fixed_packed import PackedFixedChains
 from pyvirtio.ring.packed import PackedQueue
 from pyvirtio.spec.ring import (
@@ -221,9 +221,9 @@ BULK_CASES = [(rule, bad) for rule in ("out_of_range", "not_in_flight", "too_lon
 SHIFTS = {"first-lap": 0, "to-the-end": 4, "across-the-end": 6}
 
 
-def shifted(cyc: object, dev: HostilePackedDevice, completions: int) -> list[int]:
+def shifted(cyc: Cycle, dev: HostilePackedDevice, completions: int) -> list[int]:
     """Run the cycle's first turn and ``completions`` clean completions; the ids in flight, oldest first."""
-    turn = cyc.turn  # type: ignore[attr-defined]
+    turn = cyc.turn
     turn()
     order = [i for i, _n in dev.available()]
     for _ in range(completions // 2):

@@ -369,7 +369,6 @@ class PackedCycle:
                                 before, after = fc.across(posted, apos, bits)
                                 desc[o16[apos] : o16[size]] = before
                                 desc[: o16[new - size]] = after
-                                ring.next_avail = new - size
                                 ring.avail_bits = bits ^ FLIP
                             elif k == 1:
                                 desc[o16[apos] : o16[new]] = img[first]
@@ -383,8 +382,7 @@ class PackedCycle:
                             if weak:
                                 ordering.write_barrier()
                             fl[apos] = h
-                            if new < size:
-                                ring.next_avail = new
+                            ring.next_avail = new - size if new >= size else new
                             ring.num_free -= total
                             out += k
                             ring.outstanding = out

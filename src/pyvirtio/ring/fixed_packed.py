@@ -354,14 +354,13 @@ class PackedFixedChains(ListArrays):
             img, av, nxt = self.img1, self.av1, self.av0
         else:
             img, av, nxt = self.img0, self.av0, self.av1
-        j, d = divmod(self.ring.size - pos, n1)  # j slots wholly before the end, then d descriptors of the next
+        j, d = divmod(self.ring.size - pos, n1)  # j slots wholly before the end, then d descriptors of slot j
         before = list(map(av.__getitem__, slots[:j]))
         after = list(map(nxt.__getitem__, slots[j:]))
-        if d:
+        if d:  # slot j straddles the end: its first d descriptors in this lap, the rest in the next
             cut = 16 * d
-            tail = after[0]
             before.append((img[first] if j == 0 else av[slots[j]])[:cut])
-            after[0] = tail[cut:]
+            after[0] = after[0][cut:]
         if j:
             before[0] = img[first]
         return b"".join(before), b"".join(after)
